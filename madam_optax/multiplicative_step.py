@@ -1,0 +1,87 @@
+"""The multiplicative exponentiated step: SPEC step 6."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from madam_optax import _checks
+
+
+class MultiplicativeStepState(NamedTuple):
+  """State of :func:`multiplicative_step`: the step count, for schedules."""
+  count: jax.Array
+
+
+def learning_rate_at(learning_rate: optax.ScalarOrSchedule, count) -> jax.Array:
+  """Evaluates a float-or-schedule learning rate at the current step count."""
+  return learning_rate(count) if callable(learning_rate) else learning_rate
+
+
+def multiplicative_step(
+    learning_rate: optax.ScalarOrSchedule = 0.01,
+) -> optax.GradientTransformation:
+  r"""Turns normalised gradients into a multiplicative weight update.
+
+  For a weight :math:`w` and incoming (normalised) update :math:`u`:
+
+  .. math::
+
+    w' = w \exp(-\eta\, u\, \mathrm{sign}(w)), \qquad
+    \text{returned update} = w' - w = w\,\mathrm{expm1}(-\eta\, u\,
+    \mathrm{sign}(w)),
+
+  so that ``optax.apply_updates`` (which adds) produces :math:`w'`. Each step
+  changes :math:`\log|w|` by :math:`-\eta\, u\, \mathrm{sign}(w)`: the relative
+  change of every weight is at most :math:`\exp(\eta |u|) - 1`. A weight never
+  changes sign, and a zero weight never moves (see
+  :func:`madam_optax.multiplicative_labels` for leaves that must). ``expm1``
+  keeps tiny steps exact. This is step 6 of Madam; ``learning_rate`` sits in
+  the exponent, so it is part of this transform rather than a trailing
+  ``optax.scale_by_learning_rate``.
+
+  Args:
+    learning_rate: :math:`\eta`, a float or an optax schedule (a function of
+      the step count, starting at 0).
+
+  Returns:
+    An ``optax.GradientTransformation``; its ``update`` requires ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, madam_optax
+    >>> tx = madam_optax.multiplicative_step(learning_rate=0.1)
+    >>> params = {'w': jnp.array([2.0, -2.0])}
+    >>> u, _ = tx.update({'w': jnp.array([1.0, 1.0])}, tx.init(params), params)
+    >>> optax.apply_updates(params, u)['w']  # 2*exp(-0.1), -2*exp(+0.1)
+    Array([ 1.809675 , -2.2103419], dtype=float32)
+
+  References:
+    Bernstein et al., "Learning compositional functions via multiplicative
+    weight updates", NeurIPS 2020, arXiv:2006.14560.
+  """
+  _checks.check_hyperparameter("learning_rate", learning_rate, low=0.0)
+
+  def init_fn(params):
+    _checks.check_float_leaves(params, "multiplicative_step")
+    return MultiplicativeStepState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    _checks.require_params(params, "multiplicative_step")
+    _checks.check_same_structure(updates, params, "multiplicative_step")
+    _checks.check_float_leaves(params, "multiplicative_step")
+    lr = jnp.asarray(learning_rate_at(learning_rate, state.count))
+
+    def leaf(u, w):
+      ct = _checks.compute_dtype(w.dtype)
+      w_ = w.astype(ct)
+      exponent = -lr.astype(ct) * u.astype(ct) * jnp.sign(w_)
+      return (w_ * jnp.expm1(exponent)).astype(w.dtype)
+
+    new_updates = jax.tree.map(leaf, updates, params)
+    return new_updates, MultiplicativeStepState(
+        count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,109 @@
+"""Second-moment normalisation: SPEC steps 2-4 (Adam's denominator, no epsilon)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from madam_optax import _checks
+
+
+class ScaleBySecondMomentState(NamedTuple):
+  """State of :func:`scale_by_second_moment`.
+
+  Attributes:
+    count: number of updates applied so far (int32 scalar).
+    rms: ``sqrt(v)``, the root of the un-bias-corrected EMA of squared
+      gradients, one entry per parameter. Storing the root keeps the buffer in
+      the gradients' own range, so gradients as small as 1e-20 do not underflow
+      to zero when squared in float32 or bfloat16.
+  """
+  count: jax.Array
+  rms: Any
+
+
+def scale_by_second_moment(
+    b2: float = 0.999,
+    *,
+    state_dtype: Any = None,
+) -> optax.GradientTransformation:
+  r"""Divides gradients by the root of their bias-corrected second moment.
+
+  For each parameter, at step :math:`t = 1, 2, \dots`:
+
+  .. math::
+
+    v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2, \qquad
+    \hat v_t = v_t / (1 - \beta_2^t), \qquad
+    u_t = g_t / \sqrt{\hat v_t},
+
+  with :math:`0/0 := 0` (a parameter whose gradients have all been zero gets a
+  zero update) and no epsilon. At :math:`t = 1`, :math:`u_1 = \mathrm{sign}(g_1)`
+  exactly. These are steps 2-4 of Madam (Bernstein et al., 2020); unlike
+  ``optax.scale_by_rms`` there is no epsilon, which Madam relies on for its
+  scale invariance.
+
+  Args:
+    b2: decay rate of the exponential moving average of squared gradients, in
+      ``[0, 1)``.
+    state_dtype: dtype of the second-moment buffer. ``None`` (default) uses each
+      parameter's dtype; ``jnp.bfloat16`` halves the state's memory. The maths
+      always runs in at least float32.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, madam_optax
+    >>> tx = madam_optax.scale_by_second_moment(b2=0.999)
+    >>> g = {'w': jnp.array([0.5, -2.0, 0.0])}
+    >>> u, state = tx.update(g, tx.init(g))
+    >>> u['w']
+    Array([ 1., -1.,  0.], dtype=float32)
+
+  References:
+    Bernstein et al., "Learning compositional functions via multiplicative
+    weight updates", NeurIPS 2020, arXiv:2006.14560.
+  """
+  _checks.check_hyperparameter("b2", b2, low=0.0, high=1.0, high_inclusive=False)
+  if state_dtype is not None:
+    state_dtype = jnp.dtype(state_dtype)
+    if not jnp.issubdtype(state_dtype, jnp.floating):
+      raise ValueError(
+          f"state_dtype must be a floating-point dtype, got {state_dtype}.")
+
+  def init_fn(params):
+    _checks.check_float_leaves(params, "scale_by_second_moment")
+    rms = jax.tree.map(
+        lambda p: jnp.zeros_like(p, dtype=state_dtype or p.dtype), params)
+    return ScaleBySecondMomentState(
+        count=jnp.zeros([], jnp.int32), rms=rms)
+
+  def update_fn(updates, state, params=None):
+    del params
+    _checks.check_float_leaves(updates, "scale_by_second_moment", "updates")
+    count = optax.safe_increment(state.count)
+    # sqrt(1 - b2**t): bias correction applied to the root.
+    b2_ = jnp.asarray(b2, jnp.float32)
+    correction = jnp.sqrt(1.0 - b2_ ** count.astype(jnp.float32))
+    sqrt_b2 = jnp.sqrt(b2_)
+    sqrt_1mb2 = jnp.sqrt(1.0 - b2_)
+
+    def leaf(g, r):
+      ct = _checks.compute_dtype(g.dtype)
+      g32 = g.astype(ct)
+      # sqrt(b2 * r**2 + (1 - b2) * g**2), computed without squaring (hypot),
+      # so that tiny and huge gradients neither underflow nor overflow.
+      new_r = jnp.hypot(sqrt_b2.astype(ct) * r.astype(ct),
+                        sqrt_1mb2.astype(ct) * g32)
+      safe_r = jnp.where(new_r > 0, new_r, 1)
+      u = jnp.where(new_r > 0, g32 / safe_r, 0) * correction.astype(ct)
+      return u.astype(g.dtype), new_r.astype(r.dtype)
+
+    new_updates, new_rms = _checks.tree_map_unzip(leaf, updates, state.rms)
+    return new_updates, ScaleBySecondMomentState(count=count, rms=new_rms)
+
+  return optax.GradientTransformation(init_fn, update_fn)
