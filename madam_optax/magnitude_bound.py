@@ -33,7 +33,7 @@ def clip_weight_magnitude(
     p_scale: float = 3.0,
     *,
     max_magnitude: float | None = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Keeps every weight within a per-tensor magnitude bound.
 
   At ``init`` each tensor's bound is fixed from the initial weights :math:`w_0`:
@@ -82,7 +82,8 @@ def clip_weight_magnitude(
           lambda _: jnp.asarray(max_magnitude, jnp.float32), params)
     return ClipWeightMagnitudeState(max_magnitude=bounds)
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args  # accepted and ignored, as optax.chain passes them on
     _checks.require_params(params, "clip_weight_magnitude")
     _checks.check_same_structure(updates, params, "clip_weight_magnitude")
 
@@ -92,4 +93,4 @@ def clip_weight_magnitude(
 
     return jax.tree.map(leaf, updates, params, state.max_magnitude), state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

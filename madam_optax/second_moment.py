@@ -29,7 +29,7 @@ def scale_by_second_moment(
     b2: float = 0.999,
     *,
     state_dtype: Any = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Divides gradients by the root of their bias-corrected second moment.
 
   For each parameter, at step :math:`t = 1, 2, \dots`:
@@ -82,28 +82,34 @@ def scale_by_second_moment(
     return ScaleBySecondMomentState(
         count=jnp.zeros([], jnp.int32), rms=rms)
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args  # accepted and ignored, as optax.chain passes them on
     del params
     _checks.check_float_leaves(updates, "scale_by_second_moment", "updates")
     count = optax.safe_increment(state.count)
-    # sqrt(1 - b2**t): bias correction applied to the root.
     b2_ = jnp.asarray(b2, jnp.float32)
-    correction = jnp.sqrt(1.0 - b2_ ** count.astype(jnp.float32))
     sqrt_b2 = jnp.sqrt(b2_)
     sqrt_1mb2 = jnp.sqrt(1.0 - b2_)
+    # Bias correction applied to the root: sqrt(1 - b2**t). At t = 1 it is
+    # taken as the very same float as sqrt(1 - b2), which makes the first
+    # update exactly sign(g) (the numerator and denominator then round alike).
+    correction = jnp.where(
+        count == 1, sqrt_1mb2, jnp.sqrt(1.0 - b2_ ** count.astype(jnp.float32)))
 
     def leaf(g, r):
       ct = _checks.compute_dtype(g.dtype)
-      g32 = g.astype(ct)
-      # sqrt(b2 * r**2 + (1 - b2) * g**2), computed without squaring (hypot),
-      # so that tiny and huge gradients neither underflow nor overflow.
+      g_ = g.astype(ct)
+      # rms_t = sqrt(b2 * rms**2 + (1 - b2) * g**2), computed without squaring
+      # (hypot), so that tiny and huge gradients neither underflow nor overflow.
       new_r = jnp.hypot(sqrt_b2.astype(ct) * r.astype(ct),
-                        sqrt_1mb2.astype(ct) * g32)
-      safe_r = jnp.where(new_r > 0, new_r, 1)
-      u = jnp.where(new_r > 0, g32 / safe_r, 0) * correction.astype(ct)
+                        sqrt_1mb2.astype(ct) * g_)
+      # g / sqrt(v_hat) = g * sqrt(1 - b2**t) / rms_t, and 0/0 := 0.
+      u = jnp.where(new_r > 0,
+                    (g_ * correction.astype(ct)) / jnp.where(new_r > 0, new_r, 1),
+                    0)
       return u.astype(g.dtype), new_r.astype(r.dtype)
 
     new_updates, new_rms = _checks.tree_map_unzip(leaf, updates, state.rms)
     return new_updates, ScaleBySecondMomentState(count=count, rms=new_rms)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
