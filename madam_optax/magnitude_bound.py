@@ -15,17 +15,30 @@ class ClipWeightMagnitudeState(NamedTuple):
   """State of :func:`clip_weight_magnitude`.
 
   Attributes:
-    max_magnitude: one float32 scalar per parameter tensor, the bound
-      :math:`w_{max}` fixed at ``init``.
+    max_magnitude: one scalar per parameter tensor (float32, or float64 for
+      float64 parameters), the bound :math:`w_{max}` fixed at ``init``.
   """
   max_magnitude: Any
 
 
 def initial_rms_bound(params: Any, p_scale) -> Any:
-  r"""Per-tensor bound ``p_scale * sqrt(mean(w0**2))`` (SPEC step 1)."""
+  r"""Per-tensor bound ``p_scale * sqrt(mean(w0**2))`` (SPEC step 1).
+
+  The RMS is computed as ``m * sqrt(mean((w0 / m)**2))`` with ``m = max|w0|``,
+  so it neither overflows for huge weights nor underflows for tiny ones, and
+  the bound is capped at the largest finite value of the parameter's dtype.
+  Each bound is a scalar in the parameter's compute dtype (float32, or float64
+  for float64 parameters).
+  """
   def leaf(p):
-    ms = jnp.mean(jnp.square(p.astype(_checks.compute_dtype(p.dtype))))
-    return (jnp.asarray(p_scale, jnp.float32) * jnp.sqrt(ms)).astype(jnp.float32)
+    dtype = p.dtype
+    ct = _checks.compute_dtype(dtype)
+    p = p.astype(ct)
+    m = jnp.max(jnp.abs(p)) if p.size else jnp.zeros([], ct)
+    scaled = p / jnp.where(m > 0, m, 1)
+    rms = m * jnp.sqrt(jnp.mean(jnp.square(scaled))) if p.size else m
+    bound = jnp.asarray(p_scale, ct) * rms
+    return jnp.minimum(bound, jnp.finfo(dtype).max).astype(ct)
   return jax.tree.map(leaf, params)
 
 
@@ -79,7 +92,8 @@ def clip_weight_magnitude(
       bounds = initial_rms_bound(params, p_scale)
     else:
       bounds = jax.tree.map(
-          lambda _: jnp.asarray(max_magnitude, jnp.float32), params)
+          lambda p: jnp.asarray(max_magnitude, _checks.compute_dtype(p.dtype)),
+          params)
     return ClipWeightMagnitudeState(max_magnitude=bounds)
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -89,7 +103,15 @@ def clip_weight_magnitude(
 
     def leaf(u, w, bound):
       bound = bound.astype(w.dtype)
-      return jnp.clip(w + u, -bound, bound) - w
+      delta = jnp.clip(w + u, -bound, bound) - w
+      # ``optax.apply_updates`` computes ``w + delta`` in w's dtype. When |w| is
+      # more than twice the bound, ``bound - w`` is rounded and the sum can
+      # land one ulp outside the bound: nudge delta by one ulp towards zero
+      # magnitude in that case, so that |w + delta| <= bound holds exactly.
+      realised = w + delta
+      over = jnp.abs(realised) > bound
+      nudged = jnp.nextafter(delta, -jnp.sign(realised) * jnp.inf)
+      return jnp.where(over, nudged.astype(w.dtype), delta)
 
     return jax.tree.map(leaf, updates, params, state.max_magnitude), state
 
