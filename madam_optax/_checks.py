@@ -75,20 +75,22 @@ def require_params(params: Any, transform: str) -> None:
         "`nnx.Optimizer` this is done for you).")
 
 
-def check_same_structure(updates: Any, params: Any, transform: str) -> None:
-  """Raises ``ValueError`` when ``updates`` and ``params`` trees differ."""
+def check_same_structure(updates: Any, params: Any, transform: str,
+                         other: str = "params") -> None:
+  """Raises ``ValueError`` when ``updates`` and ``params`` (or state) differ."""
   ts_u = jax.tree.structure(updates)
   ts_p = jax.tree.structure(params)
   if ts_u != ts_p:
     raise ValueError(
-        f"{transform}: the updates and params trees do not match.\n"
-        f"  updates: {ts_u}\n  params:  {ts_p}\n"
-        "Pass gradients with exactly the structure of the parameters.")
+        f"{transform}: the updates and {other} trees do not match.\n"
+        f"  updates: {ts_u}\n  {other}: {ts_p}\n"
+        "Pass gradients with exactly the structure of the parameters the "
+        "optimizer was initialised with.")
   for (path, u), p in zip(_leaves_with_path(updates), jax.tree.leaves(params)):
     if jnp.shape(u) != jnp.shape(p):
       raise ValueError(
           f"{transform}: leaf {jax.tree_util.keystr(path)} has update shape "
-          f"{jnp.shape(u)} but parameter shape {jnp.shape(p)}.")
+          f"{jnp.shape(u)} but {other} shape {jnp.shape(p)}.")
 
 
 def compute_dtype(dtype) -> jnp.dtype:

@@ -86,6 +86,8 @@ def scale_by_second_moment(
     del extra_args  # accepted and ignored, as optax.chain passes them on
     del params
     _checks.check_float_leaves(updates, "scale_by_second_moment", "updates")
+    _checks.check_same_structure(updates, state.rms, "scale_by_second_moment",
+                                 "optimizer-state")
     count = optax.safe_increment(state.count)
     b2_ = jnp.asarray(b2, jnp.float32)
     sqrt_b2 = jnp.sqrt(b2_)
