@@ -13,6 +13,11 @@ MULTIPLICATIVE = "multiplicative"
 ADDITIVE = "additive"
 
 
+def _is_variable(x: Any) -> bool:
+  """Array wrappers such as Flax NNX ``Variable``s (duck-typed: no Flax import)."""
+  return hasattr(x, "get_value") and hasattr(x, "set_value")
+
+
 def multiplicative_labels(params: Any, *, min_ndim: int = 0) -> Any:
   """Labels each leaf ``"multiplicative"`` or ``"additive"`` for ``optax.partition``.
 
@@ -24,7 +29,10 @@ def multiplicative_labels(params: Any, *, min_ndim: int = 0) -> Any:
   sign). Everything else is ``"multiplicative"``.
 
   The labels are computed once from concrete initial parameters, outside
-  ``jit``; pass the resulting tree to ``optax.partition``.
+  ``jit``; pass the resulting tree to ``optax.partition``. A Flax NNX state
+  (``nnx.state(model, nnx.Param)``) can be passed directly: each ``Variable``
+  gets one label, which fits both the state ``nnx.Optimizer`` initialises from
+  and the plain arrays it updates.
 
   Args:
     params: the initial parameters (concrete arrays; ``None`` leaves allowed).
@@ -40,6 +48,8 @@ def multiplicative_labels(params: Any, *, min_ndim: int = 0) -> Any:
     {'b': 'additive', 'w': 'multiplicative'}
   """
   def label(p):
+    if _is_variable(p):
+      p = p.get_value()
     if isinstance(p, jax.core.Tracer):
       raise ValueError(
           "multiplicative_labels needs concrete initial parameters; call it "
@@ -47,7 +57,7 @@ def multiplicative_labels(params: Any, *, min_ndim: int = 0) -> Any:
     if jnp.ndim(p) < min_ndim or not np.any(np.asarray(p)):
       return ADDITIVE
     return MULTIPLICATIVE
-  return jax.tree.map(label, params)
+  return jax.tree.map(label, params, is_leaf=_is_variable)
 
 
 def with_additive_fallback(
