@@ -263,14 +263,13 @@ def lns_encode_tree(params: Any, fmt: LNSFormat, *, p_scale: float = 3.0,
   """
   check_format(fmt)
   _checks.check_float_leaves(params, "lns_encode_tree")
-  labels = multiplicative_labels(params, min_ndim=min_ndim)
 
-  def leaf(label, p):
-    if label != MULTIPLICATIVE:
+  def leaf(p):
+    if multiplicative_labels(p, min_ndim=min_ndim) != MULTIPLICATIVE:
       return p, None
     return lns_encode(p, fmt, p_scale=p_scale)
 
-  return _checks.tree_map_unzip(leaf, labels, params)
+  return _checks.tree_map_unzip(leaf, params)
 
 
 def lns_decode_tree(codes: Any, scales: Any, fmt: LNSFormat,
