@@ -15,10 +15,18 @@ class ClipWeightMagnitudeState(NamedTuple):
   """State of :func:`clip_weight_magnitude`.
 
   Attributes:
-    max_magnitude: one scalar per parameter tensor (float32, or float64 for
-      float64 parameters), the bound :math:`w_{max}` fixed at ``init``.
+    max_magnitude: a tuple with one scalar per parameter tensor, in
+      ``jax.tree.leaves(params)`` order (float32, or float64 for float64
+      parameters): the bounds :math:`w_{max}` fixed at ``init``. A flat tuple
+      rather than a tree shaped like ``params``, so that wrappers that attach
+      per-tensor metadata to the parameter tree (Flax NNX's sharding
+      annotations on ``nnx.Param``) do not give a scalar its tensor's sharding.
   """
   max_magnitude: Any
+
+
+def _is_masked(x) -> bool:
+  return isinstance(x, optax.MaskedNode)
 
 
 def initial_rms_bound(params: Any, p_scale) -> Any:
@@ -40,6 +48,28 @@ def initial_rms_bound(params: Any, p_scale) -> Any:
     bound = jnp.asarray(p_scale, ct) * rms
     return jnp.minimum(bound, jnp.finfo(dtype).max).astype(ct)
   return jax.tree.map(leaf, params)
+
+
+def _step_away_from(x: jax.Array, reference: jax.Array) -> jax.Array:
+  """``jnp.nextafter(x, -sign(reference) * inf)`` for nonzero ``reference``.
+
+  The same bits as ``jnp.nextafter`` (one ulp, in the direction opposite to
+  ``reference``'s sign) with a third of its operations: the direction is known
+  to be an infinity, so one integer step on the bit pattern does it. This sits
+  inside every weight's fused update, where it was a fifth of the step time.
+  """
+  int_dtype = jnp.dtype(f"int{8 * jnp.dtype(x.dtype).itemsize}")
+  info = jnp.iinfo(int_dtype)
+  bits = jax.lax.bitcast_convert_type(x, int_dtype)
+  magnitude = bits & info.max
+  inf_bits = jax.lax.bitcast_convert_type(jnp.asarray(jnp.inf, x.dtype),
+                                          int_dtype)
+  grows = (bits >= 0) == (reference < 0)   # |x| grows towards that infinity
+  stepped = bits + jnp.where(grows, 1, -1).astype(int_dtype)
+  stepped = jnp.where(grows & (magnitude == inf_bits), bits, stepped)
+  smallest = jnp.where(reference < 0, 1, info.min + 1).astype(int_dtype)
+  return jax.lax.bitcast_convert_type(
+      jnp.where(magnitude == 0, smallest, stepped), x.dtype)
 
 
 def clip_weight_magnitude(
@@ -94,7 +124,8 @@ def clip_weight_magnitude(
       bounds = jax.tree.map(
           lambda p: jnp.asarray(max_magnitude, _checks.compute_dtype(p.dtype)),
           params)
-    return ClipWeightMagnitudeState(max_magnitude=bounds)
+    return ClipWeightMagnitudeState(
+        max_magnitude=tuple(jax.tree.leaves(bounds, is_leaf=_is_masked)))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args  # accepted and ignored, as optax.chain passes them on
@@ -110,9 +141,18 @@ def clip_weight_magnitude(
       # magnitude in that case, so that |w + delta| <= bound holds exactly.
       realised = w + delta
       over = jnp.abs(realised) > bound
-      nudged = jnp.nextafter(delta, -jnp.sign(realised) * jnp.inf)
+      nudged = _step_away_from(delta, realised)
       return jnp.where(over, nudged.astype(w.dtype), delta)
 
-    return jax.tree.map(leaf, updates, params, state.max_magnitude), state
+    params_leaves, treedef = jax.tree.flatten(params, is_leaf=_is_masked)
+    bounds = tuple(state.max_magnitude)
+    if len(bounds) != len(params_leaves):
+      raise ValueError(
+          f"clip_weight_magnitude: the state holds {len(bounds)} bounds but "
+          f"params have {len(params_leaves)} tensors. Initialise the state "
+          "with `tx.init(params)` on the same parameter tree.")
+    new_updates = [u if _is_masked(u) else leaf(u, w, b) for u, w, b in
+                   zip(treedef.flatten_up_to(updates), params_leaves, bounds)]
+    return treedef.unflatten(new_updates), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
