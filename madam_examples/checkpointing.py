@@ -1,0 +1,408 @@
+"""Checkpoint and resume training states with Orbax, safely under preemption.
+
+A *training state* is any pytree of arrays: typically parameters (float
+weights or integer LNS codes), the optimizer state (``madam``, ``lns_madam``
+or any Optax chain: plain ``NamedTuple``s of arrays), and the PRNG keys that
+drive data sampling and stochastic rounding. Everything needed to continue
+bit for bit must be in it; the step number is the checkpoint's name.
+
+Recipe (what ``madam-demo --checkpoint-dir`` does)::
+
+  state = init_state(...)                        # fresh, possibly sharded
+  state, start = checkpointing.maybe_restore(checkpoint_dir, state)
+  with checkpointing.Checkpointer(checkpoint_dir, every=100) as ckpt:
+    for step in range(start, steps):
+      state = train_step(state)
+      ckpt.maybe_save(step + 1, state)
+    ckpt.maybe_save(steps, state, force=True)
+
+What each piece guarantees:
+
+* **Crash safety.** Orbax writes a step into a temporary folder
+  (``<step>.orbax-checkpoint-tmp-<time>``) and only when every array and the
+  metadata are written does it write ``commit_success.txt`` and atomically
+  rename the folder to ``<step>`` (on file systems without an atomic rename,
+  such as object stores, the commit file alone marks completion). Steps are
+  listed from finalised folders only, so a save cut short by a crash or a
+  preemption is never restored; the previous complete step is.
+* **Exact resumption.** Arrays are stored with their dtypes (integer LNS codes
+  stay ``int8``/``int16``; typed PRNG keys are stored as their raw ``uint32``
+  data and rewrapped on restore) and restored bit for bit.
+* **Shardings.** The target of a restore says where every array goes: a live
+  (e.g. freshly initialised and sharded) state, or ``jax.ShapeDtypeStruct``s
+  with ``sharding=`` (from :func:`abstract_state`); arrays are read straight
+  into that layout.
+* **Clear mismatch errors.** Before reading any array the checkpoint's tree
+  (paths, shapes, dtypes) is compared with the target's, and a ``ValueError``
+  names the first path that differs (another optimizer, layer width, LNS
+  format...).
+
+Reference for the optimizers: Bernstein et al., "Learning compositional
+functions via multiplicative weight updates", NeurIPS 2020, arXiv:2006.14560.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+DEFAULT_MAX_TO_KEEP = 3
+DEFAULT_EVERY = 100
+
+
+# ----------------------------------------------------------------- PRNG keys
+
+
+def _is_typed_key(x: Any) -> bool:
+  dtype = getattr(x, "dtype", None)
+  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _key_impl(key_like: Any) -> Any:
+  """The PRNG implementation of a typed key array or of its ShapeDtypeStruct."""
+  found = []
+  jax.eval_shape(lambda k: found.append(jax.random.key_impl(k)), key_like)
+  return found[0]
+
+
+def _storable(state: Any) -> Any:
+  """``state`` with typed PRNG keys replaced by their raw ``uint32`` data."""
+  return jax.tree.map(
+      lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, state)
+
+
+def _default_sharding() -> jax.sharding.Sharding:
+  return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def _replicated_like(sharding: Any) -> jax.sharding.Sharding:
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return jax.sharding.NamedSharding(sharding.mesh,
+                                      jax.sharding.PartitionSpec())
+  return sharding if sharding is not None else _default_sharding()
+
+
+def _abstract_leaf(x: Any) -> Any:
+  """What Orbax restores a leaf of the target as (shape, dtype, sharding)."""
+  if _is_typed_key(x):
+    data = jax.eval_shape(jax.random.key_data, x)
+    sharding = (jax.random.key_data(x).sharding if isinstance(x, jax.Array)
+                else _replicated_like(getattr(x, "sharding", None)))
+    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
+  if isinstance(x, jax.Array):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                sharding=x.sharding or _default_sharding())
+  return x   # NumPy arrays and Python scalars are restored as such.
+
+
+def abstract_state(state: Any, shardings: Any = None) -> Any:
+  """The restore target for ``state``: ``jax.ShapeDtypeStruct``s with shardings.
+
+  Args:
+    state: a live training state (its arrays' shardings are kept) or a tree
+      of ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape(init, ...)``).
+    shardings: optional tree of ``jax.sharding.Sharding`` with the structure
+      of ``state``, to restore onto a mesh in another layout.
+
+  Returns:
+    A tree of ``jax.ShapeDtypeStruct`` (typed PRNG keys keep their key dtype)
+    that :func:`restore` and :func:`maybe_restore` accept as ``target``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> abstract_state({'w': jnp.zeros((2, 3), jnp.int8)})['w'].dtype
+    dtype('int8')
+  """
+  leaves, treedef = jax.tree.flatten(state)
+  if shardings is None:
+    targets = [getattr(x, "sharding", None) for x in leaves]
+  else:
+    targets = treedef.flatten_up_to(shardings)
+  return treedef.unflatten([
+      jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+      if hasattr(x, "shape") and hasattr(x, "dtype") else x
+      for x, s in zip(leaves, targets)])
+
+
+# ----------------------------------------------------------------- manager
+
+
+def _manager(directory: str | os.PathLike, *, max_to_keep: int | None = None,
+             every: int = 1, read_only: bool = False,
+             asynchronous: bool = False) -> ocp.CheckpointManager:
+  # Readers do not create the folder. (Orbax's own ``read_only`` mode would
+  # also do, but it logs two warnings per call.)
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, save_interval_steps=every,
+      create=not read_only, enable_async_checkpointing=asynchronous)
+  return ocp.CheckpointManager(
+      os.path.abspath(os.fspath(directory)),
+      item_handlers=ocp.StandardCheckpointHandler(), options=options)
+
+
+def _exists(directory: str | os.PathLike | None) -> bool:
+  return directory is not None and os.path.isdir(os.fspath(directory))
+
+
+def all_steps(directory: str | os.PathLike) -> list[int]:
+  """The complete (finalised) checkpoint steps in ``directory``, ascending.
+
+  Folders of saves cut short (Orbax's ``*.orbax-checkpoint-tmp-*``, or
+  without their commit marker) are not steps.
+  """
+  if not _exists(directory):
+    return []
+  manager = _manager(directory, read_only=True)
+  try:
+    return sorted(manager.all_steps())
+  finally:
+    manager.close()
+
+
+def latest_step(directory: str | os.PathLike) -> int | None:
+  """The newest complete checkpoint step in ``directory``, or ``None``."""
+  steps = all_steps(directory)
+  return steps[-1] if steps else None
+
+
+def save(directory: str | os.PathLike, step: int, state: Any, *,
+         max_to_keep: int | None = DEFAULT_MAX_TO_KEEP) -> str:
+  """Saves ``state`` as checkpoint ``step`` of ``directory`` and waits for it.
+
+  The save is atomic (see the module docstring): until it returns, ``step``
+  does not exist for :func:`latest_step` or :func:`restore`.
+
+  Args:
+    directory: the checkpoint folder (created if needed).
+    step: the number of training steps ``state`` has done.
+    state: a pytree of arrays (params, optimizer state, PRNG keys...).
+    max_to_keep: how many newest steps to keep (``None``: all).
+
+  Returns:
+    The folder of the new checkpoint.
+
+  Raises:
+    ValueError: when ``step`` is already saved in ``directory``.
+  """
+  manager = _manager(directory, max_to_keep=max_to_keep)
+  try:
+    _save_with(manager, directory, step, state)
+  finally:
+    manager.close()
+  return os.path.join(os.fspath(directory), str(step))
+
+
+def _save_with(manager: ocp.CheckpointManager, directory, step: int,
+               state: Any) -> None:
+  if step in manager.all_steps():
+    raise ValueError(
+        f"step {step} is already saved in {os.fspath(directory)}; restore it "
+        "with `maybe_restore`, or save under a new step number.")
+  manager.save(int(step), args=ocp.args.StandardSave(_storable(state)),
+               force=True)
+  manager.wait_until_finished()
+
+
+# ----------------------------------------------------------------- restore
+
+
+def _describe(shape: tuple[int, ...], dtype: Any) -> str:
+  return f"{np.dtype(dtype).name}{list(shape)}"
+
+
+def _leaf_signature(x: Any) -> tuple[tuple[int, ...], np.dtype]:
+  if hasattr(x, "shape") and hasattr(x, "dtype"):
+    return tuple(x.shape), np.dtype(x.dtype)
+  arr = np.asarray(x)
+  return tuple(arr.shape), arr.dtype
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  return {".".join(ocp.tree.str_keypath(path)): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_compatible(saved_tree: Any, target: Any, where: str) -> None:
+  """Raises ``ValueError`` naming the first path where two trees differ.
+
+  Args:
+    saved_tree: the checkpoint's metadata tree (leaves with ``shape`` and
+      ``dtype``).
+    target: the restore target (arrays, ``jax.ShapeDtypeStruct``s, scalars).
+    where: the checkpoint's description for the message.
+  """
+  saved = _flat(saved_tree)
+  wanted = _flat(jax.tree.map(_abstract_leaf, target))
+  hint = ("The checkpoint was written by a different model or optimizer "
+          "configuration (optimizer, layer sizes, LNS format, state dtype). "
+          "Resume with the configuration that wrote it, or use a new "
+          "checkpoint folder.")
+  for name, leaf in wanted.items():
+    if name not in saved:
+      raise ValueError(
+          f"{where} does not match the target state: the target's leaf "
+          f"'{name}' ({_describe(*_leaf_signature(leaf))}) is not in the "
+          f"checkpoint. {hint}")
+    got, want = _leaf_signature(saved[name]), _leaf_signature(leaf)
+    if got != want:
+      raise ValueError(
+          f"{where} does not match the target state at '{name}': the "
+          f"checkpoint holds {_describe(*got)}, the target expects "
+          f"{_describe(*want)}. {hint}")
+  for name, leaf in saved.items():
+    if name not in wanted:
+      raise ValueError(
+          f"{where} does not match the target state: the checkpoint's leaf "
+          f"'{name}' ({_describe(*_leaf_signature(leaf))}) is not in the "
+          f"target. {hint}")
+
+
+def _restore_with(manager: ocp.CheckpointManager, directory, step: int,
+                  target: Any) -> Any:
+  where = f"checkpoint step {step} in {os.fspath(directory)}"
+  metadata = manager.item_metadata(step)
+  check_compatible(getattr(metadata, "tree", metadata), target, where)
+  abstract = jax.tree.map(_abstract_leaf, target)
+  restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+  def rewrap(t, r):
+    if not _is_typed_key(t):
+      return r
+    key = jax.random.wrap_key_data(r, impl=_key_impl(t))
+    sharding = getattr(t, "sharding", None)
+    return jax.device_put(key, sharding) if sharding is not None else key
+  return jax.tree.map(rewrap, target, restored)
+
+
+def restore(directory: str | os.PathLike, target: Any,
+            step: int | None = None) -> Any:
+  """Restores checkpoint ``step`` (default: the latest complete one).
+
+  Args:
+    directory: the checkpoint folder.
+    target: a state with the structure, shapes, dtypes and shardings to
+      restore into: a live state (e.g. freshly initialised) or its
+      :func:`abstract_state` (``jax.ShapeDtypeStruct`` with ``sharding``).
+    step: the step to restore; ``None`` for the latest.
+
+  Returns:
+    The restored state, each array with the target's sharding.
+
+  Raises:
+    ValueError: no checkpoint; or the checkpoint's tree differs from the
+      target's (the message names the first differing path).
+  """
+  steps = all_steps(directory)
+  if step is None:
+    step = steps[-1] if steps else None
+  if step is None or step not in steps:
+    raise ValueError(
+        f"no complete checkpoint {'' if step is None else f'step {step} '}in "
+        f"{os.fspath(directory)} (complete steps: {steps}).")
+  manager = _manager(directory, read_only=True)
+  try:
+    return _restore_with(manager, directory, step, target)
+  finally:
+    manager.close()
+
+
+def maybe_restore(checkpoint_dir: str | os.PathLike | None, target: Any, *,
+                  verbose: bool = True) -> tuple[Any, int]:
+  """Resumes from the latest complete checkpoint, or starts from ``target``.
+
+  Args:
+    checkpoint_dir: the checkpoint folder; ``None`` or a folder without a
+      complete checkpoint means a fresh start.
+    target: the freshly initialised state (returned as is on a fresh start),
+      or its :func:`abstract_state` (then a fresh start is an error).
+    verbose: print where training resumes from.
+
+  Returns:
+    ``(state, step)``: the restored state and its step, or ``(target, 0)``.
+  """
+  step = latest_step(checkpoint_dir) if checkpoint_dir is not None else None
+  if step is None:
+    if verbose and checkpoint_dir is not None:
+      print(f"No checkpoint in {os.fspath(checkpoint_dir)}, "
+            "starting from step 0")
+    return target, 0
+  state = restore(checkpoint_dir, target, step)
+  if verbose:
+    print(f"Resumed from step {step} in {os.fspath(checkpoint_dir)}")
+  return state, step
+
+
+# ----------------------------------------------------------------- training loop
+
+
+class Checkpointer:
+  """Periodic, atomic saves for a training loop (``--checkpoint-every``).
+
+  Saves run in the background (Orbax's asynchronous checkpointing: the arrays
+  are copied off the devices before ``maybe_save`` returns, so training may
+  go on and even donate its buffers); :meth:`close` waits for the last one.
+
+  Example::
+
+    with Checkpointer(checkpoint_dir, every=100) as ckpt:
+      for step in range(start, steps):
+        state = train_step(state)
+        ckpt.maybe_save(step + 1, state)
+      ckpt.maybe_save(steps, state, force=True)
+  """
+
+  def __init__(self, directory: str | os.PathLike, every: int = DEFAULT_EVERY,
+               *, max_to_keep: int | None = DEFAULT_MAX_TO_KEEP):
+    if every < 1:
+      raise ValueError(f"--checkpoint-every must be >= 1, got {every}.")
+    self.directory = os.fspath(directory)
+    self.every = int(every)
+    self._manager = _manager(directory, max_to_keep=max_to_keep,
+                             asynchronous=True)
+
+  def maybe_save(self, step: int, state: Any, *, force: bool = False) -> bool:
+    """Saves when ``step`` is a multiple of ``every`` (or ``force``) and new."""
+    step = int(step)
+    if not force and step % self.every:
+      return False
+    self._manager.wait_until_finished()
+    if step in self._manager.all_steps():
+      return False
+    self._manager.save(step, args=ocp.args.StandardSave(_storable(state)),
+                       force=True)
+    return True
+
+  def restore(self, target: Any) -> tuple[Any, int]:
+    """``maybe_restore(self.directory, target)``."""
+    return maybe_restore(self.directory, target)
+
+  def close(self) -> None:
+    """Waits for the pending save and releases Orbax's resources."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  """Adds ``--checkpoint-dir`` and ``--checkpoint-every`` to a CLI parser."""
+  group = parser.add_argument_group("checkpointing (Orbax)")
+  group.add_argument(
+      "--checkpoint-dir", default=None,
+      help="save checkpoints here, and resume from the latest complete one "
+           "when there is one")
+  group.add_argument(
+      "--checkpoint-every", type=int, default=DEFAULT_EVERY,
+      help=f"steps between checkpoints (default {DEFAULT_EVERY}); the last "
+           "step is always saved")

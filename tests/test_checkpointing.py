@@ -1,0 +1,318 @@
+"""Checkpoint and resume with Orbax (``madam_examples.checkpointing``).
+
+The resume tests train N steps here, save, and continue in a *fresh process*
+(this file run as a script: it has no state in common with the test but the
+checkpoint folder). That process resumes, trains M more steps, saves step
+N+M, takes one more step and is killed during the save of step N+M+1 (after
+its arrays are written, inside Orbax's finalisation). Back here the test
+checks that:
+
+* the resumed N+M state is bit-identical to N+M uninterrupted steps (params,
+  optimizer state, PRNG keys), for ``madam`` with a learning-rate schedule and
+  for ``lns_madam`` with stochastic rounding (its PRNG key is in the state),
+  on one device and on 8 simulated devices with sharded state restored onto
+  the mesh with its shardings;
+* the save cut short left its temporary folder, and neither
+  ``latest_step`` nor ``maybe_restore`` takes it: step N+M is the latest;
+* LNS codes are ``int8`` on disk (the stored zarr metadata, read with
+  TensorStore, not through Orbax) and after restoring.
+
+One worker process per configuration (each costs a JAX import).
+"""
+
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import madam_optax
+from madam_examples import checkpointing
+
+N_STEPS, M_STEPS = 3, 4
+CRASH_EXIT_CODE = 17
+IN, OUT, BATCH = 16, 8, 32
+FMT = madam_optax.LNSFormat.spanning(127)        # int8 codes
+
+
+# ---------------------------------------------------------------- the problem
+# Shared by the test and the worker process: it must be deterministic.
+
+
+def _schedule():
+  return optax.linear_schedule(0.05, 0.01, N_STEPS + M_STEPS)
+
+
+def _loss(params, x, y):
+  return jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
+
+
+def make_problem(kind, mesh=None):
+  """A fresh training state and its jitted step, for ``madam`` or ``lns``."""
+  k_w, k_true = jax.random.split(jax.random.key(0))
+  params = {"w": jax.random.normal(k_w, (IN, OUT)) / 4, "b": jnp.zeros(OUT)}
+  w_true = jax.random.normal(k_true, (IN, OUT)) / 4
+  if kind == "madam":
+    tx = madam_optax.with_additive_fallback(
+        params, madam_optax.madam(_schedule()), optax.adam(1e-2))
+    state = {"params": params}
+    value_and_grad = lambda st, x, y: jax.value_and_grad(_loss)(
+        st["params"], x, y)
+  else:
+    codes, scales = madam_optax.lns_encode_tree(params, FMT)
+    tx = madam_optax.with_additive_fallback(
+        codes, madam_optax.lns_madam(FMT, _schedule(), rounding="stochastic",
+                                     seed=1), optax.adam(1e-2))
+    state = {"params": codes, "scales": scales}
+    value_and_grad = lambda st, x, y: madam_optax.lns_value_and_grad(
+        _loss, st["scales"], FMT)(st["params"], x, y)
+  state["opt_state"] = tx.init(state["params"])
+  state["key"] = jax.random.key(7)       # data sampling: part of the state
+
+  def step(st):
+    key, sub = jax.random.split(st["key"])
+    x = jax.random.normal(sub, (BATCH, IN))
+    _, grads = value_and_grad(st, x, x @ w_true)
+    updates, opt_state = tx.update(grads, st["opt_state"], st["params"])
+    return {**st, "params": optax.apply_updates(st["params"], updates),
+            "opt_state": opt_state, "key": key}
+
+  if mesh is None:
+    return state, jax.jit(step)
+  shardings = jax.tree.map(lambda x: _sharding(x, mesh), state)
+  state = jax.device_put(state, shardings)
+  return state, jax.jit(step, in_shardings=(shardings,),
+                        out_shardings=shardings)
+
+
+def _sharding(x, mesh):
+  """Leading axis split over the 8 devices when it divides, else replicated."""
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  if x.ndim and x.shape[0] % mesh.size == 0:
+    return NamedSharding(mesh, P("x"))
+  return NamedSharding(mesh, P())
+
+
+def _mesh(devices):
+  return jax.sharding.Mesh(np.array(devices[:8]), ("x",))
+
+
+def _raw(tree):
+  """Typed PRNG keys as their data, for exact comparisons."""
+  return jax.tree.map(
+      lambda x: jax.random.key_data(x)
+      if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x, tree)
+
+
+# ---------------------------------------------------------------- worker
+
+
+def worker(kind, devices, directory, until):
+  """Resume from ``directory``, train to ``until``, save; crash in the next save."""
+  mesh = _mesh(jax.devices()) if devices == 8 else None
+  fresh, step = make_problem(kind, mesh)
+  state, start = checkpointing.maybe_restore(directory, fresh)
+  for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(fresh)):
+    assert got.sharding == want.sharding, (got.sharding, want.sharding)
+    assert got.dtype == want.dtype, (got.dtype, want.dtype)
+  with checkpointing.Checkpointer(directory, every=1000) as ckpt:
+    for _ in range(start, until):
+      state = step(state)
+    ckpt.maybe_save(until, state, force=True)
+  state = step(state)
+
+  # Die the way a preempted machine does, once every array of step until+1
+  # is written but before Orbax finalises (commit marker + atomic rename).
+  from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
+
+  async def crash(*args, **kwargs):
+    del args, kwargs
+    print("killed while saving", flush=True)
+    os._exit(CRASH_EXIT_CODE)
+  atomicity.AtomicRenameTemporaryPath.finalize = crash
+  atomicity.CommitFileTemporaryPath.finalize = crash
+  with checkpointing.Checkpointer(directory, every=1000) as ckpt:
+    ckpt.maybe_save(until + 1, state, force=True)
+  raise AssertionError("the save should have been killed")
+
+
+def _run_worker(kind, devices, directory, until):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return subprocess.run(
+      [sys.executable, __file__, kind, str(devices), str(directory),
+       str(until)], env=env, capture_output=True, text=True, timeout=300,
+      check=False)
+
+
+# ---------------------------------------------------------------- resume tests
+
+
+def _resume_and_check(kind, tmp_path, devices=None):
+  mesh = _mesh(devices) if devices else None
+  state, step = make_problem(kind, mesh)
+  reference = state
+  for i in range(N_STEPS + M_STEPS):
+    reference = step(reference)
+    if i + 1 == N_STEPS:
+      checkpointing.save(tmp_path, N_STEPS, reference)
+
+  proc = _run_worker(kind, 8 if devices else 1, tmp_path, N_STEPS + M_STEPS)
+  assert proc.returncode == CRASH_EXIT_CODE, proc.stdout + proc.stderr
+  assert f"Resumed from step {N_STEPS} in {tmp_path}" in proc.stdout
+  assert "killed while saving" in proc.stdout
+
+  # The save of step N+M+1 was cut short: its temporary folder is there...
+  partial = glob.glob(os.path.join(tmp_path, f"{N_STEPS + M_STEPS + 1}.*tmp*"))
+  assert partial, os.listdir(tmp_path)
+  # ... and is never taken for a checkpoint.
+  assert checkpointing.all_steps(tmp_path) == [N_STEPS, N_STEPS + M_STEPS]
+  assert checkpointing.latest_step(tmp_path) == N_STEPS + M_STEPS
+
+  fresh, _ = make_problem(kind, mesh)
+  restored, at = checkpointing.maybe_restore(tmp_path, fresh)
+  assert at == N_STEPS + M_STEPS
+  chex.assert_trees_all_equal(_raw(restored), _raw(reference))   # bitwise
+  chex.assert_trees_all_equal_dtypes(_raw(restored), _raw(reference))
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(reference)):
+    assert got.sharding == want.sharding
+  # Not a trivial match: training moved the weights and advanced the keys.
+  assert not np.array_equal(restored["params"]["w"], fresh["params"]["w"])
+  return restored
+
+
+def test_madam_schedule_resumes_bit_identically_in_fresh_process(tmp_path):
+  _resume_and_check("madam", tmp_path)
+
+
+def test_lns_madam_stochastic_resumes_bit_identically_and_stays_int8(tmp_path):
+  restored = _resume_and_check("lns", tmp_path)
+  assert restored["params"]["w"].dtype == jnp.int8
+  # On disk, read through TensorStore (not Orbax): int8 zarr arrays.
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  spec = {"driver": "zarr", "kvstore": {
+      "driver": "ocdbt",
+      "base": "file://" + os.path.join(
+          os.path.abspath(tmp_path), str(N_STEPS + M_STEPS), "default"),
+      "path": "params.w"}}
+  stored = ts.open(spec).result()
+  assert stored.dtype.numpy_dtype == np.int8
+  assert stored.spec().to_json()["metadata"]["dtype"] == "|i1"
+  np.testing.assert_array_equal(stored.read().result(),
+                                np.asarray(restored["params"]["w"]))
+
+
+def test_sharded_madam_and_lns_resume_on_eight_devices(tmp_path, eight_devices):
+  for kind in ("madam", "lns"):
+    restored = _resume_and_check(kind, tmp_path / kind, eight_devices)
+    w = restored["params"]["w"]
+    assert len(w.sharding.device_set) == 8
+    assert w.addressable_shards[0].data.shape == (IN // 8, OUT)
+
+
+# ---------------------------------------------------------------- in process
+
+
+def test_no_checkpoint_starts_from_step_zero(tmp_path, capsys):
+  state = {"w": jnp.ones(3)}
+  got, step = checkpointing.maybe_restore(tmp_path / "empty", state)
+  assert step == 0 and got is state
+  assert checkpointing.latest_step(tmp_path / "empty") is None
+  assert (f"No checkpoint in {tmp_path / 'empty'}, starting from step 0"
+          in capsys.readouterr().out)
+
+
+def test_partial_folder_is_ignored(tmp_path):
+  """A copy of a complete step, renamed like Orbax's temporary folder and with
+  its commit marker removed (what a crash before finalising leaves)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  state = {"w": jnp.arange(4.0), "key": jax.random.key(1)}
+  checkpointing.save(tmp_path, 2, state)
+  tmp = tmp_path / "5.orbax-checkpoint-tmp-1234567890"
+  shutil.copytree(tmp_path / "2", tmp)
+  os.remove(tmp / "commit_success.txt")
+  assert checkpointing.latest_step(tmp_path) == 2
+  restored, step = checkpointing.maybe_restore(tmp_path, state)
+  assert step == 2
+  chex.assert_trees_all_equal(_raw(restored), _raw(state))
+
+
+def test_mismatched_optimizer_is_a_clear_error(tmp_path):
+  params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+  saved = {"params": params, "opt_state": madam_optax.madam().init(params)}
+  checkpointing.save(tmp_path, 1, saved)
+  target = {"params": params, "opt_state": optax.adam(1e-3).init(params)}
+  with pytest.raises(ValueError, match=r"'opt_state\.0\.mu\.b'.*not in the "
+                     r"checkpoint.*different model or optimizer"):
+    checkpointing.maybe_restore(tmp_path, target)
+
+
+def test_mismatched_width_and_dtype_are_clear_errors(tmp_path):
+  params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+  tx = madam_optax.with_additive_fallback(params, madam_optax.madam())
+  checkpointing.save(tmp_path, 1, {"params": params,
+                                   "opt_state": tx.init(params)})
+  wide = {"w": jnp.ones((4, 5)), "b": jnp.zeros(5)}
+  tx_wide = madam_optax.with_additive_fallback(wide, madam_optax.madam())
+  with pytest.raises(ValueError, match=r"step 1 .* at '\S+\.b': the checkpoint "
+                     r"holds float32\[3\], the target expects float32\[5\]"):
+    checkpointing.restore(tmp_path, {"params": wide,
+                                     "opt_state": tx_wide.init(wide)})
+  codes, _ = madam_optax.lns_encode_tree(params, FMT)
+  with pytest.raises(ValueError, match=r"'params\.w': the checkpoint holds "
+                     r"float32\[4, 3\], the target expects int8\[4, 3\]"):
+    checkpointing.restore(tmp_path, {"params": codes,
+                                     "opt_state": tx.init(params)})
+  with pytest.raises(ValueError, match=r"'extra' \(int32\[\]\) is not in the "
+                     "checkpoint"):
+    checkpointing.restore(tmp_path, {"params": params, "extra": jnp.int32(0),
+                                     "opt_state": tx.init(params)})
+  with pytest.raises(ValueError, match=r"checkpoint's leaf 'params\.b'"):
+    checkpointing.restore(tmp_path, {"params": {"w": params["w"]},
+                                     "opt_state": tx.init(params)})
+
+
+def test_restore_onto_mesh_from_abstract_state(tmp_path, eight_devices):
+  """Saved from one device, restored sharded from ShapeDtypeStructs."""
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  mesh = _mesh(eight_devices)
+  params = {"w": jax.random.normal(jax.random.key(0), (16, 4))}
+  tx = madam_optax.madam()
+  state = {"params": params, "opt_state": tx.init(params),
+           "key": jax.random.key(3)}
+  checkpointing.save(tmp_path, 4, state)
+  shardings = jax.tree.map(lambda x: _sharding(x, mesh), state)
+  target = checkpointing.abstract_state(jax.eval_shape(lambda: state),
+                                        shardings)
+  assert isinstance(target["params"]["w"], jax.ShapeDtypeStruct)
+  restored = checkpointing.restore(tmp_path, target)
+  assert restored["params"]["w"].sharding == NamedSharding(mesh, P("x"))
+  assert restored["key"].sharding == NamedSharding(mesh, P())
+  chex.assert_trees_all_equal(_raw(restored), _raw(state))
+
+
+def test_checkpointer_saves_every_n_and_keeps_the_newest(tmp_path):
+  state = {"w": jnp.zeros(2)}
+  with checkpointing.Checkpointer(tmp_path, every=2, max_to_keep=2) as ckpt:
+    saved = [ckpt.maybe_save(s, {"w": state["w"] + s}) for s in range(1, 6)]
+    assert ckpt.maybe_save(5, {"w": state["w"] + 5}, force=True) is True
+    assert ckpt.maybe_save(5, state, force=True) is False   # already saved
+  assert saved == [False, True, False, True, False]
+  assert checkpointing.all_steps(tmp_path) == [4, 5]
+  with pytest.raises(ValueError, match="step 5 is already saved"):
+    checkpointing.save(tmp_path, 5, state)
+  with pytest.raises(ValueError, match="checkpoint-every must be >= 1"):
+    checkpointing.Checkpointer(tmp_path, every=0)
+  restored, step = checkpointing.maybe_restore(tmp_path, state)
+  assert step == 5 and float(restored["w"][0]) == 5.0
+
+
+if __name__ == "__main__":
+  worker(sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
