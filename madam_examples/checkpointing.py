@@ -8,9 +8,12 @@ bit for bit must be in it; the step number is the checkpoint's name.
 
 Recipe (what ``madam-demo --checkpoint-dir`` does)::
 
+  config = {"optimizer": "madam", "learning_rate": 0.01, "width": 64}
   state = init_state(...)                        # fresh, possibly sharded
-  state, start = checkpointing.maybe_restore(checkpoint_dir, state)
-  with checkpointing.Checkpointer(checkpoint_dir, every=100) as ckpt:
+  state, start = checkpointing.maybe_restore(checkpoint_dir, state,
+                                             config=config)
+  with checkpointing.Checkpointer(checkpoint_dir, every=100,
+                                  config=config) as ckpt:
     for step in range(start, steps):
       state = train_step(state)
       ckpt.maybe_save(step + 1, state)
@@ -35,7 +38,10 @@ What each piece guarantees:
 * **Clear mismatch errors.** Before reading any array the checkpoint's tree
   (paths, shapes, dtypes) is compared with the target's, and a ``ValueError``
   names the first path that differs (another optimizer, layer width, LNS
-  format...).
+  dtype...). Differences the tree cannot show (a learning rate, the number of
+  LNS levels within the same integer dtype) are caught by an optional
+  ``config``: a JSON-able dict saved with every step and compared key by key
+  on restore.
 
 Reference for the optimizers: Bernstein et al., "Learning compositional
 functions via multiplicative weight updates", NeurIPS 2020, arXiv:2006.14560.
@@ -44,6 +50,7 @@ functions via multiplicative weight updates", NeurIPS 2020, arXiv:2006.14560.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from typing import Any
 
@@ -139,9 +146,12 @@ def _manager(directory: str | os.PathLike, *, max_to_keep: int | None = None,
              asynchronous: bool = False) -> ocp.CheckpointManager:
   # Readers do not create the folder. (Orbax's own ``read_only`` mode would
   # also do, but it logs two warnings per call.)
+  # Writers remove the temporary folders of saves cut short by a crash
+  # (readers never take them for steps, see ``all_steps``).
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, save_interval_steps=every,
-      create=not read_only, enable_async_checkpointing=asynchronous)
+      create=not read_only, enable_async_checkpointing=asynchronous,
+      cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(
       os.path.abspath(os.fspath(directory)),
       item_handlers=ocp.StandardCheckpointHandler(), options=options)
@@ -173,7 +183,8 @@ def latest_step(directory: str | os.PathLike) -> int | None:
 
 
 def save(directory: str | os.PathLike, step: int, state: Any, *,
-         max_to_keep: int | None = DEFAULT_MAX_TO_KEEP) -> str:
+         max_to_keep: int | None = DEFAULT_MAX_TO_KEEP,
+         config: dict[str, Any] | None = None) -> str:
   """Saves ``state`` as checkpoint ``step`` of ``directory`` and waits for it.
 
   The save is atomic (see the module docstring): until it returns, ``step``
@@ -184,6 +195,9 @@ def save(directory: str | os.PathLike, step: int, state: Any, *,
     step: the number of training steps ``state`` has done.
     state: a pytree of arrays (params, optimizer state, PRNG keys...).
     max_to_keep: how many newest steps to keep (``None``: all).
+    config: optional JSON-able dict of the model and optimizer settings
+      (e.g. ``{"optimizer": "lns_madam", "lns_levels": 127}``), saved with
+      the step and checked by :func:`restore` when given one.
 
   Returns:
     The folder of the new checkpoint.
@@ -193,20 +207,41 @@ def save(directory: str | os.PathLike, step: int, state: Any, *,
   """
   manager = _manager(directory, max_to_keep=max_to_keep)
   try:
-    _save_with(manager, directory, step, state)
+    _save_with(manager, directory, step, state, config)
   finally:
     manager.close()
   return os.path.join(os.fspath(directory), str(step))
 
 
+def _normalise_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
+  """``config`` as it reads back from JSON (tuples become lists...)."""
+  if config is None:
+    return None
+  if not isinstance(config, dict):
+    raise ValueError(f"config must be a dict of settings, got {type(config)}.")
+  try:
+    return json.loads(json.dumps(config, sort_keys=True))
+  except TypeError as e:
+    raise ValueError(
+        f"config must be JSON-able (numbers, strings, lists, dicts): {e}. "
+        "Convert other values with str() first.") from e
+
+
+def _write(manager: ocp.CheckpointManager, step: int, state: Any,
+           config: dict[str, Any] | None) -> None:
+  config = _normalise_config(config)
+  manager.save(int(step), args=ocp.args.StandardSave(_storable(state)),
+               force=True,
+               custom_metadata=None if config is None else {"config": config})
+
+
 def _save_with(manager: ocp.CheckpointManager, directory, step: int,
-               state: Any) -> None:
+               state: Any, config: dict[str, Any] | None = None) -> None:
   if step in manager.all_steps():
     raise ValueError(
         f"step {step} is already saved in {os.fspath(directory)}; restore it "
         "with `maybe_restore`, or save under a new step number.")
-  manager.save(int(step), args=ocp.args.StandardSave(_storable(state)),
-               force=True)
+  _write(manager, step, state, config)
   manager.wait_until_finished()
 
 
@@ -264,9 +299,45 @@ def check_compatible(saved_tree: Any, target: Any, where: str) -> None:
           f"target. {hint}")
 
 
+_MISSING = object()
+
+
+def check_config(saved: dict[str, Any] | None, wanted: dict[str, Any],
+                 where: str) -> None:
+  """Raises ``ValueError`` naming every setting where two configs differ.
+
+  Args:
+    saved: the config stored with the checkpoint (``None``: none stored,
+      which is not checked).
+    wanted: the config of the run that restores.
+    where: the checkpoint's description for the message.
+  """
+  if saved is None:
+    return
+  wanted = _normalise_config(wanted)
+  diffs = []
+  for name in sorted(set(saved) | set(wanted)):
+    got, want = saved.get(name, _MISSING), wanted.get(name, _MISSING)
+    if got != want:
+      fmt = lambda v: "(not set)" if v is _MISSING else repr(v)
+      diffs.append(f"{name}: checkpoint {fmt(got)}, this run {fmt(want)}")
+  if diffs:
+    raise ValueError(
+        f"{where} was written with another configuration ("
+        + "; ".join(diffs) + "). Resume with the configuration that wrote "
+        "it, or use a new checkpoint folder.")
+
+
+def _saved_config(manager: ocp.CheckpointManager, step: int) -> Any:
+  custom = getattr(manager.metadata(step), "custom_metadata", None) or {}
+  return custom.get("config")
+
+
 def _restore_with(manager: ocp.CheckpointManager, directory, step: int,
-                  target: Any) -> Any:
+                  target: Any, config: dict[str, Any] | None = None) -> Any:
   where = f"checkpoint step {step} in {os.fspath(directory)}"
+  if config is not None:
+    check_config(_saved_config(manager, step), config, where)
   metadata = manager.item_metadata(step)
   check_compatible(getattr(metadata, "tree", metadata), target, where)
   abstract = jax.tree.map(_abstract_leaf, target)
@@ -282,7 +353,8 @@ def _restore_with(manager: ocp.CheckpointManager, directory, step: int,
 
 
 def restore(directory: str | os.PathLike, target: Any,
-            step: int | None = None) -> Any:
+            step: int | None = None, *,
+            config: dict[str, Any] | None = None) -> Any:
   """Restores checkpoint ``step`` (default: the latest complete one).
 
   Args:
@@ -291,13 +363,17 @@ def restore(directory: str | os.PathLike, target: Any,
       restore into: a live state (e.g. freshly initialised) or its
       :func:`abstract_state` (``jax.ShapeDtypeStruct`` with ``sharding``).
     step: the step to restore; ``None`` for the latest.
+    config: the run's settings (see :func:`save`); when the checkpoint was
+      saved with a config, every differing setting is an error.
 
   Returns:
     The restored state, each array with the target's sharding.
 
   Raises:
-    ValueError: no checkpoint; or the checkpoint's tree differs from the
-      target's (the message names the first differing path).
+    ValueError: no checkpoint; the checkpoint's config differs from
+      ``config`` (the message names the settings); or the checkpoint's tree
+      differs from the target's (the message names the first differing
+      path).
   """
   steps = all_steps(directory)
   if step is None:
@@ -308,13 +384,14 @@ def restore(directory: str | os.PathLike, target: Any,
         f"{os.fspath(directory)} (complete steps: {steps}).")
   manager = _manager(directory, read_only=True)
   try:
-    return _restore_with(manager, directory, step, target)
+    return _restore_with(manager, directory, step, target, config)
   finally:
     manager.close()
 
 
 def maybe_restore(checkpoint_dir: str | os.PathLike | None, target: Any, *,
-                  verbose: bool = True) -> tuple[Any, int]:
+                  verbose: bool = True,
+                  config: dict[str, Any] | None = None) -> tuple[Any, int]:
   """Resumes from the latest complete checkpoint, or starts from ``target``.
 
   Args:
@@ -323,6 +400,8 @@ def maybe_restore(checkpoint_dir: str | os.PathLike | None, target: Any, *,
     target: the freshly initialised state (returned as is on a fresh start),
       or its :func:`abstract_state` (then a fresh start is an error).
     verbose: print where training resumes from.
+    config: the run's settings, checked against the checkpoint's (see
+      :func:`save`).
 
   Returns:
     ``(state, step)``: the restored state and its step, or ``(target, 0)``.
@@ -333,7 +412,7 @@ def maybe_restore(checkpoint_dir: str | os.PathLike | None, target: Any, *,
       print(f"No checkpoint in {os.fspath(checkpoint_dir)}, "
             "starting from step 0")
     return target, 0
-  state = restore(checkpoint_dir, target, step)
+  state = restore(checkpoint_dir, target, step, config=config)
   if verbose:
     print(f"Resumed from step {step} in {os.fspath(checkpoint_dir)}")
   return state, step
@@ -346,8 +425,17 @@ class Checkpointer:
   """Periodic, atomic saves for a training loop (``--checkpoint-every``).
 
   Saves run in the background (Orbax's asynchronous checkpointing: the arrays
-  are copied off the devices before ``maybe_save`` returns, so training may
-  go on and even donate its buffers); :meth:`close` waits for the last one.
+  are copied to host memory before ``maybe_save`` returns and written while
+  training goes on); the next save and :meth:`close` wait for the previous
+  one. Opening a folder removes the temporary folders of saves that a crash
+  cut short.
+
+  Args:
+    directory: the checkpoint folder (created if needed).
+    every: save at steps that are multiples of ``every``.
+    max_to_keep: how many newest steps to keep (``None``: all).
+    config: optional JSON-able dict of model and optimizer settings, saved
+      with every step and checked by :meth:`restore` (see :func:`save`).
 
   Example::
 
@@ -359,11 +447,13 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str | os.PathLike, every: int = DEFAULT_EVERY,
-               *, max_to_keep: int | None = DEFAULT_MAX_TO_KEEP):
+               *, max_to_keep: int | None = DEFAULT_MAX_TO_KEEP,
+               config: dict[str, Any] | None = None):
     if every < 1:
       raise ValueError(f"--checkpoint-every must be >= 1, got {every}.")
     self.directory = os.fspath(directory)
     self.every = int(every)
+    self.config = _normalise_config(config)
     self._manager = _manager(directory, max_to_keep=max_to_keep,
                              asynchronous=True)
 
@@ -375,13 +465,12 @@ class Checkpointer:
     self._manager.wait_until_finished()
     if step in self._manager.all_steps():
       return False
-    self._manager.save(step, args=ocp.args.StandardSave(_storable(state)),
-                       force=True)
+    _write(self._manager, step, state, self.config)
     return True
 
   def restore(self, target: Any) -> tuple[Any, int]:
-    """``maybe_restore(self.directory, target)``."""
-    return maybe_restore(self.directory, target)
+    """``maybe_restore(self.directory, target, config=self.config)``."""
+    return maybe_restore(self.directory, target, config=self.config)
 
   def close(self) -> None:
     """Waits for the pending save and releases Orbax's resources."""

@@ -42,6 +42,11 @@ IN, OUT, BATCH = 16, 8, 32
 FMT = madam_optax.LNSFormat.spanning(127)        # int8 codes
 
 
+def _config(kind):
+  return {"problem": kind, "schedule": [0.05, 0.01, N_STEPS + M_STEPS],
+          "lns": list(FMT) if kind == "lns" else None}
+
+
 # ---------------------------------------------------------------- the problem
 # Shared by the test and the worker process: it must be deterministic.
 
@@ -118,11 +123,13 @@ def worker(kind, devices, directory, until):
   """Resume from ``directory``, train to ``until``, save; crash in the next save."""
   mesh = _mesh(jax.devices()) if devices == 8 else None
   fresh, step = make_problem(kind, mesh)
-  state, start = checkpointing.maybe_restore(directory, fresh)
+  state, start = checkpointing.maybe_restore(directory, fresh,
+                                             config=_config(kind))
   for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(fresh)):
     assert got.sharding == want.sharding, (got.sharding, want.sharding)
     assert got.dtype == want.dtype, (got.dtype, want.dtype)
-  with checkpointing.Checkpointer(directory, every=1000) as ckpt:
+  with checkpointing.Checkpointer(directory, every=1000,
+                                  config=_config(kind)) as ckpt:
     for _ in range(start, until):
       state = step(state)
     ckpt.maybe_save(until, state, force=True)
@@ -162,7 +169,7 @@ def _resume_and_check(kind, tmp_path, devices=None):
   for i in range(N_STEPS + M_STEPS):
     reference = step(reference)
     if i + 1 == N_STEPS:
-      checkpointing.save(tmp_path, N_STEPS, reference)
+      checkpointing.save(tmp_path, N_STEPS, reference, config=_config(kind))
 
   proc = _run_worker(kind, 8 if devices else 1, tmp_path, N_STEPS + M_STEPS)
   assert proc.returncode == CRASH_EXIT_CODE, proc.stdout + proc.stderr
@@ -177,7 +184,8 @@ def _resume_and_check(kind, tmp_path, devices=None):
   assert checkpointing.latest_step(tmp_path) == N_STEPS + M_STEPS
 
   fresh, _ = make_problem(kind, mesh)
-  restored, at = checkpointing.maybe_restore(tmp_path, fresh)
+  restored, at = checkpointing.maybe_restore(tmp_path, fresh,
+                                             config=_config(kind))
   assert at == N_STEPS + M_STEPS
   chex.assert_trees_all_equal(_raw(restored), _raw(reference))   # bitwise
   chex.assert_trees_all_equal_dtypes(_raw(restored), _raw(reference))
@@ -209,6 +217,7 @@ def test_lns_madam_stochastic_resumes_bit_identically_and_stays_int8(tmp_path):
                                 np.asarray(restored["params"]["w"]))
 
 
+@pytest.mark.slow
 def test_sharded_madam_and_lns_resume_on_eight_devices(tmp_path, eight_devices):
   for kind in ("madam", "lns"):
     restored = _resume_and_check(kind, tmp_path / kind, eight_devices)
@@ -242,6 +251,37 @@ def test_partial_folder_is_ignored(tmp_path):
   restored, step = checkpointing.maybe_restore(tmp_path, state)
   assert step == 2
   chex.assert_trees_all_equal(_raw(restored), _raw(state))
+  assert tmp.exists()                  # readers leave it alone...
+  with checkpointing.Checkpointer(tmp_path, every=1) as ckpt:
+    ckpt.maybe_save(5, state)          # ... the next writer removes it
+  assert not tmp.exists()
+  assert checkpointing.all_steps(tmp_path) == [2, 5]
+
+
+def test_config_mismatch_names_every_differing_setting(tmp_path):
+  """What the tree cannot show: same shapes and dtypes, other settings."""
+  params = {"w": jnp.ones((4, 3))}
+  state = {"params": params, "opt_state": madam_optax.madam().init(params)}
+  config = {"optimizer": "madam", "learning_rate": 0.01, "lns_levels": 127,
+            "layers": (4, 3)}
+  with checkpointing.Checkpointer(tmp_path, every=1, config=config) as ckpt:
+    ckpt.maybe_save(1, state)
+  restored, step = checkpointing.maybe_restore(tmp_path, state, config=config)
+  assert step == 1                        # tuples compare as saved (lists)
+  other = {**config, "learning_rate": 0.02, "lns_levels": 100}
+  del other["layers"]
+  with pytest.raises(ValueError, match=(
+      r"step 1 .* another configuration \(layers: checkpoint \[4, 3\], this "
+      r"run \(not set\); learning_rate: checkpoint 0\.01, this run 0\.02; "
+      r"lns_levels: checkpoint 127, this run 100\)")):
+    checkpointing.maybe_restore(tmp_path, state, config=other)
+  with checkpointing.Checkpointer(tmp_path, config=other) as ckpt:
+    with pytest.raises(ValueError, match="learning_rate"):
+      ckpt.restore(state)
+  # Without a config (or saved without one) only the tree is checked.
+  chex.assert_trees_all_equal(checkpointing.restore(tmp_path, state), state)
+  with pytest.raises(ValueError, match="config must be JSON-able"):
+    checkpointing.save(tmp_path, 2, state, config={"fmt": object()})
 
 
 def test_mismatched_optimizer_is_a_clear_error(tmp_path):
