@@ -284,6 +284,48 @@ def test_config_mismatch_names_every_differing_setting(tmp_path):
     checkpointing.save(tmp_path, 2, state, config={"fmt": object()})
 
 
+def test_every_part_and_alias_state_round_trips(tmp_path):
+  """Each transform's state, after one update, restores bit for bit with
+  its dtypes (counts, bf16 second moments, magnitude bounds, PRNG keys,
+  injected hyperparameters), restored into a fresh ``init``."""
+  params = {"w": jax.random.normal(jax.random.key(0), (4, 3))}
+  codes, _ = madam_optax.lns_encode_tree(params, FMT)
+  grads = {"w": jax.random.normal(jax.random.key(1), (4, 3))}
+  float_parts = {
+      "second_moment_bf16": madam_optax.scale_by_second_moment(
+          state_dtype=jnp.bfloat16),
+      "multiplicative_step": madam_optax.multiplicative_step(_schedule()),
+      "clip_weight_magnitude": madam_optax.clip_weight_magnitude(),
+      "log_quantise": madam_optax.log_quantise(FMT, rounding="stochastic"),
+      "madam": madam_optax.madam(_schedule()),
+      "inject_hyperparams": optax.inject_hyperparams(madam_optax.madam)(
+          learning_rate=0.02),
+  }
+  code_parts = {
+      "lns_level_step": madam_optax.lns_level_step(FMT),
+      "lns_madam_bf16": madam_optax.lns_madam(FMT, state_dtype=jnp.bfloat16),
+  }
+  cases = {n: (t, params) for n, t in float_parts.items()}
+  cases.update({n: (t, codes) for n, t in code_parts.items()})
+  # One compilation for all (each state after one update), one for the
+  # fresh inits: the restore targets.
+  updated = jax.jit(lambda: {n: t.update(grads, t.init(p), p)[1]
+                             for n, (t, p) in cases.items()})()
+  fresh = jax.jit(lambda: {n: t.init(p) for n, (t, p) in cases.items()})()
+  checkpointing.save(tmp_path, 1, {"codes": codes, "opt_states": updated})
+  restored = checkpointing.restore(tmp_path, {"codes": codes,
+                                              "opt_states": fresh})
+  assert jax.tree.structure(restored["opt_states"]) == jax.tree.structure(
+      updated)
+  for name in cases:
+    chex.assert_trees_all_equal(restored["opt_states"][name], updated[name])
+    chex.assert_trees_all_equal_dtypes(restored["opt_states"][name],
+                                       updated[name])
+  assert restored["codes"]["w"].dtype == jnp.int8
+  assert restored["opt_states"]["lns_madam_bf16"][0].rms["w"].dtype == (
+      jnp.bfloat16)
+
+
 def test_mismatched_optimizer_is_a_clear_error(tmp_path):
   params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
   saved = {"params": params, "opt_state": madam_optax.madam().init(params)}
@@ -352,6 +394,30 @@ def test_checkpointer_saves_every_n_and_keeps_the_newest(tmp_path):
     checkpointing.Checkpointer(tmp_path, every=0)
   restored, step = checkpointing.maybe_restore(tmp_path, state)
   assert step == 5 and float(restored["w"][0]) == 5.0
+
+
+def test_checkpoint_bytes_benchmark_measures_int8_codes_on_disk(tmp_path):
+  """``benchmarks/checkpoint_bytes.py`` on a tiny MLP, one optimizer."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  path = (pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+          / "checkpoint_bytes.py")
+  spec = importlib.util.spec_from_file_location("checkpoint_bytes", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  params = bench.init_params((8, 16, 4))
+  row = bench.measure("lns_madam_int8", params, 2, tmp_path,
+                      log=lambda *_: None)
+  assert row["n_params"] == 8 * 16 + 16 + 16 * 4 + 4
+  assert row["kernel_dtype_on_disk"] == "int8"
+  # In memory: int8 kernels (1 B), float32 biases (4 B), float32 second
+  # moments (4 B), scalars; on disk: that plus Orbax's metadata files.
+  assert row["params"]["memory_bytes"] == 8 * 16 + 16 * 4 + 4 * (16 + 4) + 8
+  for part in ("full", "params"):
+    assert row[part]["disk_bytes"] > 0 and row[part]["files"] >= 5
+  size, _, files = bench.folder_bytes(tmp_path / "lns_madam_int8" / "params")
+  assert (size, files) == (row["params"]["disk_bytes"],
+                           row["params"]["files"])
 
 
 if __name__ == "__main__":

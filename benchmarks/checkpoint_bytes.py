@@ -1,0 +1,263 @@
+"""Bytes on disk per parameter of Orbax checkpoints: Madam, LNS-Madam, Adam.
+
+Each optimizer trains the same MLP (LeCun-normal kernels, zero biases, sent
+to Adam by ``madam_optax.with_additive_fallback`` as the recipe says) for a
+few steps on random-normal gradients, so that its state is dense and not the
+zeros of ``init``; then the full training state (parameters, optimizer state,
+LNS scales) is saved with ``madam_examples.checkpointing.save``, and so are
+the parameters alone (what inference needs). The figures are the sizes of
+all files in the step folder (arrays, Orbax metadata and commit markers)
+divided by the number of parameters; the in-memory bytes of the same arrays
+are given alongside. Orbax compresses arrays (zarr with zstd), so the disk
+figures depend on the values: random-looking float32 mantissas barely
+compress, low-entropy integer codes do.
+
+The dtype each parameter kernel has *on disk* is read from the stored zarr
+metadata with TensorStore (not through Orbax): LNS codes stay ``int8``.
+
+Usage::
+
+  python benchmarks/checkpoint_bytes.py            # writes results/
+  python benchmarks/checkpoint_bytes.py --quick    # tiny smoke run
+  python benchmarks/checkpoint_bytes.py --dims 784,256,10 --out -
+
+Reference for Madam: Bernstein et al., arXiv:2006.14560.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import sys
+import tempfile
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import madam_optax
+from madam_examples import checkpointing
+
+FMT = madam_optax.LNSFormat.spanning(127)            # 8-bit codes (int8)
+
+
+def init_params(dims: tuple[int, ...], seed: int = 0) -> dict:
+  """An MLP: LeCun-normal kernels and zero biases, one dict per layer."""
+  params = {}
+  keys = jax.random.split(jax.random.key(seed), len(dims) - 1)
+  for i, (a, b, k) in enumerate(zip(dims[:-1], dims[1:], keys)):
+    params[f"dense{i}"] = {"kernel": jax.random.normal(k, (a, b)) / np.sqrt(a),
+                           "bias": jnp.zeros(b)}
+  return params
+
+
+def configs() -> dict[str, dict[str, Any]]:
+  """name -> (is_lns, multiplicative optimizer factory, description)."""
+  adam = lambda: optax.adam(1e-3)
+  return {
+      "madam": dict(lns=False, tx=lambda: madam_optax.madam(0.01),
+                    what="madam, float32 weights and second moment"),
+      "madam_bf16": dict(
+          lns=False,
+          tx=lambda: madam_optax.madam(0.01, state_dtype=jnp.bfloat16),
+          what="madam, float32 weights, bfloat16 second moment"),
+      "lns_madam_int8": dict(
+          lns=True, tx=lambda: madam_optax.lns_madam(FMT, 0.01),
+          what="lns_madam, int8 codes, float32 second moment"),
+      "lns_madam_int8_bf16": dict(
+          lns=True,
+          tx=lambda: madam_optax.lns_madam(FMT, 0.01,
+                                           state_dtype=jnp.bfloat16),
+          what="lns_madam, int8 codes, bfloat16 second moment"),
+      "adam": dict(lns=False, tx=adam,
+                   what="optax.adam, float32 weights, mu and nu"),
+  }
+
+
+def train_state(name: str, params: dict, steps: int, seed: int = 1) -> dict:
+  """The state after ``steps`` updates on random-normal gradients."""
+  cfg = configs()[name]
+  if cfg["lns"]:
+    weights, scales = madam_optax.lns_encode_tree(params, FMT)
+    state = {"params": weights, "scales": scales}
+  else:
+    weights = params
+    state = {"params": weights}
+  if name == "adam":
+    tx = cfg["tx"]()
+  else:
+    tx = madam_optax.with_additive_fallback(weights, cfg["tx"](),
+                                            optax.adam(1e-3))
+  opt_state = tx.init(weights)
+
+  @jax.jit
+  def step(weights, opt_state, key):
+    leaves, treedef = jax.tree.flatten(weights)
+    keys = jax.random.split(key, len(leaves))
+    grads = treedef.unflatten([jax.random.normal(k, jnp.shape(w))
+                               for k, w in zip(keys, leaves)])
+    updates, opt_state = tx.update(grads, opt_state, weights)
+    return optax.apply_updates(weights, updates), opt_state
+
+  key = jax.random.key(seed)
+  for _ in range(steps):
+    key, sub = jax.random.split(key)
+    weights, opt_state = step(weights, opt_state, sub)
+  state["params"] = weights
+  state["opt_state"] = opt_state
+  return state
+
+
+def folder_bytes(folder: pathlib.Path) -> tuple[int, int, int]:
+  """(sum of file sizes, allocated bytes, number of files) under ``folder``."""
+  size = blocks = files = 0
+  for root, _, names in os.walk(folder):
+    for n in names:
+      st = os.stat(os.path.join(root, n))
+      size += st.st_size
+      blocks += st.st_blocks * 512
+      files += 1
+  return size, blocks, files
+
+
+def stored_dtype(step_folder: pathlib.Path, leaf: str) -> str:
+  """The dtype of ``leaf`` in the stored zarr metadata, read with TensorStore."""
+  import tensorstore as ts  # pylint: disable=import-outside-toplevel
+  spec = {"driver": "zarr", "kvstore": {
+      "driver": "ocdbt", "base": "file://" + str(step_folder / "default"),
+      "path": leaf}}
+  return str(ts.open(spec).result().dtype.numpy_dtype)
+
+
+def array_bytes(tree: Any) -> int:
+  return sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(tree))
+
+
+def measure(name: str, params: dict, steps: int, workdir: pathlib.Path,
+            log: Callable = print) -> dict:
+  state = train_state(name, params, steps)
+  n = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+  row = dict(optimizer=name, what=configs()[name]["what"], n_params=n)
+  for part, tree in (("full", state),
+                     ("params", {k: v for k, v in state.items()
+                                 if k in ("params", "scales")})):
+    folder = workdir / name / part
+    step_folder = pathlib.Path(checkpointing.save(folder, steps, tree))
+    size, alloc, files = folder_bytes(step_folder)
+    row[part] = dict(
+        memory_bytes=array_bytes(tree), disk_bytes=size, allocated_bytes=alloc,
+        files=files, memory_bytes_per_param=array_bytes(tree) / n,
+        disk_bytes_per_param=size / n, allocated_bytes_per_param=alloc / n)
+  row["kernel_dtype_on_disk"] = stored_dtype(
+      workdir / name / "full" / str(steps), "params.dense0.kernel")
+  log(f"{name:22s} full {row['full']['disk_bytes_per_param']:.3f} B/param "
+      f"on disk ({row['full']['memory_bytes_per_param']:.3f} in memory), "
+      f"params only {row['params']['disk_bytes_per_param']:.3f}, kernel "
+      f"stored as {row['kernel_dtype_on_disk']}")
+  return row
+
+
+def machine_info() -> dict:
+  cpu = platform.processor() or "unknown"
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  import flax  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  return dict(
+      date=datetime.datetime.now(datetime.timezone.utc).strftime(
+          "%Y-%m-%d %H:%M UTC"),
+      cpu=cpu, cores=os.cpu_count(), python=platform.python_version(),
+      jax=jax.__version__, optax=optax.__version__, flax=flax.__version__,
+      orbax_checkpoint=getattr(ocp, "__version__", "unknown"),
+      madam_optax=madam_optax.__version__, backend=jax.default_backend())
+
+
+def markdown(results: dict) -> str:
+  m = results["machine"]
+  lines = [
+      "# Checkpoint bytes on disk per parameter",
+      "",
+      f"Command: `{results['command']}`",
+      "",
+      f"Machine: {m['cpu']}, {m['cores']} cores; Python {m['python']}, "
+      f"jax {m['jax']}, optax {m['optax']}, flax {m['flax']}, "
+      f"orbax-checkpoint {m['orbax_checkpoint']}, madam-optax "
+      f"{m['madam_optax']}; {m['date']}.",
+      "",
+      f"MLP {results['dims']} ({results['n_params']:,} parameters), state "
+      f"after {results['steps']} steps on random-normal gradients (biases: "
+      "Adam, by `with_additive_fallback`). Bytes per parameter: all files of "
+      "the checkpoint's step folder (arrays compressed by Orbax, metadata, "
+      "commit markers) / number of parameters; in memory: the arrays' bytes. "
+      "Kernel on disk: dtype in the stored zarr metadata.",
+      "",
+      "| optimizer | what is stored | full state: disk | full state: memory "
+      "| params only: disk | params only: memory | kernel on disk |",
+      "|---|---|---:|---:|---:|---:|---|",
+  ]
+  for r in results["rows"]:
+    lines.append(
+        f"| {r['optimizer']} | {r['what']} | "
+        f"{r['full']['disk_bytes_per_param']:.3f} | "
+        f"{r['full']['memory_bytes_per_param']:.3f} | "
+        f"{r['params']['disk_bytes_per_param']:.3f} | "
+        f"{r['params']['memory_bytes_per_param']:.3f} | "
+        f"{r['kernel_dtype_on_disk']} |")
+  lines.append("")
+  return "\n".join(lines)
+
+
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--dims", default="784,1024,1024,10",
+                  help="MLP layer widths, comma-separated")
+  ap.add_argument("--steps", type=int, default=10,
+                  help="training steps before saving")
+  ap.add_argument("--quick", action="store_true",
+                  help="tiny MLP (smoke test)")
+  ap.add_argument("--out", default=None,
+                  help="directory for checkpoint_bytes.md/.json (default: "
+                  "benchmarks/results; '-' writes nothing)")
+  return ap.parse_args(argv)
+
+
+def main(argv=None, log=print) -> dict:
+  args = parse_args(argv)
+  dims = (32, 64, 10) if args.quick else tuple(
+      int(d) for d in args.dims.split(","))
+  params = init_params(dims)
+  results = dict(
+      machine=machine_info(), dims=list(dims), steps=args.steps,
+      n_params=sum(int(np.size(x)) for x in jax.tree.leaves(params)),
+      command=" ".join(["python benchmarks/checkpoint_bytes.py"] + list(
+          argv if argv is not None else sys.argv[1:])),
+      rows=[])
+  with tempfile.TemporaryDirectory() as tmp:
+    for name in configs():
+      results["rows"].append(
+          measure(name, params, args.steps, pathlib.Path(tmp), log))
+  if args.out != "-":
+    out = pathlib.Path(args.out) if args.out else (
+        pathlib.Path(__file__).resolve().parent / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "checkpoint_bytes_quick" if args.quick else "checkpoint_bytes"
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(markdown(results))
+    log(f"wrote {out / stem}.md and .json")
+  return results
+
+
+if __name__ == "__main__":
+  main()
