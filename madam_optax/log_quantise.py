@@ -19,8 +19,12 @@ class LogQuantiseState(NamedTuple):
   """State of :func:`log_quantise`.
 
   Attributes:
-    scale: one float32 scalar per parameter tensor, the grid's largest
-      magnitude :math:`w_{max}`, fixed at ``init``.
+    scale: a tuple with one float32 scalar per parameter tensor, in
+      ``jax.tree.leaves(params)`` order: the grid's largest magnitude
+      :math:`w_{max}`, fixed at ``init``. A flat tuple rather than a tree
+      shaped like ``params``, so that wrappers which attach per-tensor
+      metadata to the parameter tree (Flax NNX's sharding annotations on
+      ``nnx.Param``) do not give a scalar its tensor's sharding.
     key: the PRNG key for stochastic rounding (carried, unused, by ``nearest``).
   """
   scale: Any
@@ -52,6 +56,10 @@ def leaf_keys(key: jax.Array, tree: Any) -> tuple[jax.Array, Any]:
   leaves, treedef = jax.tree.flatten(tree)
   keys = jax.random.split(key, len(leaves) + 1)
   return keys[0], treedef.unflatten(list(keys[1:]))
+
+
+def _is_masked(x) -> bool:
+  return isinstance(x, optax.MaskedNode)
 
 
 def project_to_grid(x: jax.Array, scale, fmt: lns_format.LNSFormat,
@@ -130,12 +138,14 @@ def log_quantise(
 
   def init_fn(params):
     _checks.check_float_leaves(params, "log_quantise")
-    if max_magnitude is None:
-      scales = jax.tree.map(lambda p: lns_format.lns_scale(p, p_scale), params)
-    else:
-      scales = jax.tree.map(
-          lambda _: jnp.asarray(max_magnitude, jnp.float32), params)
-    for path, s in jax.tree_util.tree_flatten_with_path(scales)[0]:
+    scales = []
+    for path, p in jax.tree_util.tree_flatten_with_path(
+        params, is_leaf=_is_masked)[0]:
+      if _is_masked(p):
+        scales.append(p)
+        continue
+      s = (lns_format.lns_scale(p, p_scale) if max_magnitude is None
+           else jnp.asarray(max_magnitude, jnp.float32))
       v = _checks.concrete_value(s)
       if v is not None and (not math.isfinite(v) or v <= 0):
         raise ValueError(
@@ -143,19 +153,32 @@ def log_quantise(
             f"scale {v} (an all-zero tensor?); it would stay zero forever. "
             "Exclude it with `optax.masked` or train it additively "
             "(`madam_optax.with_additive_fallback`).")
-    return LogQuantiseState(scale=scales, key=jax.random.PRNGKey(seed))
+      scales.append(s)
+    return LogQuantiseState(scale=tuple(scales), key=jax.random.PRNGKey(seed))
 
   def update_fn(updates, state, params=None):
     _checks.require_params(params, "log_quantise")
     _checks.check_same_structure(updates, params, "log_quantise")
     _checks.check_float_leaves(params, "log_quantise")
-    key, keys = leaf_keys(state.key, params)
+    params_leaves, treedef = jax.tree.flatten(params, is_leaf=_is_masked)
+    scales = tuple(state.scale)
+    if len(scales) != len(params_leaves):
+      raise ValueError(
+          f"log_quantise: the state holds {len(scales)} scales but params "
+          f"have {len(params_leaves)} tensors. Initialise the state with "
+          "`tx.init(params)` on the same parameter tree.")
+    keys = jax.random.split(state.key, len(scales) + 1)
+    key, keys = keys[0], keys[1:]
 
     def leaf(u, w, scale, k):
+      if _is_masked(u):
+        return u
       x = w + u.astype(w.dtype)
       return project_to_grid(x, scale, fmt, rounding, k) - w
 
-    new_updates = jax.tree.map(leaf, updates, params, state.scale, keys)
-    return new_updates, LogQuantiseState(scale=state.scale, key=key)
+    new_updates = [leaf(u, w, s, k) for u, w, s, k in zip(
+        treedef.flatten_up_to(updates), params_leaves, scales, keys)]
+    return treedef.unflatten(new_updates), LogQuantiseState(
+        scale=state.scale, key=key)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -228,3 +228,66 @@ def test_errors():
   with pytest.raises(ValueError, match="params"):
     codes = {"w": jnp.ones(3, jnp.int8)}
     tx.update({"w": jnp.ones(3)}, tx.init(codes))
+
+
+def test_flax_nnx_sharded_params(eight_devices):
+  # NNX copies a Param's sharding annotation onto optimizer-state leaves shaped
+  # like it; per-tensor scalars must therefore not sit in a params-shaped tree.
+  # Kernels sharded over a (2, 4) mesh: lns_madam keeps them int8 and sharded,
+  # and log_quantise (its scales are a flat tuple) initialises and steps.
+  nnx = pytest.importorskip("flax.nnx")
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((2, 4), ("data", "fsdp"), devices=eight_devices,
+                       axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  init = nnx.with_partitioning(nnx.initializers.lecun_normal(),
+                               ("data", "fsdp"))
+
+  class MLP(nnx.Module):
+
+    def __init__(self, rngs):
+      self.l1 = nnx.Linear(8, 16, kernel_init=init, rngs=rngs)
+      self.l2 = nnx.Linear(16, 8, kernel_init=init, rngs=rngs)
+
+    def __call__(self, x):
+      h = jax.sharding.reshard(nnx.relu(self.l1(x)), P())
+      return self.l2(h)
+
+  fmt = LNSFormat.spanning(127)
+  x = jax.random.normal(jax.random.key(1), (16, 8))
+  with jax.set_mesh(mesh):
+    # Float params on the grid: madam, then log_quantise, biases additive.
+    model = MLP(nnx.Rngs(0))
+    tx = madam_optax.with_additive_fallback(
+        nnx.state(model, nnx.Param),
+        optax.chain(madam_optax.madam(), madam_optax.log_quantise(fmt)),
+        optax.adam(1e-2))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+    optimizer.update(model, grads)
+    assert model.l1.kernel[...].sharding.spec == P("data", "fsdp")
+
+    # Integer codes: lns_madam through nnx.Optimizer.
+    model = MLP(nnx.Rngs(0))
+    codes, scales = madam_optax.lns_encode_tree(nnx.state(model, nnx.Param),
+                                                fmt)
+    nnx.update(model, codes)
+    tx = madam_optax.with_additive_fallback(
+        nnx.state(model, nnx.Param), madam_optax.lns_madam(fmt),
+        optax.adam(1e-2))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer, scales):
+      graphdef, codes, rest = nnx.split(model, nnx.Param, ...)
+      loss = lambda w: jnp.sum(nnx.merge(graphdef, w, rest)(x) ** 2)
+      value, grads = madam_optax.lns_value_and_grad(loss, scales, fmt)(codes)
+      optimizer.update(model, grads)
+      return value
+
+    first = np.asarray(model.l1.kernel[...])
+    losses = [float(train_step(model, optimizer, scales)) for _ in range(5)]
+    kernel = model.l1.kernel[...]
+    assert kernel.dtype == jnp.int8
+    assert kernel.sharding.spec == P("data", "fsdp")
+    assert np.any(np.asarray(kernel) != first)
+    assert losses[-1] < losses[0]
