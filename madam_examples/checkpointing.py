@@ -408,6 +408,15 @@ def maybe_restore(checkpoint_dir: str | os.PathLike | None, target: Any, *,
   """
   step = latest_step(checkpoint_dir) if checkpoint_dir is not None else None
   if step is None:
+    abstract = [jax.tree_util.keystr(path) for path, x in
+                jax.tree_util.tree_flatten_with_path(target)[0]
+                if isinstance(x, jax.ShapeDtypeStruct)]
+    if abstract:
+      raise ValueError(
+          f"no complete checkpoint in {checkpoint_dir} to fill the abstract "
+          f"target (leaf {abstract[0]} is a jax.ShapeDtypeStruct); pass a "
+          "freshly initialised state to start from step 0 when there is no "
+          "checkpoint.")
     if verbose and checkpoint_dir is not None:
       print(f"No checkpoint in {os.fspath(checkpoint_dir)}, "
             "starting from step 0")

@@ -236,6 +236,10 @@ def test_no_checkpoint_starts_from_step_zero(tmp_path, capsys):
   assert checkpointing.latest_step(tmp_path / "empty") is None
   assert (f"No checkpoint in {tmp_path / 'empty'}, starting from step 0"
           in capsys.readouterr().out)
+  with pytest.raises(ValueError, match=r"no complete checkpoint .*\(leaf "
+                     r"\['w'\] is a jax.ShapeDtypeStruct"):
+    checkpointing.maybe_restore(tmp_path / "empty",
+                                checkpointing.abstract_state(state))
 
 
 def test_partial_folder_is_ignored(tmp_path):
