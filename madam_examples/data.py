@@ -1,0 +1,217 @@
+"""Offline data for the examples: nothing here touches the network.
+
+* Images: scikit-learn's bundled handwritten digits (1797 greyscale 8x8
+  images, 10 classes), or a user's own CIFAR-10 directory in the standard
+  python-pickle format (``data_batch_1`` ... ``data_batch_5``, ``test_batch``).
+* Text: a character-level corpus made of the docstrings of a fixed list of
+  Python standard-library modules (real English prose that ships with every
+  Python), or a user's own text files.
+
+Every loader is deterministic: the same call returns the same arrays.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import pickle
+import warnings
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+# The printable ASCII range plus newline: the char-level LM's vocabulary.
+# Anything else maps to UNKNOWN_CHAR.
+VOCAB = "\n" + "".join(chr(c) for c in range(32, 127))
+UNKNOWN_CHAR = "?"
+
+# Standard-library modules whose docstrings make the built-in corpus. Fixed and
+# sorted so the corpus is the same on every run of a given Python version.
+STDLIB_CORPUS_MODULES = (
+    "argparse", "ast", "asyncio", "base64", "bisect", "calendar", "collections",
+    "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal",
+    "difflib", "email", "enum", "fractions", "ftplib", "functools", "getopt",
+    "gettext", "glob", "gzip", "heapq", "hmac", "html", "http.client",
+    "imaplib", "inspect", "ipaddress", "json", "locale", "logging", "mailbox",
+    "math", "mimetypes", "numbers", "operator", "optparse", "os", "pathlib",
+    "pickle", "pprint", "pydoc", "queue", "random", "re", "sched", "shlex",
+    "shutil", "smtplib", "socket", "statistics", "string", "subprocess",
+    "tarfile", "tempfile", "textwrap", "threading", "timeit", "tokenize",
+    "trace", "traceback", "typing", "unittest", "urllib.parse",
+    "uuid", "warnings", "weakref", "zipfile",
+)
+
+
+class ImageData(NamedTuple):
+  """Train/test images (N, H, W, C) float32 in [0, 1] and int32 labels."""
+  x_train: np.ndarray
+  y_train: np.ndarray
+  x_test: np.ndarray
+  y_test: np.ndarray
+  num_classes: int
+
+
+class TextData(NamedTuple):
+  """Train/validation token ids (int32) over ``vocab``."""
+  train: np.ndarray
+  valid: np.ndarray
+  vocab: str
+
+
+def load_digits(test_fraction: float = 0.2, seed: int = 0) -> ImageData:
+  """scikit-learn's bundled 8x8 digits, shuffled once and split train/test.
+
+  Args:
+    test_fraction: the share of the 1797 images held out for testing.
+    seed: the seed of the one fixed shuffle.
+
+  Returns:
+    ``ImageData`` with images of shape (N, 8, 8, 1) in [0, 1].
+  """
+  from sklearn import datasets  # pylint: disable=import-outside-toplevel
+  digits = datasets.load_digits()
+  x = (digits.images / 16.0).astype(np.float32)[..., None]
+  y = digits.target.astype(np.int32)
+  order = np.random.default_rng(seed).permutation(len(y))
+  n_test = int(round(test_fraction * len(y)))
+  test, train = order[:n_test], order[n_test:]
+  return ImageData(x[train], y[train], x[test], y[test], 10)
+
+
+def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
+  with open(path, "rb") as f:
+    batch = pickle.load(f, encoding="bytes")
+  data = batch.get(b"data", batch.get("data"))
+  labels = batch.get(b"labels", batch.get("labels"))
+  if data is None or labels is None:
+    raise ValueError(
+        f"{path} is not a CIFAR-10 python batch: it needs the keys "
+        "b'data' (N x 3072 uint8) and b'labels'. Download the "
+        "'CIFAR-10 python version' and pass its cifar-10-batches-py folder.")
+  data = np.asarray(data, dtype=np.uint8)
+  if data.ndim != 2 or data.shape[1] != 3072:
+    raise ValueError(
+        f"{path}: b'data' has shape {data.shape}; CIFAR-10 batches hold rows "
+        "of 3072 bytes (3 x 32 x 32, channel-major).")
+  images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+  return images.astype(np.float32) / 255.0, np.asarray(labels, np.int32)
+
+
+def load_cifar10(directory: str | os.PathLike) -> ImageData:
+  """A user's CIFAR-10 in the standard python-pickle format.
+
+  Args:
+    directory: the ``cifar-10-batches-py`` folder, holding ``data_batch_1``
+      ... ``data_batch_5`` (any that exist are used) and ``test_batch``.
+
+  Returns:
+    ``ImageData`` with images of shape (N, 32, 32, 3) in [0, 1].
+  """
+  directory = os.fspath(directory)
+  names = sorted(n for n in os.listdir(directory) if n.startswith("data_batch"))
+  if not names or not os.path.exists(os.path.join(directory, "test_batch")):
+    raise ValueError(
+        f"{directory!r} holds no CIFAR-10 batches: expected data_batch_1 ... "
+        "data_batch_5 and test_batch (the python-pickle version).")
+  parts = [_read_cifar_batch(os.path.join(directory, n)) for n in names]
+  x_train = np.concatenate([p[0] for p in parts])
+  y_train = np.concatenate([p[1] for p in parts])
+  x_test, y_test = _read_cifar_batch(os.path.join(directory, "test_batch"))
+  return ImageData(x_train, y_train, x_test, y_test, 10)
+
+
+def encode_text(text: str, vocab: str = VOCAB) -> np.ndarray:
+  """Maps characters to ids in ``vocab``; unknown characters become '?'."""
+  table = np.full(0x110000, vocab.index(UNKNOWN_CHAR), dtype=np.int32)
+  for i, ch in enumerate(vocab):
+    table[ord(ch)] = i
+  codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+  return table[codes]
+
+
+def decode_text(ids: Sequence[int], vocab: str = VOCAB) -> str:
+  """The inverse of :func:`encode_text` (up to unknown characters)."""
+  return "".join(vocab[int(i)] for i in ids)
+
+
+def stdlib_docstring_corpus(max_chars: int | None = None) -> str:
+  """English prose from the docstrings of ``STDLIB_CORPUS_MODULES``.
+
+  For each module (in order): the module docstring, then the docstrings of its
+  public classes and functions and their public methods, in sorted name order.
+  Modules that fail to import on this platform are skipped.
+  """
+  pieces: list[str] = []
+  seen: set[str] = set()
+
+  def add(obj):
+    doc = inspect.getdoc(obj)
+    if doc and doc not in seen and len(doc) > 40:
+      seen.add(doc)
+      pieces.append(doc.strip() + "\n\n")
+
+  with warnings.catch_warnings():   # deprecated aliases (typing.io) warn
+    warnings.simplefilter("ignore")
+    for name in STDLIB_CORPUS_MODULES:
+      try:
+        module = importlib.import_module(name)
+      except Exception:  # pylint: disable=broad-except
+        continue
+      add(module)
+      for attr in sorted(vars(module)):
+        if attr.startswith("_"):
+          continue
+        obj = vars(module)[attr]
+        if getattr(obj, "__module__", None) != module.__name__:
+          continue
+        if inspect.isclass(obj) or inspect.isfunction(obj):
+          add(obj)
+        if inspect.isclass(obj):
+          for member in sorted(vars(obj)):
+            if not member.startswith("_") and inspect.isfunction(vars(obj)[member]):
+              add(vars(obj)[member])
+  text = "".join(pieces)
+  return text[:max_chars] if max_chars else text
+
+
+def _split_text(text: str, valid_fraction: float) -> TextData:
+  ids = encode_text(text)
+  n_valid = max(int(len(ids) * valid_fraction), 1)
+  return TextData(ids[:-n_valid], ids[-n_valid:], VOCAB)
+
+
+def load_stdlib_text(max_chars: int | None = 400_000,
+                     valid_fraction: float = 0.1) -> TextData:
+  """The built-in corpus, encoded; the last ``valid_fraction`` is held out."""
+  return _split_text(stdlib_docstring_corpus(max_chars), valid_fraction)
+
+
+def load_text_files(paths: str | os.PathLike | Sequence[str | os.PathLike],
+                    valid_fraction: float = 0.1) -> TextData:
+  """A user's own text: one file, a folder of ``.txt`` files, or a list.
+
+  Files are read as UTF-8 (undecodable bytes replaced) and concatenated in
+  sorted order; the last ``valid_fraction`` of the characters is held out.
+  """
+  if isinstance(paths, (str, os.PathLike)):
+    path = os.fspath(paths)
+    if os.path.isdir(path):
+      files = sorted(os.path.join(path, n) for n in os.listdir(path)
+                     if n.endswith(".txt"))
+    else:
+      files = [path]
+  else:
+    files = [os.fspath(p) for p in paths]
+  if not files:
+    raise ValueError(f"no .txt files found in {paths!r}.")
+  texts = []
+  for f in files:
+    with open(f, encoding="utf-8", errors="replace") as fh:
+      texts.append(fh.read())
+  text = "\n".join(texts)
+  if len(text) < 100:
+    raise ValueError(
+        f"the text in {files} has {len(text)} characters; the language model "
+        "needs at least 100 (and many thousands to learn anything).")
+  return _split_text(text, valid_fraction)
