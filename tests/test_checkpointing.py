@@ -438,5 +438,37 @@ def test_checkpoint_bytes_benchmark_measures_int8_codes_on_disk(tmp_path):
                            row["params"]["files"])
 
 
+@pytest.mark.slow
+def test_demo_cli_resumes_from_its_checkpoint(tmp_path, capsys):
+  """``madam-demo --checkpoint-dir``: a run cut short after its step-10
+  checkpoint (the step-20 one removed) resumes from step 10, says so, and
+  ends with the same numbers as the uninterrupted run."""
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  from madam_examples import demo  # pylint: disable=g-import-not-at-top
+  ckpt = tmp_path / "ckpt"
+  argv = ["--quick", "--task", "mlp", "--optimizer", "madam", "--steps", "20",
+          "--checkpoint-dir", str(ckpt), "--checkpoint-every", "10"]
+  assert demo.main(argv + ["--out", str(tmp_path / "first")]) == 0
+  first_out = capsys.readouterr().out
+  assert "no checkpoint in" in first_out
+  (run_dir,) = [p for p in ckpt.iterdir() if p.is_dir()]
+  assert checkpointing.all_steps(run_dir) == [10, 20]
+  shutil.rmtree(run_dir / "20")             # preempted after step 10's save
+  assert checkpointing.latest_step(run_dir) == 10
+
+  assert demo.main(argv + ["--out", str(tmp_path / "resumed")]) == 0
+  out = capsys.readouterr().out
+  assert re.search(r"resumed from checkpoint step 10 of 20 in \S*" +
+                   re.escape(run_dir.name), out), out
+  first, resumed = (json.loads((tmp_path / d / "mlp.json").read_text())
+                    for d in ("first", "resumed"))
+  assert resumed["history"] == first["history"]      # exact, every metric
+  for got, want in zip(resumed["results"], first["results"]):
+    for key in ("final", "best", "train_loss"):
+      assert got[key] == want[key], key
+  assert checkpointing.all_steps(run_dir) == [10, 20]
+
+
 if __name__ == "__main__":
   worker(sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
