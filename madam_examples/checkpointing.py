@@ -166,6 +166,14 @@ def all_steps(directory: str | os.PathLike) -> list[int]:
 
   Folders of saves cut short (Orbax's ``*.orbax-checkpoint-tmp-*``, or
   without their commit marker) are not steps.
+
+  Example:
+    >>> import os, tempfile, jax.numpy as jnp
+    >>> d = tempfile.mkdtemp()
+    >>> _ = save(d, 10, {'w': jnp.ones(3)})
+    >>> os.mkdir(os.path.join(d, '20.orbax-checkpoint-tmp-1700000000'))
+    >>> all_steps(d), latest_step(d)          # the cut-short save is no step
+    ([10], 10)
   """
   if not _exists(directory):
     return []
@@ -177,7 +185,13 @@ def all_steps(directory: str | os.PathLike) -> list[int]:
 
 
 def latest_step(directory: str | os.PathLike) -> int | None:
-  """The newest complete checkpoint step in ``directory``, or ``None``."""
+  """The newest complete checkpoint step in ``directory``, or ``None``.
+
+  Example:
+    >>> import tempfile
+    >>> latest_step(tempfile.mkdtemp()) is None
+    True
+  """
   steps = all_steps(directory)
   return steps[-1] if steps else None
 
@@ -204,6 +218,17 @@ def save(directory: str | os.PathLike, step: int, state: Any, *,
 
   Raises:
     ValueError: when ``step`` is already saved in ``directory``.
+
+  Example:
+    >>> import tempfile, jax, jax.numpy as jnp, madam_optax
+    >>> params = {'w': jnp.array([0.5, -2.0])}
+    >>> tx = madam_optax.madam()
+    >>> state = {'params': params, 'opt_state': tx.init(params)}
+    >>> d = tempfile.mkdtemp()
+    >>> _ = save(d, 1, state, config={'optimizer': 'madam'})
+    >>> restored = restore(d, state, config={'optimizer': 'madam'})
+    >>> restored['params']['w']
+    Array([ 0.5, -2. ], dtype=float32)
   """
   manager = _manager(directory, max_to_keep=max_to_keep)
   try:
@@ -272,6 +297,14 @@ def check_compatible(saved_tree: Any, target: Any, where: str) -> None:
       ``dtype``).
     target: the restore target (arrays, ``jax.ShapeDtypeStruct``s, scalars).
     where: the checkpoint's description for the message.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> check_compatible({'w': jnp.zeros((4, 3))}, {'w': jnp.zeros((4, 5))},
+    ...                  'checkpoint 7')
+    Traceback (most recent call last):
+    ...
+    ValueError: checkpoint 7 does not match the target state at 'w': the checkpoint holds float32[4, 3], the target expects float32[4, 5]. ...
   """
   saved = _flat(saved_tree)
   wanted = _flat(jax.tree.map(_abstract_leaf, target))
@@ -311,6 +344,13 @@ def check_config(saved: dict[str, Any] | None, wanted: dict[str, Any],
       which is not checked).
     wanted: the config of the run that restores.
     where: the checkpoint's description for the message.
+
+  Example:
+    >>> check_config({'lr': 0.01, 'levels': 127}, {'lr': 0.01, 'levels': 100},
+    ...              'checkpoint 7')
+    Traceback (most recent call last):
+    ...
+    ValueError: checkpoint 7 was written with another configuration (levels: checkpoint 127, this run 100). ...
   """
   if saved is None:
     return
@@ -405,6 +445,17 @@ def maybe_restore(checkpoint_dir: str | os.PathLike | None, target: Any, *,
 
   Returns:
     ``(state, step)``: the restored state and its step, or ``(target, 0)``.
+
+  Example:
+    >>> import tempfile, jax.numpy as jnp
+    >>> d = tempfile.mkdtemp()
+    >>> state, step = maybe_restore(d, {'w': jnp.zeros(2)}, verbose=False)
+    >>> step
+    0
+    >>> _ = save(d, 5, {'w': jnp.ones(2)})
+    >>> state, step = maybe_restore(d, {'w': jnp.zeros(2)}, verbose=False)
+    >>> step, state['w']
+    (5, Array([1., 1.], dtype=float32))
   """
   step = latest_step(checkpoint_dir) if checkpoint_dir is not None else None
   if step is None:
@@ -446,13 +497,16 @@ class Checkpointer:
     config: optional JSON-able dict of model and optimizer settings, saved
       with every step and checked by :meth:`restore` (see :func:`save`).
 
-  Example::
-
-    with Checkpointer(checkpoint_dir, every=100) as ckpt:
-      for step in range(start, steps):
-        state = train_step(state)
-        ckpt.maybe_save(step + 1, state)
-      ckpt.maybe_save(steps, state, force=True)
+  Example:
+    >>> import tempfile, jax.numpy as jnp
+    >>> d, state = tempfile.mkdtemp(), {'w': jnp.zeros(2)}
+    >>> with Checkpointer(d, every=2) as ckpt:
+    ...   for step in range(5):
+    ...     state = {'w': state['w'] + 1}
+    ...     _ = ckpt.maybe_save(step + 1, state)
+    ...   _ = ckpt.maybe_save(5, state, force=True)
+    >>> all_steps(d)
+    [2, 4, 5]
   """
 
   def __init__(self, directory: str | os.PathLike, every: int = DEFAULT_EVERY,
@@ -494,7 +548,16 @@ class Checkpointer:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  """Adds ``--checkpoint-dir`` and ``--checkpoint-every`` to a CLI parser."""
+  """Adds ``--checkpoint-dir`` and ``--checkpoint-every`` to a CLI parser.
+
+  Example:
+    >>> import argparse
+    >>> parser = argparse.ArgumentParser()
+    >>> add_arguments(parser)
+    >>> args = parser.parse_args(['--checkpoint-dir', 'ckpt'])
+    >>> args.checkpoint_dir, args.checkpoint_every
+    ('ckpt', 100)
+  """
   group = parser.add_argument_group("checkpointing (Orbax)")
   group.add_argument(
       "--checkpoint-dir", default=None,

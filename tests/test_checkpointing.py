@@ -238,6 +238,15 @@ def test_sharded_madam_and_lns_resume_on_eight_devices(tmp_path, eight_devices):
 # ---------------------------------------------------------------- in process
 
 
+def test_docstring_examples(tmp_path, monkeypatch):
+  import doctest  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # their folders
+  result = doctest.testmod(
+      checkpointing, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+  assert result.attempted >= 10 and result.failed == 0
+
+
 def test_no_checkpoint_starts_from_step_zero(tmp_path, capsys):
   state = {"w": jnp.ones(3)}
   got, step = checkpointing.maybe_restore(tmp_path / "empty", state)
