@@ -35,6 +35,9 @@ KERNEL_NAME = "madam-optax-test"
 CELL_TIMEOUT_S = 600
 EXPECTED = (
     "01_quickstart.ipynb",
+    "02_learning_rate_robustness.ipynb",
+    "03_lns_compressed_training.ipynb",
+    "04_sharded_training.ipynb",
 )
 
 
