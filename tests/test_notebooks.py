@@ -50,6 +50,14 @@ def test_notebooks_exist():
   assert not missing, f"notebooks missing from notebooks/: {missing}"
 
 
+def test_readme_links_every_notebook_with_a_colab_badge():
+  readme = (NOTEBOOK_DIR.parent / "README.md").read_text()
+  colab = ("https://colab.research.google.com/github/madam-optax/madam-optax/"
+           "blob/main/notebooks/")
+  for name in EXPECTED:
+    assert f"({colab}{name})" in readme, f"README: no Open in Colab badge for {name}"
+
+
 @pytest.fixture(scope="module")
 def kernel_dir(tmp_path_factory):
   """A kernelspec that launches ``ipykernel`` with this very interpreter."""
