@@ -54,9 +54,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       help="training steps (default: the task's)")
   parser.add_argument("--seed", type=int, default=0, help="random seed")
   parser.add_argument(
-      "--schedule", default="cosine", choices=("cosine", "constant"),
-      help="learning-rate schedule for every optimizer: cosine decay from "
-           "--lr to 0 over the run, or constant")
+      "--schedule", default="constant", choices=("constant", "cosine"),
+      help="learning-rate schedule for every optimizer: constant (each "
+           "optimizer exactly at its defaults), or cosine decay from the "
+           "learning rate to 0 over the run (as in the lr study)")
   parser.add_argument("--out", default="madam-demo-output",
                       help="output folder for the plot and the numbers")
   parser.add_argument(

@@ -1,0 +1,63 @@
+"""``madam-demo`` end to end (quick mode), its plot, and checkpoint resume."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from madam_examples import demo
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_demo_prints_table_and_writes_plot(tmp_path, capsys):
+  assert demo.main(["--out", str(tmp_path), "--quick"]) == 0
+  text = capsys.readouterr().out
+  assert "madam" in text and "adam" in text and "final accuracy" in text
+  assert (tmp_path / "mlp.png").read_bytes()[:8] == PNG_MAGIC
+  saved = json.loads((tmp_path / "mlp.json").read_text())
+  assert [r["optimizer"] for r in saved["results"]] == ["madam", "adam"]
+  assert [r["lr"] for r in saved["results"]] == [0.01, 0.001]
+  for r in saved["results"]:
+    assert 0 <= r["final"] <= 100 and r["resumed_from"] == 0
+
+
+@pytest.mark.slow
+def test_demo_resumes_bit_for_bit_from_the_latest_checkpoint(tmp_path, capsys):
+  ckpt = tmp_path / "ckpt"
+  args = ["--optimizer", "madam", "--steps", "20", "--checkpoint-every", "10",
+          "--checkpoint-dir", str(ckpt)]
+  demo.main(args + ["--out", str(tmp_path / "a")])
+  run = ckpt / demo.run_name("mlp", "madam", 0.01, 0)
+  assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["10", "20"]
+  # A run cut off after step 10: only the step-10 checkpoint is complete.
+  shutil.rmtree(run / "20")
+  capsys.readouterr()
+  demo.main(args + ["--out", str(tmp_path / "b")])
+  assert "resumed from checkpoint step 10 of 20" in capsys.readouterr().out
+  a = json.loads((tmp_path / "a" / "mlp.json").read_text())
+  b = json.loads((tmp_path / "b" / "mlp.json").read_text())
+  assert b["results"][0]["resumed_from"] == 10
+  assert b["results"][0]["final"] == a["results"][0]["final"]
+  np.testing.assert_array_equal(b["history"]["madam lr=0.01"]["step"],
+                                a["history"]["madam lr=0.01"]["step"])
+
+
+def test_console_script_help_lists_the_options():
+  out = subprocess.run([sys.executable, "-m", "madam_examples.demo", "--help"],
+                       capture_output=True, text=True, check=True).stdout
+  for flag in ("--task", "--optimizer", "--lr", "--steps", "--seed", "--out",
+               "--data", "--quick", "--checkpoint-dir", "--checkpoint-every"):
+    assert flag in out
+
+
+def test_bad_arguments_are_clear_errors(capsys):
+  with pytest.raises(SystemExit):
+    demo.parse_args(["--optimizer", "lion"])
+  assert "unknown optimizer 'lion'" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    demo.parse_args(["--lr", "-1"])
+  assert "--lr must be positive" in capsys.readouterr().err
