@@ -418,3 +418,18 @@ def test_lns_madam_on_sharded_codes(eight_devices):
   assert_state_sharded_like_params(result[1], result[0])
   chex.assert_trees_all_equal(jax.device_get(result),
                               jax.device_get(reference))
+
+
+# ------------------------------------------------------------------ README
+
+
+def test_readme_distributed_example_runs(eight_devices):
+  """The code block of the README's distributed-training section."""
+  import pathlib  # pylint: disable=import-outside-toplevel
+  readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+  section = readme.split("<!-- section:distributed -->", 1)[1]
+  section = section.split("<!-- section:", 1)[0]
+  code = section.split("```python\n", 1)[1].split("```", 1)[0]
+  namespace = {}
+  exec(compile(code, "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  assert namespace["params"]["w"].sharding == namespace["sharding"]
