@@ -140,6 +140,9 @@ def test_codes_stay_integers_through_training(levels, dtype, rounding):
   for _ in range(200):
     codes, state, value = train_step(codes, state)
     losses.append(float(value))
+    # Storage dtypes at every step, not only at the end.
+    assert (codes["w1"].dtype, codes["w2"].dtype) == (dtype, dtype)
+    assert (codes["b1"].dtype, codes["b2"].dtype) == (jnp.float32,) * 2
   for name in ("w1", "w2"):
     assert codes[name].dtype == dtype
     c = np.asarray(codes[name], np.int64)
