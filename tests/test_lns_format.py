@@ -4,6 +4,7 @@ import math
 
 import chex
 import hypothesis.strategies as st
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -124,3 +125,20 @@ def test_zero_scale():
 def test_decode_rejects_float_codes():
   with pytest.raises(ValueError, match="integer codes"):
     madam_optax.lns_decode(jnp.ones(2), 1.0, LNSFormat.spanning(16))
+
+
+def test_readme_lns_example_runs():
+  """The code block of the README's LNS section, on a small regression."""
+  import pathlib  # pylint: disable=import-outside-toplevel
+  readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+  section = readme.split("<!-- section:lns -->", 1)[1]
+  section = section.split("<!-- section:", 1)[0]
+  code = section.split("```python\n", 1)[1].split("```", 1)[0]
+  params = {"w": jax.random.normal(jax.random.key(0), (4, 3)), "b": jnp.zeros(3)}
+  batch = jnp.ones((2, 4))
+  namespace = {"params": params, "batch": batch,
+               "loss_fn": lambda p, x: jnp.sum((x @ p["w"] + p["b"]) ** 2)}
+  exec(compile(code, "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  assert namespace["codes"]["w"].dtype == jnp.int8
+  assert namespace["codes"]["b"].dtype == jnp.float32
+  assert namespace["loss"] > 0

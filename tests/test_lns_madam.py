@@ -233,6 +233,7 @@ def test_errors():
     tx.update({"w": jnp.ones(3)}, tx.init(codes))
 
 
+@pytest.mark.slow
 def test_flax_nnx_sharded_params(eight_devices):
   # NNX copies a Param's sharding annotation onto optimizer-state leaves shaped
   # like it; per-tensor scalars must therefore not sit in a params-shaped tree.
