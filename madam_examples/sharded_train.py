@@ -258,9 +258,15 @@ def local_rows(sharding: NamedSharding, global_shape: tuple[int, ...]
   """The rows of a global batch that this process's devices hold."""
   spans = [idx[0] for idx in
            sharding.addressable_devices_indices_map(global_shape).values()]
-  starts = [s.start or 0 for s in spans]
-  stops = [global_shape[0] if s.stop is None else s.stop for s in spans]
-  return slice(min(starts), max(stops))
+  rows = {(s.start or 0, global_shape[0] if s.stop is None else s.stop)
+          for s in spans}
+  lo, hi = min(a for a, _ in rows), max(b for _, b in rows)
+  if sum(b - a for a, b in rows) != hi - lo:
+    raise ValueError(
+        f"this process's devices hold rows {sorted(rows)} of the batch, which "
+        "are not contiguous; build the mesh with jax.make_mesh (it keeps each "
+        "host's devices together).")
+  return slice(lo, hi)
 
 
 def device_batch(rows: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -306,10 +312,12 @@ def setup(config: Config, devices: Sequence[Any] | None = None) -> Setup:
   """Builds the sharded model, optimizer and jitted steps on a mesh.
 
   Parameters are created under ``jax.set_mesh`` with their
-  ``nnx.with_partitioning`` annotations, so each device materialises only its
-  shard; ``nnx.Optimizer`` then creates Madam's second moment (and Adam's
-  moments for the additive leaves) with the same shardings, and the per-tensor
-  bounds as replicated scalars.
+  ``nnx.with_partitioning`` annotations and are sharded as they are created
+  (eagerly here: each tensor is drawn whole, then split; a model too large
+  for one device is created inside a jitted function instead, as in Flax's
+  sharding guide). ``nnx.Optimizer`` then creates Madam's second moment (and
+  Adam's moments for the additive leaves) with the same shardings, and the
+  per-tensor bounds as replicated scalars.
   """
   mesh = make_mesh(config.mesh, devices)
   with jax.set_mesh(mesh):

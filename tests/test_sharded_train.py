@@ -138,3 +138,14 @@ def test_main_runs_the_documented_command(eight_devices, capsys):
   out = capsys.readouterr().out
   assert "step     2" in out
   assert "collectives in the optimizer update: none" in out
+
+
+def test_local_rows_single_process(eight_devices):
+  mesh = sharded_train.make_mesh("data=2,fsdp=4", eight_devices)
+  sharding = sharded_train.NamedSharding(mesh, sharded_train.P(
+      sharded_train.BATCH_AXES))
+  assert sharded_train.local_rows(sharding, (16, 5)) == slice(0, 16)
+  rows = np.arange(16 * 5).reshape(16, 5)
+  batch = sharded_train.device_batch(rows, sharding)
+  np.testing.assert_array_equal(np.asarray(batch), rows)
+  assert batch.addressable_shards[1].data.shape == (2, 5)
