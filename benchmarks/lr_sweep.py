@@ -14,8 +14,12 @@ Writes, to ``--out``:
                  summary (Madam's best lr, Madam@0.01 against tuned Adam/SGD);
   lr_sweep.png   metric against lr, one panel per task, one line per optimizer.
 
-  python benchmarks/lr_sweep.py            # the full study (about 30 min, 2 cores)
+  nice python benchmarks/lr_sweep.py       # the full study (28 min on a shared,
+                                           # heavily loaded 2-core CPU)
   python benchmarks/lr_sweep.py --quick    # a smoke test (CI)
+  python benchmarks/lr_sweep.py --tasks mlp,transformer --optimizers madam,adam \
+      --steps-factor 4 --name lr_sweep_4x  # the same with 4x the steps
+  python benchmarks/lr_sweep.py --replot   # table and figure from the JSON
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import json
 import math
 import os
 import platform
+import sys
+import warnings
 import time
 
 import jax
@@ -39,14 +45,21 @@ OPTIMIZERS = ("madam", "adam", "sgd")
 LABELS = {"madam": "Madam", "adam": "Adam", "sgd": "SGD (momentum 0.9)"}
 # How close Madam@0.01 must be to the best-tuned Adam to meet the goal:
 # accuracy points, or relative gap for perplexity and the GAN's distance.
-# Training steps per task in the full study (sized so that all 4 x 3 x 5 x 3
-# runs finish in about 25 minutes on a shared 2-core CPU).
+# Training steps per task in the full study: all 4 x 3 x 5 x 3 runs took 28
+# minutes on a 2-core CPU shared with other jobs (load average about 9).
 STUDY_STEPS = {"mlp": 500, "cnn": 200, "transformer": 300, "gan": 1000}
 QUICK_STEPS = 10
 # Every optimizer: cosine decay from the swept (peak) lr to 0 over the run.
 SCHEDULE = "cosine"
 GOAL = {"accuracy": ("abs", 1.0), "perplexity": ("rel", 0.03),
         "frechet_distance": ("rel", 0.10)}
+
+
+def _load_average() -> list[float] | None:
+  """1, 5 and 15-minute load averages (the machine may be shared)."""
+  if not hasattr(os, "getloadavg"):
+    return None
+  return [round(x, 2) for x in os.getloadavg()]
 
 
 def machine_description() -> dict:
@@ -61,7 +74,7 @@ def machine_description() -> dict:
     pass
   import flax  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
-  load = os.getloadavg() if hasattr(os, "getloadavg") else None
+  load = _load_average()
   return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
           "python": platform.python_version(), "jax": jax.__version__,
           "optax": optax.__version__, "flax": flax.__version__,
@@ -142,8 +155,14 @@ def write_markdown(path: str, results: dict, tasks: dict, summary: dict,
            f" ({machine['backend']}); {machine['date_utc']} UTC; load average "
            f"at start {machine['load_average_at_start']} (a shared machine).",
            "", f"Settings: {json.dumps(settings)}", "",
-           "Each cell: mean +- standard deviation over seeds of the final "
-           "held-out metric (diverged runs count as the worst value).", ""]
+           "Reproduce: `nice " + settings.get(
+               "command", "python benchmarks/lr_sweep.py") + "` (then "
+           "`--replot` with the same `--name` rewrites this table and the "
+           "figure from the JSON).", "",
+           "Each cell: mean ± standard deviation (over seeds, ddof=0) of the final "
+           "held-out metric after the last step. A cell with diverged runs "
+           "(non-finite metric) says how many; for choosing the best lr they "
+           "count as the worst possible value.", ""]
   for name, per_opt in results.items():
     t = tasks[name]
     arrow = "higher is better" if t["higher_is_better"] else "lower is better"
@@ -161,7 +180,7 @@ def write_markdown(path: str, results: dict, tasks: dict, summary: dict,
           cells.append(f"{bad}/{len(row)} diverged" + (
               f", rest {_fmt(finite.mean())}" if len(finite) else ""))
         else:
-          cells.append(f"{_fmt(row.mean())} +- {_fmt(row.std())}")
+          cells.append(f"{_fmt(row.mean())} ± {_fmt(row.std())}")
       lines.append(f"| {LABELS[opt]} | " + " | ".join(cells) + " |")
     s = summary[name]
     best = ", ".join(f"{LABELS[o].split()[0]} {s[o]['best_lr']:g}"
@@ -195,48 +214,73 @@ def plot(path: str, results: dict, tasks: dict) -> None:
   colours = {"madam": "tab:red", "adam": "tab:blue", "sgd": "tab:green"}
   for ax, name in zip(axes[0], names):
     t = tasks[name]
+    ax.set_title(f"{name}: {t['steps']} steps", fontsize=10)
     for opt, values in results[name].items():
       v = np.asarray(values, np.float64)
       finite = np.where(np.isfinite(v), v, np.nan)
-      mean = np.nanmean(finite, axis=1) if np.any(np.isfinite(v)) else v[:, 0]
-      std = np.nanstd(finite, axis=1)
+      with warnings.catch_warnings():   # all-diverged rows: NaN, not plotted
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(finite, axis=1)
+        std = np.nanstd(finite, axis=1)
       ax.errorbar(LEARNING_RATES, mean, yerr=std, marker="o", capsize=3,
                   color=colours[opt], label=LABELS[opt])
     ax.set_xscale("log")
     if t["metric"] in ("perplexity", "frechet_distance"):
       ax.set_yscale("log")
     ax.axvline(0.01, color="grey", lw=0.8, ls=":")
-    ax.set(xlabel="learning rate", ylabel=t["metric"].replace("_", " "),
-           title=name)
+    ax.set(xlabel="learning rate", ylabel=t["metric"].replace("_", " "))
     ax.grid(alpha=0.3)
   axes[0][0].legend(fontsize=8)
   fig.suptitle("Final held-out metric against learning rate "
-               "(mean +- std over seeds; diverged runs omitted)", fontsize=10)
+               "(mean ± std over seeds; diverged runs omitted)", fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
 
 def write_outputs(out: str, results: dict, tasks: dict, settings: dict,
-                  machine: dict, elapsed: float) -> None:
+                  machine: dict, elapsed: float, name: str = "lr_sweep"
+                  ) -> None:
   """Writes lr_sweep.{json,md,png} for the tasks finished so far."""
   summary = summarise(results, tasks)
-  machine = dict(machine, load_average_at_end=(
-      os.getloadavg() if hasattr(os, "getloadavg") else None))
+  machine = dict(machine, load_average_at_end=_load_average())
   settings = dict(settings, wall_clock_seconds=round(elapsed, 1))
   settings["madam_additive_fallback"] = (
       f"zero-initialised leaves (biases, norm offsets) trained by Adam("
       f"{train_lib.ADDITIVE_FALLBACK_LR:g}) via "
       "madam_optax.with_additive_fallback")
-  with open(os.path.join(out, "lr_sweep.json"), "w", encoding="utf-8") as f:
+  with open(os.path.join(out, f"{name}.json"), "w", encoding="utf-8") as f:
     json.dump({"machine": machine, "settings": settings, "tasks": tasks,
                "learning_rates": LEARNING_RATES,
                "results": {n: {o: np.asarray(v).tolist() for o, v in r.items()}
                            for n, r in results.items()},
                "summary": summary}, f, indent=1, allow_nan=True)
-  write_markdown(os.path.join(out, "lr_sweep.md"), results, tasks, summary,
+  write_markdown(os.path.join(out, f"{name}.md"), results, tasks, summary,
                  settings, machine)
-  plot(os.path.join(out, "lr_sweep.png"), results, tasks)
+  plot(os.path.join(out, f"{name}.png"), results, tasks)
+
+
+def _command(argv) -> str:
+  """The command line, without the output folder (machine-specific)."""
+  args = list(sys.argv[1:] if argv is None else argv)
+  if "--out" in args:
+    i = args.index("--out")
+    del args[i:i + 2]
+  return " ".join(["python benchmarks/lr_sweep.py", *args])
+
+
+def replot(out: str, name: str = "lr_sweep") -> int:
+  """Rewrites the table and the figure from a saved ``lr_sweep.json``."""
+  with open(os.path.join(out, f"{name}.json"), encoding="utf-8") as f:
+    saved = json.load(f)
+  results = {n: {o: np.asarray(v, np.float64) for o, v in r.items()}
+             for n, r in saved["results"].items()}
+  write_markdown(os.path.join(out, f"{name}.md"), results, saved["tasks"],
+                 summarise(results, saved["tasks"]), saved["settings"],
+                 saved["machine"])
+  plot(os.path.join(out, f"{name}.png"), results, saved["tasks"])
+  print(f"rewrote {out}/{name}.{{md,png}}")
+  return 0
 
 
 def main(argv=None) -> int:
@@ -247,13 +291,24 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=None,
                       help="training steps for every task (default: "
                            "STUDY_STEPS per task)")
+  parser.add_argument("--steps-factor", type=int, default=1,
+                      help="multiplies every task's STUDY_STEPS (a longer "
+                           "training budget)")
   parser.add_argument("--quick", action="store_true",
                       help=f"tiny runs ({QUICK_STEPS} steps, 2 seeds, small "
                            "data) for CI")
   parser.add_argument("--out", default=None,
                       help="output folder (default benchmarks/results, or "
                            "lr-sweep-quick-output with --quick)")
+  parser.add_argument("--name", default="lr_sweep",
+                      help="file name stem of the outputs")
+  parser.add_argument("--replot", action="store_true",
+                      help="rewrite lr_sweep.md and lr_sweep.png from the "
+                           "lr_sweep.json in --out (no training)")
   args = parser.parse_args(argv)
+  if args.replot:
+    return replot(args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results"), args.name)
   seeds = 2 if args.quick else args.seeds
   optimizers = [o for o in args.optimizers.split(",") if o]
   for o in optimizers:
@@ -268,10 +323,12 @@ def main(argv=None) -> int:
   results, tasks, settings = {}, {}, {"seeds": seeds,
                                       "learning_rates": LEARNING_RATES,
                                       "schedule": SCHEDULE,
-                                      "quick": bool(args.quick)}
+                                      "quick": bool(args.quick),
+                                      "command": _command(argv)}
   for name in args.tasks.split(","):
     task = train_lib.build_task(name, quick=args.quick)
-    steps = QUICK_STEPS if args.quick else args.steps or STUDY_STEPS[name]
+    steps = (QUICK_STEPS if args.quick else
+             args.steps or args.steps_factor * STUDY_STEPS[name])
     tasks[name] = {"description": task.description, "metric": task.metric,
                    "higher_is_better": task.higher_is_better, "steps": steps,
                    "p_scale": task.p_scale}
@@ -279,17 +336,19 @@ def main(argv=None) -> int:
     for opt in optimizers:
       t0 = time.perf_counter()
       results[name][opt] = run_pair(task, opt, seeds, steps)
-      means = np.nanmean(np.where(np.isfinite(results[name][opt]),
-                                  results[name][opt], np.nan), axis=1)
+      values = results[name][opt]
+      means = [row[np.isfinite(row)].mean() if np.isfinite(row).any()
+               else np.nan for row in values]
       print(f"[{time.perf_counter() - start:7.1f}s] {name:<11} {opt:<5} "
             f"({time.perf_counter() - t0:5.1f}s) {task.metric} by lr: "
             + " ".join(_fmt(m) for m in means), flush=True)
     # Written after every task, so an interrupted study keeps what it has.
     write_outputs(out, results, tasks, settings, machine,
-                  time.perf_counter() - start)
+                  time.perf_counter() - start, args.name)
   elapsed = time.perf_counter() - start
-  print(open(os.path.join(out, "lr_sweep.md"), encoding="utf-8").read())
-  print(f"done in {elapsed:.0f}s; wrote {out}/lr_sweep.{{json,md,png}}")
+  with open(os.path.join(out, f"{args.name}.md"), encoding="utf-8") as f:
+    print(f.read())
+  print(f"done in {elapsed:.0f}s; wrote {out}/{args.name}.{{json,md,png}}")
   return 0
 
 

@@ -29,8 +29,11 @@ def test_quick_study_writes_json_table_and_figure(tmp_path):
   summary = saved["summary"]["mlp"]
   assert summary["madam"]["best_lr"] in lr_sweep.LEARNING_RATES
   table = (tmp_path / "lr_sweep.md").read_text()
-  assert "| Madam |" in table and "lr=0.01" in table and "+-" in table
+  assert "| Madam |" in table and "lr=0.01" in table and "±" in table
   assert (tmp_path / "lr_sweep.png").read_bytes()[:4] == b"\x89PNG"
+  (tmp_path / "lr_sweep.md").unlink()
+  assert lr_sweep.main(["--replot", "--out", str(tmp_path)]) == 0
+  assert (tmp_path / "lr_sweep.md").read_text() == table
 
 
 def test_summary_counts_diverged_runs_as_worst():
