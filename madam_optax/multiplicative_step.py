@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import optax
 
 from madam_optax import _checks
@@ -77,9 +78,13 @@ def multiplicative_step(
 
     def leaf(u, w):
       ct = _checks.compute_dtype(w.dtype)
-      w_ = w.astype(ct)
-      exponent = -lr.astype(ct) * u.astype(ct) * jnp.sign(w_)
-      return (w_ * jnp.expm1(exponent)).astype(w.dtype)
+      w_ = lax.convert_element_type(w, ct)
+      exponent = lax.mul(
+          lax.mul(lax.neg(lax.convert_element_type(lr, ct)),
+                  lax.convert_element_type(u, ct)),
+          lax.sign(w_))
+      return lax.convert_element_type(lax.mul(w_, lax.expm1(exponent)),
+                                      w.dtype)
 
     new_updates = jax.tree.map(leaf, updates, params)
     return new_updates, MultiplicativeStepState(

@@ -6,6 +6,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+import numpy as np
 import optax
 
 from madam_optax import _checks
@@ -23,6 +25,24 @@ class ScaleBySecondMomentState(NamedTuple):
   """
   count: jax.Array
   rms: Any
+
+
+def _hypot(x: jax.Array, y: jax.Array) -> jax.Array:
+  """``jnp.hypot(x, y)`` for same-shape float arrays, in lax primitives.
+
+  The same formula as ``jnp.hypot`` (``m * sqrt(1 + (n / m)**2)`` with
+  ``m = max(|x|, |y|)``, ``n = min(|x|, |y|)``, 0 at 0 and inf at inf), with
+  scalar constants only, which keeps tracing cheap on many-leaf trees.
+  """
+  x, y = lax.abs(x), lax.abs(y)
+  big, small = lax.max(x, y), lax.min(x, y)
+  # max(big, tiny) only differs from big at 0 (and in the subnormals, which
+  # XLA flushes to zero), where small is 0 too and the result is 0 anyway.
+  tiny = np.asarray(np.finfo(big.dtype).tiny, big.dtype)
+  ratio = lax.div(small, lax.max(big, tiny))
+  h = lax.mul(big, lax.sqrt(lax.add(np.asarray(1, big.dtype),
+                                    lax.mul(ratio, ratio))))
+  return lax.select(lax.eq(big, np.asarray(np.inf, big.dtype)), big, h)
 
 
 def scale_by_second_moment(
@@ -99,17 +119,26 @@ def scale_by_second_moment(
         count == 1, sqrt_1mb2, jnp.sqrt(1.0 - b2_ ** count.astype(jnp.float32)))
 
     def leaf(g, r):
+      # Written with lax primitives: jnp's wrappers each add a nested jit to
+      # the traced program, which multiplies tracing and compile time on trees
+      # with hundreds of leaves.
       ct = _checks.compute_dtype(g.dtype)
-      g_ = g.astype(ct)
+      g_ = lax.convert_element_type(g, ct)
       # rms_t = sqrt(b2 * rms**2 + (1 - b2) * g**2), computed without squaring
       # (hypot), so that tiny and huge gradients neither underflow nor overflow.
-      new_r = jnp.hypot(sqrt_b2.astype(ct) * r.astype(ct),
-                        sqrt_1mb2.astype(ct) * g_)
+      new_r = _hypot(lax.mul(lax.convert_element_type(sqrt_b2, ct),
+                             lax.convert_element_type(r, ct)),
+                     lax.mul(lax.convert_element_type(sqrt_1mb2, ct), g_))
       # g / sqrt(v_hat) = g * sqrt(1 - b2**t) / rms_t, and 0/0 := 0.
-      u = jnp.where(new_r > 0,
-                    (g_ * correction.astype(ct)) / jnp.where(new_r > 0, new_r, 1),
-                    0)
-      return u.astype(g.dtype), new_r.astype(r.dtype)
+      tiny = np.asarray(np.finfo(ct).tiny, ct)
+      positive = lax.convert_element_type(
+          lax.gt(new_r, np.asarray(0, ct)), ct)
+      u = lax.mul(
+          lax.div(lax.mul(g_, lax.convert_element_type(correction, ct)),
+                  lax.max(new_r, tiny)),
+          positive)
+      return (lax.convert_element_type(u, g.dtype),
+              lax.convert_element_type(new_r, r.dtype))
 
     new_updates, new_rms = _checks.tree_map_unzip(leaf, updates, state.rms)
     return new_updates, ScaleBySecondMomentState(count=count, rms=new_rms)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -106,3 +107,36 @@ def test_log_magnitude_moves_at_most_lr_times_g_bound(w0, grad_seq, lr):
   step = np.abs(np.log(np.abs(cur[mask].astype(np.float64)))
                 - np.log(np.abs(prev[mask].astype(np.float64))))
   assert np.all(step <= lr * 10.0 * (1 + 1e-5) + 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16,
+                                   jnp.float64])
+def test_bound_is_exact_after_additive_apply_far_outside(dtype):
+  """|w + delta| <= bound bit-exactly when |w| > 2 * bound (bound - w rounds).
+
+  Factors up to 8 (initial weights beyond 3 RMS are rarely more than twice the
+  bound); in float32/64 also up to 500. Further out, low-precision weights
+  meet the limit of additive updates: in bfloat16 ``0.3 - 500`` rounds to
+  ``-500``, so the bound still holds but the weight lands on zero.
+  """
+  rng = np.random.default_rng(0)
+  top = 8.0 if dtype in (jnp.bfloat16, jnp.float16) else 500.0
+  with jax.enable_x64(dtype == jnp.float64):
+    w = (rng.choice([-1.0, 1.0], 20_000) * rng.uniform(2.0, top, 20_000)
+         * 0.3).astype(dtype)
+    tx = madam_optax.clip_weight_magnitude(max_magnitude=0.3)
+    params = {"w": jnp.asarray(w)}
+    updates, _ = tx.update({"w": jnp.zeros_like(params["w"])},
+                           tx.init(params), params)
+    new = optax.apply_updates(params, updates)["w"]
+    bound = jnp.asarray(0.3, dtype)
+    assert new.dtype == jnp.dtype(dtype)
+    assert bool(jnp.all(jnp.abs(new) <= bound))
+    np.testing.assert_array_equal(np.sign(np.asarray(new, np.float64)),
+                                  np.sign(np.asarray(w, np.float64)))
+    # Clipped to the bound, up to the rounding of ``bound - w`` (an ulp of w).
+    slack = 2 * np.spacing(np.abs(w).astype(np.float64) if dtype == jnp.float64
+                           else np.abs(np.asarray(w, np.float32)))
+    if dtype in (jnp.bfloat16, jnp.float16):
+      slack = 2 * np.abs(np.asarray(w, np.float64)) * float(jnp.finfo(dtype).eps)
+    assert np.all(np.abs(np.asarray(new, np.float64)) >= float(bound) - slack)
