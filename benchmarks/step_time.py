@@ -24,7 +24,8 @@ parameter are (float32 unless stated):
 * fromage: the per-tensor norms of w and g need a pass over both before the
   update can start, then reads w, g and writes w: 2 x 8 + 4 = 20.
 * lns_madam: integer codes (1 or 2 bytes) read and written, g read, rms read
-  and written, from the actual dtypes.
+  and written, from the actual dtypes (``lns_madam`` with its default
+  stochastic rounding, ``lns_madam_nearest`` with nearest rounding).
 
 Compile time is the wall time of ``jit(step).lower(...).compile()`` (median of
 fresh compilations). Optimizer-state bytes per parameter are summed from the
@@ -150,7 +151,11 @@ def optimizers() -> dict[str, Callable[[], optax.GradientTransformation]]:
       "fromage": lambda: optax.fromage(1e-2),
   }
   if hasattr(madam_optax, "lns_madam"):
+    # Stochastic rounding (the default) draws threefry random bits per weight;
+    # nearest rounding shows the cost of the LNS step without them.
     opts["lns_madam"] = lambda: madam_optax.lns_madam(_lns_format())
+    opts["lns_madam_nearest"] = lambda: madam_optax.lns_madam(
+        _lns_format(), rounding="nearest")
   return opts
 
 
@@ -162,8 +167,8 @@ def param_encoders() -> dict[str, Callable[[Any], Any]]:
   """Optimizers whose params are not the float32 weights: name -> encoder."""
   if not hasattr(madam_optax, "lns_madam"):
     return {}
-  return {"lns_madam":
-          lambda p: madam_optax.lns_encode_tree(p, _lns_format())[0]}
+  encode = lambda p: madam_optax.lns_encode_tree(p, _lns_format())[0]
+  return {"lns_madam": encode, "lns_madam_nearest": encode}
 
 
 def bytes_per_param(name: str, state_bytes_per_param: float,
@@ -171,7 +176,7 @@ def bytes_per_param(name: str, state_bytes_per_param: float,
   """Bytes moved per parameter, given the full-size state bytes per param."""
   """Bytes an optimizer must move per parameter per step (module docstring)."""
   w, g = param_bytes, F32
-  if name in ("madam", "madam_bf16", "lns_madam"):
+  if name in ("madam", "madam_bf16", "lns_madam", "lns_madam_nearest"):
     # rms: the only full-size state buffer (read + written).
     rms = state_bytes_per_param
     return w + g + rms + w + rms
