@@ -420,10 +420,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog="Multi-host: see the module docstring "
              "(python -m pydoc madam_examples.sharded_train).")
+  helps = {
+      "mesh": "AXIS=SIZE,... over the axes data and fsdp; one size may be -1 "
+              "(the rest); they multiply to the number of devices",
+      "batch_size": "global batch, over all devices and hosts",
+      "learning_rate": "Madam's learning rate",
+      "p_scale": "Madam's magnitude bound, in initial RMS of each tensor",
+      "additive_learning_rate": "Adam's, for the zero-initialised leaves",
+  }
   for field in dataclasses.fields(Config):
-    parser.add_argument("--" + field.name.replace("_", "-"), type=field.type
-                        if field.type in (int, float, str) else
-                        type(field.default), default=field.default)
+    parser.add_argument("--" + field.name.replace("_", "-"),
+                        type=type(field.default), default=field.default,
+                        help=f"{helps.get(field.name, '')} "
+                             f"(default {field.default})".strip())
   parser.add_argument("--simulate-devices", type=int, default=None,
                       help="split the host CPU into this many JAX devices "
                            "(testing a mesh without accelerators)")
