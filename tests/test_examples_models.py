@@ -21,7 +21,8 @@ def _train(task, optimizer="madam", lr=0.01, steps=STEPS):
   return state, new_state, jax.device_get(sums)
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
+@pytest.mark.parametrize(
+    "name", ["mlp", pytest.param("cnn", marks=pytest.mark.slow), "transformer"])
 def test_supervised_models_learn_with_madam(name):
   task = train_lib.build_task(name, quick=True)
   evaluate = jax.jit(task.evaluate)
