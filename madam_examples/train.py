@@ -314,10 +314,16 @@ def train(task: Task, optimizer: str, learning_rate: float, *, seed: int = 0,
   start, ckpt = 0, None
   if checkpoint_dir is not None:
     checkpointing = _import_checkpointing()
+    # Saved with every step and compared on resume: a rerun with another
+    # schedule, length or rate fails clearly instead of silently mixing them.
+    config = {"task": task.name, "optimizer": optimizer,
+              "learning_rate": float(learning_rate), "seed": int(seed),
+              "steps": int(steps), "schedule": schedule}
     state, start = checkpointing.maybe_restore(checkpoint_dir, state,
-                                               verbose=False)
+                                               verbose=False, config=config)
     start = min(int(start), steps)
-    ckpt = checkpointing.Checkpointer(checkpoint_dir, checkpoint_every)
+    ckpt = checkpointing.Checkpointer(checkpoint_dir, checkpoint_every,
+                                      config=config)
   history = _load_history(checkpoint_dir, start)
   if callback is not None:
     callback(start, {})

@@ -147,7 +147,7 @@ def _second_moment_for_codes(b2, state_dtype) -> optax.GradientTransformation:
 
   def init_fn(params):
     return inner.init(jax.tree.map(
-        lambda c: jnp.zeros(jnp.shape(c), jnp.float32), params))
+        lambda c: jnp.zeros_like(c, dtype=jnp.float32), params))
 
   return optax.GradientTransformation(init_fn, inner.update)
 

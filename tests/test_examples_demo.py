@@ -44,6 +44,12 @@ def test_demo_resumes_bit_for_bit_from_the_latest_checkpoint(tmp_path, capsys):
   assert b["results"][0]["final"] == a["results"][0]["final"]
   np.testing.assert_array_equal(b["history"]["madam lr=0.01"]["step"],
                                 a["history"]["madam lr=0.01"]["step"])
+  # Resuming the same run folder with another length (hence another cosine
+  # schedule) is refused, naming the setting, rather than silently mixed.
+  longer = ["--steps" if x == "--steps" else ("30" if x == "20" else x)
+            for x in args]
+  with pytest.raises(ValueError, match="steps"):
+    demo.main(longer + ["--out", str(tmp_path / "c")])
 
 
 def test_console_script_help_lists_the_options():

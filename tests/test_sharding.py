@@ -434,8 +434,10 @@ def test_lns_madam_on_sharded_codes(eight_devices):
   single = jax.device_put(codes, eight_devices[0])
   shardings = {name: param_shardings(mesh)[name] for name in codes}
   sharded = jax.device_put(codes, shardings)
-  # jit with out_shardings: the eager init of lns_madam's second moment
-  # (jnp.zeros of the codes' shape) lands on one device.
+  # The eager init keeps the codes' shardings; so does a jitted one given
+  # out_shardings.
+  assert assert_state_sharded_like_params(tx.init(sharded), sharded) == len(
+      codes)
   state_sh = state_shardings(jax.eval_shape(tx.init, sharded), sharded, mesh)
   state = jax.jit(tx.init, out_shardings=state_sh)(sharded)
   assert assert_state_sharded_like_params(state, sharded) == len(codes)
