@@ -27,11 +27,9 @@ Reference for Madam: Bernstein et al., arXiv:2006.14560.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
-import platform
 import sys
 import tempfile
 from typing import Any, Callable
@@ -43,6 +41,7 @@ import optax
 
 import madam_optax
 from madam_examples import checkpointing
+from madam_examples import machine
 
 FMT = madam_optax.LNSFormat.spanning(127)            # 8-bit codes (int8)
 
@@ -164,24 +163,10 @@ def measure(name: str, params: dict, steps: int, workdir: pathlib.Path,
 
 
 def machine_info() -> dict:
-  cpu = platform.processor() or "unknown"
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
-  import flax  # pylint: disable=import-outside-toplevel
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  return dict(
-      date=datetime.datetime.now(datetime.timezone.utc).strftime(
-          "%Y-%m-%d %H:%M UTC"),
-      cpu=cpu, cores=os.cpu_count(), python=platform.python_version(),
-      jax=jax.__version__, optax=optax.__version__, flax=flax.__version__,
+  return machine.machine_info(
       orbax_checkpoint=getattr(ocp, "__version__", "unknown"),
-      madam_optax=madam_optax.__version__, backend=jax.default_backend())
+      madam_optax=madam_optax.__version__)
 
 
 def markdown(results: dict) -> str:

@@ -33,10 +33,8 @@ natively compressed networks).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -48,6 +46,7 @@ from flax import nnx
 
 import madam_optax
 from madam_examples import lns_digits
+from madam_examples import machine
 
 LNS_METHODS = ("lns_madam_det", "lns_madam_stoch", "adam_proj", "sgd_proj")
 FLOAT_METHODS = ("madam", "adam", "sgd")
@@ -175,25 +174,6 @@ def run_config(model_name, method, levels, seeds, data, steps, batch, log_range)
       time.perf_counter() - t0
 
 
-def machine_info() -> dict:
-  cpu = platform.processor() or "unknown"
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
-  import flax  # pylint: disable=import-outside-toplevel
-  return dict(
-      date=datetime.datetime.now(datetime.timezone.utc).strftime(
-          "%Y-%m-%d %H:%M UTC"),
-      cpu=cpu, cores=os.cpu_count(), python=platform.python_version(),
-      jax=jax.__version__, optax=optax.__version__, flax=flax.__version__,
-      backend=jax.default_backend())
-
-
 def smallest_bits(rows, float_mean, method):
   """Smallest exponent-bit width (levels 2**b) whose mean is within TOLERANCE,
   with every wider width also within it."""
@@ -314,7 +294,7 @@ def main(argv=None):
   levels_list = sorted({2 ** b for b in bits_list} | ({127} if not quick else set()))
   seeds = list(range(args.seeds))
   data = lns_digits.load_digits()
-  info = machine_info()
+  info = machine.machine_info()
   results = {}
   t_all = time.perf_counter()
   for model_name in args.models.split(","):

@@ -29,10 +29,8 @@ multiplicative weight updates", NeurIPS 2020, arXiv:2006.14560.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 
 import jax
@@ -41,6 +39,7 @@ import numpy as np
 import optax
 
 import madam_optax
+from madam_examples import machine
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 INT8 = madam_optax.LNSFormat.spanning(127)
@@ -122,25 +121,6 @@ def measure(params) -> list[dict]:
   return rows
 
 
-def machine_info() -> dict:
-  cpu = platform.processor() or "unknown"
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
-  import flax  # pylint: disable=import-outside-toplevel
-  return dict(
-      date=datetime.datetime.now(datetime.timezone.utc).strftime(
-          "%Y-%m-%d %H:%M UTC"),
-      cpu=cpu, cores=os.cpu_count(), python=platform.python_version(),
-      jax=jax.__version__, optax=optax.__version__, flax=flax.__version__,
-      backend=jax.default_backend())
-
-
 MODELS = {
     "digits MLP 64-128-10": (64, 128, 10),
     "MLP 784-1024-1024-1024-10": (784, 1024, 1024, 1024, 10),
@@ -187,7 +167,7 @@ def main(argv=None):
   models = dict(list(MODELS.items())[:1]) if quick else MODELS
   if args.out is None and not quick:
     args.out = RESULTS
-  info = machine_info()
+  info = machine.machine_info()
   results = {}
   for model, sizes in models.items():
     params = mlp_params(sizes)

@@ -25,7 +25,6 @@ Writes, to ``--out``:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -38,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from madam_examples import machine as machine_lib
 from madam_examples import train as train_lib
 
 LEARNING_RATES = (1.0, 0.1, 0.01, 0.001, 0.0001)
@@ -55,33 +55,16 @@ GOAL = {"accuracy": ("abs", 1.0), "perplexity": ("rel", 0.03),
         "frechet_distance": ("rel", 0.10)}
 
 
-def _load_average() -> list[float] | None:
-  """1, 5 and 15-minute load averages (the machine may be shared)."""
-  if not hasattr(os, "getloadavg"):
-    return None
-  return [round(x, 2) for x in os.getloadavg()]
-
-
 def machine_description() -> dict:
-  cpu = platform.processor() or "unknown"
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
   import flax  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
-  load = _load_average()
-  return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+  return {"cpu": machine_lib.cpu_model(), "cores": os.cpu_count(),
+          "platform": platform.platform(),
           "python": platform.python_version(), "jax": jax.__version__,
           "optax": optax.__version__, "flax": flax.__version__,
           "backend": jax.default_backend(),
-          "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime(
-              "%Y-%m-%d %H:%M"),
-          "load_average_at_start": load}
+          "date_utc": machine_lib.utc_now("%Y-%m-%d %H:%M"),
+          "load_average_at_start": machine_lib.load_average()}
 
 
 def run_pair(task, optimizer: str, seeds: int, steps: int):
@@ -243,7 +226,7 @@ def write_outputs(out: str, results: dict, tasks: dict, settings: dict,
                   ) -> None:
   """Writes lr_sweep.{json,md,png} for the tasks finished so far."""
   summary = summarise(results, tasks)
-  machine = dict(machine, load_average_at_end=_load_average())
+  machine = dict(machine, load_average_at_end=machine_lib.load_average())
   settings = dict(settings, wall_clock_seconds=round(elapsed, 1))
   settings["madam_additive_fallback"] = (
       f"zero-initialised leaves (biases, norm offsets) trained by Adam("

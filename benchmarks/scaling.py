@@ -27,7 +27,6 @@ devices (``n`` up to their number).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
@@ -37,6 +36,8 @@ import subprocess
 import sys
 import time
 from typing import Any
+
+from madam_examples import machine
 
 DEVICE_COUNTS = (1, 2, 4, 8)
 FULL = dict(steps=12, batch_size=32, context=64, dim=128, heads=4, layers=2)
@@ -131,27 +132,17 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def machine_info() -> dict[str, Any]:
+  # Not machine.machine_info(): that starts a JAX backend in this driver,
+  # whose device count must be left to the workers.
   import flax  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
-  cpu = platform.processor() or "unknown"
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      cpu = next((line.split(":", 1)[1].strip() for line in f
-                  if line.startswith("model name")), cpu)
-  except OSError:
-    pass
-  try:
-    load = [round(x, 2) for x in os.getloadavg()]
-  except OSError:
-    load = None
   return {
-      "date": datetime.datetime.now(datetime.timezone.utc).strftime(
-          "%Y-%m-%d %H:%M UTC"),
-      "cpu": cpu, "cores": os.cpu_count(),
-      "python": platform.python_version(), "jax": jax.__version__,
-      "optax": optax.__version__, "flax": flax.__version__,
-      "load_average_at_start": load,
+      "date": machine.utc_now(), "cpu": machine.cpu_model(),
+      "cores": os.cpu_count(), "python": platform.python_version(),
+      "jax": jax.__version__, "optax": optax.__version__,
+      "flax": flax.__version__,
+      "load_average_at_start": machine.load_average(),
   }
 
 

@@ -43,11 +43,8 @@ Reference for Madam: Bernstein et al., arXiv:2006.14560.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import pathlib
-import platform
 import statistics
 import time
 from typing import Any, Callable
@@ -58,6 +55,7 @@ import numpy as np
 import optax
 
 import madam_optax
+from madam_examples import machine
 
 F32 = 4
 
@@ -389,30 +387,10 @@ def bench_tree(tree_name: str, shapes: dict, *, repeats: int,
 
 
 def machine_info() -> dict:
-  cpu = platform.processor() or "unknown"
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
-  info = dict(
-      date=datetime.datetime.now(datetime.timezone.utc).strftime(
-          "%Y-%m-%d %H:%M UTC"),
-      cpu=cpu, cores=os.cpu_count(), python=platform.python_version(),
-      jax=jax.__version__, optax=optax.__version__,
+  info = machine.machine_info(
       madam_optax=madam_optax.__version__,
-      backend=jax.default_backend(),
       devices=[d.device_kind for d in jax.devices()][:1],
-      gpu_lent=False,
-  )
-  try:
-    import flax  # pylint: disable=import-outside-toplevel
-    info["flax"] = flax.__version__
-  except ImportError:
-    info["flax"] = None
+      gpu_lent=False)
   try:
     with open("/proc/meminfo", encoding="utf-8") as f:
       kb = int(f.readline().split()[1])
@@ -420,13 +398,6 @@ def machine_info() -> dict:
   except (OSError, ValueError, IndexError):
     pass
   return info
-
-
-def loadavg() -> list[float] | None:
-  try:
-    return [round(x, 2) for x in os.getloadavg()]
-  except OSError:
-    return None
 
 
 def _fmt(x, spec):
@@ -536,7 +507,7 @@ def main(argv=None, log=print) -> dict:
   skipped = []
   if not hasattr(madam_optax, "lns_madam"):
     skipped.append("madam_optax.lns_madam (not in the package at run time)")
-  results = dict(machine=machine_info(), load_before=loadavg(),
+  results = dict(machine=machine_info(), load_before=machine.load_average(),
                  repeats=repeats, compile_repeats=compile_repeats,
                  command="python benchmarks/step_time.py " + " ".join(
                      argv if argv is not None else __import__("sys").argv[1:]),
@@ -546,7 +517,7 @@ def main(argv=None, log=print) -> dict:
         name, shapes, repeats=repeats, compile_repeats=compile_repeats,
         bw_n=bw_n, target_s=target_s, opt_names=opt_names, skipped=skipped,
         log=log))
-  results["load_after"] = loadavg()
+  results["load_after"] = machine.load_average()
 
   if args.out != "-":
     out = pathlib.Path(args.out) if args.out else (
