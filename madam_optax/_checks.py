@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 def concrete_value(x: Any) -> float | None:
@@ -108,3 +109,32 @@ def tree_map_unzip(fn, tree, *rest, n_out: int = 2):
   outs = [fn(*args) for args in zip(leaves, *rest_leaves)]
   cols = list(zip(*outs)) if outs else [[] for _ in range(n_out)]
   return tuple(treedef.unflatten(list(col)) for col in cols)
+
+
+def is_masked(x: Any) -> bool:
+  """Whether ``x`` is an ``optax.MaskedNode`` (a leaf another transform owns)."""
+  return isinstance(x, optax.MaskedNode)
+
+
+def map_per_tensor(fn, updates: Any, params: Any, scalars: Any, *per_tensor,
+                   transform: str, what: str) -> Any:
+  """``fn(u, w, scalar, *extras)`` for each tensor of ``params``.
+
+  ``scalars`` is a state's flat tuple of per-tensor values, in
+  ``jax.tree.leaves(params)`` order (``optax.MaskedNode`` leaves included);
+  ``per_tensor`` are further sequences in that order. ``MaskedNode`` updates
+  pass through unchanged. A state built for another tree is a ``ValueError``
+  naming ``transform`` and ``what`` the state holds.
+  """
+  params_leaves, treedef = jax.tree.flatten(params, is_leaf=is_masked)
+  scalars = tuple(scalars)
+  if len(scalars) != len(params_leaves):
+    raise ValueError(
+        f"{transform}: the state holds {len(scalars)} {what} but params "
+        f"have {len(params_leaves)} tensors. Initialise the state with "
+        "`tx.init(params)` on the same parameter tree.")
+  rows = zip(treedef.flatten_up_to(updates), params_leaves, scalars,
+             *per_tensor)
+  new_updates = [u if is_masked(u) else fn(u, w, *rest)
+                 for u, w, *rest in rows]
+  return treedef.unflatten(new_updates)

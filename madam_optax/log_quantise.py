@@ -58,10 +58,6 @@ def leaf_keys(key: jax.Array, tree: Any) -> tuple[jax.Array, Any]:
   return keys[0], treedef.unflatten(list(keys[1:]))
 
 
-def _is_masked(x) -> bool:
-  return isinstance(x, optax.MaskedNode)
-
-
 def project_to_grid(x: jax.Array, scale, fmt: lns_format.LNSFormat,
                     rounding: str = "nearest",
                     key: jax.Array | None = None) -> jax.Array:
@@ -140,8 +136,8 @@ def log_quantise(
     _checks.check_float_leaves(params, "log_quantise")
     scales = []
     for path, p in jax.tree_util.tree_flatten_with_path(
-        params, is_leaf=_is_masked)[0]:
-      if _is_masked(p):
+        params, is_leaf=_checks.is_masked)[0]:
+      if _checks.is_masked(p):
         scales.append(p)
         continue
       s = (lns_format.lns_scale(p, p_scale) if max_magnitude is None
@@ -160,25 +156,18 @@ def log_quantise(
     _checks.require_params(params, "log_quantise")
     _checks.check_same_structure(updates, params, "log_quantise")
     _checks.check_float_leaves(params, "log_quantise")
-    params_leaves, treedef = jax.tree.flatten(params, is_leaf=_is_masked)
     scales = tuple(state.scale)
-    if len(scales) != len(params_leaves):
-      raise ValueError(
-          f"log_quantise: the state holds {len(scales)} scales but params "
-          f"have {len(params_leaves)} tensors. Initialise the state with "
-          "`tx.init(params)` on the same parameter tree.")
     keys = jax.random.split(state.key, len(scales) + 1)
     key, keys = keys[0], keys[1:]
 
     def leaf(u, w, scale, k):
-      if _is_masked(u):
-        return u
       x = w + u.astype(w.dtype)
       return project_to_grid(x, scale, fmt, rounding, k) - w
 
-    new_updates = [leaf(u, w, s, k) for u, w, s, k in zip(
-        treedef.flatten_up_to(updates), params_leaves, scales, keys)]
-    return treedef.unflatten(new_updates), LogQuantiseState(
+    new_updates = _checks.map_per_tensor(
+        leaf, updates, params, scales, keys, transform="log_quantise",
+        what="scales")
+    return new_updates, LogQuantiseState(
         scale=state.scale, key=key)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -27,10 +27,6 @@ class ClipWeightMagnitudeState(NamedTuple):
   max_magnitude: Any
 
 
-def _is_masked(x) -> bool:
-  return isinstance(x, optax.MaskedNode)
-
-
 def initial_rms_bound(params: Any, p_scale) -> Any:
   r"""Per-tensor bound ``p_scale * sqrt(mean(w0**2))`` (SPEC step 1).
 
@@ -126,7 +122,8 @@ def clip_weight_magnitude(
           lambda p: jnp.asarray(max_magnitude, _checks.compute_dtype(p.dtype)),
           params)
     return ClipWeightMagnitudeState(
-        max_magnitude=tuple(jax.tree.leaves(bounds, is_leaf=_is_masked)))
+        max_magnitude=tuple(
+            jax.tree.leaves(bounds, is_leaf=_checks.is_masked)))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args  # accepted and ignored, as optax.chain passes them on
@@ -149,15 +146,8 @@ def clip_weight_magnitude(
       over = lax.gt(lax.abs(realised), bound)
       return lax.select(over, _step_away_from(delta, realised), delta)
 
-    params_leaves, treedef = jax.tree.flatten(params, is_leaf=_is_masked)
-    bounds = tuple(state.max_magnitude)
-    if len(bounds) != len(params_leaves):
-      raise ValueError(
-          f"clip_weight_magnitude: the state holds {len(bounds)} bounds but "
-          f"params have {len(params_leaves)} tensors. Initialise the state "
-          "with `tx.init(params)` on the same parameter tree.")
-    new_updates = [u if _is_masked(u) else leaf(u, w, b) for u, w, b in
-                   zip(treedef.flatten_up_to(updates), params_leaves, bounds)]
-    return treedef.unflatten(new_updates), state
+    return _checks.map_per_tensor(
+        leaf, updates, params, state.max_magnitude,
+        transform="clip_weight_magnitude", what="bounds"), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

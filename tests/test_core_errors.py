@@ -80,3 +80,17 @@ def test_labels_need_concrete_params():
   import jax
   with pytest.raises(ValueError, match="concrete initial parameters"):
     jax.jit(madam_optax.multiplicative_labels)(PARAMS)
+
+
+@pytest.mark.parametrize("make, what", [
+    (madam_optax.clip_weight_magnitude, "bounds"),
+    (lambda: madam_optax.log_quantise(madam_optax.LNSFormat.spanning(127)),
+     "scales"),
+])
+def test_per_tensor_state_from_another_tree(make, what):
+  tx = make()
+  state = tx.init({"w": jnp.ones(3)})
+  params = {"w": jnp.ones(3), "v": jnp.ones(2)}
+  with pytest.raises(ValueError, match=f"state holds 1 {what} but params "
+                     "have 2 tensors"):
+    tx.update(params, state, params)
