@@ -85,7 +85,7 @@ def test_labels_need_concrete_params():
 @pytest.mark.parametrize("make, what", [
     (madam_optax.clip_weight_magnitude, "bounds"),
     (lambda: madam_optax.log_quantise(madam_optax.LNSFormat.spanning(127)),
-     "scales"),
+     "bounds"),
 ])
 def test_per_tensor_state_from_another_tree(make, what):
   tx = make()

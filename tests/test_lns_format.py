@@ -116,10 +116,10 @@ def test_bad_base(base):
 
 def test_zero_scale():
   fmt = LNSFormat.spanning(16)
-  with pytest.raises(ValueError, match="scale.*all-zero"):
+  with pytest.raises(ValueError, match="max_magnitude.*all-zero"):
     madam_optax.lns_encode(jnp.zeros(3), fmt)
-  with pytest.raises(ValueError, match="scale"):
-    madam_optax.lns_encode(jnp.ones(3), fmt, scale=0.0)
+  with pytest.raises(ValueError, match="max_magnitude"):
+    madam_optax.lns_encode(jnp.ones(3), fmt, max_magnitude=0.0)
 
 
 def test_decode_rejects_float_codes():

@@ -36,7 +36,7 @@ def test_output_always_on_grid(levels, log_range, rounding, seed):
   params = {"w": jnp.asarray(rng.normal(size=(40,)), jnp.float32)}
   tx = madam_optax.log_quantise(fmt, rounding=rounding, seed=seed)
   state = tx.init(params)
-  scale = float(state.scale[0])
+  scale = float(state.max_magnitude[0])
   for _ in range(3):
     u = {"w": jnp.asarray(rng.normal(size=(40,)) * 3, jnp.float32)}
     updates, state = tx.update(u, state, params)
@@ -92,7 +92,7 @@ def test_projects_adam_under_jit():
   params = {"w": jax.random.normal(jax.random.key(1), (5, 3))}
   tx = optax.chain(optax.adam(0.1), madam_optax.log_quantise(fmt))
   state = tx.init(params)
-  scale = float(state[1].scale[0])
+  scale = float(state[1].max_magnitude[0])
 
   @jax.jit
   def step(p, s):
@@ -104,7 +104,7 @@ def test_projects_adam_under_jit():
     prev = params["w"]
     params, state = step(params, state)
   _assert_on_grid(params["w"], scale, fmt, prev)
-  chex.assert_trees_all_equal_dtypes(state[1].scale, (jnp.float32(0),))
+  chex.assert_trees_all_equal_dtypes(state[1].max_magnitude, (jnp.float32(0),))
 
 
 def test_errors():

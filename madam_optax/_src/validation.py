@@ -1,4 +1,4 @@
-"""Input checks shared by the transforms: clear errors instead of silent NaN."""
+"""Argument and input checks: clear ``ValueError``s instead of silent NaN."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+
+from madam_optax._src import tree_utils
 
 
 def concrete_value(x: Any) -> float | None:
@@ -29,8 +30,9 @@ def concrete_value(x: Any) -> float | None:
 
 
 def check_hyperparameter(name: str, value: Any, *, low: float | None = None,
-                         high: float | None = None, low_inclusive=True,
-                         high_inclusive=True, allow_none=False) -> None:
+                         high: float | None = None, low_inclusive: bool = True,
+                         high_inclusive: bool = True,
+                         allow_none: bool = False) -> None:
   """Raises ``ValueError`` when a concrete hyperparameter is out of range."""
   if value is None:
     if allow_none:
@@ -49,19 +51,19 @@ def check_hyperparameter(name: str, value: Any, *, low: float | None = None,
     raise ValueError(f"{name} must be {op} {high}, got {v}.")
 
 
-def _leaves_with_path(tree):
-  return jax.tree_util.tree_flatten_with_path(tree)[0]
+def leaf_dtype(leaf: Any) -> np.dtype:
+  """The dtype of an array leaf, or of ``np.asarray(leaf)`` for scalars."""
+  dtype = getattr(leaf, "dtype", None)
+  return np.dtype(dtype) if dtype is not None else np.asarray(leaf).dtype
 
 
 def check_float_leaves(tree: Any, transform: str, what: str = "params") -> None:
   """Raises ``ValueError`` naming the first leaf that is not floating point."""
-  for path, leaf in _leaves_with_path(tree):
-    dtype = getattr(leaf, "dtype", None)
-    if dtype is None:
-      dtype = np.asarray(leaf).dtype
+  for path, leaf in tree_utils.leaves_with_path(tree):
+    dtype = leaf_dtype(leaf)
     if not jnp.issubdtype(dtype, jnp.floating):
       raise ValueError(
-          f"{transform}: {what} leaf {jax.tree_util.keystr(path) or '<root>'} "
+          f"{transform}: {what} leaf {tree_utils.leaf_name(path)} "
           f"has dtype {dtype}; it needs a floating-point dtype. Cast it "
           "(e.g. `x.astype(jnp.float32)`), exclude it with `optax.masked`, or, "
           "for integer LNS codes, use `madam_optax.lns_madam`.")
@@ -87,54 +89,20 @@ def check_same_structure(updates: Any, params: Any, transform: str,
         f"  updates: {ts_u}\n  {other}: {ts_p}\n"
         "Pass gradients with exactly the structure of the parameters the "
         "optimizer was initialised with.")
-  for (path, u), p in zip(_leaves_with_path(updates), jax.tree.leaves(params)):
+  for (path, u), p in zip(tree_utils.leaves_with_path(updates),
+                          jax.tree.leaves(params)):
     if jnp.shape(u) != jnp.shape(p):
       raise ValueError(
-          f"{transform}: leaf {jax.tree_util.keystr(path)} has update shape "
+          f"{transform}: leaf {tree_utils.leaf_name(path)} has update shape "
           f"{jnp.shape(u)} but {other} shape {jnp.shape(p)}.")
 
 
-def compute_dtype(dtype) -> jnp.dtype:
-  """The dtype the maths runs in: at least float32, higher if the input is."""
-  return jnp.promote_types(dtype, jnp.float32)
-
-
-def tree_map_unzip(fn, tree, *rest, n_out: int = 2):
-  """Maps ``fn`` (returning an ``n_out``-tuple) over leaves; returns n_out trees.
-
-  ``None`` and ``optax.MaskedNode`` carry no leaves and pass through untouched.
-  """
-  leaves, treedef = jax.tree.flatten(tree)
-  rest_leaves = [treedef.flatten_up_to(r) for r in rest]
-  outs = [fn(*args) for args in zip(leaves, *rest_leaves)]
-  cols = list(zip(*outs)) if outs else [[] for _ in range(n_out)]
-  return tuple(treedef.unflatten(list(col)) for col in cols)
-
-
-def is_masked(x: Any) -> bool:
-  """Whether ``x`` is an ``optax.MaskedNode`` (a leaf another transform owns)."""
-  return isinstance(x, optax.MaskedNode)
-
-
-def map_per_tensor(fn, updates: Any, params: Any, scalars: Any, *per_tensor,
-                   transform: str, what: str) -> Any:
-  """``fn(u, w, scalar, *extras)`` for each tensor of ``params``.
-
-  ``scalars`` is a state's flat tuple of per-tensor values, in
-  ``jax.tree.leaves(params)`` order (``optax.MaskedNode`` leaves included);
-  ``per_tensor`` are further sequences in that order. ``MaskedNode`` updates
-  pass through unchanged. A state built for another tree is a ``ValueError``
-  naming ``transform`` and ``what`` the state holds.
-  """
-  params_leaves, treedef = jax.tree.flatten(params, is_leaf=is_masked)
-  scalars = tuple(scalars)
-  if len(scalars) != len(params_leaves):
+def check_state_dtype(state_dtype: Any) -> np.dtype | None:
+  """Returns ``state_dtype`` as a NumPy dtype; ``ValueError`` unless float."""
+  if state_dtype is None:
+    return None
+  state_dtype = jnp.dtype(state_dtype)
+  if not jnp.issubdtype(state_dtype, jnp.floating):
     raise ValueError(
-        f"{transform}: the state holds {len(scalars)} {what} but params "
-        f"have {len(params_leaves)} tensors. Initialise the state with "
-        "`tx.init(params)` on the same parameter tree.")
-  rows = zip(treedef.flatten_up_to(updates), params_leaves, scalars,
-             *per_tensor)
-  new_updates = [u if is_masked(u) else fn(u, w, *rest)
-                 for u, w, *rest in rows]
-  return treedef.unflatten(new_updates)
+        f"state_dtype must be a floating-point dtype, got {state_dtype}.")
+  return state_dtype

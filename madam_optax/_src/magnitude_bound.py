@@ -1,4 +1,9 @@
-"""Magnitude bounding: SPEC steps 1 and 7 (a per-tensor clamp on weights)."""
+"""Magnitude bounding: steps 1 and 7 of Madam (a per-tensor clamp on weights).
+
+Owns the one definition of the per-tensor bound
+``w_max = p_scale * sqrt(mean(w0**2))`` (:func:`initial_max_magnitude`), which
+the LNS format also uses as its largest magnitude.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,9 @@ from jax import lax
 import numpy as np
 import optax
 
-from madam_optax import _checks
+from madam_optax._src import numerics
+from madam_optax._src import tree_utils
+from madam_optax._src import validation
 
 
 class ClipWeightMagnitudeState(NamedTuple):
@@ -27,46 +34,47 @@ class ClipWeightMagnitudeState(NamedTuple):
   max_magnitude: Any
 
 
-def initial_rms_bound(params: Any, p_scale) -> Any:
-  r"""Per-tensor bound ``p_scale * sqrt(mean(w0**2))`` (SPEC step 1).
+def initial_max_magnitude(params: Any, p_scale: Any = 3.0) -> Any:
+  r"""The per-tensor weight bound :math:`w_{max}` fixed from initial weights.
 
-  The RMS is computed as ``m * sqrt(mean((w0 / m)**2))`` with ``m = max|w0|``,
-  so it neither overflows for huge weights nor underflows for tiny ones, and
-  the bound is capped at the largest finite value of the parameter's dtype.
-  Each bound is a scalar in the parameter's compute dtype (float32, or float64
-  for float64 parameters).
+  .. math::
+
+    w_{max} = p_{scale} \sqrt{\mathrm{mean}(w_0^2)}
+
+  (step 1 of Madam, Algorithm 1 of the paper; the README's maths table). It is
+  both :func:`clip_weight_magnitude`'s bound and the LNS grid's largest
+  magnitude (:func:`madam_optax.lns_encode`). The root mean square is computed
+  with power-of-two scaling, so it neither overflows nor underflows for any
+  finite tensor (weights of 1e30 or 1e-30 in float32, 1e300 in float64), and
+  the bound is capped at the largest finite value of the tensor's dtype (a
+  float16 tensor's bound is at most 65504).
+
+  Args:
+    params: a pytree of floating-point arrays, or one array.
+    p_scale: multiple of each tensor's initial RMS; a float or a scalar array.
+
+  Returns:
+    A pytree with the structure of ``params`` (a scalar for one array): one
+    scalar per tensor, in the tensor's compute dtype (float32, or float64 for
+    float64 tensors). An all-zero or empty tensor gives 0.
+
+  Example:
+    >>> import jax.numpy as jnp, madam_optax
+    >>> madam_optax.initial_max_magnitude(jnp.array([3.0, -4.0]), p_scale=1.0)
+    Array(3.535534, dtype=float32)
+    >>> madam_optax.initial_max_magnitude({'w': jnp.array([1e30, -1e30])})
+    {'w': Array(3.e+30, dtype=float32)}
+
+  References:
+    Bernstein et al., "Learning compositional functions via multiplicative
+    weight updates", NeurIPS 2020, arXiv:2006.14560.
   """
   def leaf(p):
-    dtype = p.dtype
-    ct = _checks.compute_dtype(dtype)
-    p = p.astype(ct)
-    m = jnp.max(jnp.abs(p)) if p.size else jnp.zeros([], ct)
-    scaled = p / jnp.where(m > 0, m, 1)
-    rms = m * jnp.sqrt(jnp.mean(jnp.square(scaled))) if p.size else m
-    bound = jnp.asarray(p_scale, ct) * rms
-    return jnp.minimum(bound, jnp.finfo(dtype).max).astype(ct)
+    p = jnp.asarray(p)
+    ct = numerics.compute_dtype(p.dtype)
+    bound = numerics.scaled_root_mean_square(p.astype(ct), p_scale)
+    return jnp.minimum(bound, jnp.finfo(p.dtype).max).astype(ct)
   return jax.tree.map(leaf, params)
-
-
-def _step_away_from(x: jax.Array, reference: jax.Array) -> jax.Array:
-  """One ulp of ``x`` in the direction opposite to ``reference``'s sign.
-
-  For finite nonzero ``x`` this is ``jnp.nextafter(x, -sign(reference) * inf)``,
-  the only case in which it is used (a clipped step that overshot the bound
-  is never zero or infinite). Floats are sign and magnitude, so adding one to
-  the bit pattern grows ``|x|`` by one ulp and subtracting one shrinks it;
-  written as a handful of lax primitives, which keeps both the fused update
-  and tracing cheap on many-leaf trees.
-  """
-  int_dtype = np.dtype(f"int{8 * np.dtype(x.dtype).itemsize}")
-  one = np.asarray(1, int_dtype)
-  bits = lax.bitcast_convert_type(x, int_dtype)
-  # |x| grows when x and reference have opposite signs.
-  grows = lax.ne(lax.ge(bits, np.asarray(0, int_dtype)),
-                 lax.ge(reference, np.asarray(0, reference.dtype)))
-  step = lax.sub(lax.mul(lax.convert_element_type(grows, int_dtype),
-                         np.asarray(2, int_dtype)), one)      # +1 or -1
-  return lax.bitcast_convert_type(lax.add(bits, step), x.dtype)
 
 
 def clip_weight_magnitude(
@@ -85,7 +93,8 @@ def clip_weight_magnitude(
   or ``max_magnitude`` for every tensor if given. Each ``update`` then returns
   :math:`\mathrm{clip}(w + u, -w_{max}, w_{max}) - w`, so that after
   ``optax.apply_updates`` :math:`|w| \le w_{max}`. These are steps 1 and 7 of
-  Madam. Computing the bound is a reduction (a collective when the tensor is
+  Madam (Algorithm 1 of the paper; the README's maths table). Computing the
+  bound is a reduction (a collective when the tensor is
   sharded) done once at ``init``; the update itself is elementwise.
 
   Args:
@@ -95,7 +104,7 @@ def clip_weight_magnitude(
     max_magnitude: a fixed bound used for every tensor instead (optional).
 
   Returns:
-    An ``optax.GradientTransformation``; its ``update`` requires ``params``.
+    An ``optax.GradientTransformationExtraArgs``; its ``update`` requires ``params``.
 
   Example:
     >>> import jax.numpy as jnp, optax, madam_optax
@@ -109,26 +118,25 @@ def clip_weight_magnitude(
     Bernstein et al., "Learning compositional functions via multiplicative
     weight updates", NeurIPS 2020, arXiv:2006.14560.
   """
-  _checks.check_hyperparameter("p_scale", p_scale, low=0.0, low_inclusive=False)
-  _checks.check_hyperparameter("max_magnitude", max_magnitude, low=0.0,
+  validation.check_hyperparameter("p_scale", p_scale, low=0.0, low_inclusive=False)
+  validation.check_hyperparameter("max_magnitude", max_magnitude, low=0.0,
                                low_inclusive=False, allow_none=True)
 
   def init_fn(params):
-    _checks.check_float_leaves(params, "clip_weight_magnitude")
+    validation.check_float_leaves(params, "clip_weight_magnitude")
     if max_magnitude is None:
-      bounds = initial_rms_bound(params, p_scale)
+      bounds = initial_max_magnitude(params, p_scale)
     else:
       bounds = jax.tree.map(
-          lambda p: jnp.asarray(max_magnitude, _checks.compute_dtype(p.dtype)),
+          lambda p: jnp.asarray(max_magnitude, numerics.compute_dtype(p.dtype)),
           params)
     return ClipWeightMagnitudeState(
-        max_magnitude=tuple(
-            jax.tree.leaves(bounds, is_leaf=_checks.is_masked)))
+        max_magnitude=tree_utils.per_tensor_tuple(bounds))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args  # accepted and ignored, as optax.chain passes them on
-    _checks.require_params(params, "clip_weight_magnitude")
-    _checks.check_same_structure(updates, params, "clip_weight_magnitude")
+    validation.require_params(params, "clip_weight_magnitude")
+    validation.check_same_structure(updates, params, "clip_weight_magnitude")
 
     def leaf(u, w, bound):
       dtype = jnp.result_type(w, u)
@@ -144,9 +152,9 @@ def clip_weight_magnitude(
       # magnitude in that case, so that |w + delta| <= bound holds exactly.
       realised = lax.add(w_, delta)
       over = lax.gt(lax.abs(realised), bound)
-      return lax.select(over, _step_away_from(delta, realised), delta)
+      return lax.select(over, numerics.step_away_from(delta, realised), delta)
 
-    return _checks.map_per_tensor(
+    return tree_utils.map_per_tensor(
         leaf, updates, params, state.max_magnitude,
         transform="clip_weight_magnitude", what="bounds"), state
 

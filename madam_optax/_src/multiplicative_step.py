@@ -1,4 +1,4 @@
-"""The multiplicative exponentiated step: SPEC step 6."""
+"""The multiplicative exponentiated step: step 6 of Madam."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from jax import lax
 import optax
 
-from madam_optax import _checks
+from madam_optax._src import numerics
+from madam_optax._src import validation
 
 
 class MultiplicativeStepState(NamedTuple):
@@ -40,7 +41,8 @@ def multiplicative_step(
   change of every weight is at most :math:`\exp(\eta |u|) - 1`. A weight never
   changes sign, and a zero weight never moves (see
   :func:`madam_optax.multiplicative_labels` for leaves that must). ``expm1``
-  keeps tiny steps exact. This is step 6 of Madam; ``learning_rate`` sits in
+  keeps tiny steps exact. This is step 6 of Madam
+  (Algorithm 1 of the paper; the README's maths table); ``learning_rate`` sits in
   the exponent, so it is part of this transform rather than a trailing
   ``optax.scale_by_learning_rate``.
 
@@ -49,7 +51,7 @@ def multiplicative_step(
       the step count, starting at 0).
 
   Returns:
-    An ``optax.GradientTransformation``; its ``update`` requires ``params``.
+    An ``optax.GradientTransformationExtraArgs``; its ``update`` requires ``params``.
 
   Example:
     >>> import jax.numpy as jnp, optax, madam_optax
@@ -63,21 +65,21 @@ def multiplicative_step(
     Bernstein et al., "Learning compositional functions via multiplicative
     weight updates", NeurIPS 2020, arXiv:2006.14560.
   """
-  _checks.check_hyperparameter("learning_rate", learning_rate, low=0.0)
+  validation.check_hyperparameter("learning_rate", learning_rate, low=0.0)
 
   def init_fn(params):
-    _checks.check_float_leaves(params, "multiplicative_step")
+    validation.check_float_leaves(params, "multiplicative_step")
     return MultiplicativeStepState(count=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args  # accepted and ignored, as optax.chain passes them on
-    _checks.require_params(params, "multiplicative_step")
-    _checks.check_same_structure(updates, params, "multiplicative_step")
-    _checks.check_float_leaves(params, "multiplicative_step")
+    validation.require_params(params, "multiplicative_step")
+    validation.check_same_structure(updates, params, "multiplicative_step")
+    validation.check_float_leaves(params, "multiplicative_step")
     lr = jnp.asarray(learning_rate_at(learning_rate, state.count))
 
     def leaf(u, w):
-      ct = _checks.compute_dtype(w.dtype)
+      ct = numerics.compute_dtype(w.dtype)
       w_ = lax.convert_element_type(w, ct)
       exponent = lax.mul(
           lax.mul(lax.neg(lax.convert_element_type(lr, ct)),

@@ -1,4 +1,4 @@
-"""Second-moment normalisation: SPEC steps 2-4 (Adam's denominator, no epsilon)."""
+"""Second-moment normalisation: steps 2-4 of Madam (Adam's denominator, no epsilon)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from jax import lax
 import numpy as np
 import optax
 
-from madam_optax import _checks
+from madam_optax._src import numerics
+from madam_optax._src import tree_utils
+from madam_optax._src import validation
 
 
 class ScaleBySecondMomentState(NamedTuple):
@@ -25,24 +27,6 @@ class ScaleBySecondMomentState(NamedTuple):
   """
   count: jax.Array
   rms: Any
-
-
-def _hypot(x: jax.Array, y: jax.Array) -> jax.Array:
-  """``jnp.hypot(x, y)`` for same-shape float arrays, in lax primitives.
-
-  The same formula as ``jnp.hypot`` (``m * sqrt(1 + (n / m)**2)`` with
-  ``m = max(|x|, |y|)``, ``n = min(|x|, |y|)``, 0 at 0 and inf at inf), with
-  scalar constants only, which keeps tracing cheap on many-leaf trees.
-  """
-  x, y = lax.abs(x), lax.abs(y)
-  big, small = lax.max(x, y), lax.min(x, y)
-  # max(big, tiny) only differs from big at 0 (and in the subnormals, which
-  # XLA flushes to zero), where small is 0 too and the result is 0 anyway.
-  tiny = np.asarray(np.finfo(big.dtype).tiny, big.dtype)
-  ratio = lax.div(small, lax.max(big, tiny))
-  h = lax.mul(big, lax.sqrt(lax.add(np.asarray(1, big.dtype),
-                                    lax.mul(ratio, ratio))))
-  return lax.select(lax.eq(big, np.asarray(np.inf, big.dtype)), big, h)
 
 
 def scale_by_second_moment(
@@ -62,7 +46,8 @@ def scale_by_second_moment(
 
   with :math:`0/0 := 0` (a parameter whose gradients have all been zero gets a
   zero update) and no epsilon. At :math:`t = 1`, :math:`u_1 = \mathrm{sign}(g_1)`
-  exactly. These are steps 2-4 of Madam (Bernstein et al., 2020); unlike
+  exactly. These are steps 2-4 of Madam
+  (Bernstein et al., 2020, Algorithm 1; the README's maths table); unlike
   ``optax.scale_by_rms`` there is no epsilon, which Madam relies on for its
   scale invariance.
 
@@ -74,7 +59,7 @@ def scale_by_second_moment(
       always runs in at least float32.
 
   Returns:
-    An ``optax.GradientTransformation``.
+    An ``optax.GradientTransformationExtraArgs``.
 
   Example:
     >>> import jax.numpy as jnp, optax, madam_optax
@@ -88,15 +73,11 @@ def scale_by_second_moment(
     Bernstein et al., "Learning compositional functions via multiplicative
     weight updates", NeurIPS 2020, arXiv:2006.14560.
   """
-  _checks.check_hyperparameter("b2", b2, low=0.0, high=1.0, high_inclusive=False)
-  if state_dtype is not None:
-    state_dtype = jnp.dtype(state_dtype)
-    if not jnp.issubdtype(state_dtype, jnp.floating):
-      raise ValueError(
-          f"state_dtype must be a floating-point dtype, got {state_dtype}.")
+  validation.check_hyperparameter("b2", b2, low=0.0, high=1.0, high_inclusive=False)
+  state_dtype = validation.check_state_dtype(state_dtype)
 
   def init_fn(params):
-    _checks.check_float_leaves(params, "scale_by_second_moment")
+    validation.check_float_leaves(params, "scale_by_second_moment")
     rms = jax.tree.map(
         lambda p: jnp.zeros_like(p, dtype=state_dtype or p.dtype), params)
     return ScaleBySecondMomentState(
@@ -105,8 +86,8 @@ def scale_by_second_moment(
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args  # accepted and ignored, as optax.chain passes them on
     del params
-    _checks.check_float_leaves(updates, "scale_by_second_moment", "updates")
-    _checks.check_same_structure(updates, state.rms, "scale_by_second_moment",
+    validation.check_float_leaves(updates, "scale_by_second_moment", "updates")
+    validation.check_same_structure(updates, state.rms, "scale_by_second_moment",
                                  "optimizer-state")
     count = optax.safe_increment(state.count)
     b2_ = jnp.asarray(b2, jnp.float32)
@@ -119,14 +100,11 @@ def scale_by_second_moment(
         count == 1, sqrt_1mb2, jnp.sqrt(1.0 - b2_ ** count.astype(jnp.float32)))
 
     def leaf(g, r):
-      # Written with lax primitives: jnp's wrappers each add a nested jit to
-      # the traced program, which multiplies tracing and compile time on trees
-      # with hundreds of leaves.
-      ct = _checks.compute_dtype(g.dtype)
+      ct = numerics.compute_dtype(g.dtype)
       g_ = lax.convert_element_type(g, ct)
       # rms_t = sqrt(b2 * rms**2 + (1 - b2) * g**2), computed without squaring
       # (hypot), so that tiny and huge gradients neither underflow nor overflow.
-      new_r = _hypot(lax.mul(lax.convert_element_type(sqrt_b2, ct),
+      new_r = numerics.hypot(lax.mul(lax.convert_element_type(sqrt_b2, ct),
                              lax.convert_element_type(r, ct)),
                      lax.mul(lax.convert_element_type(sqrt_1mb2, ct), g_))
       # g / sqrt(v_hat) = g * sqrt(1 - b2**t) / rms_t, and 0/0 := 0.
@@ -140,7 +118,7 @@ def scale_by_second_moment(
       return (lax.convert_element_type(u, g.dtype),
               lax.convert_element_type(new_r, r.dtype))
 
-    new_updates, new_rms = _checks.tree_map_unzip(leaf, updates, state.rms)
+    new_updates, new_rms = tree_utils.tree_map_unzip(leaf, updates, state.rms)
     return new_updates, ScaleBySecondMomentState(count=count, rms=new_rms)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

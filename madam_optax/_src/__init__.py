@@ -1,0 +1,1 @@
+"""Implementation modules of madam-optax; import from ``madam_optax``."""

@@ -1,0 +1,208 @@
+"""The optimizers: ``madam`` and ``lns_madam``, chains of the composable parts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optax
+
+import jax
+import jax.numpy as jnp
+
+from madam_optax._src import lns
+from madam_optax._src import lns_level_step as lns_level_step_lib
+from madam_optax._src import validation
+from madam_optax._src.magnitude_bound import clip_weight_magnitude
+from madam_optax._src.multiplicative_step import multiplicative_step
+from madam_optax._src.second_moment import scale_by_second_moment
+
+
+def madam(
+    learning_rate: optax.ScalarOrSchedule = 0.01,
+    *,
+    p_scale: float = 3.0,
+    g_bound: float = 10.0,
+    b2: float = 0.999,
+    state_dtype: Any = None,
+    max_magnitude: float | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Madam: the multiplicative version of Adam.
+
+  For each parameter tensor :math:`w` with gradient :math:`g`, at step
+  :math:`t = 1, 2, \dots`:
+
+  .. math::
+
+    w_{max} &= p_{scale} \sqrt{\mathrm{mean}(w_0^2)} \quad\text{(once, at init)}\\
+    v &\leftarrow \beta_2 v + (1 - \beta_2) g^2, \qquad
+    \hat v = v / (1 - \beta_2^t)\\
+    g_n &= \mathrm{clip}(g / \sqrt{\hat v}, -g_{bound}, g_{bound})
+      \quad (0/0 := 0)\\
+    w &\leftarrow \mathrm{clip}(w\, e^{-\eta\, g_n \mathrm{sign}(w)},
+      -w_{max}, w_{max})
+
+  It is ``optax.chain(scale_by_second_moment(b2), optax.clip(g_bound),
+  multiplicative_step(learning_rate), clip_weight_magnitude(p_scale))``. The
+  default learning rate 0.01 is meant to work across architectures. Weights
+  never change sign and zero weights never move: route zero-initialised leaves
+  (e.g. Flax's default biases) to an additive optimizer with
+  :func:`madam_optax.with_additive_fallback`.
+
+  Args:
+    learning_rate: :math:`\eta`, a float or an optax schedule.
+    p_scale: per-tensor weight bound as a multiple of the initial RMS.
+    g_bound: bound on the normalised gradient.
+    b2: decay of the second-moment moving average, in ``[0, 1)``.
+    state_dtype: dtype of the second-moment buffer (``None``: the parameter's
+      dtype; ``jnp.bfloat16`` halves the state).
+    max_magnitude: a fixed weight bound for every tensor instead of
+      ``p_scale`` times the initial RMS.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, madam_optax
+    >>> params = {'w': jnp.array([1.0, -2.0, 3.0])}
+    >>> loss = lambda p: jnp.sum((p['w'] - 0.5) ** 2)
+    >>> tx = madam_optax.madam()
+    >>> state = tx.init(params)
+    >>> for _ in range(3):
+    ...   grads = jax.grad(loss)(params)
+    ...   updates, state = tx.update(grads, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print(params['w'].round(3))   # each step moves log|w| by 0.01
+    [ 0.971 -1.941  2.912]
+
+  References:
+    Bernstein, Zhao, Meister, Liu, Anandkumar, Yue, "Learning compositional
+    functions via multiplicative weight updates", NeurIPS 2020,
+    arXiv:2006.14560.
+  """
+  validation.check_hyperparameter("g_bound", g_bound, low=0.0, low_inclusive=False)
+  return optax.chain(
+      scale_by_second_moment(b2, state_dtype=state_dtype),
+      optax.clip(g_bound),
+      multiplicative_step(learning_rate),
+      clip_weight_magnitude(p_scale, max_magnitude=max_magnitude),
+  )
+
+
+def _second_moment_for_codes(b2, state_dtype) -> optax.GradientTransformationExtraArgs:
+  """``scale_by_second_moment`` whose ``init`` accepts integer codes."""
+  inner = scale_by_second_moment(b2, state_dtype=state_dtype)
+
+  def init_fn(params):
+    return inner.init(jax.tree.map(
+        lambda c: jnp.zeros_like(c, dtype=jnp.float32), params))
+
+  return optax.GradientTransformationExtraArgs(init_fn, inner.update)
+
+
+def lns_madam(
+    fmt: lns.LNSFormat,
+    learning_rate: optax.ScalarOrSchedule = 0.01,
+    *,
+    g_bound: float = 10.0,
+    b2: float = 0.999,
+    rounding: str = "stochastic",
+    seed: int = 0,
+    state_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Madam whose parameters are integer LNS codes (natively compressed).
+
+  The weights are stored as codes :math:`c = s\,(levels - k)` meaning
+  :math:`w = s\, w_{max}\, base^{-k}` (:class:`madam_optax.LNSFormat`); the
+  gradients are taken with respect to the decoded weights. Each step is
+  the paper's integer LNS rule (the README's LNS section):
+
+  .. math::
+
+    g_n &= \mathrm{clip}(g / \sqrt{\hat v}, -g_{bound}, g_{bound})
+      \quad\text{(steps 2-5)}\\
+    k &\leftarrow \mathrm{clip}\big(k + \mathrm{R}(\eta\, g_n
+      \mathrm{sign}(w) / \log(base)),\ 0,\ levels - 1\big),
+
+  with :math:`\mathrm{R}` stochastic (unbiased, default) or nearest rounding.
+  It is ``optax.chain(scale_by_second_moment(b2), optax.clip(g_bound),
+  lns_level_step(fmt, learning_rate))``. ``update(grads, state, codes)``
+  returns integer code changes of the codes' dtype: ``optax.apply_updates``
+  keeps the codes ``int8``/``int16``. Float leaves (Flax's zero-initialised
+  biases) are refused: use :func:`madam_optax.with_additive_fallback` on the
+  codes tree from :func:`madam_optax.lns_encode_tree`, which sends them to an
+  additive optimizer. :func:`lns_value_and_grad` gives the gradients.
+
+  Memory: 1 byte per weight (``int8`` codes) plus the second moment (2 bytes
+  with ``state_dtype=jnp.bfloat16``), against Adam's 12 bytes in float32.
+
+  Args:
+    fmt: the codes' :class:`madam_optax.LNSFormat`.
+    learning_rate: :math:`\eta`, a float or an optax schedule.
+    g_bound: bound on the normalised gradient.
+    b2: decay of the second-moment moving average.
+    rounding: ``"stochastic"`` (default) or ``"nearest"``.
+    seed: seed of the PRNG key (in the state) for stochastic rounding.
+    state_dtype: dtype of the second moment (default float32;
+      ``jnp.bfloat16`` halves it).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` over the codes; ``update`` requires
+    the codes as ``params``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, madam_optax
+    >>> fmt = madam_optax.LNSFormat.spanning(127)          # int8 codes
+    >>> params = {'w': jnp.array([[0.5, -1.0], [0.25, 2.0]]), 'b': jnp.zeros(2)}
+    >>> codes, w_max = madam_optax.lns_encode_tree(params, fmt)
+    >>> tx = madam_optax.with_additive_fallback(
+    ...     codes, madam_optax.lns_madam(fmt), optax.adam(1e-2))
+    >>> state = tx.init(codes)
+    >>> loss = lambda p: jnp.sum((jnp.ones(2) @ p['w'] + p['b'] - 1.0) ** 2)
+    >>> value_and_grad = madam_optax.lns_value_and_grad(loss, w_max, fmt)
+    >>> for _ in range(50):
+    ...   value, grads = value_and_grad(codes)
+    ...   updates, state = tx.update(grads, state, codes)
+    ...   codes = optax.apply_updates(codes, updates)
+    >>> codes['w'].dtype, bool(value < loss(params))
+    (dtype('int8'), True)
+
+  References:
+    Bernstein, Zhao, Meister, Liu, Anandkumar, Yue, "Learning compositional
+    functions via multiplicative weight updates", NeurIPS 2020,
+    arXiv:2006.14560.
+  """
+  validation.check_hyperparameter("g_bound", g_bound, low=0.0, low_inclusive=False)
+  return optax.chain(
+      _second_moment_for_codes(b2, state_dtype),
+      optax.clip(g_bound),
+      lns_level_step_lib.lns_level_step(fmt, learning_rate, rounding=rounding,
+                                        seed=seed),
+  )
+
+
+def lns_madam_reference() -> optax.GradientTransformationExtraArgs:
+  r"""The paper's integer LNS variant: base :math:`e^{0.001}`, 4096 levels, step
+  :math:`\mathrm{round}(10\, g_n)`, deterministic rounding.
+
+  ``lns_madam(REFERENCE_FORMAT, learning_rate=0.01, rounding="nearest")``:
+  :math:`\eta / \log(base) = 0.01 / 0.001 = 10` levels per unit of
+  normalised gradient. Encode the weights with
+  ``madam_optax.REFERENCE_FORMAT`` (``int16`` codes).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` over ``int16`` codes.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, madam_optax
+    >>> tx = madam_optax.lns_madam_reference()
+    >>> codes = {'w': jnp.array([2000, -2000], jnp.int16)}
+    >>> u, _ = tx.update({'w': jnp.array([0.3, 0.3])}, tx.init(codes), codes)
+    >>> u['w']                           # g_n = sign(g) at step 1: 10 levels
+    Array([-10, -10], dtype=int16)
+
+  References:
+    Bernstein et al., "Learning compositional functions via multiplicative
+    weight updates", NeurIPS 2020, arXiv:2006.14560.
+  """
+  return lns_madam(lns.REFERENCE_FORMAT, learning_rate=0.01,
+                   rounding="nearest")

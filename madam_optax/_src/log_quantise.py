@@ -1,0 +1,131 @@
+"""Log-quantisation: projects float weights onto the LNS grid (float form)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from madam_optax._src import lns
+from madam_optax._src import magnitude_bound
+from madam_optax._src import tree_utils
+from madam_optax._src import validation
+
+
+class LogQuantiseState(NamedTuple):
+  """State of :func:`log_quantise`.
+
+  Attributes:
+    max_magnitude: a tuple with one scalar per parameter tensor, in
+      ``jax.tree.leaves(params)`` order: the grid's largest magnitude
+      :math:`w_{max}`, fixed at ``init`` (a flat tuple, as in
+      :class:`madam_optax.ClipWeightMagnitudeState`).
+    key: the PRNG key for stochastic rounding (carried, unused, by ``nearest``).
+  """
+  max_magnitude: Any
+  key: jax.Array
+
+
+def log_quantise(
+    fmt: lns.LNSFormat,
+    *,
+    rounding: str = "nearest",
+    seed: int = 0,
+    p_scale: float = 3.0,
+    max_magnitude: float | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Projects ``w + u`` onto the LNS grid: float params that live on the grid.
+
+  For a float weight :math:`w` and incoming update :math:`u`, with the grid
+  :math:`\{\pm w_{max}\, base^{-k} : k = 0 .. levels-1\} \cup \{0\}`:
+
+  .. math::
+
+    k &= \mathrm{clip}(\mathrm{R}(\log(w_{max}/|w+u|)/\log(base)),\ 0,\
+         levels - 1)\\
+    w' &= \mathrm{sign}(w+u)\, w_{max}\, base^{-k}, \qquad
+    \text{returned update} = w' - w,
+
+  where :math:`\mathrm{R}` rounds to nearest (half to even) or stochastically
+  (:math:`\lfloor x + U\rfloor`, unbiased in the level). :math:`w_{max}` is fixed
+  per tensor at ``init`` as ``p_scale * sqrt(mean(w0**2))`` (Madam's step 1) or
+  ``max_magnitude``. This is the fourth composable part of Madam (the
+  paper's LNS training; the README's LNS section): put it last in a chain, e.g. after ``madam`` or after ``optax.adam`` to
+  project another optimizer's weights onto the same grid. Stochastic rounding
+  keeps its PRNG key in the state. Float round-off in ``optax.apply_updates``
+  (``w + (w' - w)``) can leave the result a few ulps from the grid point.
+
+  Args:
+    fmt: the :class:`madam_optax.LNSFormat` (levels and base).
+    rounding: ``"nearest"`` (deterministic) or ``"stochastic"``.
+    seed: seed of the PRNG key kept in the state.
+    p_scale: each tensor's :math:`w_{max}` as a multiple of its initial RMS.
+    max_magnitude: a fixed :math:`w_{max}` for every tensor instead.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, madam_optax
+    >>> fmt = madam_optax.LNSFormat(levels=4, base=2.0)
+    >>> tx = madam_optax.log_quantise(fmt, max_magnitude=1.0)
+    >>> params = {'w': jnp.array([0.9, -0.3, 0.01, 5.0])}
+    >>> u, _ = tx.update({'w': jnp.zeros(4)}, tx.init(params), params)
+    >>> optax.apply_updates(params, u)['w']
+    Array([ 1.   , -0.25 ,  0.125,  1.   ], dtype=float32)
+
+  References:
+    Bernstein et al., "Learning compositional functions via multiplicative
+    weight updates", NeurIPS 2020, arXiv:2006.14560.
+  """
+  lns.check_format(fmt)
+  lns.check_rounding(rounding)
+  validation.check_hyperparameter("p_scale", p_scale, low=0.0,
+                                  low_inclusive=False)
+  validation.check_hyperparameter("max_magnitude", max_magnitude, low=0.0,
+                                  low_inclusive=False, allow_none=True)
+
+  def init_fn(params):
+    validation.check_float_leaves(params, "log_quantise")
+    bounds = []
+    for path, p in jax.tree_util.tree_flatten_with_path(
+        params, is_leaf=tree_utils.is_masked)[0]:
+      if tree_utils.is_masked(p):
+        bounds.append(p)
+        continue
+      bound = (magnitude_bound.initial_max_magnitude(p, p_scale)
+               if max_magnitude is None else jnp.asarray(max_magnitude,
+                                                         jnp.float32))
+      v = validation.concrete_value(bound)
+      if v is not None and (not math.isfinite(v) or v <= 0):
+        raise ValueError(
+            f"log_quantise: leaf {tree_utils.leaf_name(path)} has "
+            f"max_magnitude {v} (an all-zero tensor?); it would stay zero "
+            "forever. Exclude it with `optax.masked` or train it additively "
+            "(`madam_optax.with_additive_fallback`).")
+      bounds.append(bound)
+    return LogQuantiseState(max_magnitude=tuple(bounds),
+                            key=jax.random.PRNGKey(seed))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args  # accepted and ignored, as optax.chain passes them on
+    validation.require_params(params, "log_quantise")
+    validation.check_same_structure(updates, params, "log_quantise")
+    validation.check_float_leaves(params, "log_quantise")
+    bounds = tuple(state.max_magnitude)
+    key, keys = lns.split_key(state.key, len(bounds))
+
+    def leaf(u, w, bound, k):
+      x = w + u.astype(w.dtype)
+      return lns.project_to_grid(x, bound, fmt, rounding, k) - w
+
+    new_updates = tree_utils.map_per_tensor(
+        leaf, updates, params, bounds, keys, transform="log_quantise",
+        what="bounds")
+    return new_updates, LogQuantiseState(
+        max_magnitude=state.max_magnitude, key=key)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
