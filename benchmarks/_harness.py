@@ -228,7 +228,8 @@ def machine_markdown(record: dict[str, Any]) -> str:
       f"- command: `{known(record['command'])}`",
       f"- date: {known(record['date_utc'])}",
       f"- machine: {known(record['cpu'])}, {known(record['cores'])} cores"
-      f"{memory}; {known(record['platform'])}",
+      f"{memory}",
+      f"- operating system: {known(record['platform'])}",
       f"- JAX backend: {known(record['backend'])}; devices: "
       f"{known(record['devices'])}",
       "- versions: " + ", ".join(f"{k} {x}" for k, x in v.items()

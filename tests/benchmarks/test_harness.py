@@ -114,7 +114,7 @@ def test_machine_markdown_says_what_was_not_recorded(harness):
                 load_average_at_start=[1.0, 2.0, 3.0])
   text = harness.machine_markdown(record)
   assert "- command: `not recorded`" in text
-  assert "- machine: X, 2 cores; not recorded" in text
+  assert "- machine: X, 2 cores\n- operating system: not recorded" in text
   assert "- versions: jax 0.1\n" in text
   assert "at start / end: [1.0, 2.0, 3.0] / not recorded" in text
 
