@@ -241,7 +241,13 @@ def machine_markdown(record: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------
-# Command-line options.
+# Command-line options and progress.
+
+
+def progress(*args: Any) -> None:
+  """``print``, flushed at once: long runs' logs show where they are."""
+  print(*args, flush=True)
+
 
 
 def command_line(script: str, argv: Sequence[str] | None) -> str:
@@ -381,7 +387,7 @@ def _json_default(x: Any) -> Any:
 
 
 def render(out: pathlib.Path, name: str, results: dict[str, Any],
-           report: Report, log: Callable[..., Any] = print
+           report: Report, log: Callable[..., Any] = progress
            ) -> list[pathlib.Path]:
   """Writes ``<name>.md`` (and ``<name>.png``) from ``results``; no JSON."""
   out.mkdir(parents=True, exist_ok=True)
@@ -402,7 +408,7 @@ def render(out: pathlib.Path, name: str, results: dict[str, Any],
 
 def write_results(out: pathlib.Path | None, name: str,
                   results: dict[str, Any], report: Report,
-                  log: Callable[..., Any] = print) -> list[pathlib.Path]:
+                  log: Callable[..., Any] = progress) -> list[pathlib.Path]:
   """Stamps the end-of-run load average and writes the results.
 
   Args:
@@ -435,7 +441,7 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def replot(out: pathlib.Path | None, name: str, report: Report,
-           log: Callable[..., Any] = print) -> dict[str, Any]:
+           log: Callable[..., Any] = progress) -> dict[str, Any]:
   """Rewrites ``<name>.md`` (and the figure) from ``<out>/<name>.json``.
 
   The JSON itself is left as it is. Returns the results read.

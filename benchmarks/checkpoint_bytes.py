@@ -131,7 +131,7 @@ def stored_dtype(step_folder: pathlib.Path, leaf: str) -> str:
 
 
 def measure(name: str, params: dict, steps: int, workdir: pathlib.Path,
-            log: Callable = print) -> dict:
+            log: Callable = harness.progress) -> dict:
   """Saves ``name``'s state after ``steps`` steps (all, and the params alone).
 
   Returns the row: bytes on disk and in memory, in all and per parameter,
@@ -209,7 +209,7 @@ def parse_args(argv=None):
   return args
 
 
-def main(argv=None, log=print) -> dict:
+def main(argv=None, log=harness.progress) -> dict:
   args = parse_args(argv)
   if args.replot:
     return harness.replot(args.out, args.name, REPORT, log)

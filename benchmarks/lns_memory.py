@@ -139,7 +139,7 @@ def parse_args(argv=None):
                             argv, __file__)
 
 
-def main(argv=None, log=print) -> dict:
+def main(argv=None, log=harness.progress) -> dict:
   args = parse_args(argv)
   if args.replot:
     return harness.replot(args.out, args.name, REPORT, log)

@@ -241,7 +241,7 @@ def bandwidth_kernels(n: int):
 
 def bench_tree(tree_name: str, shapes: dict, *, repeats: int,
                compile_repeats: int, bw_n: int, target_s: float,
-               opt_names=None, skipped=None, log=print) -> dict:
+               opt_names=None, skipped=None, log=harness.progress) -> dict:
   """Measures every optimizer (and bandwidth) on one tree, interleaved."""
   skipped = [] if skipped is None else skipped
   params0 = random_tree(shapes, seed=0)
@@ -444,7 +444,7 @@ def parse_args(argv=None):
   return harness.parse_args(ap, argv, __file__)
 
 
-def main(argv=None, log=print) -> dict:
+def main(argv=None, log=harness.progress) -> dict:
   args = parse_args(argv)
   if args.replot:
     return harness.replot(args.out, args.name, REPORT, log)
