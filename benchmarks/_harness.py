@@ -296,7 +296,8 @@ def argument_parser(doc: str | None,
       help="results folder (default benchmarks/results; none with --quick); "
       "'-' writes nothing")
   parser.add_argument("--name", default=name,
-                      help=f"file stem of the results (default {name})")
+                      help="file stem of the results"
+                      + (f" (default {name})" if name else ""))
   parser.add_argument(
       "--replot", action="store_true",
       help="rewrite <name>.md (and the figure) from <out>/<name>.json; "
@@ -387,9 +388,12 @@ def _json_default(x: Any) -> Any:
 
 
 def render(out: pathlib.Path, name: str, results: dict[str, Any],
-           report: Report, log: Callable[..., Any] = progress
-           ) -> list[pathlib.Path]:
-  """Writes ``<name>.md`` (and ``<name>.png``) from ``results``; no JSON."""
+           report: Report) -> list[pathlib.Path]:
+  """Writes ``<name>.md`` (and ``<name>.png``) from ``results``; no JSON.
+
+  Returns:
+    The paths written.
+  """
   out.mkdir(parents=True, exist_ok=True)
   paths = [out / f"{name}.md"]
   paths[0].write_text(markdown(name, results, report), encoding="utf-8")
@@ -402,7 +406,6 @@ def render(out: pathlib.Path, name: str, results: dict[str, Any],
     paths.append(out / f"{name}.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
-  log("wrote " + ", ".join(str(p) for p in paths))
   return paths
 
 
@@ -431,7 +434,9 @@ def write_results(out: pathlib.Path | None, name: str,
   path = out / f"{name}.json"
   path.write_text(json.dumps(results, indent=1, default=_json_default) + "\n",
                   encoding="utf-8")
-  return [path] + render(out, name, results, report, log)
+  paths = [path] + render(out, name, results, report)
+  log("wrote " + ", ".join(str(p) for p in paths))
+  return paths
 
 
 def read_results(path: str | os.PathLike) -> dict[str, Any]:
@@ -448,7 +453,8 @@ def replot(out: pathlib.Path | None, name: str, report: Report,
   """
   out = RESULTS_DIR if out is None else out
   results = read_results(out / f"{name}.json")
-  render(out, name, results, report, log)
+  log("rewrote " + ", ".join(str(p) for p in render(out, name, results,
+                                                     report)))
   return results
 
 
