@@ -14,8 +14,10 @@
   (:func:`tree_bytes`, :func:`bytes_per_device`), and parameters
   (:func:`param_count`).
 * The pieces of a measurement several scripts use: the MLP parameter tree
-  (:func:`mlp_params`), one optimizer step (:func:`update_and_apply`) and the
-  quartiles of repeated timings (:func:`quartiles`).
+  (:func:`mlp_params`), the weights as a run stores them with the optimizer
+  for them (:func:`stored_for_training`), one optimizer step
+  (:func:`update_and_apply`) and the quartiles of repeated timings
+  (:func:`quartiles`).
 
 The scripts in ``benchmarks/`` import this module as ``_harness``: Python puts
 a script's folder on ``sys.path`` when it runs ``python benchmarks/x.py``.
@@ -42,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+import madam_optax
 
 HERE = pathlib.Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
@@ -543,6 +547,46 @@ def mlp_params(dims: Sequence[int], seed: int = 0) -> dict[str, Any]:
     params[f"dense{i}"] = {"kernel": jax.random.normal(k, (a, b)) / np.sqrt(a),
                            "bias": jnp.zeros(b)}
   return params
+
+
+def stored_for_training(
+    params: Any, tx: optax.GradientTransformation,
+    fmt: madam_optax.LNSFormat | None = None, *, additive: bool = True,
+) -> tuple[dict[str, Any], optax.GradientTransformation]:
+  """The weights as a training run stores them, and the optimizer for them.
+
+  Args:
+    params: the float32 initial weights.
+    tx: the optimizer, e.g. ``madam_optax.madam()`` (with ``fmt``:
+      ``madam_optax.lns_madam(fmt)``).
+    fmt: store the weights as this LNS format's integer codes, with their
+      per-tensor scales (``madam_optax.lns_encode_tree``); ``None`` keeps
+      them float.
+    additive: send the leaves that are zero at initialisation to
+      ``optax.adam(1e-3)`` (``madam_optax.with_additive_fallback``: Madam
+      cannot move them); ``False`` gives every leaf to ``tx``.
+
+  Returns:
+    ``(stored, tx)``: ``stored["params"]`` holds the weights or codes (and
+    ``stored["scales"]`` the scales, with ``fmt``); ``tx`` trains
+    ``stored["params"]``.
+
+  Example:
+    >>> fmt = madam_optax.LNSFormat.spanning(127)
+    >>> stored, tx = stored_for_training(
+    ...     mlp_params((4, 3)), madam_optax.lns_madam(fmt), fmt)
+    >>> str(stored["params"]["dense0"]["kernel"].dtype), stored["scales"][
+    ...     "dense0"]["bias"] is None
+    ('int8', True)
+  """
+  stored = {"params": params}
+  if fmt is not None:
+    stored["params"], stored["scales"] = madam_optax.lns_encode_tree(params,
+                                                                     fmt)
+  if additive:
+    tx = madam_optax.with_additive_fallback(stored["params"], tx,
+                                            optax.adam(1e-3))
+  return stored, tx
 
 
 def update_and_apply(tx: optax.GradientTransformation, grads: Any,

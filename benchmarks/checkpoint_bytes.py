@@ -47,24 +47,25 @@ FMT = madam_optax.LNSFormat.spanning(127)            # 8-bit codes (int8)
 
 
 def configs() -> dict[str, dict[str, Any]]:
-  """name -> (is_lns, multiplicative optimizer factory, description)."""
-  adam = lambda: optax.adam(1e-3)
+  """name -> optimizer factory, stored LNS format, Adam for zero leaves, and
+  a description."""
   return {
-      "madam": dict(lns=False, tx=lambda: madam_optax.madam(0.01),
+      "madam": dict(tx=lambda: madam_optax.madam(0.01), fmt=None,
+                    additive=True,
                     what="madam, float32 weights and second moment"),
       "madam_bf16": dict(
-          lns=False,
           tx=lambda: madam_optax.madam(0.01, state_dtype=jnp.bfloat16),
+          fmt=None, additive=True,
           what="madam, float32 weights, bfloat16 second moment"),
       "lns_madam_int8": dict(
-          lns=True, tx=lambda: madam_optax.lns_madam(FMT, 0.01),
+          tx=lambda: madam_optax.lns_madam(FMT, 0.01), fmt=FMT, additive=True,
           what="lns_madam, int8 codes, float32 second moment"),
       "lns_madam_int8_bf16": dict(
-          lns=True,
           tx=lambda: madam_optax.lns_madam(FMT, 0.01,
                                            state_dtype=jnp.bfloat16),
+          fmt=FMT, additive=True,
           what="lns_madam, int8 codes, bfloat16 second moment"),
-      "adam": dict(lns=False, tx=adam,
+      "adam": dict(tx=lambda: optax.adam(1e-3), fmt=None, additive=False,
                    what="optax.adam, float32 weights, mu and nu"),
   }
 
@@ -75,17 +76,9 @@ def train_state(name: str, params: dict, steps: int, seed: int = 1) -> dict:
   Returns ``{"params", "opt_state"}`` and, for LNS-Madam, ``"scales"``.
   """
   cfg = configs()[name]
-  if cfg["lns"]:
-    weights, scales = madam_optax.lns_encode_tree(params, FMT)
-    state = {"params": weights, "scales": scales}
-  else:
-    weights = params
-    state = {"params": weights}
-  if name == "adam":
-    tx = cfg["tx"]()
-  else:
-    tx = madam_optax.with_additive_fallback(weights, cfg["tx"](),
-                                            optax.adam(1e-3))
+  state, tx = harness.stored_for_training(params, cfg["tx"](), cfg["fmt"],
+                                          additive=cfg["additive"])
+  weights = state["params"]
   opt_state = tx.init(weights)
 
   @jax.jit

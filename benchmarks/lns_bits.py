@@ -102,14 +102,16 @@ def initial_states(model_name, method, fmt, seeds):
       scales_list.append(scales)
     elif method.endswith("_proj"):
       projected = jax.tree.map(
-          lambda p, l: madam_optax.lns_decode(*madam_optax.lns_encode(p, fmt), fmt)
-          if l == "multiplicative" else p, params, labels)
+          lambda p, label: madam_optax.lns_decode(
+              *madam_optax.lns_encode(p, fmt), fmt)
+          if label == "multiplicative" else p, params, labels)
       starts.append(projected)
       scales_list.append(params)
     else:
       starts.append(params)
       scales_list.append(params)
-  stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+  def stack(trees):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
   return stack(starts), stack(scales_list), reference
 
 

@@ -41,32 +41,18 @@ INT8 = madam_optax.LNSFormat.spanning(127)
 INT16 = madam_optax.LNSFormat.spanning(4096)
 
 
-def _lns(fmt, state_dtype=None):
-  def build(params):
-    codes, scales = madam_optax.lns_encode_tree(params, fmt)
-    tx = madam_optax.with_additive_fallback(
-        codes, madam_optax.lns_madam(fmt, state_dtype=state_dtype),
-        optax.adam(1e-3))
-    return (codes, scales), tx.init(codes)
-  return build
-
-
-def _madam(params):
-  tx = madam_optax.with_additive_fallback(params, madam_optax.madam(),
-                                          optax.adam(1e-3))
-  return params, tx.init(params)
-
-
-def _adam(params):
-  return params, optax.adam(1e-3).init(params)
-
-
+# name -> (optimizer factory, LNS format of the stored weights or None,
+# zero-initialised leaves to Adam).
 CONFIGS = {
-    "lns_madam int8 + bf16 v": _lns(INT8, jnp.bfloat16),
-    "lns_madam int8 + fp32 v": _lns(INT8),
-    "lns_madam int16 + fp32 v": _lns(INT16),
-    "madam fp32": _madam,
-    "adam fp32": _adam,
+    "lns_madam int8 + bf16 v": (
+        lambda: madam_optax.lns_madam(INT8, state_dtype=jnp.bfloat16), INT8,
+        True),
+    "lns_madam int8 + fp32 v": (lambda: madam_optax.lns_madam(INT8), INT8,
+                                True),
+    "lns_madam int16 + fp32 v": (lambda: madam_optax.lns_madam(INT16), INT16,
+                                 True),
+    "madam fp32": (madam_optax.madam, None, True),
+    "adam fp32": (lambda: optax.adam(1e-3), None, False),
 }
 
 
@@ -88,8 +74,10 @@ def measure(params) -> list[dict]:
     return tuple(np.shape(x)) in shapes
 
   rows = []
-  for name, build in CONFIGS.items():
-    weights, state = build(params)
+  for name, (make_tx, fmt, additive) in CONFIGS.items():
+    weights, tx = harness.stored_for_training(params, make_tx(), fmt,
+                                              additive=additive)
+    state = tx.init(weights["params"])
     both = (weights, state)
     rows.append(dict(
         config=name,
