@@ -273,3 +273,25 @@ def test_mlp_params_and_one_step(harness):
 def test_quartiles(harness):
   assert harness.quartiles([4.0, 1.0, 3.0, 2.0, 5.0]) == (2.0, 3.0, 4.0)
   assert harness.quartiles([7.0]) == (7.0, 7.0, 7.0)
+
+
+def test_stored_for_training(harness):
+  mo = harness.madam_optax
+  params = harness.mlp_params((5, 4))
+  stored, tx = harness.stored_for_training(params, optax.sgd(0.1),
+                                           additive=False)
+  assert stored == {"params": params} and isinstance(
+      tx, optax.GradientTransformation)
+  fmt = mo.LNSFormat.spanning(4096)
+  stored, tx = harness.stored_for_training(params, mo.lns_madam(fmt), fmt)
+  codes = stored["params"]["dense0"]
+  assert codes["kernel"].dtype == jnp.int16 and codes["bias"].dtype == jnp.float32
+  assert stored["scales"]["dense0"]["bias"] is None
+  # 4096-level codes: 2 B per kernel entry; the float bias: 4 B.
+  assert harness.tree_bytes(stored["params"]) == 2 * 20 + 4 * 4
+  # The zero bias goes to Adam (it moves by ~1e-3); the codes to lns_madam.
+  grads = {"dense0": {"kernel": jnp.ones((5, 4)), "bias": jnp.ones(4)}}
+  new, _ = harness.update_and_apply(tx, grads, tx.init(stored["params"]),
+                                    stored["params"])
+  np.testing.assert_allclose(new["dense0"]["bias"], -1e-3, rtol=1e-3)
+  assert new["dense0"]["kernel"].dtype == jnp.int16
