@@ -192,7 +192,8 @@ def upgrade_record(results: dict[str, Any]) -> dict[str, Any]:
   if tuple(old) == MACHINE_KEYS:
     return results
   settings = results.get("settings", {})
-  date = old.pop("date", None) or old.pop("date_utc", None)
+  date = old.pop("date", None)
+  date = old.pop("date_utc", None) or date
   if date is not None and not date.endswith("UTC"):
     date += " UTC"
   record = dict.fromkeys(MACHINE_KEYS)
@@ -205,8 +206,8 @@ def upgrade_record(results: dict[str, Any]) -> dict[str, Any]:
       load_average_at_end=old.pop(
           "load_average_at_end", results.get("load_after")))
   devices = old.pop("devices", None)
-  if isinstance(devices, list):
-    devices = ", ".join(f"1 x {kind}" for kind in devices)
+  if isinstance(devices, list):           # device kinds, without counts
+    devices = ", ".join(devices)
   record["devices"] = devices
   for key in ("cpu", "cores", "memory_gib", "platform", "backend"):
     record[key] = old.pop(key, None)

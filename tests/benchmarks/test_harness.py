@@ -60,7 +60,7 @@ def test_machine_record_without_devices_leaves_them_open(harness):
       "memory_gib": 23.5, "platform": None,
       "versions": {"python": "3.11.7", "jax": "0.10.2", "jaxlib": None,
                    "optax": "0.2.8", "flax": "0.12.8", "madam_optax": "0.1.0"},
-      "backend": "cpu", "devices": "1 x cpu",
+      "backend": "cpu", "devices": "cpu",
       "load_average_at_start": [1.2, 3.48, 4.75],
       "load_average_at_end": [2.07, 2.17, 3.53]}),
     # lr_sweep: date_utc without "UTC", the command in the settings.
