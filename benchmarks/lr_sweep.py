@@ -1,6 +1,6 @@
 """The learning-rate robustness study (arXiv:2006.14560, Figure 1), offline.
 
-For each task (MLP and ResNet-style CNN on digits, Transformer char LM on
+For each task (MLP and small CNN on digits, Transformer char LM on
 standard-library docstrings, MLP GAN on digits) and each optimizer (Madam,
 Adam, SGD with momentum 0.9), trains at lr in {1, 0.1, 0.01, 0.001, 0.0001}
 with several seeds and records the final held-out metric. All learning rates
@@ -38,7 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from madam_examples import machine as machine_lib
-from madam_examples import train as train_lib
+from madam_examples import loop
+from madam_examples import optimizers
+from madam_examples import tasks as tasks_lib
 
 LEARNING_RATES = (1.0, 0.1, 0.01, 0.001, 0.0001)
 OPTIMIZERS = ("madam", "adam", "sgd")
@@ -73,8 +75,7 @@ def run_pair(task, optimizer: str, seeds: int, steps: int):
   One jitted program per (task, optimizer): the learning rates and seeds are
   a ``vmap`` axis; the model is evaluated once, after the last step.
   """
-  run = train_lib.make_run_fn(task, optimizer, steps, steps,
-                              schedule=SCHEDULE)
+  run = loop.make_run_fn(task, optimizer, steps, steps, schedule=SCHEDULE)
   lrs = jnp.repeat(jnp.asarray(LEARNING_RATES, jnp.float32), seeds)
   keys = jnp.stack([jax.random.key_data(jax.random.key(s))
                     for _ in LEARNING_RATES for s in range(seeds)])
@@ -230,7 +231,7 @@ def write_outputs(out: str, results: dict, tasks: dict, settings: dict,
   settings = dict(settings, wall_clock_seconds=round(elapsed, 1))
   settings["madam_additive_fallback"] = (
       f"zero-initialised leaves (biases, norm offsets) trained by Adam("
-      f"{train_lib.ADDITIVE_FALLBACK_LR:g}) via "
+      f"{optimizers.ADDITIVE_FALLBACK_LR:g}) via "
       "madam_optax.with_additive_fallback")
   with open(os.path.join(out, f"{name}.json"), "w", encoding="utf-8") as f:
     json.dump({"machine": machine, "settings": settings, "tasks": tasks,
@@ -268,7 +269,7 @@ def replot(out: str, name: str = "lr_sweep") -> int:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--tasks", default=",".join(train_lib.TASKS))
+  parser.add_argument("--tasks", default=",".join(tasks_lib.TASKS))
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
   parser.add_argument("--steps", type=int, default=None,
@@ -309,7 +310,7 @@ def main(argv=None) -> int:
                                       "quick": bool(args.quick),
                                       "command": _command(argv)}
   for name in args.tasks.split(","):
-    task = train_lib.build_task(name, quick=args.quick)
+    task = tasks_lib.build_task(name, quick=args.quick)
     steps = (QUICK_STEPS if args.quick else
              args.steps or args.steps_factor * STUDY_STEPS[name])
     tasks[name] = {"description": task.description, "metric": task.metric,
