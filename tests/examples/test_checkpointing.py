@@ -33,7 +33,7 @@ import optax
 import pytest
 
 import madam_optax
-from madam_examples import checkpointing
+from madam_examples import checkpoint_store, checkpointing
 
 N_STEPS, M_STEPS = 3, 4
 CRASH_EXIT_CODE = 17
@@ -241,9 +241,11 @@ def test_docstring_examples(tmp_path, monkeypatch):
   import doctest  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # their folders
-  result = doctest.testmod(
-      checkpointing, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-  assert result.attempted >= 10 and result.failed == 0
+  flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+  results = [doctest.testmod(m, optionflags=flags)
+             for m in (checkpointing, checkpoint_store)]
+  assert sum(r.attempted for r in results) >= 10
+  assert all(r.failed == 0 for r in results)
 
 
 def test_no_checkpoint_starts_from_step_zero(tmp_path, capsys):
