@@ -162,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   rows, histories = [], {}
   for opt in args.optimizers:
-    lr = args.lr if args.lr is not None else optimizers.DEFAULT_LEARNING_RATES[opt]
+    lr = (args.lr if args.lr is not None
+          else optimizers.DEFAULT_LEARNING_RATES[opt])
     label = f"{opt} lr={lr:g}"
     ckpt_dir = None
     if args.checkpoint_dir is not None:

@@ -1,10 +1,10 @@
 r"""Madam on a device mesh: data parallel plus fully sharded (FSDP) training.
 
-The examples' causal Transformer (:class:`madam_examples.models.CharTransformer`,
-Flax NNX) learns characters of offline text (the docstrings of Python's own
-standard library, :func:`madam_examples.data.load_stdlib_text`) with Madam
-(arXiv:2006.14560) on a ``jax.sharding.Mesh`` (:mod:`madam_examples.mesh`)
-with two axes:
+The examples' causal Transformer (Flax NNX,
+:class:`madam_examples.models.CharTransformer`) learns characters of offline
+text (the docstrings of Python's own standard library,
+:func:`madam_examples.data.load_stdlib_text`) with Madam (arXiv:2006.14560)
+on a ``jax.sharding.Mesh`` (:mod:`madam_examples.mesh`) with two axes:
 
 * ``data``: the batch is split over it (data parallelism);
 * ``fsdp``: the batch is split over it too, and every parameter tensor and
@@ -220,7 +220,8 @@ def train(config: Config, devices: Sequence[Any] | None = None, *,
           f"({time.perf_counter() - start:.1f} s)")
   losses = [float(x) for x in losses]
   return {"losses": losses, "valid_losses": valid_losses, "run": run,
-          "state": state, "final_valid_loss": float(run.eval_loss(state, valid))}
+          "state": state,
+          "final_valid_loss": float(run.eval_loss(state, valid))}
 
 
 # -------------------------------------------------------------- command line

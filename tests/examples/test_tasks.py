@@ -1,4 +1,5 @@
-"""Every example task trains with Madam (and the zero-leaf recipe) on real data."""
+"""Every example task trains with Madam (and the zero-leaf recipe) on real
+data."""
 
 import chex
 import jax
