@@ -7,6 +7,7 @@ model and optimizer state (``sharded_train``).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -14,6 +15,8 @@ import numpy as np
 
 
 def _leaf_bytes(x: Any) -> int:
+  if isinstance(x, jax.ShapeDtypeStruct):   # abstract: what it would hold
+    return math.prod(x.shape) * np.dtype(x.dtype).itemsize
   if isinstance(x, jax.Array) and jax.dtypes.issubdtype(
       x.dtype, jax.dtypes.prng_key):
     x = jax.random.key_data(x)          # typed PRNG keys: their raw data
@@ -25,8 +28,9 @@ def tree_bytes(tree: Any) -> int:
   """The bytes of every array in ``tree`` (global, whatever the sharding).
 
   Args:
-    tree: a pytree of arrays (JAX or NumPy; Flax ``nnx.State`` included);
-      ``None`` leaves count nothing.
+    tree: a pytree of arrays (JAX or NumPy; Flax ``nnx.State`` included),
+      or of ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``: the
+      bytes they would take); ``None`` leaves count nothing.
 
   Returns:
     The sum of the leaves' ``nbytes``: an ``int8`` code counts 1 byte, a

@@ -34,7 +34,9 @@ Loss = Callable[[Params, Any, jax.Array], jax.Array]
 
 
 class TrainState(NamedTuple):
-  """Everything that changes during training; a plain pytree (checkpointable).
+  """Everything a run carries from step to step; a plain pytree.
+
+  It jits, ``vmap``s, shards and checkpoints as it is.
 
   Attributes:
     params: component name -> trained leaves (float weights, or LNS codes
@@ -52,7 +54,6 @@ class TrainState(NamedTuple):
   max_magnitudes: Params | None = None
 
 
-
 # ----------------------------------------------------------------- LNS codes
 
 
@@ -64,6 +65,12 @@ def encode_lns(params: Any, reference: Any, fmt: madam_optax.LNSFormat, *,
   from concrete ``reference`` parameters (``madam_optax.multiplicative_labels``:
   not all zero at initialisation), so ``params`` may be traced (a ``vmap``
   over seeds).
+
+  Args:
+    params: float parameters, concrete or traced.
+    reference: concrete parameters of the same structure (any seed).
+    fmt: the codes' format.
+    p_scale: each tensor's scale as a multiple of its RMS (SPEC step 1).
 
   Returns:
     ``(codes, max_magnitudes)``: integer codes where encoded, and each

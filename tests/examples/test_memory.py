@@ -18,6 +18,8 @@ def test_tree_bytes_counts_every_dtype():
   key_bytes = jax.random.key_data(tree["key"]).nbytes
   assert memory.tree_bytes(tree) == 32 + 12 + 10 + 16 + key_bytes
   assert memory.tree_bytes({}) == 0
+  abstract = jax.eval_shape(lambda: {"codes": tree["codes"], "w": tree["w"]})
+  assert memory.tree_bytes(abstract) == 32 + 12        # before any compute
 
 
 def test_bytes_per_device_split_and_replicated(eight_devices):

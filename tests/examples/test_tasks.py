@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import madam_optax
-from madam_examples import data, gan_metric, loop, models, step, tasks
+from madam_examples import data, gan_metric, loop, step, tasks
 
 STEPS = 25
 
@@ -82,22 +82,6 @@ def test_zero_initialised_leaves_go_to_the_additive_optimizer():
   assert float(jnp.abs(b1["out"]["bias"]).max()) > 0
   np.testing.assert_array_equal(np.sign(b0["out"]["kernel"]),
                                 np.sign(b1["out"]["kernel"]))
-
-
-def test_classification_task_on_user_images():
-  """Any ``ImageData``: the CNN's head adapts to the image size."""
-  rng = np.random.default_rng(0)
-  images = data.ImageData(rng.random((40, 12, 12, 3), np.float32),
-                          rng.integers(0, 4, 40).astype(np.int32),
-                          rng.random((10, 12, 12, 3), np.float32),
-                          rng.integers(0, 4, 10).astype(np.int32), 4)
-  task = tasks.classification_task(
-      "cnn", "test", images,
-      lambda r: models.CNN((12, 12, 3), 4, rngs=r), batch_size=8,
-      steps=3, eval_every=3)
-  _, history = loop.train(task, "madam", 0.01, schedule="constant")
-  assert history["step"].tolist() == [3]
-  assert 0 <= history["accuracy"][0] <= 100
 
 
 def test_next_char_loss_is_the_shifted_cross_entropy():
