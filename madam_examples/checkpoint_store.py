@@ -7,6 +7,15 @@
 * Before any array is read, the checkpoint's tree is compared with the
   target's (:func:`check_compatible`) and its saved settings with the run's
   (:func:`check_config`); each error names what differs.
+* A step whose files are missing or unreadable (its ``_CHECKPOINT_METADATA``
+  or ``_METADATA`` lost or garbled, an array file truncated or deleted) is a
+  :class:`DamagedCheckpointError` naming the step and the fix, never a raw
+  TensorStore or decoding error; a folder that cannot be written is a
+  :class:`CheckpointWriteError` at the save that meets it
+  (:func:`check_writable`).
+* With several JAX processes, every process reaches the same verdict
+  (:func:`all_processes_ok`): one that cannot read its shards makes the step
+  damaged for all.
 
 Used by :mod:`madam_examples.checkpointing`, which is the interface.
 """
@@ -15,11 +24,50 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+
+# Orbax's files in a step folder: the step's metadata (the saved config is in
+# it), and the item folder with its tree metadata and array data.
+STEP_METADATA = "_CHECKPOINT_METADATA"
+ITEM = "default"
+ITEM_METADATA = "_METADATA"
+DAMAGED_SUFFIX = ".damaged"
+
+
+class DamagedCheckpointError(ValueError):
+  """A complete (finalised) checkpoint step whose files cannot be read.
+
+  Attributes:
+    directory: the checkpoint folder.
+    step: the damaged step.
+    reason: what is wrong, e.g. ``"its _CHECKPOINT_METADATA is missing"``.
+  """
+
+  def __init__(self, directory: str | os.PathLike, step: int, reason: str):
+    self.directory = os.fspath(directory)
+    self.step = int(step)
+    self.reason = reason
+    super().__init__(
+        f"checkpoint step {step} in {self.directory} is damaged ({reason}). "
+        f"Move or delete the folder {step_path(directory, step)} (a rerun "
+        "then resumes from the previous complete step, or from step 0 if "
+        "there is none), or restore it from a copy.")
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint folder that this process cannot write into."""
+
+
+def step_path(directory: str | os.PathLike, step: int) -> str:
+  """The folder of checkpoint ``step`` in ``directory``."""
+  return os.path.join(os.fspath(directory), str(int(step)))
 
 
 # ------------------------------------------------------- PRNG keys, targets
@@ -253,20 +301,145 @@ def write_step(manager: ocp.CheckpointManager, step: int, state: Any,
                custom_metadata=None if config is None else {"config": config})
 
 
-def _saved_config(manager: ocp.CheckpointManager, step: int) -> Any:
-  custom = getattr(manager.metadata(step), "custom_metadata", None) or {}
-  return custom.get("config")
+def _one_line(error: BaseException, limit: int = 200) -> str:
+  text = " ".join(str(error).split()) or type(error).__name__
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _read_json(path: str, what: str) -> dict[str, Any]:
+  """A JSON object file of a checkpoint step, or the reason it is unreadable."""
+  if not os.path.exists(path):
+    raise _Damage(f"its {what} is missing")
+  try:
+    with open(path, "rb") as f:
+      value = json.loads(f.read().decode("utf-8"))
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    raise _Damage(f"its {what} is unreadable: {_one_line(e, 80)}") from e
+  if not isinstance(value, dict):
+    raise _Damage(f"its {what} is not a JSON object")
+  return value
+
+
+class _Damage(Exception):
+  """Internal: the reason a step is damaged (becomes DamagedCheckpointError)."""
+
+
+def all_processes_ok(ok: bool) -> list[bool]:
+  """Every JAX process's ``ok``, in process order (one process: ``[ok]``).
+
+  A collective over all processes: each must call it, in the same order.
+  """
+  if jax.process_count() == 1:
+    return [bool(ok)]
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  flags = multihost_utils.process_allgather(np.array([int(bool(ok))],
+                                                     np.int32))
+  return [bool(x) for x in np.asarray(flags).reshape(-1)]
+
+
+def sync_processes(name: str) -> None:
+  """A barrier of every JAX process (nothing with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
+
+
+def check_writable(directory: str | os.PathLike, step: int) -> None:
+  """Raises :class:`CheckpointWriteError` unless ``directory`` takes a file.
+
+  A save runs in the background: without this check a folder that cannot be
+  written (read-only, full, gone) would fail one save later. Every process
+  checks, and all raise if any cannot write.
+
+  Example:
+    >>> import tempfile
+    >>> check_writable(tempfile.mkdtemp(), 10)      # nothing to say
+  """
+  directory = os.fspath(directory)
+  problem = None
+  try:
+    os.makedirs(directory, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=directory)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    problem = e.strerror or _one_line(e)
+  verdicts = all_processes_ok(problem is None)
+  if all(verdicts):
+    return
+  if problem is None:
+    failed = [i for i, ok in enumerate(verdicts) if not ok]
+    problem = f"process {failed[0]} cannot write there"
+  raise CheckpointWriteError(
+      f"cannot save checkpoint step {step} in {directory}: {problem}. Make "
+      "the folder writable (or free space on its disk), or save into another "
+      "folder (--checkpoint-dir).")
+
+
+def _read_checked(manager: ocp.CheckpointManager, directory, step: int,
+                  target: Any, config: dict[str, Any] | None) -> Any:
+  where = f"checkpoint step {step} in {os.fspath(directory)}"
+  path = step_path(directory, step)
+  step_metadata = _read_json(os.path.join(path, STEP_METADATA), STEP_METADATA)
+  _read_json(os.path.join(path, ITEM, ITEM_METADATA), f"{ITEM}/{ITEM_METADATA}")
+  if config is not None:
+    saved = (step_metadata.get("custom_metadata") or {}).get("config")
+    check_config(saved, config, where)
+  try:
+    metadata = manager.item_metadata(step)
+  except (OSError, ValueError, KeyError) as e:
+    raise _Damage(f"its tree metadata is unreadable: {_one_line(e, 80)}"
+                  ) from e
+  check_compatible(getattr(metadata, "tree", metadata), target, where)
+  abstract = jax.tree.map(abstract_leaf, target)
+  try:
+    # The handler rather than the manager: it has no barrier, so a process
+    # that fails here still reaches the verdict shared by all processes.
+    restored = ocp.StandardCheckpointHandler().restore(
+        epath.Path(os.path.join(path, ITEM)),
+        args=ocp.args.StandardRestore(abstract))
+  except (OSError, ValueError) as e:
+    raise _Damage(f"an array could not be read: {_one_line(e)}") from e
+  return rewrap_keys(target, restored)
 
 
 def read_step(manager: ocp.CheckpointManager, directory, step: int,
               target: Any, config: dict[str, Any] | None = None) -> Any:
   """Checks step ``step`` against ``config`` and ``target``, then reads it
-  into the target's shapes, dtypes and shardings."""
-  where = f"checkpoint step {step} in {os.fspath(directory)}"
-  if config is not None:
-    check_config(_saved_config(manager, step), config, where)
-  metadata = manager.item_metadata(step)
-  check_compatible(getattr(metadata, "tree", metadata), target, where)
-  abstract = jax.tree.map(abstract_leaf, target)
-  restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-  return rewrap_keys(target, restored)
+  into the target's shapes, dtypes and shardings.
+
+  Raises:
+    DamagedCheckpointError: a file of the step is missing or unreadable (on
+      any process: every process raises it).
+    ValueError: the step was written with another configuration or tree.
+  """
+  damage, result = None, None
+  try:
+    result = _read_checked(manager, directory, step, target, config)
+  except _Damage as e:
+    damage = str(e)
+  verdicts = all_processes_ok(damage is None)
+  if all(verdicts):
+    return result
+  if damage is None:
+    failed = [i for i, ok in enumerate(verdicts) if not ok]
+    damage = f"process {failed[0]} could not read it"
+  raise DamagedCheckpointError(directory, step, damage)
+
+
+def set_aside(directory: str | os.PathLike, step: int) -> str:
+  """Renames the folder of ``step`` so that it is no longer a step.
+
+  Process 0 renames; every process waits for it. Returns the new folder,
+  ``<step>.damaged`` (with a number appended if that exists).
+  """
+  source = step_path(directory, step)
+  target = source + DAMAGED_SUFFIX
+  n = 1
+  while os.path.exists(target):
+    n += 1
+    target = f"{source}{DAMAGED_SUFFIX}-{n}"
+  if jax.process_index() == 0:
+    os.replace(source, target)
+  sync_processes(f"checkpoint-set-aside-{step}")
+  return target

@@ -42,6 +42,19 @@ What each piece guarantees:
   LNS levels within the same integer dtype) are caught by an optional
   ``config``: a JSON-able dict saved with every step and compared key by key
   on restore.
+* **Damaged steps.** A complete step whose files were later lost or garbled
+  (its metadata, an array file) is never half-read: :func:`maybe_restore`
+  sets it aside (renamed ``<step>.damaged``), says so, and resumes from the
+  previous complete step; :func:`restore` of that step raises a
+  :class:`DamagedCheckpointError` naming the step and the fix.
+* **Saves fail where they happen.** Saves run in the background, so a folder
+  that cannot be written would only fail one save later; each save first
+  checks that the folder takes a file, and raises a
+  :class:`CheckpointWriteError` at that save.
+* **Several processes.** With ``jax.distributed`` every process calls the
+  same functions in the same order: each writes its own shards of the
+  state, and every process reaches the same verdict on a damaged step or an
+  unwritable folder.
 
 Reference for the optimizers: Bernstein et al., "Learning compositional
 functions via multiplicative weight updates", NeurIPS 2020, arXiv:2006.14560.
@@ -56,7 +69,9 @@ from typing import Any
 import jax
 
 from madam_examples import checkpoint_store as store
-# Part of this module's interface: the restore targets.
+# Part of this module's interface: the restore targets and the errors.
+from madam_examples.checkpoint_store import CheckpointWriteError  # noqa: F401
+from madam_examples.checkpoint_store import DamagedCheckpointError  # noqa: F401
 from madam_examples.checkpoint_store import abstract_state  # noqa: F401
 
 DEFAULT_MAX_TO_KEEP = 3
@@ -127,6 +142,7 @@ def save(directory: str | os.PathLike, step: int, state: Any, *,
 
   Raises:
     ValueError: when ``step`` is already saved in ``directory``.
+    CheckpointWriteError: when ``directory`` cannot be written.
 
   Example:
     >>> import tempfile, jax, jax.numpy as jnp, madam_optax
@@ -139,6 +155,7 @@ def save(directory: str | os.PathLike, step: int, state: Any, *,
     >>> restored['params']['w']
     Array([ 0.5, -2. ], dtype=float32)
   """
+  store.check_writable(directory, step)
   manager = store.open_manager(directory, max_to_keep=max_to_keep)
   try:
     if step in manager.all_steps():
@@ -170,6 +187,8 @@ def restore(directory: str | os.PathLike, target: Any,
     The restored state, each array with the target's sharding.
 
   Raises:
+    DamagedCheckpointError: a file of the step is missing or unreadable
+      (the message names the step and the fix).
     ValueError: no checkpoint; the checkpoint's config differs from
       ``config`` (the message names the settings); or the checkpoint's tree
       differs from the target's (the message names the first differing
@@ -194,17 +213,26 @@ def maybe_restore(checkpoint_dir: str | os.PathLike | None, target: Any, *,
                   config: dict[str, Any] | None = None) -> tuple[Any, int]:
   """Resumes from the latest complete checkpoint, or starts from ``target``.
 
+  A damaged step (see :class:`DamagedCheckpointError`) is set aside, renamed
+  ``<step>.damaged`` so that later saves and resumes pass it by, and the
+  previous complete step is tried; a message says so. When no earlier step
+  is left, the error is raised.
+
   Args:
     checkpoint_dir: the checkpoint folder; ``None`` or a folder without a
       complete checkpoint means a fresh start.
     target: the freshly initialised state (returned as is on a fresh start),
       or its :func:`abstract_state` (then a fresh start is an error).
-    verbose: print where training resumes from.
+    verbose: print where training resumes from, and any step set aside.
     config: the run's settings, checked against the checkpoint's (see
       :func:`save`).
 
   Returns:
     ``(state, step)``: the restored state and its step, or ``(target, 0)``.
+
+  Raises:
+    DamagedCheckpointError: the only complete steps left are damaged.
+    ValueError: as :func:`restore`.
 
   Example:
     >>> import tempfile, jax.numpy as jnp
@@ -217,8 +245,8 @@ def maybe_restore(checkpoint_dir: str | os.PathLike | None, target: Any, *,
     >>> step, state['w']
     (5, Array([1., 1.], dtype=float32))
   """
-  step = latest_step(checkpoint_dir) if checkpoint_dir is not None else None
-  if step is None:
+  steps = all_steps(checkpoint_dir) if checkpoint_dir is not None else []
+  if not steps:
     abstract = [jax.tree_util.keystr(path) for path, x in
                 jax.tree_util.tree_flatten_with_path(target)[0]
                 if isinstance(x, jax.ShapeDtypeStruct)]
@@ -232,10 +260,23 @@ def maybe_restore(checkpoint_dir: str | os.PathLike | None, target: Any, *,
       print(f"No checkpoint in {os.fspath(checkpoint_dir)}, "
             "starting from step 0")
     return target, 0
-  state = restore(checkpoint_dir, target, step, config=config)
-  if verbose:
-    print(f"Resumed from step {step} in {os.fspath(checkpoint_dir)}")
-  return state, step
+  for i in range(len(steps) - 1, -1, -1):
+    step = steps[i]
+    try:
+      state = restore(checkpoint_dir, target, step, config=config)
+    except DamagedCheckpointError as e:
+      if i == 0:
+        raise
+      moved = store.set_aside(checkpoint_dir, step)
+      if verbose:
+        print(f"Checkpoint step {step} in {os.fspath(checkpoint_dir)} is "
+              f"damaged ({e.reason}); set it aside as {moved} and trying "
+              f"step {steps[i - 1]}", flush=True)
+      continue
+    if verbose:
+      print(f"Resumed from step {step} in {os.fspath(checkpoint_dir)}")
+    return state, step
+  raise AssertionError("unreachable: the loop returns or raises")
 
 
 # ----------------------------------------------------------------- training loop
@@ -247,8 +288,10 @@ class Checkpointer:
   Saves run in the background (Orbax's asynchronous checkpointing: the arrays
   are copied to host memory before ``maybe_save`` returns and written while
   training goes on); the next save and :meth:`close` wait for the previous
-  one. Opening a folder removes the temporary folders of saves that a crash
-  cut short.
+  one. Each save first checks that the folder can be written, so a folder
+  that cannot be written fails that save (:class:`CheckpointWriteError`).
+  Opening a folder removes the temporary folders of saves that a crash cut
+  short.
 
   Args:
     directory: the checkpoint folder (created if needed).
@@ -288,6 +331,7 @@ class Checkpointer:
     self._manager.wait_until_finished()
     if step in self._manager.all_steps():
       return False
+    store.check_writable(self.directory, step)
     store.write_step(self._manager, step, state, self.config)
     return True
 

@@ -45,24 +45,58 @@ elsewhere name it (process 0's address) and number the processes::
 Each process builds only its own rows of every global batch
 (``jax.make_array_from_process_local_data``), so the global batch, and hence
 the run, is the same whatever the number of hosts. ``--mesh`` sizes must
-multiply to the number of devices; one size may be ``-1`` (the rest).
+multiply to the number of devices; one size may be ``-1`` (the rest). Only
+process 0 logs. A process that does not reach the coordinator within
+``--initialization-timeout`` seconds makes the others stop with one line.
+
+Several processes on one machine (CPU devices, collectives over Gloo):
+:mod:`madam_examples.launch_local` starts them on a free local port and stops
+them all if one dies::
+
+  python -m madam_examples.launch_local -n 2 -- --mesh data=2,fsdp=2 \
+      --simulate-devices 2
+
+Preemption: ``--checkpoint-dir DIR --checkpoint-every S`` saves the training
+state every ``S`` steps and at the end (every process writes its own shards,
+with Orbax); the same command resumes from the latest complete step, on the
+same mesh or another (another number of processes or devices, other mesh
+sizes): the arrays are read straight into the new layout. ``--metrics-out
+FILE`` writes what a run did as JSON (process 0): steps, losses, final
+validation loss, skipped steps, and per-leaf checksums (float64 sums of
+absolute values) of the parameters and the optimizer state, so runs can be
+compared from outside.
+
+Bad steps: a step whose loss or gradient is not finite on any process is
+skipped on every process (the check is one global value of the jitted
+step), so neither the weights nor Madam's second moment ever see it; skips
+are counted and logged, and ``--max-bad-steps M`` consecutive ones stop the
+run with one line, keeping the last checkpoint (written only after applied
+updates). ``--inject-nan-steps 3,7 --inject-nan-process 1`` makes process 1's
+rows of the batch give a NaN loss and gradients at steps 3 and 7: a testing
+aid for this path.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
+import os
 import sys
+import threading
 import time
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from madam_examples import checkpointing
 from madam_examples import data
 from madam_examples import memory
 from madam_examples import mesh as mesh_lib
@@ -87,6 +121,40 @@ class Config:
   additive_learning_rate: float = 1e-3   # Adam, for zero-initialised leaves
   seed: int = 0
   log_every: int = 50
+
+
+# Settings that a checkpoint must agree with to be resumed: all but the mesh
+# (a resume may change the layout), the length and the logging.
+RESUMABLE_CHANGES = ("mesh", "steps", "log_every")
+
+
+def checkpoint_config(config: Config) -> dict[str, Any]:
+  """The settings saved with every checkpoint and checked on resume."""
+  return {k: v for k, v in dataclasses.asdict(config).items()
+          if k not in RESUMABLE_CHANGES}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+  """How a run is carried out, beyond the model and training settings.
+
+  Attributes:
+    checkpoint_dir: save the training state here and resume from it.
+    checkpoint_every: steps between checkpoints (the last step is saved too).
+    max_bad_steps: stop after this many consecutive skipped steps.
+    inject_nan_steps: testing aid: the steps (1-based) whose loss and
+      gradients are made NaN on ``inject_nan_process``'s rows of the batch.
+    inject_nan_process: the process that injects them.
+  """
+  checkpoint_dir: str | None = None
+  checkpoint_every: int = checkpointing.DEFAULT_EVERY
+  max_bad_steps: int = 10
+  inject_nan_steps: tuple[int, ...] = ()
+  inject_nan_process: int = 0
+
+
+class BadStepsError(RuntimeError):
+  """Too many consecutive steps with a non-finite loss or gradient."""
 
 
 def check_config(config: Config, mesh: jax.sharding.Mesh) -> None:
@@ -116,6 +184,10 @@ class Setup:
   batch_sharding: NamedSharding
   train_step: Any            # jitted (state, batch) -> (state, loss)
   eval_loss: Any             # jitted (state, batch) -> loss
+  # jitted (state, batch) -> (state, loss, applied); and the same with a
+  # third argument, NaN in the rows of the batch to poison (testing aid).
+  checked_step: Any
+  poisoned_step: Any
 
 
 def setup(config: Config, devices: Sequence[Any] | None = None) -> Setup:
@@ -150,23 +222,57 @@ def setup(config: Config, devices: Sequence[Any] | None = None) -> Setup:
       else replicated, state))
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
   batch_sharding = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
-  losses = {"model": lambda weights, batch, key: tasks.next_char_loss(
-      nnx.merge(graphdef, weights["model"]), batch)}
+  tx = txs["model"]
+
+  def loss_fn(weights, batch, poison=None):
+    loss = tasks.next_char_loss(nnx.merge(graphdef, weights["model"]), batch)
+    if poison is not None:   # 0, or NaN from the poisoned rows
+      loss = loss * (1.0 + jnp.sum(poison))
+    return loss
+
+  def checked_step(state, batch, poison=None):
+    """One step, skipped (weights and optimizer state kept) when the loss
+    or any gradient is not finite; ``applied`` says which. Under ``jit``
+    the check is one global value: every process takes the same branch."""
+    weights = state.params["model"]
+    loss, grads = jax.value_and_grad(
+        lambda w: loss_fn({"model": w}, batch, poison))(weights)
+    applied = jnp.isfinite(loss) & jnp.all(jnp.stack(
+        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    params, opt_state = step.apply_gradients(
+        tx, grads, state.opt_state["model"], weights)
+    keep = lambda new, old: jnp.where(applied, new, old)
+    params = jax.tree.map(keep, params, weights)
+    opt_state = jax.tree.map(keep, opt_state, state.opt_state["model"])
+    key = jax.random.split(state.key)[0]
+    return state._replace(params={"model": params},
+                          opt_state={"model": opt_state}, key=key,
+                          step=state.step + 1), loss, applied
 
   def train_step(state, batch):
-    state, metrics = step.train_step(losses, txs, state, batch)
-    return state, metrics["model_loss"]
+    return checked_step(state, batch)[:2]
 
   def eval_loss(state, batch):
-    return losses["model"](state.params, batch, None)
+    return loss_fn(state.params, batch)
 
   # Shardings pinned in and out: the state keeps its layout step after step.
   train_step = jax.jit(train_step,
                        in_shardings=(state_sharding, batch_sharding),
                        out_shardings=(state_sharding, None), donate_argnums=0)
-  eval_loss = jax.jit(eval_loss, in_shardings=(state_sharding, batch_sharding))
+  rows_sharding = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
+  poisoned_step = jax.jit(
+      checked_step, in_shardings=(state_sharding, batch_sharding,
+                                  rows_sharding),
+      out_shardings=(state_sharding, replicated, replicated),
+      donate_argnums=0)
+  checked_step = jax.jit(
+      checked_step, in_shardings=(state_sharding, batch_sharding),
+      out_shardings=(state_sharding, replicated, replicated),
+      donate_argnums=0)
+  eval_loss = jax.jit(eval_loss, in_shardings=(state_sharding, batch_sharding),
+                      out_shardings=replicated)
   return Setup(mesh, graphdef, txs, state, state_sharding, batch_sharding,
-               train_step, eval_loss)
+               train_step, eval_loss, checked_step, poisoned_step)
 
 
 def optimizer_update(run: Setup):
@@ -194,11 +300,58 @@ def global_batch_rows(tokens: np.ndarray, step_index: int, batch_size: int,
   return np.stack([tokens[s:s + context + 1] for s in starts])
 
 
+def local_value(x: jax.Array) -> np.ndarray:
+  """A replicated array's value, read from this process's first copy (a
+  global array spanning other processes cannot be read whole)."""
+  return np.asarray(x.addressable_data(0))
+
+
+def poison_rows(sharding: NamedSharding, batch_size: int, step_number: int,
+                options: RunOptions) -> jax.Array:
+  """Testing aid: a ``(batch_size,)`` global array, zero except on the rows
+  held by ``options.inject_nan_process`` at an injected step, where it is NaN.
+  Each process builds only its own rows."""
+  rows = mesh_lib.local_rows(sharding, (batch_size,))
+  poisoned = (step_number in options.inject_nan_steps
+              and jax.process_index() == options.inject_nan_process)
+  values = np.full(rows.stop - rows.start, np.nan if poisoned else 0.0,
+                   np.float32)
+  return jax.make_array_from_process_local_data(sharding, values,
+                                                (batch_size,))
+
+
+def _checkpoint_tree(state: step.TrainState, skipped: int,
+                     replicated: NamedSharding) -> dict[str, Any]:
+  """What a checkpoint holds: the training state and the skipped count."""
+  count = jax.make_array_from_callback(
+      (), replicated, lambda _: np.asarray(skipped, np.int32))
+  return {"train_state": state, "skipped_steps": count}
+
+
 def train(config: Config, devices: Sequence[Any] | None = None, *,
-          log: Any = None) -> dict[str, Any]:
-  """Trains for ``config.steps`` steps; returns the losses and the final
-  (sharded) state."""
+          log: Any = None, options: RunOptions | None = None
+          ) -> dict[str, Any]:
+  """Trains to ``config.steps`` steps (resuming from a checkpoint if any).
+
+  Args:
+    config: the model and training settings.
+    devices: the mesh's devices (default: all, on every process).
+    log: a ``print``-like function, or ``None``.
+    options: checkpointing, bad-step limit, NaN injection.
+
+  Returns:
+    A dict: ``losses`` (this run's training losses, from ``resumed_from``
+    on), ``valid_losses``, ``final_valid_loss``, ``skipped_steps`` (in all,
+    since step 0), ``resumed_from``, ``step_seconds`` (wall time of each
+    step here), ``run`` (the :class:`Setup`) and ``state``.
+
+  Raises:
+    BadStepsError: after ``options.max_bad_steps`` consecutive skipped steps.
+  """
+  options = options or RunOptions()
+  log = log or (lambda message: None)
   run = setup(config, devices)
+  replicated = NamedSharding(run.mesh, P())
   text = data.load_stdlib_text()
 
   def batch(tokens, index, seed):
@@ -207,21 +360,119 @@ def train(config: Config, devices: Sequence[Any] | None = None, *,
                                  run.batch_sharding)
 
   valid = batch(text.valid, 0, config.seed + 1)
-  state, losses, valid_losses = run.state, [], []
-  start = time.perf_counter()
-  for index in range(config.steps):
-    state, loss = run.train_step(state, batch(text.train, index, config.seed))
-    losses.append(loss)
-    done = index + 1
-    if log and (done % config.log_every == 0 or done == config.steps):
-      valid_losses.append((done, float(run.eval_loss(state, valid))))
-      log(f"step {done:5d}  train loss {float(loss):.3f}  "
-          f"valid loss {valid_losses[-1][1]:.3f} nats/char  "
-          f"({time.perf_counter() - start:.1f} s)")
-  losses = [float(x) for x in losses]
-  return {"losses": losses, "valid_losses": valid_losses, "run": run,
-          "state": state,
-          "final_valid_loss": float(run.eval_loss(state, valid))}
+  state, start, skipped, ckpt, last_saved = run.state, 0, 0, None, None
+  if options.checkpoint_dir is not None:
+    restored, start = checkpointing.maybe_restore(
+        options.checkpoint_dir, _checkpoint_tree(state, 0, replicated),
+        verbose=jax.process_index() == 0, config=checkpoint_config(config))
+    state = restored["train_state"]
+    skipped = int(local_value(restored["skipped_steps"]))
+    last_saved = start or None
+    ckpt = checkpointing.Checkpointer(options.checkpoint_dir,
+                                      options.checkpoint_every,
+                                      config=checkpoint_config(config))
+  losses, valid_losses, seconds, streak = [], [], [], 0
+  try:
+    for index in range(start, config.steps):
+      done = index + 1
+      begin = time.perf_counter()
+      b = batch(text.train, index, config.seed)
+      if options.inject_nan_steps:
+        state, loss, applied = run.poisoned_step(state, b, poison_rows(
+            run.batch_sharding, config.batch_size, done, options))
+      else:
+        state, loss, applied = run.checked_step(state, b)
+      applied = bool(local_value(applied))      # the same on every process
+      seconds.append(time.perf_counter() - begin)
+      losses.append(loss)
+      if applied:
+        streak = 0
+      else:
+        skipped, streak = skipped + 1, streak + 1
+        log(f"step {done:5d}  non-finite loss or gradient: update skipped on "
+            f"every process ({skipped} skipped in all)")
+        if streak >= options.max_bad_steps:
+          kept = (f"the last checkpoint, step {last_saved} in "
+                  f"{options.checkpoint_dir}, is kept"
+                  if last_saved else "no checkpoint was written")
+          raise BadStepsError(
+              f"stopped at step {done}: {streak} consecutive steps "
+              f"({done - streak + 1} to {done}) had a non-finite loss or "
+              f"gradient (--max-bad-steps {options.max_bad_steps}); {kept}. "
+              "Lower --learning-rate or check the data, then rerun.")
+      if done % config.log_every == 0 or done == config.steps:
+        valid_losses.append((done, float(local_value(
+            run.eval_loss(state, valid)))))
+        log(f"step {done:5d}  train loss {float(local_value(loss)):.3f}  "
+            f"valid loss {valid_losses[-1][1]:.3f} nats/char  "
+            f"({sum(seconds):.1f} s)")
+      # Checkpoints only after applied updates: the last one is good.
+      if ckpt is not None and streak == 0 and ckpt.maybe_save(
+          done, _checkpoint_tree(state, skipped, replicated),
+          force=done == config.steps):
+        last_saved = done
+  finally:
+    if ckpt is not None:
+      ckpt.close()
+  return {"losses": [float(local_value(x)) for x in losses],
+          "valid_losses": valid_losses, "run": run, "state": state,
+          "final_valid_loss": float(local_value(run.eval_loss(state, valid))),
+          "skipped_steps": skipped, "resumed_from": start,
+          "step_seconds": seconds}
+
+
+def leaf_checksums(tree: Any) -> dict[str, float]:
+  """Float64 sum of absolute values of each leaf (whole, over processes).
+
+  A collective with several processes: every process must call it.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> leaf_checksums({'w': jnp.array([1.5, -2.0])})
+    {"['w']": 3.5}
+  """
+  out = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      x = multihost_utils.process_allgather(x, tiled=True)
+    out[jax.tree_util.keystr(path)] = float(
+        np.sum(np.abs(np.asarray(x, np.float64))))
+  return out
+
+
+def run_metrics(config: Config, result: dict[str, Any]) -> dict[str, Any]:
+  """What a run did, JSON-able (a collective: every process calls it)."""
+  state, run = result["state"], result["run"]
+  steps = result["resumed_from"] + len(result["losses"])
+  params = leaf_checksums(state.params)
+  opt_state = leaf_checksums(state.opt_state)
+  times = np.asarray(result["step_seconds"][1:] or result["step_seconds"])
+  param_bytes = memory.bytes_per_device(state.params)
+  opt_bytes = memory.bytes_per_device(state.opt_state)
+  return {
+      "steps": steps, "resumed_from": result["resumed_from"],
+      "processes": jax.process_count(), "devices": jax.device_count(),
+      "local_devices": jax.local_device_count(),
+      "mesh": dict(run.mesh.shape), "config": dataclasses.asdict(config),
+      "losses": result["losses"],
+      "valid_losses": result["valid_losses"],
+      "final_valid_loss": result["final_valid_loss"],
+      "skipped_steps": result["skipped_steps"],
+      "param_checksum": math.fsum(params.values()),
+      "param_checksums": params,
+      "opt_state_checksums": opt_state,
+      "all_finite": bool(all(np.isfinite(v) for v in
+                             [*params.values(), *opt_state.values()])),
+      "param_bytes_per_device": max(param_bytes.values()),
+      "opt_state_bytes_per_device": max(opt_bytes.values()),
+      "step_time_ms": {
+          "median": float(np.median(times) * 1e3) if len(times) else None,
+          "q1": float(np.percentile(times, 25) * 1e3) if len(times) else None,
+          "q3": float(np.percentile(times, 75) * 1e3) if len(times) else None,
+          "first": (float(result["step_seconds"][0] * 1e3)
+                    if result["step_seconds"] else None)},
+  }
 
 
 # -------------------------------------------------------------- command line
@@ -259,18 +510,132 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--check-collectives", action="store_true",
                       help="print the collectives XLA compiled into the "
                            "train step and into the optimizer update alone")
+  add_run_arguments(parser)
   return parser.parse_args(argv)
 
 
+def _positive_int(text: str) -> int:
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+  return value
+
+
+def _step_list(text: str) -> tuple[int, ...]:
+  try:
+    steps = tuple(int(x) for x in text.split(",") if x.strip())
+  except ValueError:
+    steps = ()
+  if not steps or min(steps) < 1:
+    raise argparse.ArgumentTypeError(
+        f"expected comma-separated step numbers >= 1, e.g. 3,7; got {text!r}")
+  return steps
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+  """The flags of multi-process runs, checkpoints, metrics and bad steps."""
+  parser.add_argument(
+      "--initialization-timeout", type=_positive_int, default=300,
+      help="seconds to wait for every process at the coordinator before "
+           "stopping with an error (default 300)")
+  checkpointing.add_arguments(parser)
+  parser.add_argument(
+      "--metrics-out", default=None,
+      help="write the run's figures as JSON here (process 0): steps, "
+           "losses, final validation loss, skipped steps, per-leaf "
+           "checksums of parameters and optimizer state")
+  parser.add_argument(
+      "--max-bad-steps", type=_positive_int, default=RunOptions.max_bad_steps,
+      help="stop after this many consecutive steps with a non-finite loss "
+           f"or gradient (default {RunOptions.max_bad_steps})")
+  group = parser.add_argument_group("testing aids")
+  group.add_argument(
+      "--inject-nan-steps", type=_step_list, default=(),
+      help="make the loss and gradients NaN at these steps (e.g. 3,7) on "
+           "the rows of the batch of --inject-nan-process, to exercise the "
+           "skipping of bad steps")
+  group.add_argument("--inject-nan-process", type=int, default=0,
+                     help="the process that injects them (default 0)")
+
+
+def run_options(args: argparse.Namespace) -> RunOptions:
+  """The :class:`RunOptions` of parsed command-line flags."""
+  return RunOptions(
+      checkpoint_dir=args.checkpoint_dir,
+      checkpoint_every=args.checkpoint_every,
+      max_bad_steps=args.max_bad_steps,
+      inject_nan_steps=tuple(args.inject_nan_steps),
+      inject_nan_process=args.inject_nan_process)
+
+
+def _cpu_platform(args: argparse.Namespace) -> bool:
+  platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
+  return bool(args.simulate_devices) or platforms == "cpu"
+
+
+class _Deadline:
+  """Ends the process with one line if a block does not finish in time.
+
+  JAX's own timeout on the coordinator aborts the process with a C++ stack
+  trace; this fires first, prints ``message`` on stderr and exits with
+  status 2.
+  """
+
+  def __init__(self, seconds: float, message: str):
+    self._timer = threading.Timer(seconds, self._expire)
+    self._timer.daemon = True
+    self._message = message
+
+  def _expire(self) -> None:
+    sys.stdout.flush()
+    print(self._message, file=sys.stderr, flush=True)
+    os._exit(2)
+
+  def __enter__(self) -> "_Deadline":
+    self._timer.start()
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self._timer.cancel()
+
+
 def initialise_runtime(args: argparse.Namespace) -> None:
-  """Simulated CPU devices or the multi-host runtime: before any JAX use."""
+  """Simulated CPU devices or the multi-host runtime: before any JAX use.
+
+  With several processes on CPU devices, their collectives go over Gloo
+  (TCP). Every process must reach the coordinator within
+  ``args.initialization_timeout`` seconds, or each stops with one line.
+  """
   if args.simulate_devices:
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", args.simulate_devices)
   if args.distributed or args.coordinator_address:
-    jax.distributed.initialize(coordinator_address=args.coordinator_address,
-                               num_processes=args.num_processes,
-                               process_id=args.process_id)
+    if _cpu_platform(args):
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    timeout = getattr(args, "initialization_timeout", 300)
+    who = ("this process" if args.process_id is None else
+           f"process {args.process_id} of {args.num_processes}")
+    where = args.coordinator_address or "the auto-detected coordinator"
+    message = (
+        f"error: {who}: not every process reached the coordinator at "
+        f"{where} within {timeout} s (--initialization-timeout). Start every "
+        "process with the same --coordinator-address and --num-processes "
+        "and its own --process-id (on one machine, python -m "
+        "madam_examples.launch_local does it).")
+    with _Deadline(timeout, message):
+      jax.distributed.initialize(
+          coordinator_address=args.coordinator_address,
+          num_processes=args.num_processes, process_id=args.process_id,
+          initialization_timeout=timeout + 60)
+
+
+def write_metrics(path: str, metrics: dict[str, Any]) -> None:
+  """Writes ``metrics`` as JSON to ``path`` (atomically)."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(metrics, f, indent=1)
+  os.replace(path + ".tmp", path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -286,7 +651,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   log(f"{jax.process_count()} process(es), {jax.device_count()} "
       f"{jax.devices()[0].platform} device(s); mesh {config.mesh}")
-  result = train(config, log=log)
+  try:
+    result = train(config, log=log, options=run_options(args))
+  except (BadStepsError, checkpointing.DamagedCheckpointError,
+          checkpointing.CheckpointWriteError) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 1
+  if result["skipped_steps"]:
+    log(f"{result['skipped_steps']} step(s) skipped in all (non-finite loss "
+        "or gradient)")
   run, state = result["run"], result["state"]
   log(f"mesh {dict(run.mesh.shape)}; parameters "
       f"{sum(x.size for x in jax.tree.leaves(state.params))}")
@@ -306,6 +679,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{mesh_lib.collectives_in_hlo(step_hlo)}")
     log("collectives in the optimizer update: "
         f"{mesh_lib.collectives_in_hlo(update_hlo) or 'none'}")
+  if args.metrics_out:
+    metrics = run_metrics(config, result)
+    if args.check_collectives:
+      metrics["collectives"] = {
+          "train_step": mesh_lib.collectives_in_hlo(step_hlo),
+          "optimizer_update": mesh_lib.collectives_in_hlo(update_hlo)}
+    if leader:
+      write_metrics(args.metrics_out, metrics)
+      log(f"wrote {args.metrics_out}")
   return 0
 
 

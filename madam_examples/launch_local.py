@@ -1,0 +1,295 @@
+"""Runs a multi-process JAX program on one machine, for development and tests.
+
+``jax.distributed`` joins one process per host into one runtime; on one
+machine several processes can do the same, each with its own CPU devices,
+their collectives going over Gloo on ``127.0.0.1``. That is the code path of
+a TPU pod or a GPU cluster, minus the hardware. This launcher starts ``-n``
+processes of a module (default :mod:`madam_examples.sharded_train`) with
+``--coordinator-address 127.0.0.1:PORT --num-processes N --process-id I``
+appended to the given arguments, on a free port::
+
+  python -m madam_examples.launch_local -n 2 -- --mesh data=2,fsdp=2 \\
+      --simulate-devices 2 --steps 50
+
+It streams process 0's output (the others' goes to ``--log-dir``, or to a
+temporary folder whose path it prints), and when one process exits with an
+error or is killed, it stops every other process and exits with that
+status, printing one line that says which process failed and the last lines
+of its log. ``--timeout`` bounds the whole run; a process that never reaches
+the coordinator makes the others stop after the program's own
+``--initialization-timeout``. The children are killed when the launcher
+dies (Linux), so no process is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import IO, Any, Sequence
+
+DEFAULT_MODULE = "madam_examples.sharded_train"
+HOST = "127.0.0.1"
+POLL_SECONDS = 0.05
+GRACE_SECONDS = 5.0
+
+
+def free_port() -> int:
+  """A TCP port on ``127.0.0.1`` that nothing listens on right now.
+
+  Example:
+    >>> 1024 <= free_port() < 65536
+    True
+  """
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind((HOST, 0))
+    return s.getsockname()[1]
+
+
+def process_command(module: str, args: Sequence[str], address: str,
+                    num_processes: int, process_id: int) -> list[str]:
+  """The command line of process ``process_id``.
+
+  Example:
+    >>> process_command("m", ["--steps", "5"], "127.0.0.1:1234", 2, 1)[1:]
+    ['-m', 'm', '--steps', '5', '--coordinator-address', '127.0.0.1:1234', \
+'--num-processes', '2', '--process-id', '1']
+  """
+  return [sys.executable, "-m", module, *args,
+          "--coordinator-address", address,
+          "--num-processes", str(num_processes),
+          "--process-id", str(process_id)]
+
+
+def _die_with_parent() -> None:
+  """In the child, before ``exec``: be killed when the launcher dies."""
+  try:
+    import ctypes  # pylint: disable=import-outside-toplevel
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    pass   # not Linux: the launcher's own cleanup still applies
+
+
+def describe_status(code: int) -> str:
+  """``"exit status 3"`` or ``"killed by SIGKILL"``.
+
+  Example:
+    >>> describe_status(-9)
+    'killed by SIGKILL'
+  """
+  if code < 0:
+    try:
+      return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+      return f"killed by signal {-code}"
+  return f"exit status {code}"
+
+
+def _tail(path: str, lines: int = 5) -> str:
+  try:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      text = f.read().splitlines()
+  except OSError:
+    return ""
+  return "\n".join(text[-lines:])
+
+
+class LocalCluster:
+  """``num_processes`` cooperating processes of ``module`` on this machine.
+
+  Use it as a context manager: leaving the block stops every process that
+  is still running (SIGTERM, then SIGKILL after a grace period).
+
+  Args:
+    num_processes: how many processes.
+    args: the module's arguments, shared by all processes (the coordinator
+      flags are appended).
+    module: the module to run with ``python -m``.
+    log_dir: where processes 1.. write their output (``process_<i>.log``);
+      default a new temporary folder.
+    stdout: where process 0 writes its output (default: the launcher's).
+    env: the processes' environment (default: the launcher's).
+    port: the coordinator's port on ``127.0.0.1`` (default: a free one).
+
+  Attributes:
+    processes: the ``subprocess.Popen`` of each process, in process order.
+    address: the coordinator's ``host:port``.
+    log_paths: each process's log file (``None`` for process 0).
+
+  Example (two processes of sharded_train, two CPU devices each)::
+
+    with LocalCluster(2, ["--simulate-devices", "2", "--mesh", "data=4"]) as c:
+      status = c.wait(timeout=600)
+  """
+
+  def __init__(self, num_processes: int, args: Sequence[str], *,
+               module: str = DEFAULT_MODULE, log_dir: str | None = None,
+               stdout: IO[Any] | None = None,
+               env: dict[str, str] | None = None, port: int | None = None):
+    if num_processes < 1:
+      raise ValueError(f"-n must be at least 1, got {num_processes}.")
+    self.num_processes = num_processes
+    self.address = f"{HOST}:{port or free_port()}"
+    self.log_dir = log_dir or tempfile.mkdtemp(prefix="launch_local-")
+    os.makedirs(self.log_dir, exist_ok=True)
+    self.processes: list[subprocess.Popen] = []
+    self.log_paths: list[str | None] = []
+    self.failure: str | None = None       # one line, once one has failed
+    self.failed: int | None = None        # the process that failed first
+    self._files: list[IO[Any]] = []
+    try:
+      for i in range(num_processes):
+        command = process_command(module, args, self.address, num_processes,
+                                  i)
+        if i == 0:
+          out, path = stdout, None
+        else:
+          path = os.path.join(self.log_dir, f"process_{i}.log")
+          out = open(path, "w", encoding="utf-8")  # pylint: disable=consider-using-with
+          self._files.append(out)
+        self.log_paths.append(path)
+        self.processes.append(subprocess.Popen(  # pylint: disable=consider-using-with
+            command, env=env, stdout=out,
+            stderr=subprocess.STDOUT if out is not None else None,
+            preexec_fn=_die_with_parent))
+    except BaseException:
+      self.stop()
+      raise
+
+  @property
+  def pids(self) -> list[int]:
+    """The processes' ids, in process order."""
+    return [p.pid for p in self.processes]
+
+  def poll(self) -> int | None:
+    """``None`` while all run; else 0 when all ended well, or the status of
+    the first that failed (after which every other one is stopped)."""
+    codes = [p.poll() for p in self.processes]
+    for i, code in enumerate(codes):
+      if code not in (None, 0):
+        log = self.log_paths[i]
+        self.failed = i
+        self.failure = (
+            f"launch_local: process {i} of {self.num_processes} ended with "
+            f"{describe_status(code)}; stopping the others"
+            + (f" (its log: {log})" if log else ""))
+        self.stop()
+        return code
+    if all(code == 0 for code in codes):
+      return 0
+    return None
+
+  def wait(self, timeout: float | None = None) -> int:
+    """Waits for every process; returns 0 or the first failure's status.
+
+    A failure stops every other process. After ``timeout`` seconds all are
+    stopped and the status is 124.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+      code = self.poll()
+      if code is not None:
+        return code
+      if deadline is not None and time.monotonic() > deadline:
+        self.failure = (f"launch_local: the run took more than {timeout:g} s "
+                        "(--timeout); stopped every process")
+        self.stop()
+        return 124
+      time.sleep(POLL_SECONDS)
+
+  def stop(self) -> None:
+    """Stops every process still running: SIGTERM, then SIGKILL."""
+    running = [p for p in self.processes if p.poll() is None]
+    for p in running:
+      with contextlib.suppress(ProcessLookupError):
+        p.terminate()
+    deadline = time.monotonic() + GRACE_SECONDS
+    for p in running:
+      try:
+        p.wait(max(deadline - time.monotonic(), 0.01))
+      except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+          p.kill()
+        p.wait()
+    for f in self._files:
+      f.close()
+    self._files = []
+
+  def __enter__(self) -> "LocalCluster":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.stop()
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog="python -m madam_examples.launch_local",
+      description=__doc__.split("\n\n")[0],
+      usage="%(prog)s -n N [options] -- ARGS...",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog="Everything after -- goes to every process.")
+  parser.add_argument("-n", "--num-processes", type=int, required=True,
+                      help="number of processes")
+  parser.add_argument("--module", default=DEFAULT_MODULE,
+                      help=f"the module to run (default {DEFAULT_MODULE})")
+  parser.add_argument("--timeout", type=float, default=None,
+                      help="stop every process after this many seconds "
+                           "(exit status 124)")
+  parser.add_argument("--port", type=int, default=None,
+                      help="the coordinator's port on 127.0.0.1 (default: "
+                           "a free one)")
+  parser.add_argument("--log-dir", default=None,
+                      help="where processes 1.. write their output")
+  parser.add_argument("args", nargs=argparse.REMAINDER,
+                      help="the module's arguments, after --")
+  args = parser.parse_args(argv)
+  if args.args and args.args[0] == "--":
+    args.args = args.args[1:]
+  if args.num_processes < 1:
+    parser.error(f"-n must be at least 1, got {args.num_processes}")
+  if args.timeout is not None and args.timeout <= 0:
+    parser.error(f"--timeout must be positive, got {args.timeout}")
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
+  cluster = LocalCluster(args.num_processes, args.args, module=args.module,
+                         log_dir=args.log_dir, port=args.port)
+  print(f"launch_local: {args.num_processes} processes of {args.module} on "
+        f"{cluster.address} (pids {', '.join(map(str, cluster.pids))}); "
+        f"logs of processes 1.. in {cluster.log_dir}", file=sys.stderr,
+        flush=True)
+
+  def stop(signum, frame):  # Ctrl-C, or a scheduler's SIGTERM
+    del frame
+    cluster.stop()
+    print(f"launch_local: stopped by {signal.Signals(signum).name}",
+          file=sys.stderr, flush=True)
+    sys.exit(128 + signum)
+
+  signal.signal(signal.SIGINT, stop)
+  signal.signal(signal.SIGTERM, stop)
+  with cluster:
+    code = cluster.wait(args.timeout)
+  if code:
+    print(cluster.failure, file=sys.stderr, flush=True)
+    failed = cluster.failed
+    if failed is not None and cluster.log_paths[failed]:
+      tail = _tail(cluster.log_paths[failed])
+      if tail:
+        print(f"launch_local: last lines of process {failed}:\n{tail}",
+              file=sys.stderr, flush=True)
+  return code if code >= 0 else 128 - code
+
+
+if __name__ == "__main__":
+  sys.exit(main())
