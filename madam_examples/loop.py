@@ -201,6 +201,14 @@ def _import_checkpointing():
   return checkpointing
 
 
+def _checkpoint_tree(state: TrainState, loss_sums: dict[str, Any],
+                     steps_since_eval: Any) -> dict[str, Any]:
+  """What a checkpoint of :func:`train` holds: the state, and the training
+  losses summed over the steps since the last evaluation."""
+  return {"train_state": state, "loss_sums": loss_sums,
+          "steps_since_eval": jnp.asarray(steps_since_eval, jnp.int32)}
+
+
 def _run_config(task: Task, optimizer: Optimizer, learning_rate: float,
                 seed: int, steps: int, schedule: str,
                 lns_format: madam_optax.LNSFormat | None,
@@ -229,12 +237,14 @@ def train(task: Task, optimizer: Optimizer, learning_rate: float, *,
   """Trains ``task`` with one optimizer; a Python loop over jitted chunks.
 
   With ``checkpoint_dir``, the :class:`~madam_examples.step.TrainState` (a
-  plain pytree: params or codes, optimizer states, PRNG key, step) is saved
-  every ``checkpoint_every`` steps and at the end with
+  plain pytree: params or codes, optimizer states, PRNG key, step) and the
+  training losses summed since the last evaluation are saved every
+  ``checkpoint_every`` steps and at the end with
   :mod:`madam_examples.checkpointing` (Orbax, atomic), together with the
   evaluation history (``history.json`` in the same folder); a later call with
   the same folder resumes from the latest complete checkpoint and continues
-  bit for bit. The run's settings are saved too, so a resume with another
+  bit for bit, mean training losses included, whether or not
+  ``checkpoint_every`` is a multiple of ``eval_every``. The run's settings are saved too, so a resume with another
   schedule, length, rate or LNS format is refused with a clear error.
 
   Args:
@@ -274,28 +284,35 @@ def train(task: Task, optimizer: Optimizer, learning_rate: float, *,
       task.losses, txs, s, d, n, lns_format=lns_format))
   evaluate = jax.jit(lambda s, d: task.evaluate(
       step_lib.weights(s, lns_format), d))
+  # The training losses summed since the last evaluation: checkpointed with
+  # the state, so that a run resumed between two evaluations reports the
+  # same mean training loss as an uninterrupted one.
+  sums = {f"{c}_loss": jnp.zeros((), jnp.float32) for c in task.losses}
+  since_eval = jnp.zeros((), jnp.int32)
   start, ckpt = 0, None
   if checkpoint_dir is not None:
     checkpointing = _import_checkpointing()
     config = _run_config(task, optimizer, learning_rate, seed, steps,
                          schedule, lns_format, options)
-    state, start = checkpointing.maybe_restore(checkpoint_dir, state,
-                                               verbose=False, config=config)
+    saved, start = checkpointing.maybe_restore(
+        checkpoint_dir, _checkpoint_tree(state, sums, since_eval),
+        verbose=False, config=config)
+    state, sums, since_eval = (saved["train_state"], saved["loss_sums"],
+                               saved["steps_since_eval"])
     start = min(int(start), steps)
     ckpt = checkpointing.Checkpointer(checkpoint_dir, checkpoint_every,
                                       config=config)
   history = _load_history(checkpoint_dir, start)
   if callback is not None:
     callback(start, {}, state)
-  done, since_eval, sums = start, 0, None
+  done, since_eval = start, int(since_eval)
   try:
     while done < steps:
       n = min(eval_every - done % eval_every, steps - done)
       if ckpt is not None:
         n = min(n, checkpoint_every - done % checkpoint_every)
       state, chunk_sums = chunk(state, task.data, jnp.int32(n))
-      sums = chunk_sums if sums is None else jax.tree.map(
-          jnp.add, sums, chunk_sums)
+      sums = jax.tree.map(jnp.add, sums, chunk_sums)
       done += n
       since_eval += n
       if done % eval_every == 0 or done == steps:
@@ -305,11 +322,13 @@ def train(task: Task, optimizer: Optimizer, learning_rate: float, *,
         history["step"].append(done)
         for k, v in metrics.items():
           history.setdefault(k, []).append(v)
-        sums, since_eval = None, 0
+        sums = jax.tree.map(jnp.zeros_like, sums)
+        since_eval = 0
         if callback is not None:
           callback(done, metrics, state)
-      if ckpt is not None and ckpt.maybe_save(done, state,
-                                              force=done == steps):
+      if ckpt is not None and ckpt.maybe_save(
+          done, _checkpoint_tree(state, sums, since_eval),
+          force=done == steps):
         _save_history(checkpoint_dir, history)
   finally:
     if ckpt is not None:
