@@ -385,21 +385,22 @@ def _read_checked(manager: ocp.CheckpointManager, directory, step: int,
   if config is not None:
     saved = (step_metadata.get("custom_metadata") or {}).get("config")
     check_config(saved, config, where)
-  try:
+  try:   # reads each array's own metadata too
     metadata = manager.item_metadata(step)
   except (OSError, ValueError, KeyError) as e:
-    raise _Damage(f"its tree metadata is unreadable: {_one_line(e, 80)}"
-                  ) from e
+    raise _Damage(f"an array could not be read: {_one_line(e)}") from e
   check_compatible(getattr(metadata, "tree", metadata), target, where)
   abstract = jax.tree.map(abstract_leaf, target)
+  # The handler rather than the manager: it has no barrier, so a process
+  # that fails here still reaches the verdict shared by all processes.
+  handler = ocp.StandardCheckpointHandler()
   try:
-    # The handler rather than the manager: it has no barrier, so a process
-    # that fails here still reaches the verdict shared by all processes.
-    restored = ocp.StandardCheckpointHandler().restore(
-        epath.Path(os.path.join(path, ITEM)),
-        args=ocp.args.StandardRestore(abstract))
+    restored = handler.restore(epath.Path(os.path.join(path, ITEM)),
+                               args=ocp.args.StandardRestore(abstract))
   except (OSError, ValueError) as e:
     raise _Damage(f"an array could not be read: {_one_line(e)}") from e
+  finally:
+    handler.close()
   return rewrap_keys(target, restored)
 
 

@@ -424,5 +424,136 @@ def test_checkpointer_saves_every_n_and_keeps_the_newest(tmp_path):
   assert step == 5 and float(restored["w"][0]) == 5.0
 
 
+
+# ---------------------------------------------------------------- damage
+
+
+def _two_steps(directory, second_config=None):
+  """Steps 1 and 2 of a small Madam state; step 2 possibly by another run."""
+  params = {"w": jnp.arange(12.0).reshape(4, 3) + 1, "b": jnp.zeros(3)}
+  state = {"params": params, "opt_state": madam_optax.madam().init(params)}
+  config = {"optimizer": "madam", "learning_rate": 0.01}
+  checkpointing.save(directory, 1, state, config=config)
+  later = jax.tree.map(lambda x: x * 2, state)
+  checkpointing.save(directory, 2, later, config=second_config or config)
+  return state, later, config
+
+
+def _array_files(step_dir):
+  files = sorted(glob.glob(os.path.join(step_dir, "default", "d", "*")))
+  assert files, os.listdir(os.path.join(step_dir, "default"))
+  return files
+
+
+def _truncate(path):
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def _garble(path):
+  with open(path, "wb") as f:
+    f.write(b"\x89\xff\x00 not json {")
+
+
+DAMAGE = {
+    "step metadata lost": lambda d: os.remove(
+        os.path.join(d, "_CHECKPOINT_METADATA")),
+    "step metadata garbled": lambda d: _garble(
+        os.path.join(d, "_CHECKPOINT_METADATA")),
+    "tree metadata garbled": lambda d: _garble(
+        os.path.join(d, "default", "_METADATA")),
+    "tree metadata lost": lambda d: os.remove(
+        os.path.join(d, "default", "_METADATA")),
+    "array file truncated": lambda d: [_truncate(f) for f in _array_files(d)],
+    "array file deleted": lambda d: [os.remove(f) for f in _array_files(d)],
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_step_is_named_and_the_previous_step_restored(
+    tmp_path, capsys, damage):
+  """Each kind of damage to the latest step: restoring that step names it
+  and the fix in one line (no raw TensorStore or decoding error), and a
+  resume sets it aside, says so, and restores the previous complete step."""
+  state, _, config = _two_steps(tmp_path)
+  DAMAGE[damage](str(tmp_path / "2"))
+  with pytest.raises(checkpointing.DamagedCheckpointError) as error:
+    checkpointing.restore(tmp_path, state, 2, config=config)
+  message = str(error.value)
+  assert "\n" not in message
+  assert message.startswith(f"checkpoint step 2 in {tmp_path} is damaged (")
+  assert f"Move or delete the folder {tmp_path / '2'}" in message
+  restored, step = checkpointing.maybe_restore(tmp_path, state, config=config)
+  assert step == 1
+  chex.assert_trees_all_equal(restored, state)
+  out = capsys.readouterr().out
+  assert (f"Checkpoint step 2 in {tmp_path} is damaged ({error.value.reason}"
+          f"); set it aside as {tmp_path / '2.damaged'} and trying step 1"
+          in out), out
+  assert f"Resumed from step 1 in {tmp_path}" in out
+  # Set aside, it is no step any more: the next save of step 2 is written.
+  assert checkpointing.all_steps(tmp_path) == [1]
+  assert (tmp_path / "2.damaged").is_dir()
+  with checkpointing.Checkpointer(tmp_path, every=1, config=config) as ckpt:
+    assert ckpt.maybe_save(2, state)
+  chex.assert_trees_all_equal(
+      checkpointing.restore(tmp_path, state, config=config), state)
+
+
+def test_lost_step_metadata_no_longer_skips_the_configuration_check(
+    tmp_path, capsys):
+  """Step 2 was written by another optimizer configuration. Intact, it is
+  refused by name; with its _CHECKPOINT_METADATA (which holds the config)
+  lost, it used to be restored unchecked: now it is a damaged step, and the
+  resume takes step 1, whose configuration matches."""
+  other = {"optimizer": "madam", "learning_rate": 0.05}
+  state, _, config = _two_steps(tmp_path, second_config=other)
+  with pytest.raises(ValueError, match=r"learning_rate: checkpoint 0\.05"):
+    checkpointing.maybe_restore(tmp_path, state, config=config)
+  os.remove(tmp_path / "2" / "_CHECKPOINT_METADATA")
+  restored, step = checkpointing.maybe_restore(tmp_path, state, config=config)
+  assert step == 1
+  chex.assert_trees_all_equal(restored, state)
+  assert "_CHECKPOINT_METADATA is missing" in capsys.readouterr().out
+
+
+def test_only_step_damaged_stops_with_one_line(tmp_path):
+  params = {"w": jnp.ones((4, 3))}
+  checkpointing.save(tmp_path, 3, params)
+  _truncate(_array_files(str(tmp_path / "3"))[0])
+  with pytest.raises(checkpointing.DamagedCheckpointError,
+                     match=r"^checkpoint step 3 .* is damaged \(an array "
+                           r"could not be read: .*\)\. Move or delete the "
+                           r"folder .*3 \(a rerun then resumes from the "
+                           r"previous complete step, or from step 0 if "
+                           r"there is none\)"):
+    checkpointing.maybe_restore(tmp_path, params)
+  assert checkpointing.all_steps(tmp_path) == [3]     # left where it was
+
+
+def test_read_only_folder_fails_at_that_save(tmp_path):
+  """Saves run in the background; without a check, the save into a folder
+  that became read-only would fail one interval later."""
+  state = {"w": jnp.ones(3)}
+  checkpointing.save(tmp_path, 1, state)
+  os.chmod(tmp_path, 0o555)
+  try:
+    try:   # A process with the right to ignore file modes (root) cannot
+      (tmp_path / "probe").write_text("x")   # test this.
+      os.remove(tmp_path / "probe")
+      pytest.skip("this process may write into read-only folders (root)")
+    except PermissionError:
+      pass
+    message = (rf"^cannot save checkpoint step 2 in {tmp_path}: Permission "
+               r"denied\. Make the folder writable")
+    with checkpointing.Checkpointer(tmp_path, every=1) as ckpt:
+      with pytest.raises(checkpointing.CheckpointWriteError, match=message):
+        ckpt.maybe_save(2, state)
+    with pytest.raises(checkpointing.CheckpointWriteError, match=message):
+      checkpointing.save(tmp_path, 2, state)
+    assert checkpointing.all_steps(tmp_path) == [1]
+  finally:
+    os.chmod(tmp_path, 0o755)
+
 if __name__ == "__main__":
   worker(sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
