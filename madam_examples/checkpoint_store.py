@@ -324,24 +324,78 @@ class _Damage(Exception):
   """Internal: the reason a step is damaged (becomes DamagedCheckpointError)."""
 
 
+_BARRIERS = [0]
+BARRIER_TIMEOUT_S = 600
+
+
+def sync_processes(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
+  """Waits until every JAX process gets here (nothing with one process).
+
+  Through the coordination service, not a collective: processes may arrive
+  minutes apart (one still compiling), whereas CPU collectives over Gloo
+  give up after 30 s. Call it before a collective that processes may reach
+  at very different times.
+  """
+  if jax.process_count() == 1:
+    return
+  _BARRIERS[0] += 1
+  ocp.multihost.get_barrier_sync_fn()(
+      key=f"madam-{name}-{_BARRIERS[0]}", timeout_ms=int(timeout_s * 1000))
+
+
+def gather_from_processes(values: np.ndarray) -> np.ndarray:
+  """Every process's ``values`` (same shape and dtype on all), stacked in
+  process order: shape ``(process_count, *values.shape)``.
+
+  Exact for any dtype (the bytes travel, so float64 stays float64 without
+  ``jax_enable_x64``). A collective: every process must call it.
+
+  Example:
+    >>> gather_from_processes(np.array([1.5, 2.0]))      # one process
+    array([[1.5, 2. ]])
+  """
+  values = np.ascontiguousarray(values)
+  if jax.process_count() == 1:
+    return values[None]
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  raw = np.frombuffer(values.tobytes(), np.uint8).astype(np.int32)
+  sync_processes("gather")
+  gathered = np.asarray(multihost_utils.process_allgather(raw))
+  return np.stack([np.frombuffer(row.astype(np.uint8).tobytes(),
+                                 values.dtype).reshape(values.shape)
+                   for row in gathered])
+
+
+def finalised_steps(directory: str | os.PathLike) -> list[int]:
+  """The complete steps in ``directory``, ascending (no barrier)."""
+  return sorted(ocp.utils.checkpoint_steps(os.fspath(directory)))
+
+
+def check_same_steps(directory: str | os.PathLike, steps: list[int]) -> None:
+  """Raises ``ValueError`` unless every process lists the same latest step.
+
+  Each process reads the folder on its own; on several hosts it must be on
+  a file system that all of them share.
+  """
+  latest = steps[-1] if steps else -1
+  seen = gather_from_processes(np.array([latest, len(steps)], np.int64))
+  if (seen == seen[0]).all():
+    return
+  views = ", ".join(f"process {i}: {int(row[0]) if row[0] >= 0 else 'none'}"
+                    for i, row in enumerate(seen))
+  raise ValueError(
+      f"the processes see different checkpoints in {os.fspath(directory)} "
+      f"(latest step {views}). Every process must see the same folder: on "
+      "several hosts, put it on a file system they all share.")
+
+
 def all_processes_ok(ok: bool) -> list[bool]:
   """Every JAX process's ``ok``, in process order (one process: ``[ok]``).
 
-  A collective over all processes: each must call it, in the same order.
+  A collective: every process must call it, in the same order.
   """
-  if jax.process_count() == 1:
-    return [bool(ok)]
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  flags = multihost_utils.process_allgather(np.array([int(bool(ok))],
-                                                     np.int32))
-  return [bool(x) for x in np.asarray(flags).reshape(-1)]
-
-
-def sync_processes(name: str) -> None:
-  """A barrier of every JAX process (nothing with one process)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    multihost_utils.sync_global_devices(name)
+  flags = gather_from_processes(np.array([ok], np.bool_))
+  return [bool(x) for x in flags.reshape(-1)]
 
 
 def check_writable(directory: str | os.PathLike, step: int) -> None:

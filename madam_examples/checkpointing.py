@@ -101,11 +101,9 @@ def all_steps(directory: str | os.PathLike) -> list[int]:
   """
   if not _exists(directory):
     return []
-  manager = store.open_manager(directory, read_only=True)
-  try:
-    return sorted(manager.all_steps())
-  finally:
-    manager.close()
+  # Listed without a CheckpointManager: with several processes, opening one
+  # is a barrier, which every process must reach whatever it finds here.
+  return store.finalised_steps(directory)
 
 
 def latest_step(directory: str | os.PathLike) -> int | None:
@@ -246,6 +244,8 @@ def maybe_restore(checkpoint_dir: str | os.PathLike | None, target: Any, *,
     (5, Array([1., 1.], dtype=float32))
   """
   steps = all_steps(checkpoint_dir) if checkpoint_dir is not None else []
+  if checkpoint_dir is not None:
+    store.check_same_steps(checkpoint_dir, steps)
   if not steps:
     abstract = [jax.tree_util.keystr(path) for path, x in
                 jax.tree_util.tree_flatten_with_path(target)[0]

@@ -96,6 +96,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from madam_examples import checkpoint_store
 from madam_examples import checkpointing
 from madam_examples import data
 from madam_examples import memory
@@ -190,37 +191,84 @@ class Setup:
   poisoned_step: Any
 
 
+def _model(config: Config, partitioning: models.Partitioning | None
+           ) -> models.CharTransformer:
+  return models.CharTransformer(
+      len(data.VOCAB), config.context, config.dim, config.layers,
+      config.heads, partitioning=partitioning, rngs=nnx.Rngs(config.seed))
+
+
+def state_shardings(state: Any, param_shardings: Any,
+                    replicated: NamedSharding) -> Any:
+  """Each leaf of a training state laid out like its parameter.
+
+  An optimizer-state leaf whose path ends with a parameter's path and has
+  its shape (Madam's second moment, Adam's moments) gets that parameter's
+  sharding; the rest (PRNG key, step and update counts, per-tensor bounds)
+  is replicated.
+  """
+  params = {}   # a parameter's path within its component -> shape, sharding
+  for component, tree in state.params.items():
+    for (path, x), sharding in zip(
+        jax.tree_util.tree_flatten_with_path(tree)[0],
+        jax.tree.leaves(param_shardings[component])):
+      params[jax.tree_util.keystr(path)] = (x.shape, sharding)
+
+  longest_first = sorted(params.items(), key=lambda item: -len(item[0]))
+
+  def pick(path, leaf):
+    name = jax.tree_util.keystr(path)
+    for param, (shape, sharding) in longest_first:
+      if name.endswith(param) and tuple(leaf.shape) == tuple(shape):
+        return sharding
+    return replicated
+  return jax.tree_util.tree_map_with_path(pick, state)
+
+
+def _global(x: Any, sharding: NamedSharding) -> jax.Array:
+  """``x`` (whole, on this process) as a global array of that sharding: each
+  process fills only its own devices' shards."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return jax.random.wrap_key_data(
+        _global(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding,
+                                      lambda index: host[index])
+
+
 def setup(config: Config, devices: Sequence[Any] | None = None) -> Setup:
   """Builds the sharded model, optimizer and jitted steps on a mesh.
 
-  Parameters are created under ``jax.set_mesh`` with the Transformer's
-  ``Partitioning.fsdp`` annotations and are sharded as they are created
-  (eagerly here: each tensor is drawn whole, then split; a model too large
-  for one device is created inside a jitted function instead, as in Flax's
-  sharding guide). The optimizer's ``init`` then creates Madam's second
-  moment (and Adam's moments for the additive leaves) with the same
-  shardings, and the per-tensor bounds as replicated scalars.
+  The initial state (parameters, Madam's second moment and per-tensor
+  bounds, Adam's moments for the additive leaves) is computed whole on this
+  process's first device, the same on every process (same seeds), and then
+  laid out on the mesh: each parameter as the Transformer's
+  ``Partitioning.fsdp`` annotations say, its optimizer state likewise
+  (:func:`state_shardings`), the scalars replicated. Each process fills only
+  its own devices, so building the state needs no communication between
+  processes. (A model too large for one device is created inside a jitted
+  function instead, as in Flax's sharding guide.)
   """
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   check_config(config, mesh)
-  with jax.set_mesh(mesh):
-    model = models.CharTransformer(
-        len(data.VOCAB), config.context, config.dim, config.layers,
-        config.heads, partitioning=models.Partitioning.fsdp("fsdp"),
-        rngs=nnx.Rngs(config.seed))
-    graphdef, params = nnx.split(model)
+  with jax.default_device(jax.local_devices()[0]):
+    _, params = nnx.split(_model(config, None))
     params = {"model": nnx.as_pure(params)}
     txs = {"model": optimizers.make_optimizer(
         "madam", config.learning_rate, params["model"], p_scale=config.p_scale,
         additive_learning_rate=config.additive_learning_rate)}
-    state = step.init_state(params, txs, jax.random.key(config.seed))
-  # Whatever is not split over the mesh (the PRNG key, the step count, the
-  # per-tensor bounds) is replicated on it.
+    whole = step.init_state(params, txs, jax.random.key(config.seed))
+  with jax.set_mesh(mesh):
+    abstract = nnx.eval_shape(
+        lambda: _model(config, models.Partitioning.fsdp("fsdp")))
+    graphdef, abstract_params = nnx.split(abstract)
+    specs = nnx.as_pure(nnx.get_partition_spec(abstract_params))
   replicated = NamedSharding(mesh, P())
-  state = jax.device_put(state, jax.tree.map(
-      lambda x: x.sharding if isinstance(x.sharding, NamedSharding)
-      else replicated, state))
-  state_sharding = jax.tree.map(lambda x: x.sharding, state)
+  param_shardings = {"model": jax.tree.map(
+      lambda spec: NamedSharding(mesh, spec), specs,
+      is_leaf=lambda x: isinstance(x, P))}
+  state_sharding = state_shardings(whole, param_shardings, replicated)
+  state = jax.tree.map(_global, whole, state_sharding)
   batch_sharding = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
   tx = txs["model"]
 
@@ -360,6 +408,9 @@ def train(config: Config, devices: Sequence[Any] | None = None, *,
                                  run.batch_sharding)
 
   valid = batch(text.valid, 0, config.seed + 1)
+  # Processes may get here far apart (each built its model op by op); CPU
+  # collectives give up after 30 s, so meet before the first one.
+  checkpoint_store.sync_processes("setup")
   state, start, skipped, ckpt, last_saved = run.state, 0, 0, None, None
   if options.checkpoint_dir is not None:
     restored, start = checkpointing.maybe_restore(
@@ -371,6 +422,16 @@ def train(config: Config, devices: Sequence[Any] | None = None, *,
     ckpt = checkpointing.Checkpointer(options.checkpoint_dir,
                                       options.checkpoint_every,
                                       config=checkpoint_config(config))
+  # Compiled before the first step, and met after: compiling may take
+  # some processes much longer than others.
+  first = batch(text.train, start, config.seed)
+  if options.inject_nan_steps:
+    step_fn = run.poisoned_step.lower(state, first, poison_rows(
+        run.batch_sharding, config.batch_size, 1, options)).compile()
+  else:
+    step_fn = run.checked_step.lower(state, first).compile()
+  eval_fn = run.eval_loss.lower(state, valid).compile()
+  checkpoint_store.sync_processes("compiled")
   losses, valid_losses, seconds, streak = [], [], [], 0
   try:
     for index in range(start, config.steps):
@@ -378,10 +439,10 @@ def train(config: Config, devices: Sequence[Any] | None = None, *,
       begin = time.perf_counter()
       b = batch(text.train, index, config.seed)
       if options.inject_nan_steps:
-        state, loss, applied = run.poisoned_step(state, b, poison_rows(
+        state, loss, applied = step_fn(state, b, poison_rows(
             run.batch_sharding, config.batch_size, done, options))
       else:
-        state, loss, applied = run.checked_step(state, b)
+        state, loss, applied = step_fn(state, b)
       applied = bool(local_value(applied))      # the same on every process
       seconds.append(time.perf_counter() - begin)
       losses.append(loss)
@@ -402,7 +463,7 @@ def train(config: Config, devices: Sequence[Any] | None = None, *,
               "Lower --learning-rate or check the data, then rerun.")
       if done % config.log_every == 0 or done == config.steps:
         valid_losses.append((done, float(local_value(
-            run.eval_loss(state, valid)))))
+            eval_fn(state, valid)))))
         log(f"step {done:5d}  train loss {float(local_value(loss)):.3f}  "
             f"valid loss {valid_losses[-1][1]:.3f} nats/char  "
             f"({sum(seconds):.1f} s)")
@@ -416,7 +477,7 @@ def train(config: Config, devices: Sequence[Any] | None = None, *,
       ckpt.close()
   return {"losses": [float(local_value(x)) for x in losses],
           "valid_losses": valid_losses, "run": run, "state": state,
-          "final_valid_loss": float(local_value(run.eval_loss(state, valid))),
+          "final_valid_loss": float(local_value(eval_fn(state, valid))),
           "skipped_steps": skipped, "resumed_from": start,
           "step_seconds": seconds}
 
@@ -424,25 +485,44 @@ def train(config: Config, devices: Sequence[Any] | None = None, *,
 def leaf_checksums(tree: Any) -> dict[str, float]:
   """Float64 sum of absolute values of each leaf (whole, over processes).
 
-  A collective with several processes: every process must call it.
+  Each process sums the shards it holds (one copy of each, however
+  replicated) and the per-process sums are added in process order, so the
+  same layout gives the same bits. A collective with several processes:
+  every process must call it.
 
   Example:
     >>> import jax.numpy as jnp
     >>> leaf_checksums({'w': jnp.array([1.5, -2.0])})
     {"['w']": 3.5}
   """
-  out = {}
+  names, local = [], []
   for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-      x = multihost_utils.process_allgather(x, tiled=True)
-    out[jax.tree_util.keystr(path)] = float(
-        np.sum(np.abs(np.asarray(x, np.float64))))
-  return out
+    names.append(jax.tree_util.keystr(path))
+    local.append(math.fsum(
+        float(np.sum(np.abs(np.asarray(shard.data, np.float64))))
+        for shard in x.addressable_shards if shard.replica_id == 0))
+  per_process = checkpoint_store.gather_from_processes(
+      np.asarray(local, np.float64))
+  return {name: math.fsum(per_process[:, i]) for i, name in enumerate(names)}
+
+
+def gather_ints(value: int) -> list[int]:
+  """Every process's ``value``, in process order (a collective).
+
+  Example:
+    >>> gather_ints(3)               # one process
+    [3]
+  """
+  values = checkpoint_store.gather_from_processes(np.array([value], np.int64))
+  return [int(x) for x in values.reshape(-1)]
 
 
 def run_metrics(config: Config, result: dict[str, Any]) -> dict[str, Any]:
-  """What a run did, JSON-able (a collective: every process calls it)."""
+  """What a run did, JSON-able (a collective: every process calls it).
+
+  ``skipped_steps_per_process`` is each process's own count of the steps it
+  skipped: equal on every process when the skip decision is global.
+  """
   state, run = result["state"], result["run"]
   steps = result["resumed_from"] + len(result["losses"])
   params = leaf_checksums(state.params)
@@ -459,6 +539,7 @@ def run_metrics(config: Config, result: dict[str, Any]) -> dict[str, Any]:
       "valid_losses": result["valid_losses"],
       "final_valid_loss": result["final_valid_loss"],
       "skipped_steps": result["skipped_steps"],
+      "skipped_steps_per_process": gather_ints(result["skipped_steps"]),
       "param_checksum": math.fsum(params.values()),
       "param_checksums": params,
       "opt_state_checksums": opt_state,
@@ -653,8 +734,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       f"{jax.devices()[0].platform} device(s); mesh {config.mesh}")
   try:
     result = train(config, log=log, options=run_options(args))
-  except (BadStepsError, checkpointing.DamagedCheckpointError,
-          checkpointing.CheckpointWriteError) as e:
+  except (BadStepsError, checkpointing.CheckpointWriteError,
+          ValueError) as e:    # damaged or mismatched checkpoints included
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 1
   if result["skipped_steps"]:
