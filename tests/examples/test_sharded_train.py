@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from madam_examples import data, memory, mesh, sharded_train
+from madam_examples import checkpointing, data, memory, mesh, sharded_train
 
 TINY = sharded_train.Config(mesh="data=2,fsdp=4", steps=6, batch_size=16,
                             context=32, dim=32, heads=2, layers=1)
@@ -115,3 +115,37 @@ def test_main_runs_the_documented_command(eight_devices, capsys):
   out = capsys.readouterr().out
   assert "step     2" in out
   assert "collectives in the optimizer update: none" in out
+
+
+def test_bad_steps_stop_the_run_and_a_resume_reshards_onto_another_mesh(
+    tmp_path, eight_devices, sharded_run):
+  """NaN at steps 3 and 4 with --max-bad-steps 2: the run stops at step 4
+  with one line, keeping the step-2 checkpoint (no checkpoint is written
+  after a skipped step). Resumed without the NaNs on another mesh (every
+  tensor split 8 ways instead of 4), the run reads the checkpoint into the
+  new layout and ends where the uninterrupted (data 2, fsdp 4) run does."""
+  ckpt = str(tmp_path / "ckpt")
+  options = sharded_train.RunOptions(
+      checkpoint_dir=ckpt, checkpoint_every=2, max_bad_steps=2,
+      inject_nan_steps=(3, 4))
+  with pytest.raises(sharded_train.BadStepsError, match=(
+      r"^stopped at step 4: 2 consecutive steps \(3 to 4\) had a non-finite "
+      r"loss or gradient \(--max-bad-steps 2\); the last checkpoint, step 2 "
+      rf"in {ckpt}, is kept\. Lower --learning-rate or check the data, then "
+      r"rerun\.$")):
+    sharded_train.train(TINY, eight_devices, options=options)
+  assert checkpointing.all_steps(ckpt) == [2]
+  resumed = sharded_train.train(
+      dataclasses.replace(TINY, mesh="fsdp=8"), eight_devices,
+      options=sharded_train.RunOptions(checkpoint_dir=ckpt,
+                                       checkpoint_every=2))
+  assert resumed["resumed_from"] == 2 and resumed["skipped_steps"] == 0
+  kernel = resumed["state"].params["model"]["head"]["kernel"]
+  assert kernel.addressable_shards[0].data.shape[0] * 8 == kernel.shape[0]
+  np.testing.assert_allclose(resumed["losses"], sharded_run["losses"][2:],
+                             rtol=RTOL)
+  params = jax.device_get(resumed["state"].params)
+  expected = jax.device_get(sharded_run["state"].params)
+  for p, q in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
+    np.testing.assert_array_less(np.abs(p - q), RTOL * np.max(np.abs(q)))
+  assert checkpointing.all_steps(ckpt) == [2, 4, 6]
