@@ -535,6 +535,8 @@ def run_metrics(config: Config, result: dict[str, Any]) -> dict[str, Any]:
       "processes": jax.process_count(), "devices": jax.device_count(),
       "local_devices": jax.local_device_count(),
       "mesh": dict(run.mesh.shape), "config": dataclasses.asdict(config),
+      "parameters": sum(math.prod(x.shape)
+                        for x in jax.tree.leaves(state.params)),
       "losses": result["losses"],
       "valid_losses": result["valid_losses"],
       "final_valid_loss": result["final_valid_loss"],
