@@ -22,6 +22,7 @@ One worker process per configuration (each costs a JAX import).
 
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -487,9 +488,13 @@ def test_damaged_step_is_named_and_the_previous_step_restored(
   assert step == 1
   chex.assert_trees_all_equal(restored, state)
   out = capsys.readouterr().out
-  assert (f"Checkpoint step 2 in {tmp_path} is damaged ({error.value.reason}"
-          f"); set it aside as {tmp_path / '2.damaged'} and trying step 1"
-          in out), out
+  said = re.search(rf"Checkpoint step 2 in {re.escape(str(tmp_path))} is "
+                   r"damaged \((.*)\); set it aside as "
+                   rf"{re.escape(str(tmp_path / '2.damaged'))} and trying "
+                   "step 1\n", out)
+  assert said, out
+  # The same kind of damage (a storage error's own text may vary by read).
+  assert said[1].split(":")[0] == error.value.reason.split(":")[0]
   assert f"Resumed from step 1 in {tmp_path}" in out
   # Set aside, it is no step any more: the next save of step 2 is written.
   assert checkpointing.all_steps(tmp_path) == [1]
