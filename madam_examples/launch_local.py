@@ -67,14 +67,29 @@ def process_command(module: str, args: Sequence[str], address: str,
           "--process-id", str(process_id)]
 
 
-def _die_with_parent() -> None:
-  """In the child, before ``exec``: be killed when the launcher dies."""
-  try:
-    import ctypes  # pylint: disable=import-outside-toplevel
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
-  except (OSError, AttributeError):
-    pass   # not Linux: the launcher's own cleanup still applies
+# Runs ``python -m MODULE ARGS`` after asking Linux to kill this process when
+# the launcher dies (PR_SET_PDEATHSIG); done in the child itself, after exec,
+# not between fork and exec: the launcher may be a multithreaded program (a
+# test with JAX loaded), where running Python code before exec can deadlock.
+_BOOTSTRAP = """
+import ctypes, os, runpy, signal, sys
+parent, module = int(sys.argv[1]), sys.argv[2]
+try:
+  ctypes.CDLL(None).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+  pass                          # not Linux: the launcher's cleanup applies
+if os.getppid() != parent:      # the launcher died before the line above
+  sys.exit(1)
+sys.argv = [module, *sys.argv[3:]]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+def _dying_with_parent(command: list[str]) -> list[str]:
+  """``[python, -m, module, *args]`` run so that it dies with this process."""
+  python, flag, module, *args = command
+  assert flag == "-m", command
+  return [python, "-c", _BOOTSTRAP, str(os.getpid()), module, *args]
 
 
 def describe_status(code: int) -> str:
@@ -156,9 +171,8 @@ class LocalCluster:
           self._files.append(out)
         self.log_paths.append(path)
         self.processes.append(subprocess.Popen(  # pylint: disable=consider-using-with
-            command, env=env, stdout=out,
-            stderr=subprocess.STDOUT if out is not None else None,
-            preexec_fn=_die_with_parent))
+            _dying_with_parent(command), env=env, stdout=out,
+            stderr=subprocess.STDOUT if out is not None else None))
     except BaseException:
       self.stop()
       raise
