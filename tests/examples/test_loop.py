@@ -1,8 +1,6 @@
 """Training runs: ``train`` (history, callback, LNS, checkpoints) and the
 ``vmap``-able run of the learning-rate study."""
 
-import pathlib
-import re
 import shutil
 
 import jax
@@ -101,19 +99,3 @@ def test_lns_run_resumes_from_checkpoint_and_refuses_another_format(
   with pytest.raises(ValueError, match="lns_format"):
     loop.train(task, "lns_madam", 0.01,
                **{**kwargs, "lns_format": madam_optax.LNSFormat.spanning(100)})
-
-
-@pytest.mark.slow
-def test_readme_code_block_trains_float_and_int8(capsys):
-  """The README's few-lines example: float Madam, then int8 LNS-Madam."""
-  readme = (pathlib.Path(__file__).resolve().parents[2]
-            / "README.md").read_text()
-  section = readme.split("<!-- section:examples -->")[1].split(
-      "<!-- section:")[0]
-  (code,) = [block for block in re.findall(r"```python\n(.*?)```", section,
-                                           re.S) if "loop.train" in block]
-  namespace = {}
-  exec(compile(code, "README.md", "exec"), namespace)  # pylint: disable=exec-used
-  assert namespace["history"]["accuracy"][-1] > 90.0
-  assert namespace["state"].params["model"]["out"]["kernel"].dtype == jnp.int8
-  assert "int8" in capsys.readouterr().out
