@@ -277,9 +277,9 @@ def _after_second_moment(tx, learning_rate):
   del learning_rate  # the step's own
   normalise = madam_optax.scale_by_second_moment()
 
-  def init(params):
+  def init(params):   # zeros_like keeps the codes' shardings
     return normalise.init(jax.tree.map(
-        lambda p: jnp.zeros(jnp.shape(p), _float_dtype(p)), params))
+        lambda p: jnp.zeros_like(p, dtype=_float_dtype(p)), params))
   return optax.chain(
       optax.GradientTransformationExtraArgs(init, normalise.update), tx)
 
