@@ -69,8 +69,9 @@ ONES = np.ones((STEPS, N), np.float32)
 def trajectory(name):
   """``run(w0, grad_seq, lr, p_scale) -> (weights, updates)`` per step.
 
-  Compiled once per case (the rate and ``p_scale`` are traced);
-  ``p_scale`` goes to the cases whose factory takes it.
+  The factory's default hyperparameters (SPEC's), except the drawn rate and
+  ``p_scale`` (to the cases whose factory takes it); both are traced, so
+  each case compiles once.
   """
   case = BY_NAME[name]
   dtype = case.code_format.dtype if case.codes else np.float32
@@ -80,7 +81,8 @@ def trajectory(name):
   @jax.jit
   def run(w0, grad_seq, lr, p_scale):
     overrides = {"p_scale": p_scale} if takes_p_scale else {}
-    tx = case.optimizer(template, learning_rate=lr, **overrides)
+    tx = case.optimizer(template, learning_rate=lr, defaults=True,
+                        **overrides)
 
     def step(carry, g):
       params, state = carry
