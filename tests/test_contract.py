@@ -173,12 +173,29 @@ def test_learning_rate_schedule_matches_constant(case):
   chex.assert_trees_all_close(scheduled, plain_run(case.name)[0], rtol=1e-6)
 
 
-@pytest.mark.parametrize("case, dtype", transforms.cases_by_dtype())
+def dtype_params():
+  """Each float case once, on a tree holding all four float dtypes; each code
+  case once per codes' dtype."""
+  return [case.param(None, dtype) for case in transforms.CASES
+          for dtype in (case.dtypes if case.codes else ["mixed_floats"])]
+
+
+def params_of_dtype(case, dtype):
+  if dtype == "mixed_floats":
+    return {d: case.example_params(d) for d in transforms.FLOAT_DTYPES}
+  return case.example_params(dtype)
+
+
+@pytest.mark.parametrize("case, dtype", dtype_params())
 def test_dtypes_kept_stable_under_cond_and_compiled_once(case, dtype):
   """Updates, params and state keep their dtypes, also inside ``lax.cond``;
-  the step is traced once (no recompilation on the second call)."""
-  with jax.enable_x64(dtype == "float64"):
-    params = case.example_params(dtype)
+  the step is traced once (no recompilation on the second call).
+
+  The float dtypes (float16, bfloat16, float32, float64) share one tree, with
+  float64 enabled: each leaf keeps its own dtype.
+  """
+  with jax.enable_x64(dtype == "mixed_floats"):
+    params = params_of_dtype(case, dtype)
     tx = case.optimizer(params, fmt=case.format_for(dtype))
     state = tx.init(params)
     chex.clear_trace_counter()
@@ -207,15 +224,20 @@ def test_dtypes_kept_stable_under_cond_and_compiled_once(case, dtype):
 @pytest.mark.parametrize("case", transforms.cases())
 def test_multisteps_accumulates_then_applies(case):
   params = case.example_params()
-  every_k = optax.MultiSteps(case.optimizer(params), every_k_schedule=2)
-  state = every_k.init(params)
   g0, g1 = case.example_grads(params, 0), case.example_grads(params, 1)
-  u0, state = every_k.update(g0, state, params)
-  chex.assert_trees_all_equal(u0, jax.tree.map(jnp.zeros_like, params))
-  u1, state = every_k.update(g1, state, params)
-  mean_grad = jax.tree.map(lambda a, b: (a + b) / 2, g0, g1)
+  every_k = optax.MultiSteps(case.optimizer(params), every_k_schedule=2)
   plain = case.optimizer(params)
-  expected, _ = plain.update(mean_grad, plain.init(params), params)
+
+  @jax.jit
+  def updates():
+    state = every_k.init(params)
+    u0, state = every_k.update(g0, state, params)
+    u1, state = every_k.update(g1, state, params)
+    mean_grad = jax.tree.map(lambda a, b: (a + b) / 2, g0, g1)
+    return u0, u1, plain.update(mean_grad, plain.init(params), params)[0]
+
+  u0, u1, expected = updates()
+  chex.assert_trees_all_equal(u0, jax.tree.map(jnp.zeros_like, params))
   # The new weights (an update that lands on a grid point is the difference
   # of two close numbers: compare what it gives).
   chex.assert_trees_all_close(optax.apply_updates(params, u1),

@@ -133,10 +133,17 @@ def host_codes(fmt):
           host_params()))
 
 
+# Two of the tensors, split over both axes and over a merged axis.
+CONTRACT_TENSORS = ("dense", "embed")
+
+
 def case_params(case, mesh):
-  """The case's params on the mesh: floats, or codes of its format."""
+  """The case's params on the mesh (floats, or codes of its format), for the
+  CONTRACT_TENSORS."""
   params = host_codes(case.code_format) if case.codes else host_params()
-  return jax.device_put(params, param_shardings(mesh))
+  shardings = param_shardings(mesh)
+  return {name: jax.device_put(params[name], shardings[name])
+          for name in CONTRACT_TENSORS}
 
 
 def sharded_grads(params):
