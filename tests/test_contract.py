@@ -174,16 +174,21 @@ def test_learning_rate_schedule_matches_constant(case):
 
 
 def dtype_params():
-  """Each float case once, on a tree holding all four float dtypes; each code
-  case once per codes' dtype."""
+  """Each float case once, on a tree of all four float dtypes; each code case
+  once per codes' dtype."""
   return [case.param(None, dtype) for case in transforms.CASES
           for dtype in (case.dtypes if case.codes else ["mixed_floats"])]
 
 
 def params_of_dtype(case, dtype):
-  if dtype == "mixed_floats":
-    return {d: case.example_params(d) for d in transforms.FLOAT_DTYPES}
-  return case.example_params(dtype)
+  """The case's example params; for "mixed_floats" one tensor per dtype
+  (the kernel, the bias, the scalar and the kernel again)."""
+  if dtype != "mixed_floats":
+    return case.example_params(dtype)
+  weights = transforms.example_weights()
+  tensors = (weights["dense"]["kernel"], weights["dense"]["bias"],
+             weights["scale"], weights["dense"]["kernel"].T)
+  return {d: w.astype(d) for d, w in zip(transforms.FLOAT_DTYPES, tensors)}
 
 
 @pytest.mark.parametrize("case, dtype", dtype_params())
@@ -192,7 +197,7 @@ def test_dtypes_kept_stable_under_cond_and_compiled_once(case, dtype):
   the step is traced once (no recompilation on the second call).
 
   The float dtypes (float16, bfloat16, float32, float64) share one tree, with
-  float64 enabled: each leaf keeps its own dtype.
+  float64 enabled: each tensor keeps its own dtype.
   """
   with jax.enable_x64(dtype == "mixed_floats"):
     params = params_of_dtype(case, dtype)

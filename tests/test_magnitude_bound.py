@@ -76,8 +76,8 @@ def test_bound_is_exact_after_additive_apply_far_outside(dtype):
          * 0.3).astype(dtype)
     tx = madam_optax.clip_weight_magnitude(max_magnitude=0.3)
     params = {"w": jnp.asarray(w)}
-    updates, _ = tx.update({"w": jnp.zeros_like(params["w"])},
-                           tx.init(params), params)
+    updates, _ = jax.jit(tx.update)({"w": jnp.zeros_like(params["w"])},
+                                    tx.init(params), params)
     new = optax.apply_updates(params, updates)["w"]
     bound = jnp.asarray(0.3, dtype)
     assert new.dtype == jnp.dtype(dtype)

@@ -20,6 +20,15 @@ def _params(case):
   return case.encode(WEIGHTS)[0]
 
 
+def _update_error(case, grads, *params):
+  """Traces ``init`` and ``update`` (no compilation): the checks run at
+  trace time. ``params`` as passed to ``update`` (none: left out)."""
+  init_params = _params(case)
+  tx = case.transform(init_params)
+  state = jax.eval_shape(tx.init, init_params)
+  jax.eval_shape(lambda state: tx.update(grads, state, *params), state)
+
+
 @pytest.mark.parametrize("case", transforms.cases(codes=False))
 def test_integer_params_are_rejected_naming_the_leaf(case):
   params = {"layer": {"kernel": jnp.ones((2, 3)), "step": jnp.array([3])}}
@@ -38,32 +47,25 @@ def test_float_params_are_rejected_by_code_transforms_naming_the_leaf(case):
 @pytest.mark.parametrize("case", transforms.cases(
     where=lambda case: case.needs_params))
 def test_missing_params_are_reported(case):
-  params = _params(case)
-  tx = case.transform(params)
-  state = tx.init(params)
+  grads = case.example_grads(_params(case), 0)
   with pytest.raises(ValueError, match="needs the current parameters"):
-    tx.update(case.example_grads(params, 0), state)
+    _update_error(case, grads)
 
 
 @pytest.mark.parametrize("case", transforms.cases(
     check=transforms.MISMATCHED_TREES))
 def test_mismatched_trees_are_reported(case):
-  params = _params(case)
-  tx = case.transform(params)
-  state = tx.init(params)
   wrong = {"layer": {"kernel": jnp.ones((2, 3))}}
   with pytest.raises(ValueError, match="do not match"):
-    tx.update(wrong, state, params)
+    _update_error(case, wrong, _params(case))
 
 
 @pytest.mark.parametrize("case", transforms.cases())
 def test_mismatched_shapes_are_reported(case):
-  params = _params(case)
-  tx = case.transform(params)
   wrong = {"layer": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(3)}}
   with pytest.raises(ValueError,
                      match=r"\['layer'\]\['kernel'\].*\(3, 2\).*\(2, 3\)"):
-    tx.update(wrong, tx.init(params), params)
+    _update_error(case, wrong, _params(case))
 
 
 @pytest.mark.parametrize(
