@@ -124,9 +124,9 @@ def test_bad_base(base):
 
 def test_zero_scale():
   fmt = LNSFormat.spanning(16)
-  with pytest.raises(ValueError, match="scale.*all-zero"):
+  with pytest.raises(ValueError, match="max_magnitude.*all-zero"):
     madam_optax.lns_encode(jnp.zeros(3), fmt)
-  with pytest.raises(ValueError, match="scale"):
+  with pytest.raises(ValueError, match="max_magnitude"):
     madam_optax.lns_encode(jnp.ones(3), fmt, 0.0)
 
 

@@ -97,7 +97,7 @@ def test_schedules_and_traced_hyperparameters_are_not_checked_in_python():
 @pytest.mark.parametrize("make, what", [
     (madam_optax.clip_weight_magnitude, "bounds"),
     (lambda: madam_optax.log_quantise(madam_optax.LNSFormat.spanning(127)),
-     "scales"),
+     "bounds"),
 ])
 def test_per_tensor_state_from_another_tree(make, what):
   tx = make()

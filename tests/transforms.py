@@ -60,7 +60,6 @@ EXTRA_ARGS = "extra_args"
 MAP_PARAMS = "map_params"
 MISMATCHED_TREES = "mismatched_trees"
 
-PLAIN_UPDATE = "plain GradientTransformation: fixed by the core consolidation"
 FLAT_STATE = (
     "per-tensor bounds in a flat tuple: optax.tree.map_params' placeholder "
     "init gives an empty tuple, which does not match the state")
@@ -72,10 +71,6 @@ REFERENCE_DEAD_ZONE = (
     "SPEC 2's deterministic rule at its fixed b2=0.999 and rate: a step below "
     "half a level (|g_n| < 0.05) rounds to zero, and in Rosenbrock's valley "
     "the normalised gradient falls below that before the optimum")
-RMS_SQUARED = (
-    "log_quantise's w_max squares the weights: in float32 it overflows above "
-    "~1e19 (an infinite grid scale, NaN weights) and underflows below ~1e-19 "
-    "(a zero grid scale: the weights collapse to 0)")
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -335,16 +330,12 @@ CASES = (
          hyperparams={"p_scale": 2.0},
          static={"rounding": "nearest", "seed": 0}, fmt=FLOAT_GRID,
          complete=_after_madam, invariants=MADAM_INVARIANTS | {ON_GRID},
-         known_failures={EXTRA_ARGS: PLAIN_UPDATE, MAP_PARAMS: FLAT_STATE,
-                         FINITE: RMS_SQUARED,
-                         NONZERO: RMS_SQUARED}),
+         known_failures={MAP_PARAMS: FLAT_STATE}),
     Case("log_quantise_stochastic", madam_optax.log_quantise,
          hyperparams={"p_scale": 2.0},
          static={"rounding": "stochastic", "seed": 1}, fmt=FLOAT_GRID,
          complete=_after_madam, invariants=MADAM_INVARIANTS | {ON_GRID},
-         known_failures={EXTRA_ARGS: PLAIN_UPDATE, MAP_PARAMS: FLAT_STATE,
-                         FINITE: RMS_SQUARED,
-                         NONZERO: RMS_SQUARED}),
+         known_failures={MAP_PARAMS: FLAT_STATE}),
     Case("madam", madam_optax.madam, hyperparams=MADAM_HYPERPARAMS,
          invariants=MADAM_INVARIANTS,
          known_failures={MAP_PARAMS: FLAT_STATE}),
@@ -361,8 +352,7 @@ CASES = (
          hyperparams={"learning_rate": 0.05},
          static={"rounding": "stochastic", "seed": 0}, fmt=INT8_FORMAT,
          complete=_after_second_moment, codes=True,
-         invariants=MULTIPLICATIVE | {IN_RANGE, SIGN_STEP},
-         known_failures={EXTRA_ARGS: PLAIN_UPDATE}),
+         invariants=MULTIPLICATIVE | {IN_RANGE, SIGN_STEP}),
     Case("lns_madam_nearest", madam_optax.lns_madam,
          hyperparams=LNS_MADAM_HYPERPARAMS,
          static={"rounding": "nearest", "seed": 0}, fmt=INT16_FORMAT,
