@@ -32,6 +32,9 @@ def test_train_history_and_callback(task):
                                                        int(s.step))))
   assert history["step"].tolist() == [60, 120, 150]
   assert int(history["resumed_from"]) == 0 and int(state.step) == 150
+  # Compilation is timed apart from the steady-state steps.
+  assert float(history["compile_seconds"]) > 0
+  assert float(history["train_seconds"]) > 0
   assert calls[0] == (0, [], 0)
   assert [c[0] for c in calls[1:]] == [60, 120, 150]
   assert [c[2] for c in calls[1:]] == [60, 120, 150]
