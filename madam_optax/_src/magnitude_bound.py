@@ -127,21 +127,33 @@ def clip_weight_magnitude(
     if max_magnitude is None:
       bounds = initial_max_magnitude(params, p_scale)
     else:
-      bounds = jax.tree.map(
-          lambda p: jnp.asarray(max_magnitude, numerics.compute_dtype(p.dtype)),
-          params)
+      bounds = jax.tree.map(fixed_bound, params)
     return ClipWeightMagnitudeState(
         max_magnitude=tree_utils.per_tensor_tuple(bounds))
+
+  def fixed_bound(p):
+    return jnp.asarray(max_magnitude,
+                       numerics.compute_dtype(validation.leaf_dtype(p)))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args  # accepted and ignored, as optax.chain passes them on
     validation.require_params(params, "clip_weight_magnitude")
+    updates, params = validation.as_arrays((updates, params))
     validation.check_same_structure(updates, params, "clip_weight_magnitude")
+    bounds = state.max_magnitude
+    if max_magnitude is not None:
+      # The current value, so that a change under optax.inject_hyperparams
+      # takes effect (p_scale's bound is fixed from the initial weights).
+      bounds = tree_utils.per_tensor_tuple(jax.tree.map(fixed_bound, params))
 
     def leaf(u, w, bound):
       dtype = jnp.result_type(w, u)
       w_ = lax.convert_element_type(w, dtype)
-      bound = lax.convert_element_type(bound, dtype)
+      # A scalar bound broadcast to the array's shape: lax.clamp accepts a
+      # scalar, but its derivative rule (jax.grad through init and update)
+      # does not.
+      bound = lax.broadcast_in_dim(lax.convert_element_type(bound, dtype),
+                                   jnp.shape(w_), ())
       delta = lax.sub(
           lax.clamp(lax.neg(bound),
                     lax.add(w_, lax.convert_element_type(u, dtype)), bound),
@@ -155,7 +167,7 @@ def clip_weight_magnitude(
       return lax.select(over, numerics.step_away_from(delta, realised), delta)
 
     return tree_utils.map_per_tensor(
-        leaf, updates, params, state.max_magnitude,
+        leaf, updates, params, bounds,
         transform="clip_weight_magnitude", what="bounds"), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
