@@ -12,6 +12,7 @@ One regression test (or a small group) per case of the robustness report:
 """
 
 import math
+import warnings
 
 import chex
 import jax
@@ -457,3 +458,81 @@ def test_documented_limits_of_tiny_and_low_precision_weights():
     tx = madam_optax.multiplicative_step(lr)
     new, _, _ = _step(tx, {"w": jnp.ones(1, jnp.bfloat16)}, half, jit=True)
     assert bool(new["w"][0] != half["w"][0]) == moves, lr
+
+
+# Found by the fuzz harness (tests/test_fuzz.py).
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_bfloat16_weight_far_above_its_bound_is_not_zeroed(jit):
+  # |w| / bound = 1000 > 2**8: no w + delta in bfloat16 lands in the bound
+  # but 0, from which the weight could never move again.
+  params = {"w": jnp.array([0.0015335, 1.0], jnp.bfloat16)}
+  tx = madam_optax.clip_weight_magnitude(max_magnitude=1.5e-6)
+  state = tx.init(params)
+  new, _, state = _step(tx, {"w": jnp.zeros(2, jnp.bfloat16)}, params,
+                        state, jit=jit)
+  assert np.all(np.asarray(new["w"], np.float32) > 0), new
+  # One ulp of w from zero (|w| / 2**7 or less) at each step, then in the
+  # bound: after one step for the first entry, three for the second.
+  for steps in range(3):
+    new, _, _ = _step(tx, {"w": jnp.zeros(2, jnp.bfloat16)}, new, state,
+                      jit=jit)
+    w = np.asarray(new["w"], np.float32)
+    assert np.all(w > 0) and w[0] <= 1.5e-6, new
+  assert w[1] <= 1.5e-6, new
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_weight_far_above_the_grid_is_not_zeroed(jit):
+  fmt = LNSFormat.spanning(1000, 0.5)
+  tx = madam_optax.log_quantise(fmt, max_magnitude=1000.0)
+  params = {"w": jnp.array([1e11, -1e11, 2.0])}    # ulp(1e11) = 8192
+  state = tx.init(params)
+  new, _, state = _step(tx, {"w": jnp.zeros(3)}, params, state, jit=jit)
+  np.testing.assert_array_equal(np.sign(new["w"]), [1, -1, 1])
+  again, _, _ = _step(tx, {"w": jnp.zeros(3)}, new, state, jit=jit)
+  np.testing.assert_allclose(again["w"][:2], [1000.0, -1000.0])
+
+
+def test_the_bound_in_bfloat16_is_rounded_down():
+  # 2.96527312e16 rounds up to 2.9695610e16 in bfloat16.
+  bound = 2.96527312e16
+  params = {"w": jnp.array([1.0, -1.0], jnp.bfloat16)}
+  tx = madam_optax.clip_weight_magnitude(max_magnitude=bound)
+  new, _, _ = _step(tx, {"w": jnp.array([1e17, -1e17], jnp.bfloat16)},
+                    params, jit=True)
+  assert np.all(np.abs(np.asarray(new["w"], np.float64)) <= bound), new
+
+
+def test_a_nan_gradient_gives_a_nan_update_under_jit_too():
+  # XLA's max/min may drop a NaN under jit: the update was silently 0.
+  tx = madam_optax.scale_by_second_moment()
+  g = {"w": jnp.array([np.nan, 1.0])}
+  for update in (tx.update, jax.jit(tx.update)):
+    u, _ = update(g, tx.init(g))
+    assert np.isnan(u["w"][0]) and u["w"][1] == 1.0
+
+
+def test_lns_encode_checks_p_scale_under_jit():
+  encode = jax.jit(lambda w: madam_optax.lns_encode(w, FMT, p_scale=-1.0))
+  with pytest.raises(ValueError, match="p_scale must be > 0"):
+    encode(jnp.ones(3))
+
+
+def test_integer_leaves_are_never_given_to_the_additive_optimizer():
+  # Its float updates would be truncated to integers by apply_updates.
+  codes = {"w": jnp.zeros(3, jnp.int8), "v": jnp.array([5], jnp.int8)}
+  labels = madam_optax.multiplicative_labels(codes, min_ndim=2)
+  assert labels == {"w": "multiplicative", "v": "multiplicative"}
+
+
+def test_state_dtype_under_inject_hyperparams():
+  # inject_hyperparams calls the dtype (it is callable) like a schedule.
+  params = {"w": jnp.array([1.0, -2.0])}
+  tx = optax.inject_hyperparams(madam_optax.madam)(state_dtype=jnp.bfloat16)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", DeprecationWarning)
+    state = tx.init(params)
+    _step(tx, {"w": jnp.ones(2)}, params, state)
+  assert state.inner_state[0].rms["w"].dtype == jnp.bfloat16

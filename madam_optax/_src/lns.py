@@ -297,6 +297,9 @@ def lns_encode(w: jax.Array, fmt: LNSFormat, max_magnitude: Any = None, *,
     weight updates", NeurIPS 2020, arXiv:2006.14560.
   """
   check_format(fmt)
+  if max_magnitude is None:
+    validation.check_hyperparameter("p_scale", p_scale, low=0.0,
+                                    low_inclusive=False)
   dtype = validation.leaf_dtype(w)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(

@@ -11,6 +11,7 @@ import optax
 
 from madam_optax._src import lns
 from madam_optax._src import magnitude_bound
+from madam_optax._src import numerics
 from madam_optax._src import tree_utils
 from madam_optax._src import validation
 
@@ -58,7 +59,12 @@ def log_quantise(
   keeps its PRNG key in the state. Float round-off in ``optax.apply_updates``
   (``w + (w' - w)``) can leave the result a few ulps from the grid point.
   Where :math:`w + u` is not finite (a NaN or infinite update) the weight is
-  left as it is. ``p_scale`` is read at ``init`` only; a ``max_magnitude``
+  left as it is. A weight more than its dtype's precision above the grid
+  (a factor :math:`2^8` in ``bfloat16``) cannot reach it in one additive
+  step: it lands one ulp of :math:`w` from zero, with the grid point's sign
+  (never on 0, from which it could not move), and each such step divides
+  :math:`|w|` by at least :math:`2^7` in ``bfloat16`` until it reaches the
+  grid. ``p_scale`` is read at ``init`` only; a ``max_magnitude``
   changed later (e.g. under ``optax.inject_hyperparams``) takes effect.
 
   Args:
@@ -132,7 +138,10 @@ def log_quantise(
 
     def leaf(u, w, bound, k):
       x = w + u.astype(w.dtype)
-      delta = lns.project_to_grid(x, bound, fmt, rounding, k) - w
+      target = lns.project_to_grid(x, bound, fmt, rounding, k)
+      # A weight far above the grid (by more than its dtype's precision)
+      # cannot reach it in one additive step: it must not land on 0.
+      delta = numerics.land_on_the_side_of(w, target - w, target)
       # A non-finite w + u (NaN or infinite update) leaves the weight as is.
       return jnp.where(jnp.isfinite(x), delta, jnp.zeros_like(delta))
 

@@ -125,11 +125,17 @@ def scale_by_second_moment(
               lax.convert_element_type(new_r, r.dtype))
 
     new_updates, new_rms = tree_utils.tree_map_unzip(leaf, updates, state.rms)
-    # A non-finite gradient entry (its update is NaN) leaves its second
-    # moment as it was, so later finite steps are normalised as before.
-    new_rms = jax.tree.map(
-        lambda g, new, old: lax.select(lax.is_finite(g), new, old),
-        updates, new_rms, state.rms)
+
+    def non_finite_gradient(g, u, new, old):
+      # Its update is NaN (under jit XLA's max/min may drop a NaN, so it is
+      # set here), and its second moment stays as it was, so that later
+      # finite steps are normalised as before.
+      finite = lax.is_finite(g)
+      return (lax.select(finite, u, lax.full_like(u, np.nan)),
+              lax.select(finite, new, old))
+
+    new_updates, new_rms = tree_utils.tree_map_unzip(
+        non_finite_gradient, updates, new_updates, new_rms, state.rms)
     return new_updates, ScaleBySecondMomentState(count=count, rms=new_rms)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -205,6 +205,10 @@ def check_state_dtype(state_dtype: Any) -> np.dtype | None:
   """Returns ``state_dtype`` as a NumPy dtype; ``ValueError`` unless float."""
   if state_dtype is None:
     return None
+  if isinstance(state_dtype, (jax.Array, np.ndarray, np.generic)):
+    # optax.inject_hyperparams calls a dtype such as jnp.bfloat16 (it is
+    # callable) like a schedule and passes on the array it returns.
+    state_dtype = state_dtype.dtype
   state_dtype = jnp.dtype(state_dtype)
   if not jnp.issubdtype(state_dtype, jnp.floating):
     raise ValueError(
