@@ -536,3 +536,13 @@ def test_state_dtype_under_inject_hyperparams():
     state = tx.init(params)
     _step(tx, {"w": jnp.ones(2)}, params, state)
   assert state.inner_state[0].rms["w"].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_zero_weight_stays_zero_under_a_huge_step(jit):
+  # -lr * u overflowed to inf, and inf * sign(0) made the zero weight NaN.
+  tx = madam_optax.multiplicative_step(10.0)
+  params = {"w": jnp.array([0.0, 1.0, -1.0])}
+  new, _, _ = _step(tx, {"w": jnp.array([8.5e37, 8.5e37, -8.5e37])}, params,
+                    jit=jit)
+  np.testing.assert_array_equal(new["w"], [0.0, 0.0, 0.0])   # 1 * e**-inf

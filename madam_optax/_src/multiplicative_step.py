@@ -109,7 +109,14 @@ def multiplicative_step(
       return lax.convert_element_type(lax.mul(w_, lax.expm1(exponent)),
                                       w.dtype)
 
-    new_updates = jax.tree.map(leaf, updates, params)
+    def zero_stays_zero(u, w):
+      # -lr * u can overflow to inf, and inf * sign(0) is NaN: a zero weight
+      # never moves, whatever the step.
+      delta = leaf(u, w)
+      return lax.select(lax.eq(w, lax.full_like(w, 0)),
+                        lax.full_like(delta, 0), delta)
+
+    new_updates = jax.tree.map(zero_stays_zero, updates, params)
     return new_updates, MultiplicativeStepState(
         count=optax.safe_increment(state.count))
 
