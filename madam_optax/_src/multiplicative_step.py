@@ -59,12 +59,12 @@ def multiplicative_step(
   factor, and ``optax.apply_updates`` adds it in :math:`w`'s dtype. A float32
   weight below about ``1e-36`` cannot move (its update is a subnormal number,
   which XLA flushes to zero); a ``bfloat16`` weight moves only if the relative
-  step :math:`\eta |u|` exceeds half its precision, about ``2**-9 = 0.002``
-  (``float16``: ``2**-12``), so small learning rates leave ``bfloat16``
-  weights unchanged: keep float32 weights (a bfloat16 copy for the forward
-  pass) or use a larger rate. A non-finite update or learning rate gives a
-  non-finite weight; see :func:`madam_optax.apply_if_finite` to skip such
-  steps.
+  step :math:`\eta |u|` exceeds half its spacing, ``2**-9`` to ``2**-8``
+  (0.002 to 0.004; ``float16``: ``2**-12`` to ``2**-11``), so small learning
+  rates leave ``bfloat16`` weights unchanged: keep float32 weights (a
+  bfloat16 copy for the forward pass) or use a larger rate. A non-finite
+  update or learning rate gives a non-finite weight (a zero weight stays
+  zero); see :func:`madam_optax.apply_if_finite` to skip such steps.
 
   Args:
     learning_rate: :math:`\eta`, a float or an optax schedule (a function of

@@ -36,7 +36,7 @@ def concrete_value(x: Any) -> float | None:
 INJECT_HINT = (
     "optax.inject_hyperparams casts float hyperparameters to the params' "
     "dtype: pass `hyperparam_dtype=jnp.float32` (e.g. "
-    "`optax.inject_hyperparams(madam_optax.lns_madam, static_args=('fmt',), "
+    "`optax.inject_hyperparams(madam_optax.lns_madam, "
     "hyperparam_dtype=jnp.float32)(fmt, learning_rate=0.01)`), or give it as "
     "a Python number or a float32 array.")
 
