@@ -511,7 +511,7 @@ def _clip_bounds(state):
 
 
 @pytest.mark.parametrize("name", list(FLOAT_HYPER))
-@_fuzz(ci_examples=12)
+@_fuzz(ci_examples=8)
 @given(data=st.data())
 def test_fuzz_float_transforms(name, data):
   x64 = data.draw(st.integers(0, 4)) == 0
@@ -627,6 +627,8 @@ def _fuzz_float_example(name, draw, dtypes):
           x = -lr * g * np.sign(w)
           ref = w * np.exp(x)
         extra = np.abs(x) * 8 * float(_finfo(_compute_dtype(dtype)).eps)
+        if mode["inject"] == "float32":    # the rate rounded to float32
+          extra = extra + np.abs(x) * 2 * float(_finfo(jnp.float32).eps)
         exact = finite_in & (np.abs(x) < 1e3)
         _check_float_step(w, new, ref, exact, dtype, what, extra)
         _check_sign_and_bound(w, new, finite_in, np.inf, dtype, what)
