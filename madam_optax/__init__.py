@@ -8,6 +8,7 @@ multiplicative weight updates", NeurIPS 2020, arXiv:2006.14560.
 from madam_optax._src.alias import lns_madam
 from madam_optax._src.alias import lns_madam_reference
 from madam_optax._src.alias import madam
+from madam_optax._src.finite_guard import apply_if_finite
 from madam_optax._src.lns import LNSFormat
 from madam_optax._src.lns import REFERENCE_FORMAT
 from madam_optax._src.lns import lns_decode
@@ -51,6 +52,7 @@ __all__ = (
     "MultiplicativeStepState",
     "REFERENCE_FORMAT",
     "ScaleBySecondMomentState",
+    "apply_if_finite",
     "clip_weight_magnitude",
     "initial_max_magnitude",
     "initial_rms_bound",

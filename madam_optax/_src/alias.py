@@ -48,6 +48,21 @@ def madam(
   (e.g. Flax's default biases) to an additive optimizer with
   :func:`madam_optax.with_additive_fallback`.
 
+  Bad steps: a NaN or infinite gradient makes its weight NaN (visible in the
+  loss) and leaves its second-moment entry unchanged. To skip such steps
+  instead, wrap the optimizer: ``madam_optax.apply_if_finite(madam(), 5)``
+  (``optax.apply_if_finite`` works too for float parameters).
+
+  Hyperparameters: every argument works with ``optax.inject_hyperparams``.
+  Optax casts injected values to the parameters' dtype, so for ``bfloat16``
+  or ``float16`` parameters pass ``hyperparam_dtype=jnp.float32`` (without it
+  the transforms refuse the rounded values with a ``ValueError``: ``b2 =
+  0.999`` is 1.0 in ``bfloat16``). ``p_scale`` only acts at ``init`` (it fixes
+  the bound from the initial weights): changing it afterwards has no effect
+  until the state is re-initialised; an injected ``max_magnitude`` change
+  takes effect at the next step. Limits of low precision and tiny weights
+  are listed in :func:`madam_optax.multiplicative_step`.
+
   Args:
     learning_rate: :math:`\eta`, a float or an optax schedule.
     p_scale: per-tensor weight bound as a multiple of the initial RMS.
@@ -134,6 +149,21 @@ def lns_madam(
 
   Memory: 1 byte per weight (``int8`` codes) plus the second moment (2 bytes
   with ``state_dtype=jnp.bfloat16``), against Adam's 12 bytes in float32.
+
+  Bad steps: a NaN or infinite gradient entry (or a NaN learning rate) leaves
+  its code and its second-moment entry unchanged; to skip the whole step and
+  count such steps, wrap it in ``madam_optax.apply_if_finite(lns_madam(fmt),
+  5)``. ``optax.apply_if_finite`` cannot wrap it (its skipped step returns
+  float zeros where this returns integer code changes).
+
+  Hyperparameters: under ``optax.inject_hyperparams`` pass
+  ``hyperparam_dtype=jnp.float32``: Optax casts injected values to the
+  parameters' dtype, which for ``int8`` codes turns a learning rate of 0.01
+  into 0 (refused with a ``ValueError``).
+  The updates are integer code changes: do not scale them afterwards
+  (``optax.scale``, ``optax.contrib.reduce_on_plateau``, which also fails on
+  integer parameters); scale the learning rate instead, e.g. by feeding
+  ``reduce_on_plateau``'s ``scale`` into an injected ``learning_rate``.
 
   Args:
     fmt: the codes' :class:`madam_optax.LNSFormat`.

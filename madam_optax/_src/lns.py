@@ -245,8 +245,9 @@ def _check_max_magnitude(max_magnitude: Any, where: str) -> None:
   if s is not None and (not math.isfinite(s) or s <= 0.0):
     raise ValueError(
         f"{where}: the LNS max_magnitude must be finite and > 0, got {s}. An "
-        "all-zero tensor has none: keep it in float and train it additively "
-        "(`madam_optax.with_additive_fallback`), or pass `max_magnitude=`.")
+        "all-zero (or empty) tensor has none: keep it in float and train it "
+        "additively (`madam_optax.with_additive_fallback`), or pass "
+        "`max_magnitude=`.")
 
 
 @renamed_keyword("scale", "max_magnitude")
@@ -262,6 +263,13 @@ def lns_encode(w: jax.Array, fmt: LNSFormat, max_magnitude: Any = None, *,
   with :math:`c = 0` for :math:`w = 0`. Magnitudes above :math:`w_{max}` are
   clamped to it and magnitudes below the smallest level are raised to it; in
   between, :math:`|\log|\hat w| - \log|w|| \le \log(base)/2` (half a level).
+  :math:`w_{max}` is computed without overflow or underflow for any finite
+  tensor in any float dtype (:func:`madam_optax.initial_max_magnitude`).
+
+  Non-finite weights are refused (``ValueError``) when ``w`` is concrete.
+  Under ``jax.jit``, where nothing can be raised, the mapping is fixed: a NaN
+  weight (or a NaN ``max_magnitude``) gives code 0, an exact zero, and an
+  infinite weight the largest magnitude of its sign.
 
   Args:
     w: a floating-point array.
@@ -289,6 +297,9 @@ def lns_encode(w: jax.Array, fmt: LNSFormat, max_magnitude: Any = None, *,
     weight updates", NeurIPS 2020, arXiv:2006.14560.
   """
   check_format(fmt)
+  if max_magnitude is None:
+    validation.check_hyperparameter("p_scale", p_scale, low=0.0,
+                                    low_inclusive=False)
   dtype = validation.leaf_dtype(w)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(
@@ -296,15 +307,18 @@ def lns_encode(w: jax.Array, fmt: LNSFormat, max_magnitude: Any = None, *,
         "arrays may already be codes: decode them with `lns_decode`, or cast "
         "real weights with `.astype(jnp.float32)`.")
   w = jnp.asarray(w)
+  validation.check_finite_if_concrete(w, "lns_encode: the weight array")
   ct = numerics.compute_dtype(w.dtype)
   max_magnitude = (magnitude_bound.initial_max_magnitude(w, p_scale)
                    if max_magnitude is None
                    else jnp.asarray(max_magnitude, ct))
   _check_max_magnitude(max_magnitude, "lns_encode")
-  k = jnp.clip(jnp.round(level_of_value(w, max_magnitude, fmt)), 0,
-               fmt.levels - 1)
-  codes = codes_from_levels(jnp.sign(w), k, fmt).astype(fmt.dtype)
-  return codes, max_magnitude
+  level = level_of_value(w, max_magnitude, fmt)
+  k = jnp.clip(jnp.round(level), 0, fmt.levels - 1)
+  codes = codes_from_levels(jnp.sign(w), k, fmt)
+  # NaN (traced input only) maps to the zero code, never to a cast of NaN.
+  codes = jnp.where(jnp.isnan(level), 0, codes)
+  return codes.astype(fmt.dtype), max_magnitude
 
 
 @renamed_keyword("scale", "max_magnitude")

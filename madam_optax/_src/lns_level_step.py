@@ -48,7 +48,10 @@ def lns_level_step(
   and code 0 (an exact zero) never moves. ``params`` are the integer codes
   (see :class:`madam_optax.LNSFormat`); the returned updates are the integer code
   changes, of the codes' dtype, so ``optax.apply_updates`` keeps them integers.
-  The per-tensor scale is not needed here: it only enters the decoding.
+  The per-tensor scale is not needed here: it only enters the decoding. A
+  non-finite update entry (NaN or inf), or a non-finite learning rate, leaves
+  its code unchanged (a code cannot hold NaN); wrap the optimizer in
+  :func:`madam_optax.apply_if_finite` to skip such steps and count them.
 
   Args:
     fmt: the codes' :class:`madam_optax.LNSFormat`.
@@ -98,6 +101,7 @@ def lns_level_step(
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args  # accepted and ignored, as optax.chain passes them on
     validation.require_params(params, "lns_level_step")
+    updates, params = validation.as_arrays((updates, params))
     validation.check_same_structure(updates, params, "lns_level_step")
     lns.check_code_leaves(params, fmt, "lns_level_step")
     step = levels_per_unit(state.count)
@@ -112,8 +116,14 @@ def lns_level_step(
       new_c = lns.codes_from_levels(s, new_level, fmt)
       return (new_c - c.astype(jnp.int32)).astype(c.dtype)
 
+    def keep_if_not_finite(u, c, k):
+      # A code cannot hold NaN: a non-finite update leaves the code as it is.
+      delta = leaf(u, c, k)
+      finite = jnp.logical_and(jnp.isfinite(u), jnp.isfinite(step))
+      return jnp.where(finite, delta, jnp.zeros_like(delta))
+
     new_updates = treedef.unflatten([
-        leaf(u, c, k)
+        keep_if_not_finite(u, c, k)
         for u, c, k in zip(treedef.flatten_up_to(updates), leaves, keys)])
     return new_updates, LNSLevelStepState(
         count=optax.safe_increment(state.count), key=key)

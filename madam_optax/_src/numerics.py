@@ -57,6 +57,28 @@ def step_away_from(x: jax.Array, reference: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(lax.add(bits, step), x.dtype)
 
 
+def land_on_the_side_of(w: jax.Array, delta: jax.Array,
+                        target: jax.Array) -> jax.Array:
+  """``delta``, unless ``w + delta`` loses the sign of a nonzero ``target``.
+
+  A transform that returns ``target - w`` for ``optax.apply_updates`` to add
+  cannot reach a ``target`` smaller than an ulp of ``w``: ``w + delta`` then
+  rounds to 0 (a weight that could never move again) or past it. In that
+  case the update lands on ``sign(target)`` times one ulp of ``w`` instead,
+  the value of that sign closest to zero that ``w + delta`` reaches (at
+  most ``eps * |w|``), from which later steps reach ``target``. All arrays
+  share ``w``'s dtype.
+  """
+  landed = lax.add(w, delta)
+  lost = lax.bitwise_and(
+      lax.ne(target, lax.full_like(target, 0)),
+      lax.ne(lax.sign(landed), lax.sign(target)))
+  lost = lax.bitwise_and(lost, lax.ne(w, lax.full_like(w, 0)))
+  # -w moved by one ulp against -target's sign: w + that = sign(target) ulp.
+  one_ulp = step_away_from(lax.neg(w), lax.neg(target))
+  return lax.select(lost, one_ulp, delta)
+
+
 def _times_power_of_two(x: jax.Array, exponent: jax.Array) -> jax.Array:
   """``x * 2**exponent`` without forming an out-of-range power of two.
 

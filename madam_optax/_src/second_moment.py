@@ -49,11 +49,15 @@ def scale_by_second_moment(
   exactly. These are steps 2-4 of Madam
   (Bernstein et al., 2020, Algorithm 1; the README's maths table); unlike
   ``optax.scale_by_rms`` there is no epsilon, which Madam relies on for its
-  scale invariance.
+  scale invariance. A non-finite gradient entry (NaN or inf) gives a NaN
+  update and leaves that entry's second moment unchanged, so one bad step
+  does not poison the later ones (to skip such steps altogether, wrap the
+  optimizer in :func:`madam_optax.apply_if_finite`).
 
   Args:
     b2: decay rate of the exponential moving average of squared gradients, in
-      ``[0, 1)``.
+      ``[0, 1)``, and not so close to 1 that it rounds to 1.0 in float32,
+      the dtype it is computed in (``1 - 1e-8`` does: it is refused).
     state_dtype: dtype of the second-moment buffer. ``None`` (default) uses each
       parameter's dtype; ``jnp.bfloat16`` halves the state's memory. The maths
       always runs in at least float32.
@@ -73,19 +77,21 @@ def scale_by_second_moment(
     Bernstein et al., "Learning compositional functions via multiplicative
     weight updates", NeurIPS 2020, arXiv:2006.14560.
   """
-  validation.check_hyperparameter("b2", b2, low=0.0, high=1.0, high_inclusive=False)
+  validation.check_decay_rate("b2", b2)
   state_dtype = validation.check_state_dtype(state_dtype)
 
   def init_fn(params):
     validation.check_float_leaves(params, "scale_by_second_moment")
     rms = jax.tree.map(
-        lambda p: jnp.zeros_like(p, dtype=state_dtype or p.dtype), params)
+        lambda p: jnp.zeros_like(
+            p, dtype=state_dtype or validation.leaf_dtype(p)), params)
     return ScaleBySecondMomentState(
         count=jnp.zeros([], jnp.int32), rms=rms)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args  # accepted and ignored, as optax.chain passes them on
     del params
+    updates = validation.as_arrays(updates)
     validation.check_float_leaves(updates, "scale_by_second_moment", "updates")
     validation.check_same_structure(updates, state.rms, "scale_by_second_moment",
                                  "optimizer-state")
@@ -119,6 +125,17 @@ def scale_by_second_moment(
               lax.convert_element_type(new_r, r.dtype))
 
     new_updates, new_rms = tree_utils.tree_map_unzip(leaf, updates, state.rms)
+
+    def non_finite_gradient(g, u, new, old):
+      # Its update is NaN (under jit XLA's max/min may drop a NaN, so it is
+      # set here), and its second moment stays as it was, so that later
+      # finite steps are normalised as before.
+      finite = lax.is_finite(g)
+      return (lax.select(finite, u, lax.full_like(u, np.nan)),
+              lax.select(finite, new, old))
+
+    new_updates, new_rms = tree_utils.tree_map_unzip(
+        non_finite_gradient, updates, new_updates, new_rms, state.rms)
     return new_updates, ScaleBySecondMomentState(count=count, rms=new_rms)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
