@@ -106,6 +106,7 @@ def lns_madam(
     rounding: str = "stochastic",
     seed: int = 0,
     state_dtype: Any = None,
+    rng: str = "hash",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Madam whose parameters are integer LNS codes (natively compressed).
 
@@ -142,6 +143,9 @@ def lns_madam(
     seed: seed of the PRNG key (in the state) for stochastic rounding.
     state_dtype: dtype of the second moment (default float32;
       ``jnp.bfloat16`` halves it).
+    rng: random bits for stochastic rounding: ``"hash"`` (default; cheap,
+      counter-based, the same however the codes are sharded) or
+      ``"threefry"`` (``jax.random``); see :func:`lns_level_step`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` over the codes; ``update`` requires
@@ -174,7 +178,7 @@ def lns_madam(
       _second_moment_for_codes(b2, state_dtype),
       optax.clip(g_bound),
       lns_level_step_lib.lns_level_step(fmt, learning_rate, rounding=rounding,
-                                        seed=seed),
+                                        seed=seed, rng=rng),
   )
 
 

@@ -36,6 +36,7 @@ def log_quantise(
     seed: int = 0,
     p_scale: float = 3.0,
     max_magnitude: float | None = None,
+    rng: str = "hash",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Projects ``w + u`` onto the LNS grid: float params that live on the grid.
 
@@ -64,6 +65,9 @@ def log_quantise(
     seed: seed of the PRNG key kept in the state.
     p_scale: each tensor's :math:`w_{max}` as a multiple of its initial RMS.
     max_magnitude: a fixed :math:`w_{max}` for every tensor instead.
+    rng: random bits for stochastic rounding: ``"hash"`` (default; cheap,
+      counter-based, the same however the weights are sharded) or
+      ``"threefry"`` (``jax.random``); see :func:`lns_level_step`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``.
@@ -83,6 +87,7 @@ def log_quantise(
   """
   lns.check_format(fmt)
   lns.check_rounding(rounding)
+  lns.check_random_bits(rng)
   validation.check_hyperparameter("p_scale", p_scale, low=0.0,
                                   low_inclusive=False)
   validation.check_hyperparameter("max_magnitude", max_magnitude, low=0.0,
@@ -108,7 +113,7 @@ def log_quantise(
             "(`madam_optax.with_additive_fallback`).")
       bounds.append(bound)
     return LogQuantiseState(max_magnitude=tuple(bounds),
-                            key=jax.random.PRNGKey(seed))
+                            key=lns.initial_key(seed, rng))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args  # accepted and ignored, as optax.chain passes them on
@@ -116,11 +121,11 @@ def log_quantise(
     validation.check_same_structure(updates, params, "log_quantise")
     validation.check_float_leaves(params, "log_quantise")
     bounds = tuple(state.max_magnitude)
-    key, keys = lns.split_key(state.key, len(bounds))
+    key, keys = lns.split_key(state.key, len(bounds), rng)
 
     def leaf(u, w, bound, k):
       x = w + u.astype(w.dtype)
-      return lns.project_to_grid(x, bound, fmt, rounding, k) - w
+      return lns.project_to_grid(x, bound, fmt, rounding, k, rng) - w
 
     new_updates = tree_utils.map_per_tensor(
         leaf, updates, params, bounds, keys, transform="log_quantise",

@@ -181,3 +181,15 @@ def grow_by_one_ulp(x: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(
       lax.add(lax.bitcast_convert_type(x, int_dtype),
               np.asarray(1, int_dtype)), x.dtype)
+
+
+def small_integer_to_int32(x: jax.Array) -> jax.Array:
+  """Integer-valued float32 ``x`` with ``|x| < 2**22`` as int32, exactly.
+
+  Adding ``1.5 * 2**23`` puts the integer in the low mantissa bits (exact in
+  that range), which are then read off the bit pattern: two operations
+  instead of a saturating conversion's six.
+  """
+  magic = np.float32(1.5 * 2.0**23)
+  bits = lax.bitcast_convert_type(lax.add(x, magic), np.int32)
+  return lax.sub(bits, lax.bitcast_convert_type(magic, np.int32))
