@@ -207,7 +207,7 @@ def values_from_codes(codes: jax.Array, max_magnitude: Any, fmt: LNSFormat,
 
 # Random bits for stochastic rounding. ``"hash"`` (the default) derives them
 # from a counter: an integer hash of (seed, step, tensor, element index), a
-# dozen integer operations per weight, reproducible, and the same however the
+# few integer operations per weight, reproducible, and the same however the
 # tensor is sharded (the element index is the global one). ``"threefry"``
 # draws them with ``jax.random`` (several times the cost of the whole step on
 # CPU), splitting the state's key every step.
@@ -290,14 +290,19 @@ def _flat_index(x: jax.Array) -> jax.Array:
 
 def uniform_from_hash(key: jax.Array, x: jax.Array) -> jax.Array:
   """Uniform ``[0, 1)`` numbers, one per element of ``x`` (24 random bits
-  each, of ``x``'s dtype), from the per-tensor key ``uint32[2]``.
+  each, in ``x``'s dtype), from the tensor's key ``uint32[2]``.
 
-  The bits are ``mix32((index ^ key[1]) * 0x9E3779B9 + key[0])``, top 24.
+  With ``i`` the element's index, ``y = (i ^ key[1]) * 0x9E3779B9 + key[0]``
+  (a bijection of ``i``) and the bits are the top 24 of
+  ``(y ^ (y >> 16)) * 0x21F0AAAD``: two multiplications, which carry every
+  bit of the index into the top bits, and six more integer operations.
   """
-  bits = _mix32(lax.add(
+  y = lax.add(
       lax.mul(lax.bitwise_xor(_flat_index(x), key[1]), _U32(0x9E3779B9)),
-      key[0]))
-  top = lax.convert_element_type(lax.shift_right_logical(bits, _U32(8)),
+      key[0])
+  y = lax.mul(lax.bitwise_xor(y, lax.shift_right_logical(y, _U32(16))),
+              _U32(0x21F0AAAD))
+  top = lax.convert_element_type(lax.shift_right_logical(y, _U32(8)),
                                  np.int32)
   return lax.mul(lax.convert_element_type(top, x.dtype),
                  np.asarray(2.0 ** -24, x.dtype))
@@ -307,22 +312,21 @@ def round_levels(x: jax.Array, rounding: str, key: jax.Array | None,
                  rng: str = "hash") -> jax.Array:
   r"""Rounds fractional level counts to integers (still float dtype).
 
-  ``nearest`` rounds half to even; ``stochastic`` rounds up with probability
-  :math:`x - \lfloor x \rfloor`, so its expectation is :math:`x`: with
-  ``rng="hash"`` it is :math:`\lfloor x \rfloor + [U < x - \lfloor x
-  \rfloor]` (exact comparisons; :math:`U` on a grid of :math:`2^{-24}`, so
-  the probability is within :math:`2^{-24}` of the fraction); with
-  ``threefry`` it is :math:`\lfloor x + U \rfloor`. ``key`` is the tensor's
-  key from :func:`split_key`.
+  ``nearest`` rounds half to even; ``stochastic`` returns
+  :math:`\lfloor x + U \rfloor` with :math:`U` uniform on ``[0, 1)``, which
+  is :math:`\lceil x \rceil` with probability :math:`x - \lfloor x
+  \rfloor`, so its expectation is :math:`x` (up to the resolution of
+  :math:`U`, :math:`2^{-24}`, and the rounding of :math:`x + U`, half an ulp
+  of :math:`x`). :math:`U` comes from :func:`uniform_from_hash`
+  (``rng="hash"``) or ``jax.random.uniform`` (``"threefry"``); ``key`` is
+  the tensor's key from :func:`split_key`.
   """
   if rounding == "nearest":
     return jnp.round(x)
   assert key is not None
   if rng == "threefry":
     return jnp.floor(x + jax.random.uniform(key, jnp.shape(x), x.dtype))
-  floor = lax.floor(x)
-  up = lax.lt(uniform_from_hash(key, x), lax.sub(x, floor))
-  return lax.add(floor, lax.convert_element_type(up, x.dtype))
+  return lax.floor(lax.add(x, uniform_from_hash(key, x)))
 
 
 def project_to_grid(x: jax.Array, max_magnitude: Any, fmt: LNSFormat,

@@ -61,7 +61,7 @@ def lns_level_step(
     seed: seed of the PRNG key kept in the state.
     rng: random bits for stochastic rounding: ``"hash"`` (default), a
       counter-based integer hash of (seed, step, tensor, element index), a
-      dozen integer operations per weight and the same however the codes
+      few integer operations per weight and the same however the codes
       are sharded; or ``"threefry"`` (``jax.random``, several times the cost
       of the whole step on CPU).
 
