@@ -65,7 +65,8 @@ def _chain_leaf(g, r, w, bound, lr, scalars, g_bound):
   return delta, lax.convert_element_type(new_r, r.dtype)
 
 
-def _short_step_leaf(g, r, w, bound, lr, scalars, g_bound, max_exponent):
+def _short_step_leaf(g, r, w, bound, lr, scalars, g_bound: float,
+                     max_exponent: float):
   r"""The chain's numbers when :math:`|\eta\, g_{bound}|` is small (see below).
 
   For ``g`` and ``w`` of one float32/float64 dtype and
@@ -194,8 +195,8 @@ def fused_madam(
         return _chain_leaf(g, r, w, bound, lr, scalars, g_bound)
       if ct not in lr_cache:
         lr_cache[ct] = lax.convert_element_type(lr, ct)
-      return _short_step_leaf(g, r, w, bound, lr_cache[ct], scalars, g_bound,
-                              max_exponent)
+      return _short_step_leaf(g, r, w, bound, lr_cache[ct], scalars,
+                              g_bound_value, max_exponent)
 
     rows = zip(treedef.flatten_up_to(updates),
                treedef.flatten_up_to(moment_state.rms), params_leaves, bounds)
