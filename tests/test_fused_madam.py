@@ -153,18 +153,20 @@ def test_fused_equals_chain_under_masked_and_inject_hyperparams():
 
 def test_first_step_is_exactly_a_sign_step():
   """Step 1 equals the multiplicative step applied to sign(g), bit for bit,
-  for gradients from 1e-30 to 1e30 and zeros."""
+  for gradients from 1e-30 to 1e30 and zeros. Both are compiled, as in
+  training: XLA:CPU contracts ``w + w * expm1(x)`` into one fused
+  multiply-add, which op-by-op (eager) execution rounds twice."""
   rng = np.random.default_rng(6)
   params = _tree(rng, jnp.float32)
   grads = jax.tree.map(
       lambda p: jnp.asarray(rng.standard_normal(p.shape) * 10.0 ** rng.uniform(
           -30, 30, p.shape) * (rng.random(p.shape) < 0.9), jnp.float32), params)
   tx = madam_optax.madam()
-  updates, _ = tx.update(grads, tx.init(params), params)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   sign_step = optax.chain(madam_optax.multiplicative_step(0.01),
                           madam_optax.clip_weight_magnitude(3.0))
-  expected, _ = sign_step.update(jax.tree.map(jnp.sign, grads),
-                                 sign_step.init(params), params)
+  expected, _ = jax.jit(sign_step.update)(jax.tree.map(jnp.sign, grads),
+                                          sign_step.init(params), params)
   _assert_same(updates, expected, "first step")
   # And each weight moved by exactly the factor e**(-0.01 sign(g w)), or not
   # at all where g = 0 (before the bound, which these weights are within).
