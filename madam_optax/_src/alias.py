@@ -9,11 +9,10 @@ import optax
 import jax
 import jax.numpy as jnp
 
+from madam_optax._src import fused_madam
 from madam_optax._src import lns
 from madam_optax._src import lns_level_step as lns_level_step_lib
 from madam_optax._src import validation
-from madam_optax._src.magnitude_bound import clip_weight_magnitude
-from madam_optax._src.multiplicative_step import multiplicative_step
 from madam_optax._src.second_moment import scale_by_second_moment
 
 
@@ -42,7 +41,9 @@ def madam(
       -w_{max}, w_{max})
 
   It is ``optax.chain(scale_by_second_moment(b2), optax.clip(g_bound),
-  multiplicative_step(learning_rate), clip_weight_magnitude(p_scale))``. The
+  multiplicative_step(learning_rate), clip_weight_magnitude(p_scale))``,
+  computed in one pass per tensor, with the chain's state and, bit for bit,
+  its numbers. The
   default learning rate 0.01 is meant to work across architectures. Weights
   never change sign and zero weights never move: route zero-initialised leaves
   (e.g. Flax's default biases) to an additive optimizer with
@@ -95,12 +96,9 @@ def madam(
     arXiv:2006.14560.
   """
   validation.check_hyperparameter("g_bound", g_bound, low=0.0, low_inclusive=False)
-  return optax.chain(
-      scale_by_second_moment(b2, state_dtype=state_dtype),
-      optax.clip(g_bound),
-      multiplicative_step(learning_rate),
-      clip_weight_magnitude(p_scale, max_magnitude=max_magnitude),
-  )
+  return fused_madam.fused_madam(
+      learning_rate, p_scale=p_scale, g_bound=g_bound, b2=b2,
+      state_dtype=state_dtype, max_magnitude=max_magnitude)
 
 
 def _second_moment_for_codes(b2, state_dtype) -> optax.GradientTransformationExtraArgs:
@@ -123,6 +121,7 @@ def lns_madam(
     rounding: str = "stochastic",
     seed: int = 0,
     state_dtype: Any = None,
+    rng: str = "hash",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Madam whose parameters are integer LNS codes (natively compressed).
 
@@ -174,6 +173,9 @@ def lns_madam(
     seed: seed of the PRNG key (in the state) for stochastic rounding.
     state_dtype: dtype of the second moment (default float32;
       ``jnp.bfloat16`` halves it).
+    rng: random bits for stochastic rounding: ``"hash"`` (default; cheap,
+      counter-based, the same however the codes are sharded) or
+      ``"threefry"`` (``jax.random``); see :func:`lns_level_step`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` over the codes; ``update`` requires
@@ -206,7 +208,7 @@ def lns_madam(
       _second_moment_for_codes(b2, state_dtype),
       optax.clip(g_bound),
       lns_level_step_lib.lns_level_step(fmt, learning_rate, rounding=rounding,
-                                        seed=seed),
+                                        seed=seed, rng=rng),
   )
 
 

@@ -37,6 +37,7 @@ def log_quantise(
     seed: int = 0,
     p_scale: float = 3.0,
     max_magnitude: float | None = None,
+    rng: str = "hash",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Projects ``w + u`` onto the LNS grid: float params that live on the grid.
 
@@ -73,6 +74,9 @@ def log_quantise(
     seed: seed of the PRNG key kept in the state.
     p_scale: each tensor's :math:`w_{max}` as a multiple of its initial RMS.
     max_magnitude: a fixed :math:`w_{max}` for every tensor instead.
+    rng: random bits for stochastic rounding: ``"hash"`` (default; cheap,
+      counter-based, the same however the weights are sharded) or
+      ``"threefry"`` (``jax.random``); see :func:`lns_level_step`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``.
@@ -92,6 +96,7 @@ def log_quantise(
   """
   lns.check_format(fmt)
   lns.check_rounding(rounding)
+  lns.check_random_bits(rng)
   validation.check_hyperparameter("p_scale", p_scale, low=0.0,
                                   low_inclusive=False)
   validation.check_hyperparameter("max_magnitude", max_magnitude, low=0.0,
@@ -117,7 +122,7 @@ def log_quantise(
             "(`madam_optax.with_additive_fallback`).")
       bounds.append(bound)
     return LogQuantiseState(max_magnitude=tuple(bounds),
-                            key=jax.random.PRNGKey(seed))
+                            key=lns.initial_key(seed, rng))
 
   def fixed_bound():
     return jnp.asarray(max_magnitude, jnp.float32)
@@ -129,7 +134,7 @@ def log_quantise(
     validation.check_same_structure(updates, params, "log_quantise")
     validation.check_float_leaves(params, "log_quantise")
     bounds = tuple(state.max_magnitude)
-    key, keys = lns.split_key(state.key, len(bounds))
+    key, keys = lns.split_key(state.key, len(bounds), rng)
     if max_magnitude is not None:
       # The current value, so that a change under optax.inject_hyperparams
       # takes effect (p_scale's bound is fixed from the initial weights).
@@ -138,7 +143,7 @@ def log_quantise(
 
     def leaf(u, w, bound, k):
       x = w + u.astype(w.dtype)
-      target = lns.project_to_grid(x, bound, fmt, rounding, k)
+      target = lns.project_to_grid(x, bound, fmt, rounding, k, rng)
       # A weight far above the grid (by more than its dtype's precision)
       # cannot reach it in one additive step: it must not land on 0.
       delta = numerics.land_on_the_side_of(w, target - w, target)

