@@ -12,6 +12,8 @@ import jax.numpy as jnp
 from madam_optax._src import lns
 from madam_optax._src import lns_level_step as lns_level_step_lib
 from madam_optax._src import validation
+from madam_optax._src.factored_second_moment import (
+    scale_by_factored_second_moment)
 from madam_optax._src.magnitude_bound import clip_weight_magnitude
 from madam_optax._src.multiplicative_step import multiplicative_step
 from madam_optax._src.second_moment import scale_by_second_moment
@@ -25,6 +27,8 @@ def madam(
     b2: float = 0.999,
     state_dtype: Any = None,
     max_magnitude: float | None = None,
+    factored: bool = False,
+    min_dim_size_to_factor: int = 128,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Madam: the multiplicative version of Adam.
 
@@ -42,11 +46,13 @@ def madam(
       -w_{max}, w_{max})
 
   It is ``optax.chain(scale_by_second_moment(b2), optax.clip(g_bound),
-  multiplicative_step(learning_rate), clip_weight_magnitude(p_scale))``. The
-  default learning rate 0.01 is meant to work across architectures. Weights
-  never change sign and zero weights never move: route zero-initialised leaves
-  (e.g. Flax's default biases) to an additive optimizer with
-  :func:`madam_optax.with_additive_fallback`.
+  multiplicative_step(learning_rate), clip_weight_magnitude(p_scale))``
+  (with ``factored=True``,
+  :func:`madam_optax.scale_by_factored_second_moment` in place of the first
+  part). The default learning rate 0.01 is meant to work across
+  architectures. Weights never change sign and zero weights never move: route
+  zero-initialised leaves (e.g. Flax's default biases) to an additive
+  optimizer with :func:`madam_optax.with_additive_fallback`.
 
   Args:
     learning_rate: :math:`\eta`, a float or an optax schedule.
@@ -57,6 +63,11 @@ def madam(
       dtype; ``jnp.bfloat16`` halves the state).
     max_magnitude: a fixed weight bound for every tensor instead of
       ``p_scale`` times the initial RMS.
+    factored: use :func:`madam_optax.scale_by_factored_second_moment`
+      (Adafactor's row and column statistics for matrices whose two largest
+      dimensions have at least ``min_dim_size_to_factor`` entries) instead of
+      the full second moment.
+    min_dim_size_to_factor: see ``factored``; ignored without it.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``.
@@ -81,16 +92,28 @@ def madam(
   """
   validation.check_hyperparameter("g_bound", g_bound, low=0.0, low_inclusive=False)
   return optax.chain(
-      scale_by_second_moment(b2, state_dtype=state_dtype),
+      _normaliser(b2, state_dtype, factored, min_dim_size_to_factor),
       optax.clip(g_bound),
       multiplicative_step(learning_rate),
       clip_weight_magnitude(p_scale, max_magnitude=max_magnitude),
   )
 
 
-def _second_moment_for_codes(b2, state_dtype) -> optax.GradientTransformationExtraArgs:
-  """``scale_by_second_moment`` whose ``init`` accepts integer codes."""
-  inner = scale_by_second_moment(b2, state_dtype=state_dtype)
+def _normaliser(b2, state_dtype, factored, min_dim_size_to_factor
+                ) -> optax.GradientTransformationExtraArgs:
+  """Steps 2-4: the full or the factored second moment."""
+  if factored:
+    return scale_by_factored_second_moment(
+        b2, min_dim_size_to_factor=min_dim_size_to_factor,
+        state_dtype=state_dtype)
+  return scale_by_second_moment(b2, state_dtype=state_dtype)
+
+
+def _second_moment_for_codes(b2, state_dtype, factored=False,
+                             min_dim_size_to_factor=128
+                             ) -> optax.GradientTransformationExtraArgs:
+  """The normaliser (full or factored) whose ``init`` accepts integer codes."""
+  inner = _normaliser(b2, state_dtype, factored, min_dim_size_to_factor)
 
   def init_fn(params):
     return inner.init(jax.tree.map(
@@ -108,6 +131,8 @@ def lns_madam(
     rounding: str = "stochastic",
     seed: int = 0,
     state_dtype: Any = None,
+    factored: bool = False,
+    min_dim_size_to_factor: int = 128,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Madam whose parameters are integer LNS codes (natively compressed).
 
@@ -134,6 +159,9 @@ def lns_madam(
 
   Memory: 1 byte per weight (``int8`` codes) plus the second moment (2 bytes
   with ``state_dtype=jnp.bfloat16``), against Adam's 12 bytes in float32.
+  With ``factored=True`` a large matrix keeps one statistic per row and per
+  column instead (:func:`madam_optax.scale_by_factored_second_moment`):
+  about 1 byte per weight in all.
 
   Args:
     fmt: the codes' :class:`madam_optax.LNSFormat`.
@@ -144,6 +172,9 @@ def lns_madam(
     seed: seed of the PRNG key (in the state) for stochastic rounding.
     state_dtype: dtype of the second moment (default float32;
       ``jnp.bfloat16`` halves it).
+    factored: Adafactor's row and column statistics for large matrices
+      instead of the full second moment (see :func:`madam`).
+    min_dim_size_to_factor: see :func:`madam`; ignored without ``factored``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` over the codes; ``update`` requires
@@ -173,7 +204,8 @@ def lns_madam(
   """
   validation.check_hyperparameter("g_bound", g_bound, low=0.0, low_inclusive=False)
   return optax.chain(
-      _second_moment_for_codes(b2, state_dtype),
+      _second_moment_for_codes(b2, state_dtype, factored,
+                               min_dim_size_to_factor),
       optax.clip(g_bound),
       lns_level_step_lib.lns_level_step(fmt, learning_rate, rounding=rounding,
                                         seed=seed),

@@ -29,6 +29,57 @@ class ScaleBySecondMomentState(NamedTuple):
   rms: Any
 
 
+class RootEMACoefficients(NamedTuple):
+  """Scalars of one step of the root-form EMA (float32).
+
+  Attributes:
+    sqrt_b2: :math:`\\sqrt{\\beta_2}`.
+    sqrt_1mb2: :math:`\\sqrt{1 - \\beta_2}`.
+    correction: :math:`\\sqrt{1 - \\beta_2^t}`, the bias correction of the
+      root; at :math:`t = 1` the very same float as ``sqrt_1mb2``.
+  """
+  sqrt_b2: jax.Array
+  sqrt_1mb2: jax.Array
+  correction: jax.Array
+
+
+def root_ema_coefficients(b2: Any, count: jax.Array) -> RootEMACoefficients:
+  """The scalars of step ``count`` (1-based) of the second moment's root EMA."""
+  b2_ = jnp.asarray(b2, jnp.float32)
+  sqrt_1mb2 = jnp.sqrt(1.0 - b2_)
+  # Bias correction applied to the root: sqrt(1 - b2**t). At t = 1 it is
+  # taken as the very same float as sqrt(1 - b2), which makes the first
+  # update exactly sign(g) (the numerator and denominator then round alike).
+  correction = jnp.where(
+      count == 1, sqrt_1mb2, jnp.sqrt(1.0 - b2_ ** count.astype(jnp.float32)))
+  return RootEMACoefficients(jnp.sqrt(b2_), sqrt_1mb2, correction)
+
+
+def normalise_leaf(g: jax.Array, r: jax.Array,
+                   coefficients: RootEMACoefficients
+                   ) -> tuple[jax.Array, jax.Array]:
+  """One tensor's step: ``(g / sqrt(v_hat), new root of v)``, 0/0 := 0.
+
+  ``r`` is the root of the un-bias-corrected EMA of squared gradients; the
+  update has ``g``'s dtype and the new root ``r``'s.
+  """
+  ct = numerics.compute_dtype(g.dtype)
+  g_ = lax.convert_element_type(g, ct)
+  sqrt_b2, sqrt_1mb2, correction = (
+      lax.convert_element_type(c, ct) for c in coefficients)
+  # rms_t = sqrt(b2 * rms**2 + (1 - b2) * g**2), computed without squaring
+  # (hypot), so that tiny and huge gradients neither underflow nor overflow.
+  new_r = numerics.hypot(lax.mul(sqrt_b2, lax.convert_element_type(r, ct)),
+                         lax.mul(sqrt_1mb2, g_))
+  # g / sqrt(v_hat) = g * sqrt(1 - b2**t) / rms_t, and 0/0 := 0.
+  tiny = np.asarray(np.finfo(ct).tiny, ct)
+  positive = lax.convert_element_type(lax.gt(new_r, np.asarray(0, ct)), ct)
+  u = lax.mul(lax.div(lax.mul(g_, correction), lax.max(new_r, tiny)),
+              positive)
+  return (lax.convert_element_type(u, g.dtype),
+          lax.convert_element_type(new_r, r.dtype))
+
+
 def scale_by_second_moment(
     b2: float = 0.999,
     *,
@@ -90,35 +141,9 @@ def scale_by_second_moment(
     validation.check_same_structure(updates, state.rms, "scale_by_second_moment",
                                  "optimizer-state")
     count = optax.safe_increment(state.count)
-    b2_ = jnp.asarray(b2, jnp.float32)
-    sqrt_b2 = jnp.sqrt(b2_)
-    sqrt_1mb2 = jnp.sqrt(1.0 - b2_)
-    # Bias correction applied to the root: sqrt(1 - b2**t). At t = 1 it is
-    # taken as the very same float as sqrt(1 - b2), which makes the first
-    # update exactly sign(g) (the numerator and denominator then round alike).
-    correction = jnp.where(
-        count == 1, sqrt_1mb2, jnp.sqrt(1.0 - b2_ ** count.astype(jnp.float32)))
-
-    def leaf(g, r):
-      ct = numerics.compute_dtype(g.dtype)
-      g_ = lax.convert_element_type(g, ct)
-      # rms_t = sqrt(b2 * rms**2 + (1 - b2) * g**2), computed without squaring
-      # (hypot), so that tiny and huge gradients neither underflow nor overflow.
-      new_r = numerics.hypot(lax.mul(lax.convert_element_type(sqrt_b2, ct),
-                             lax.convert_element_type(r, ct)),
-                     lax.mul(lax.convert_element_type(sqrt_1mb2, ct), g_))
-      # g / sqrt(v_hat) = g * sqrt(1 - b2**t) / rms_t, and 0/0 := 0.
-      tiny = np.asarray(np.finfo(ct).tiny, ct)
-      positive = lax.convert_element_type(
-          lax.gt(new_r, np.asarray(0, ct)), ct)
-      u = lax.mul(
-          lax.div(lax.mul(g_, lax.convert_element_type(correction, ct)),
-                  lax.max(new_r, tiny)),
-          positive)
-      return (lax.convert_element_type(u, g.dtype),
-              lax.convert_element_type(new_r, r.dtype))
-
-    new_updates, new_rms = tree_utils.tree_map_unzip(leaf, updates, state.rms)
+    coefficients = root_ema_coefficients(b2, count)
+    new_updates, new_rms = tree_utils.tree_map_unzip(
+        lambda g, r: normalise_leaf(g, r, coefficients), updates, state.rms)
     return new_updates, ScaleBySecondMomentState(count=count, rms=new_rms)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
