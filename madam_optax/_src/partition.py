@@ -92,5 +92,8 @@ def with_additive_fallback(
   if additive_tx is None:
     additive_tx = optax.adam(1e-3)
   labels = multiplicative_labels(params, min_ndim=min_ndim)
+  # Passed as a function: ``optax.partition`` calls a callable labels tree,
+  # and an Equinox model (so its tree of labels) is callable.
   return optax.partition(
-      {MULTIPLICATIVE: multiplicative_tx, ADDITIVE: additive_tx}, labels)
+      {MULTIPLICATIVE: multiplicative_tx, ADDITIVE: additive_tx},
+      lambda _: labels)
