@@ -140,14 +140,19 @@ def accuracy(logits, labels) -> float:
 
 def train_lns_nnx(model: nnx.Module, data: Digits, fmt: madam_optax.LNSFormat,
                   *, steps: int, batch: int = 64, seed: int = 0,
-                  rounding: str = "stochastic") -> tuple[float, list]:
+                  rounding: str = "stochastic", factored: bool = False,
+                  min_dim_size_to_factor: int = 128) -> tuple[float, list]:
   """Trains ``model`` in place with int8/int16 weights; returns test accuracy
-  and a record of the kernels' dtypes seen during training."""
+  and a record of the kernels' dtypes seen during training.
+
+  ``factored``/``min_dim_size_to_factor``: as in ``madam_optax.lns_madam``.
+  """
   scales = encode_model(model, fmt)
   params = nnx.state(model, nnx.Param)
   tx = madam_optax.with_additive_fallback(         # biases: additive Adam
-      params, madam_optax.lns_madam(fmt, rounding=rounding, seed=seed,
-                                    state_dtype=jnp.bfloat16),
+      params, madam_optax.lns_madam(
+          fmt, rounding=rounding, seed=seed, state_dtype=jnp.bfloat16,
+          factored=factored, min_dim_size_to_factor=min_dim_size_to_factor),
       optax.adam(1e-3))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
@@ -177,10 +182,18 @@ def train_lns_nnx(model: nnx.Module, data: Digits, fmt: madam_optax.LNSFormat,
 
 
 def train_float_madam_nnx(model: nnx.Module, data: Digits, *, steps: int,
-                          batch: int = 64, seed: int = 0) -> float:
-  """The float32 reference: ``madam()`` with the same additive fallback."""
+                          batch: int = 64, seed: int = 0,
+                          factored: bool = False,
+                          min_dim_size_to_factor: int = 128) -> float:
+  """The float32 reference: ``madam()`` with the same additive fallback.
+
+  ``factored``/``min_dim_size_to_factor``: as in ``madam_optax.madam``.
+  """
   tx = madam_optax.with_additive_fallback(
-      nnx.state(model, nnx.Param), madam_optax.madam(), optax.adam(1e-3))
+      nnx.state(model, nnx.Param),
+      madam_optax.madam(factored=factored,
+                        min_dim_size_to_factor=min_dim_size_to_factor),
+      optax.adam(1e-3))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   @nnx.jit
