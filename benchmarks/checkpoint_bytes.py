@@ -18,81 +18,67 @@ metadata with TensorStore (not through Orbax): LNS codes stay ``int8``.
 Usage::
 
   python benchmarks/checkpoint_bytes.py            # writes results/
-  python benchmarks/checkpoint_bytes.py --quick    # tiny smoke run
+  python benchmarks/checkpoint_bytes.py --quick    # tiny smoke run, prints
   python benchmarks/checkpoint_bytes.py --dims 784,256,10 --out -
+  python benchmarks/checkpoint_bytes.py --replot   # the table from the JSON
 
 Reference for Madam: Bernstein et al., arXiv:2006.14560.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import pathlib
-import sys
 import tempfile
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+import _harness as harness
 import madam_optax
 from madam_examples import checkpointing
-from madam_examples import machine
 
 FMT = madam_optax.LNSFormat.spanning(127)            # 8-bit codes (int8)
 
-
-def init_params(dims: tuple[int, ...], seed: int = 0) -> dict:
-  """An MLP: LeCun-normal kernels and zero biases, one dict per layer."""
-  params = {}
-  keys = jax.random.split(jax.random.key(seed), len(dims) - 1)
-  for i, (a, b, k) in enumerate(zip(dims[:-1], dims[1:], keys)):
-    params[f"dense{i}"] = {"kernel": jax.random.normal(k, (a, b)) / np.sqrt(a),
-                           "bias": jnp.zeros(b)}
-  return params
+# --------------------------------------------------------------------------
+# Model and training: the shared MLP tree, a few steps on random gradients.
 
 
 def configs() -> dict[str, dict[str, Any]]:
-  """name -> (is_lns, multiplicative optimizer factory, description)."""
-  adam = lambda: optax.adam(1e-3)
+  """name -> optimizer factory, stored LNS format, Adam for zero leaves, and
+  a description."""
   return {
-      "madam": dict(lns=False, tx=lambda: madam_optax.madam(0.01),
+      "madam": dict(tx=lambda: madam_optax.madam(0.01), fmt=None,
+                    additive=True,
                     what="madam, float32 weights and second moment"),
       "madam_bf16": dict(
-          lns=False,
           tx=lambda: madam_optax.madam(0.01, state_dtype=jnp.bfloat16),
+          fmt=None, additive=True,
           what="madam, float32 weights, bfloat16 second moment"),
       "lns_madam_int8": dict(
-          lns=True, tx=lambda: madam_optax.lns_madam(FMT, 0.01),
+          tx=lambda: madam_optax.lns_madam(FMT, 0.01), fmt=FMT, additive=True,
           what="lns_madam, int8 codes, float32 second moment"),
       "lns_madam_int8_bf16": dict(
-          lns=True,
           tx=lambda: madam_optax.lns_madam(FMT, 0.01,
                                            state_dtype=jnp.bfloat16),
+          fmt=FMT, additive=True,
           what="lns_madam, int8 codes, bfloat16 second moment"),
-      "adam": dict(lns=False, tx=adam,
+      "adam": dict(tx=lambda: optax.adam(1e-3), fmt=None, additive=False,
                    what="optax.adam, float32 weights, mu and nu"),
   }
 
 
 def train_state(name: str, params: dict, steps: int, seed: int = 1) -> dict:
-  """The state after ``steps`` updates on random-normal gradients."""
+  """The state after ``steps`` updates on random-normal gradients.
+
+  Returns ``{"params", "opt_state"}`` and, for LNS-Madam, ``"scales"``.
+  """
   cfg = configs()[name]
-  if cfg["lns"]:
-    weights, scales = madam_optax.lns_encode_tree(params, FMT)
-    state = {"params": weights, "scales": scales}
-  else:
-    weights = params
-    state = {"params": weights}
-  if name == "adam":
-    tx = cfg["tx"]()
-  else:
-    tx = madam_optax.with_additive_fallback(weights, cfg["tx"](),
-                                            optax.adam(1e-3))
+  state, tx = harness.stored_for_training(params, cfg["tx"](), cfg["fmt"],
+                                          additive=cfg["additive"])
+  weights = state["params"]
   opt_state = tx.init(weights)
 
   @jax.jit
@@ -101,8 +87,7 @@ def train_state(name: str, params: dict, steps: int, seed: int = 1) -> dict:
     keys = jax.random.split(key, len(leaves))
     grads = treedef.unflatten([jax.random.normal(k, jnp.shape(w))
                                for k, w in zip(keys, leaves)])
-    updates, opt_state = tx.update(grads, opt_state, weights)
-    return optax.apply_updates(weights, updates), opt_state
+    return harness.update_and_apply(tx, grads, opt_state, weights)
 
   key = jax.random.key(seed)
   for _ in range(steps):
@@ -111,6 +96,10 @@ def train_state(name: str, params: dict, steps: int, seed: int = 1) -> dict:
   state["params"] = weights
   state["opt_state"] = opt_state
   return state
+
+
+# --------------------------------------------------------------------------
+# The measurement: bytes on disk.
 
 
 def folder_bytes(folder: pathlib.Path) -> tuple[int, int, int]:
@@ -134,14 +123,15 @@ def stored_dtype(step_folder: pathlib.Path, leaf: str) -> str:
   return str(ts.open(spec).result().dtype.numpy_dtype)
 
 
-def array_bytes(tree: Any) -> int:
-  return sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(tree))
-
-
 def measure(name: str, params: dict, steps: int, workdir: pathlib.Path,
-            log: Callable = print) -> dict:
+            log: Callable = harness.progress) -> dict:
+  """Saves ``name``'s state after ``steps`` steps (all, and the params alone).
+
+  Returns the row: bytes on disk and in memory, in all and per parameter,
+  and the dtype of the first kernel on disk.
+  """
   state = train_state(name, params, steps)
-  n = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+  n = harness.param_count(params)
   row = dict(optimizer=name, what=configs()[name]["what"], n_params=n)
   for part, tree in (("full", state),
                      ("params", {k: v for k, v in state.items()
@@ -149,9 +139,10 @@ def measure(name: str, params: dict, steps: int, workdir: pathlib.Path,
     folder = workdir / name / part
     step_folder = pathlib.Path(checkpointing.save(folder, steps, tree))
     size, alloc, files = folder_bytes(step_folder)
+    memory = harness.tree_bytes(tree)
     row[part] = dict(
-        memory_bytes=array_bytes(tree), disk_bytes=size, allocated_bytes=alloc,
-        files=files, memory_bytes_per_param=array_bytes(tree) / n,
+        memory_bytes=memory, disk_bytes=size, allocated_bytes=alloc,
+        files=files, memory_bytes_per_param=memory / n,
         disk_bytes_per_param=size / n, allocated_bytes_per_param=alloc / n)
   row["kernel_dtype_on_disk"] = stored_dtype(
       workdir / name / "full" / str(steps), "params.dense0.kernel")
@@ -162,25 +153,13 @@ def measure(name: str, params: dict, steps: int, workdir: pathlib.Path,
   return row
 
 
-def machine_info() -> dict:
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  return machine.machine_info(
-      orbax_checkpoint=getattr(ocp, "__version__", "unknown"),
-      madam_optax=madam_optax.__version__)
+# --------------------------------------------------------------------------
+# Report and command line.
 
 
-def markdown(results: dict) -> str:
-  m = results["machine"]
+def markdown_body(results: dict) -> str:
+  """The table below the machine record (from the JSON's contents)."""
   lines = [
-      "# Checkpoint bytes on disk per parameter",
-      "",
-      f"Command: `{results['command']}`",
-      "",
-      f"Machine: {m['cpu']}, {m['cores']} cores; Python {m['python']}, "
-      f"jax {m['jax']}, optax {m['optax']}, flax {m['flax']}, "
-      f"orbax-checkpoint {m['orbax_checkpoint']}, madam-optax "
-      f"{m['madam_optax']}; {m['date']}.",
-      "",
       f"MLP {results['dims']} ({results['n_params']:,} parameters), state "
       f"after {results['steps']} steps on random-normal gradients (biases: "
       "Adam, by `with_additive_fallback`). Bytes per parameter: all files of "
@@ -200,47 +179,46 @@ def markdown(results: dict) -> str:
         f"{r['params']['disk_bytes_per_param']:.3f} | "
         f"{r['params']['memory_bytes_per_param']:.3f} | "
         f"{r['kernel_dtype_on_disk']} |")
-  lines.append("")
   return "\n".join(lines)
 
 
+REPORT = harness.Report("Checkpoint bytes on disk per parameter",
+                        markdown_body)
+
+
 def parse_args(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap = harness.argument_parser(__doc__, "checkpoint_bytes")
   ap.add_argument("--dims", default="784,1024,1024,10",
-                  help="MLP layer widths, comma-separated")
+                  help="MLP layer widths, comma-separated (quick: 32,64,10)")
   ap.add_argument("--steps", type=int, default=10,
                   help="training steps before saving")
-  ap.add_argument("--quick", action="store_true",
-                  help="tiny MLP (smoke test)")
-  ap.add_argument("--out", default=None,
-                  help="directory for checkpoint_bytes.md/.json (default: "
-                  "benchmarks/results; '-' writes nothing)")
-  return ap.parse_args(argv)
+  ap.add_argument("--optimizers", default=",".join(configs()),
+                  help="subset of the optimizers, comma-separated")
+  args = harness.parse_args(ap, argv, __file__)
+  unknown = set(args.optimizers.split(",")) - set(configs())
+  if unknown:
+    ap.error(f"unknown optimizers {sorted(unknown)}; "
+             f"choose from {list(configs())}")
+  return args
 
 
-def main(argv=None, log=print) -> dict:
+def main(argv=None, log=harness.progress) -> dict:
   args = parse_args(argv)
+  if args.replot:
+    return harness.replot(args.out, args.name, REPORT, log)
   dims = (32, 64, 10) if args.quick else tuple(
       int(d) for d in args.dims.split(","))
-  params = init_params(dims)
+  params = harness.mlp_params(dims)
   results = dict(
-      machine=machine_info(), dims=list(dims), steps=args.steps,
-      n_params=sum(int(np.size(x)) for x in jax.tree.leaves(params)),
-      command=" ".join(["python benchmarks/checkpoint_bytes.py"] + list(
-          argv if argv is not None else sys.argv[1:])),
+      machine=harness.machine_record(args.command,
+                                     packages=["orbax.checkpoint"]),
+      dims=list(dims), steps=args.steps, n_params=harness.param_count(params),
       rows=[])
   with tempfile.TemporaryDirectory() as tmp:
-    for name in configs():
+    for name in args.optimizers.split(","):
       results["rows"].append(
           measure(name, params, args.steps, pathlib.Path(tmp), log))
-  if args.out != "-":
-    out = pathlib.Path(args.out) if args.out else (
-        pathlib.Path(__file__).resolve().parent / "results")
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "checkpoint_bytes_quick" if args.quick else "checkpoint_bytes"
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / f"{stem}.md").write_text(markdown(results))
-    log(f"wrote {out / stem}.md and .json")
+  harness.write_results(args.out, args.name, results, REPORT, log)
   return results
 
 

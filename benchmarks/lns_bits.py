@@ -24,6 +24,7 @@ Usage::
   python benchmarks/lns_bits.py              # full sweep, writes benchmarks/results/lns_bits.*
   python benchmarks/lns_bits.py --quick      # a smoke run; writes only with --out
   python benchmarks/lns_bits.py --seeds 5 --steps 1000 --models mlp
+  python benchmarks/lns_bits.py --replot   # table and figure from the JSON
 
 Reference: Bernstein et al., "Learning compositional functions via
 multiplicative weight updates", NeurIPS 2020, arXiv:2006.14560 (section on
@@ -32,10 +33,6 @@ natively compressed networks).
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 import time
 
 import jax
@@ -44,32 +41,87 @@ import numpy as np
 import optax
 from flax import nnx
 
+import _harness as harness
 import madam_optax
 from madam_examples import lns_digits
-from madam_examples import machine
+from madam_examples import train as train_lib
 
 LNS_METHODS = ("lns_madam_det", "lns_madam_stoch", "adam_proj", "sgd_proj")
 FLOAT_METHODS = ("madam", "adam", "sgd")
+# The float optimizers' learning rates (LNS-Madam: lns_madam's default 0.01).
+LEARNING_RATES = {"madam": 0.01, "adam": 1e-3, "sgd": 0.05}
 TOLERANCE = 0.5        # accuracy points
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# --------------------------------------------------------------------------
+# Model, data and training. The models and data are madam_examples.lns_digits'
+# (MODELS, load_digits, cross_entropy); the float optimizers are
+# madam_examples.train.make_optimizer's. The loop is functional (jax.lax.scan
+# over steps), so that one compiled run trains every seed.
 
 
-def additive(method: str) -> optax.GradientTransformation:
-  if method.startswith("sgd"):
-    return optax.sgd(0.05, momentum=0.9)
-  return optax.adam(1e-3)
+def build_optimizer(method: str, fmt, params, seed) -> optax.GradientTransformation:
+  """The optimizer of ``method``; ``params``: concrete float initial weights.
+
+  Leaves Madam cannot move (zero-initialised biases) go to Adam in the Madam
+  variants (``with_additive_fallback``); the projected methods quantise only
+  the other leaves.
+  """
+  if method.startswith("lns_madam"):
+    rounding = "nearest" if method == "lns_madam_det" else "stochastic"
+    return madam_optax.with_additive_fallback(
+        params, madam_optax.lns_madam(fmt, rounding=rounding, seed=seed),
+        optax.adam(train_lib.ADDITIVE_FALLBACK_LR))
+  base = method.removesuffix("_proj")
+  tx = train_lib.make_optimizer(base, LEARNING_RATES[base], params)
+  if method.endswith("_proj"):
+    mask = jax.tree.map(lambda label: label == "multiplicative",
+                        madam_optax.multiplicative_labels(params))
+    tx = optax.chain(tx, optax.masked(madam_optax.log_quantise(fmt), mask))
+  return tx
 
 
-def make_runner(model_name, method, fmt, labels, data, steps, batch):
+def initial_states(model_name, method, fmt, seeds):
+  """Stacked (start, scales) over seeds, and seed 0's float weights.
+
+  ``start`` is the initial state trained (codes for LNS-Madam, float weights
+  otherwise); ``scales`` the per-tensor scales (LNS-Madam) or the original
+  float weights (projected methods: their grid scale comes from them).
+  """
+  starts, scales_list, reference = [], [], None
+  for seed in seeds:
+    model = lns_digits.MODELS[model_name](nnx.Rngs(int(seed)))
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    reference = params if reference is None else reference
+    labels = madam_optax.multiplicative_labels(params)
+    if method.startswith("lns_madam"):
+      codes, scales = madam_optax.lns_encode_tree(params, fmt)
+      # None scales (float biases) are not arrays: give them a dummy scalar.
+      scales = jax.tree.map(lambda s: jnp.float32(0) if s is None else s,
+                            scales, is_leaf=lambda s: s is None)
+      starts.append(codes)
+      scales_list.append(scales)
+    elif method.endswith("_proj"):
+      projected = jax.tree.map(
+          lambda p, label: madam_optax.lns_decode(
+              *madam_optax.lns_encode(p, fmt), fmt)
+          if label == "multiplicative" else p, params, labels)
+      starts.append(projected)
+      scales_list.append(params)
+    else:
+      starts.append(params)
+      scales_list.append(params)
+  def stack(trees):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+  return stack(starts), stack(scales_list), reference
+
+
+def make_runner(model_name, method, fmt, reference, data, steps, batch):
   """A jitted ``run(start, scales, seeds) -> test accuracies`` over stacked seeds.
 
   The MLP is ``vmap``-ed over the seeds; the CNN loops over them with one
   compiled function (a ``vmap``-ed convolution becomes a grouped convolution,
   which XLA's CPU backend runs far slower than the seeds one after another).
-
-  ``start`` is the stacked initial state (codes for LNS-Madam, float weights
-  otherwise); ``scales`` the stacked per-tensor scales (LNS-Madam) or the
-  original float weights (projected methods: their grid scale comes from them).
+  ``start`` and ``scales``: see :func:`initial_states`.
   """
   graphdef = nnx.split(lns_digits.MODELS[model_name](nnx.Rngs(0)), nnx.Param)[0]
   x_tr, y_tr = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
@@ -79,23 +131,8 @@ def make_runner(model_name, method, fmt, labels, data, steps, batch):
   def loss(weights, x, y):
     return lns_digits.cross_entropy(nnx.merge(graphdef, weights)(x), y)
 
-  def build_tx(seed):
-    if lns:
-      rounding = "nearest" if method == "lns_madam_det" else "stochastic"
-      mult = madam_optax.lns_madam(fmt, rounding=rounding, seed=seed)
-      return optax.partition({"multiplicative": mult,
-                              "additive": additive(method)}, labels)
-    if method == "madam":
-      return optax.partition({"multiplicative": madam_optax.madam(),
-                              "additive": additive(method)}, labels)
-    base = additive(method)
-    if method.endswith("_proj"):
-      mask = jax.tree.map(lambda l: l == "multiplicative", labels)
-      return optax.chain(base, optax.masked(madam_optax.log_quantise(fmt), mask))
-    return base
-
   def train_one(start, scales, seed):
-    tx = build_tx(seed)
+    tx = build_optimizer(method, fmt, reference, seed)
     state = tx.init(scales if method.endswith("_proj") else start)
     if lns:
       value_and_grad = madam_optax.lns_value_and_grad(loss, scales, fmt)
@@ -106,8 +143,7 @@ def make_runner(model_name, method, fmt, labels, data, steps, batch):
       params, state = carry
       idx = jax.random.randint(key, (batch,), 0, x_tr.shape[0])
       _, grads = value_and_grad(params, x_tr[idx], y_tr[idx])
-      updates, state = tx.update(grads, state, params)
-      return (optax.apply_updates(params, updates), state), None
+      return harness.update_and_apply(tx, grads, state, params), None
 
     keys = jax.random.split(jax.random.PRNGKey(seed + 1000), steps)
     (params, _), _ = jax.lax.scan(step, (start, state), keys)
@@ -130,43 +166,22 @@ def make_runner(model_name, method, fmt, labels, data, steps, batch):
   return run
 
 
-def initial_states(model_name, method, fmt, seeds):
-  """Stacked (start, scales) over seeds, and the labels tree (from seed 0)."""
-  starts, scales_list, labels = [], [], None
-  for seed in seeds:
-    model = lns_digits.MODELS[model_name](nnx.Rngs(int(seed)))
-    params = nnx.as_pure(nnx.state(model, nnx.Param))
-    labels = madam_optax.multiplicative_labels(params)
-    if method.startswith("lns_madam"):
-      codes, scales = madam_optax.lns_encode_tree(params, fmt)
-      # None scales (float biases) are not arrays: give them a dummy scalar.
-      scales = jax.tree.map(lambda s: jnp.float32(0) if s is None else s,
-                            scales, is_leaf=lambda s: s is None)
-      starts.append(codes)
-      scales_list.append(scales)
-    elif method.endswith("_proj"):
-      projected = jax.tree.map(
-          lambda p, l: madam_optax.lns_decode(*madam_optax.lns_encode(p, fmt), fmt)
-          if l == "multiplicative" else p, params, labels)
-      starts.append(projected)
-      scales_list.append(params)
-    else:
-      starts.append(params)
-      scales_list.append(params)
-  stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-  return stack(starts), stack(scales_list), labels
+# --------------------------------------------------------------------------
+# The sweep.
 
 
 def run_config(model_name, method, levels, seeds, data, steps, batch, log_range):
+  """Test accuracies over ``seeds``, integer code widths seen, seconds."""
   fmt = madam_optax.LNSFormat.spanning(levels, log_range) if levels else None
   fmt_for_init = fmt or madam_optax.LNSFormat.spanning(127, log_range)
-  start, scales, labels = initial_states(model_name, method, fmt_for_init, seeds)
+  start, scales, reference = initial_states(model_name, method, fmt_for_init,
+                                            seeds)
   if method.startswith("lns_madam"):
     # Scales of float leaves were dummies: decode only the integer leaves.
     scales = jax.tree.map(
         lambda s, c: None if not jnp.issubdtype(c.dtype, jnp.integer) else s,
         scales, start)
-  runner = make_runner(model_name, method, fmt, labels, data, steps, batch)
+  runner = make_runner(model_name, method, fmt, reference, data, steps, batch)
   t0 = time.perf_counter()
   accs, dtype_bits = runner(start, scales, jnp.asarray(seeds, jnp.int32))
   accs = np.asarray(accs, np.float64)
@@ -188,22 +203,57 @@ def smallest_bits(rows, float_mean, method):
   return best
 
 
-def write_report(results, args, info, stem, command):
+def sweep_model(model_name, settings, float_methods, levels_list, data, log):
+  """Every float reference and every (levels, LNS method) on one model."""
+  seeds = list(range(settings["seeds"]))
+  steps = settings["cnn_steps"] if model_name == "cnn" else settings["steps"]
+  res = {"rows": [], "float": {}, "steps": steps}
+  for method in float_methods:
+    accs, _, dt = run_config(model_name, method, None, seeds, data,
+                             steps, settings["batch"], settings["log_range"])
+    res["float"][method] = dict(mean=accs.mean(), std=accs.std(),
+                                accs=accs.tolist(), seconds=dt)
+    log(f"{model_name} {method:>16} float32  {accs.mean():6.2f} "
+        f"+- {accs.std():.2f}  ({dt:.1f}s)")
+  for levels in levels_list:
+    bits = int(np.log2(levels)) if 2 ** int(np.log2(levels)) == levels else None
+    grid = str(madam_optax.LNSFormat.spanning(levels).dtype)
+    for method in LNS_METHODS:
+      accs, code_bits, dt = run_config(model_name, method, levels, seeds,
+                                       data, steps, settings["batch"],
+                                       settings["log_range"])
+      codes = f"int{code_bits[0]}" if code_bits else grid + " grid"
+      res["rows"].append(dict(method=method, levels=levels, bits=bits,
+                              codes=codes if method.startswith("lns")
+                              else grid,
+                              mean=accs.mean(), std=accs.std(),
+                              accs=accs.tolist(), seconds=dt))
+      log(f"{model_name} {method:>16} L={levels:<5d} {accs.mean():6.2f} "
+          f"+- {accs.std():.2f}  codes {codes} ({dt:.1f}s)")
+  fl = res["float"]["madam"]["mean"]
+  res["smallest_bits"] = {m: smallest_bits(res["rows"], fl, m)
+                          for m in ("lns_madam_det", "lns_madam_stoch")}
+  log(f"{model_name}: smallest exponent bits within {TOLERANCE} of float "
+      f"Madam: {res['smallest_bits']}")
+  return res
+
+
+# --------------------------------------------------------------------------
+# Report and command line.
+
+
+def markdown_body(results: dict) -> str:
+  """The tables below the machine record (from the JSON's contents)."""
+  a = results["args"]
   lines = [
-      "# LNS-Madam: test accuracy versus bit width (scikit-learn digits)",
-      "",
-      f"Command: `{command}` (under `nice`). "
-      f"{args.seeds} seeds, {args.steps} (MLP) and {args.cnn_steps} (CNN) steps of batch {args.batch}; grids span "
-      f"exp({args.log_range}) below each tensor's scale 3*RMS(w0); "
+      f"{a['seeds']} seeds, {a['steps']} (MLP) and {a['cnn_steps']} (CNN) "
+      f"steps of batch {a['batch']}; grids span "
+      f"exp({a['log_range']}) below each tensor's scale 3*RMS(w0); "
       f"`bits` = exponent bits (levels = 2**bits), plus one sign bit; "
       "codes are int8 up to 127 levels, int16 above. Mean +- std of test "
       "accuracy (%), 450 test images.",
-      "",
-      f"Machine: {info['cpu']}, {info['cores']} cores, backend "
-      f"{info['backend']}; jax {info['jax']}, optax {info['optax']}, flax "
-      f"{info['flax']}; {info['date']}.",
       ""]
-  for model_name, res in results.items():
+  for model_name, res in results["results"].items():
     fl = res["float"]
     lines += [f"## {model_name}", "",
               "Float32 references: " + ", ".join(
@@ -231,17 +281,15 @@ def write_report(results, args, info, stem, command):
           (f"{b} exponent bits + sign = {b + 1} bits" if b is not None
            else "none in the sweep"))
     lines.append("")
-  lines += [f"Plot: `{stem}.png`. Raw numbers: `{stem}.json`.", ""]
   return "\n".join(lines)
 
 
-def plot(results, path):
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2),
+def figure(results: dict, plt):
+  """Accuracy against exponent bits, one panel per model."""
+  models = results["results"]
+  fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2),
                            squeeze=False)
-  for ax, (model_name, res) in zip(axes[0], results.items()):
+  for ax, (model_name, res) in zip(axes[0], models.items()):
     fl = res["float"]["madam"]["mean"]
     ax.axhspan(fl - TOLERANCE, fl + TOLERANCE, color="0.85",
                label=f"float Madam +- {TOLERANCE}")
@@ -258,15 +306,16 @@ def plot(results, path):
     ax.set_ylim(max(0, fl - 40), 100)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  return fig
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="tiny smoke run (also MADAM_QUICK=1); writes "
-                      "results only when --out is given")
+REPORT = harness.Report(
+    "LNS-Madam: test accuracy versus bit width (scikit-learn digits)",
+    markdown_body, figure)
+
+
+def parse_args(argv=None):
+  parser = harness.argument_parser(__doc__, "lns_bits")
   parser.add_argument("--models", default="mlp,cnn")
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=800,
@@ -276,73 +325,34 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--bits", default="3,4,5,6,7,8,9,10,11,12")
   parser.add_argument("--log-range", type=float, default=4.0)
-  parser.add_argument("--out", default=None,
-                      help="results folder (default benchmarks/results; none "
-                      "in quick mode)")
-  args = parser.parse_args(argv)
-  command = " ".join(["python benchmarks/lns_bits.py"] + [
-      a for a in (argv if argv is not None else sys.argv[1:])])
-  quick = args.quick or os.environ.get("MADAM_QUICK") == "1"
+  return harness.parse_args(parser, argv, __file__)
+
+
+def main(argv=None, log=harness.progress) -> dict:
+  args = parse_args(argv)
+  if args.replot:
+    return harness.replot(args.out, args.name, REPORT, log)
   float_methods = FLOAT_METHODS
-  if quick:
+  if args.quick:
     args.models, args.seeds, args.steps, args.bits = "mlp", 2, 30, "4"
     args.cnn_steps = 30
     float_methods = ("madam",)
-  elif args.out is None:
-    args.out = RESULTS
+  settings = {k: getattr(args, k) for k in (
+      "quick", "models", "seeds", "steps", "cnn_steps", "batch", "bits",
+      "log_range")}
   bits_list = [int(b) for b in args.bits.split(",")]
-  levels_list = sorted({2 ** b for b in bits_list} | ({127} if not quick else set()))
-  seeds = list(range(args.seeds))
+  levels_list = sorted({2 ** b for b in bits_list} |
+                       ({127} if not args.quick else set()))
+  results = {"machine": harness.machine_record(args.command),
+             "args": settings, "results": {}}
   data = lns_digits.load_digits()
-  info = machine.machine_info()
-  results = {}
   t_all = time.perf_counter()
   for model_name in args.models.split(","):
-    steps = args.cnn_steps if model_name == "cnn" else args.steps
-    res = {"rows": [], "float": {}, "steps": steps}
-    for method in float_methods:
-      accs, _, dt = run_config(model_name, method, None, seeds, data,
-                               steps, args.batch, args.log_range)
-      res["float"][method] = dict(mean=accs.mean(), std=accs.std(),
-                                  accs=accs.tolist(), seconds=dt)
-      print(f"{model_name} {method:>16} float32  {accs.mean():6.2f} "
-            f"+- {accs.std():.2f}  ({dt:.1f}s)", flush=True)
-    for levels in levels_list:
-      bits = int(np.log2(levels)) if 2 ** int(np.log2(levels)) == levels else None
-      for method in LNS_METHODS:
-        accs, code_bits, dt = run_config(model_name, method, levels, seeds,
-                                         data, steps, args.batch,
-                                         args.log_range)
-        codes = (f"int{code_bits[0]}" if code_bits else
-                 str(madam_optax.LNSFormat.spanning(levels).dtype) + " grid")
-        res["rows"].append(dict(method=method, levels=levels, bits=bits,
-                                codes=codes if method.startswith("lns")
-                                else str(madam_optax.LNSFormat.spanning(
-                                    levels).dtype),
-                                mean=accs.mean(), std=accs.std(),
-                                accs=accs.tolist(), seconds=dt))
-        print(f"{model_name} {method:>16} L={levels:<5d} {accs.mean():6.2f} "
-              f"+- {accs.std():.2f}  codes {codes} ({dt:.1f}s)", flush=True)
-    fl = res["float"]["madam"]["mean"]
-    res["smallest_bits"] = {m: smallest_bits(res["rows"], fl, m)
-                            for m in ("lns_madam_det", "lns_madam_stoch")}
-    print(f"{model_name}: smallest exponent bits within {TOLERANCE} of float "
-          f"Madam: {res['smallest_bits']}", flush=True)
-    results[model_name] = res
-  total = time.perf_counter() - t_all
-  print(f"total {total:.0f}s")
-  if args.out is None:
-    return results
-  os.makedirs(args.out, exist_ok=True)
-  stem = "lns_bits"
-  with open(os.path.join(args.out, stem + ".json"), "w", encoding="utf-8") as f:
-    json.dump(dict(machine=info, command=command,
-                   args=vars(args) | {"out": None},
-                   total_seconds=total, results=results), f, indent=1)
-  with open(os.path.join(args.out, stem + ".md"), "w", encoding="utf-8") as f:
-    f.write(write_report(results, args, info, stem, command))
-  plot(results, os.path.join(args.out, stem + ".png"))
-  print(f"wrote {stem}.md, {stem}.json, {stem}.png under {args.out}")
+    results["results"][model_name] = sweep_model(
+        model_name, settings, float_methods, levels_list, data, log)
+  results["total_seconds"] = time.perf_counter() - t_all
+  log(f"total {results['total_seconds']:.0f}s")
+  harness.write_results(args.out, args.name, results, REPORT, log)
   return results
 
 

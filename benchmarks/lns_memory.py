@@ -20,7 +20,8 @@ the table also gives bytes per weight-matrix element alone.
 Usage::
 
   python benchmarks/lns_memory.py            # writes benchmarks/results/lns_memory.{md,json}
-  python benchmarks/lns_memory.py --quick    # small models, prints only
+  python benchmarks/lns_memory.py --quick    # the small model, prints only
+  python benchmarks/lns_memory.py --replot   # the table from the JSON
 
 Reference: Bernstein et al., "Learning compositional functions via
 multiplicative weight updates", NeurIPS 2020, arXiv:2006.14560.
@@ -28,68 +29,31 @@ multiplicative weight updates", NeurIPS 2020, arXiv:2006.14560.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+import _harness as harness
 import madam_optax
-from madam_examples import machine
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 INT8 = madam_optax.LNSFormat.spanning(127)
 INT16 = madam_optax.LNSFormat.spanning(4096)
 
 
-def mlp_params(sizes, seed=0):
-  """Glorot-normal weight matrices and zero biases for an MLP ``sizes``."""
-  keys = jax.random.split(jax.random.key(seed), len(sizes) - 1)
-  params = {}
-  for i, (key, m, n) in enumerate(zip(keys, sizes[:-1], sizes[1:])):
-    params[f"layer{i}"] = {
-        "kernel": jax.random.normal(key, (m, n)) * np.sqrt(2.0 / (m + n)),
-        "bias": jnp.zeros((n,)),
-    }
-  return params
-
-
-def _lns(fmt, state_dtype=None):
-  def build(params):
-    codes, scales = madam_optax.lns_encode_tree(params, fmt)
-    tx = madam_optax.with_additive_fallback(
-        codes, madam_optax.lns_madam(fmt, state_dtype=state_dtype),
-        optax.adam(1e-3))
-    return (codes, scales), tx.init(codes)
-  return build
-
-
-def _madam(params):
-  tx = madam_optax.with_additive_fallback(params, madam_optax.madam(),
-                                          optax.adam(1e-3))
-  return params, tx.init(params)
-
-
-def _adam(params):
-  return params, optax.adam(1e-3).init(params)
-
-
+# name -> (optimizer factory, LNS format of the stored weights or None,
+# zero-initialised leaves to Adam).
 CONFIGS = {
-    "lns_madam int8 + bf16 v": _lns(INT8, jnp.bfloat16),
-    "lns_madam int8 + fp32 v": _lns(INT8),
-    "lns_madam int16 + fp32 v": _lns(INT16),
-    "madam fp32": _madam,
-    "adam fp32": _adam,
+    "lns_madam int8 + bf16 v": (
+        lambda: madam_optax.lns_madam(INT8, state_dtype=jnp.bfloat16), INT8,
+        True),
+    "lns_madam int8 + fp32 v": (lambda: madam_optax.lns_madam(INT8), INT8,
+                                True),
+    "lns_madam int16 + fp32 v": (lambda: madam_optax.lns_madam(INT16), INT16,
+                                 True),
+    "madam fp32": (madam_optax.madam, None, True),
+    "adam fp32": (lambda: optax.adam(1e-3), None, False),
 }
-
-
-def tree_bytes(tree) -> int:
-  """Sum of ``.nbytes`` over the array leaves of ``tree``."""
-  return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)))
 
 
 def measure(params) -> list[dict]:
@@ -101,23 +65,27 @@ def measure(params) -> list[dict]:
   (``bytes_per_weight``: stored weight plus its state entries, biases and
   per-tensor scalars excluded), and the dtypes found.
   """
-  n = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+  n = harness.param_count(params)
   matrices = [x for x in jax.tree.leaves(params) if np.ndim(x) >= 2]
-  n_w = sum(int(np.size(x)) for x in matrices)
+  n_w = harness.param_count(matrices)
   shapes = {tuple(np.shape(x)) for x in matrices}
+
+  def weight_sized(x):
+    return tuple(np.shape(x)) in shapes
+
   rows = []
-  for name, build in CONFIGS.items():
-    weights, state = build(params)
-    leaves = jax.tree.leaves(weights) + jax.tree.leaves(state)
-    per_weight = sum(np.asarray(x).nbytes for x in leaves
-                     if tuple(np.shape(x)) in shapes)
+  for name, (make_tx, fmt, additive) in CONFIGS.items():
+    weights, tx = harness.stored_for_training(params, make_tx(), fmt,
+                                              additive=additive)
+    state = tx.init(weights["params"])
+    both = (weights, state)
     rows.append(dict(
         config=name,
-        weights=tree_bytes(weights), state=tree_bytes(state),
-        bytes_per_param=(tree_bytes(weights) + tree_bytes(state)) / n,
-        bytes_per_weight=per_weight / n_w,
-        weight_dtypes=sorted({str(np.asarray(x).dtype) for x in leaves
-                              if tuple(np.shape(x)) in shapes})))
+        weights=harness.tree_bytes(weights), state=harness.tree_bytes(state),
+        bytes_per_param=harness.tree_bytes(both) / n,
+        bytes_per_weight=harness.tree_bytes(both, where=weight_sized) / n_w,
+        weight_dtypes=sorted({str(x.dtype) for x in jax.tree.leaves(both)
+                              if weight_sized(x)})))
   return rows
 
 
@@ -127,27 +95,22 @@ MODELS = {
 }
 
 
-def report(results, info, command) -> str:
+def markdown_body(results: dict) -> str:
+  """The tables below the machine record (from the JSON's contents)."""
   lines = [
-      "# LNS-Madam: training memory per parameter",
-      "",
-      f"Command: `{command}`. Bytes of the stored weights (LNS codes and "
-      "their float32 per-tensor scales, or float32 weights) plus the optimizer "
-      "state, summed from the arrays' `.nbytes`, divided by the number of "
-      "parameters. `per weight` counts only the weight-matrix elements and "
-      "their state entries (no biases, no per-tensor scalars). Biases are "
-      "float32 and trained by `optax.adam` in every Madam variant "
-      "(`with_additive_fallback`).",
-      "",
-      f"Machine: {info['cpu']}, {info['cores']} cores; jax {info['jax']}, "
-      f"optax {info['optax']}, flax {info['flax']}; {info['date']}.",
+      "Bytes of the stored weights (LNS codes and their float32 per-tensor "
+      "scales, or float32 weights) plus the optimizer state, summed from the "
+      "arrays' `.nbytes`, divided by the number of parameters. `per weight` "
+      "counts only the weight-matrix elements and their state entries (no "
+      "biases, no per-tensor scalars). Biases are float32 and trained by "
+      "`optax.adam` in every Madam variant (`with_additive_fallback`).",
       ""]
-  for model, (n, rows) in results.items():
-    lines += [f"## {model} ({n} parameters)", "",
+  for model, res in results["results"].items():
+    lines += [f"## {model} ({res['parameters']} parameters)", "",
               "| configuration | weights B | state B | bytes/param | "
               "bytes/weight | weight-sized dtypes |",
               "|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in res["rows"]:
       lines.append(f"| {r['config']} | {r['weights']} | {r['state']} | "
                    f"{r['bytes_per_param']:.3f} | {r['bytes_per_weight']:.2f} "
                    f"| {', '.join(r['weight_dtypes'])} |")
@@ -155,36 +118,26 @@ def report(results, info, command) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="the small model only; prints, writes only with --out")
-  parser.add_argument("--out", default=None)
-  args = parser.parse_args(argv)
-  command = " ".join(["python benchmarks/lns_memory.py"] + list(
-      argv if argv is not None else sys.argv[1:]))
-  quick = args.quick or os.environ.get("MADAM_QUICK") == "1"
-  models = dict(list(MODELS.items())[:1]) if quick else MODELS
-  if args.out is None and not quick:
-    args.out = RESULTS
-  info = machine.machine_info()
-  results = {}
+REPORT = harness.Report("LNS-Madam: training memory per parameter",
+                        markdown_body)
+
+
+def parse_args(argv=None):
+  return harness.parse_args(harness.argument_parser(__doc__, "lns_memory"),
+                            argv, __file__)
+
+
+def main(argv=None, log=harness.progress) -> dict:
+  args = parse_args(argv)
+  if args.replot:
+    return harness.replot(args.out, args.name, REPORT, log)
+  models = dict(list(MODELS.items())[:1]) if args.quick else MODELS
+  results = {"machine": harness.machine_record(args.command), "results": {}}
   for model, sizes in models.items():
-    params = mlp_params(sizes)
-    n = sum(int(np.size(x)) for x in jax.tree.leaves(params))
-    results[model] = (n, measure(params))
-  text = report(results, info, command)
-  print(text)
-  if args.out is not None:
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "lns_memory.md"), "w",
-              encoding="utf-8") as f:
-      f.write(text)
-    with open(os.path.join(args.out, "lns_memory.json"), "w",
-              encoding="utf-8") as f:
-      json.dump(dict(machine=info, command=command, results={
-          m: dict(parameters=n, rows=rows) for m, (n, rows) in results.items()}),
-                f, indent=1)
+    params = harness.mlp_params(sizes)
+    results["results"][model] = dict(parameters=harness.param_count(params),
+                                     rows=measure(params))
+  harness.write_results(args.out, args.name, results, REPORT, log)
   return results
 
 

@@ -16,7 +16,7 @@ Writes, to ``--out``:
 
   nice python benchmarks/lr_sweep.py       # the full study (28 min on a shared,
                                            # heavily loaded 2-core CPU)
-  python benchmarks/lr_sweep.py --quick    # a smoke test (CI)
+  python benchmarks/lr_sweep.py --quick    # a smoke test (CI), prints
   python benchmarks/lr_sweep.py --tasks mlp,transformer --optimizers madam,adam \
       --steps-factor 4 --name lr_sweep_4x  # the same with 4x the steps
   python benchmarks/lr_sweep.py --replot   # table and figure from the JSON
@@ -24,20 +24,16 @@ Writes, to ``--out``:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
-import platform
-import sys
-import warnings
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from madam_examples import machine as machine_lib
+import _harness as harness
 from madam_examples import train as train_lib
 
 LEARNING_RATES = (1.0, 0.1, 0.01, 0.001, 0.0001)
@@ -53,18 +49,6 @@ QUICK_STEPS = 10
 SCHEDULE = "cosine"
 GOAL = {"accuracy": ("abs", 1.0), "perplexity": ("rel", 0.03),
         "frechet_distance": ("rel", 0.10)}
-
-
-def machine_description() -> dict:
-  import flax  # pylint: disable=import-outside-toplevel
-  import optax  # pylint: disable=import-outside-toplevel
-  return {"cpu": machine_lib.cpu_model(), "cores": os.cpu_count(),
-          "platform": platform.platform(),
-          "python": platform.python_version(), "jax": jax.__version__,
-          "optax": optax.__version__, "flax": flax.__version__,
-          "backend": jax.default_backend(),
-          "date_utc": machine_lib.utc_now("%Y-%m-%d %H:%M"),
-          "load_average_at_start": machine_lib.load_average()}
 
 
 def run_pair(task, optimizer: str, seeds: int, steps: int):
@@ -129,24 +113,19 @@ def _fmt(x: float) -> str:
   return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
 
 
-def write_markdown(path: str, results: dict, tasks: dict, summary: dict,
-                   settings: dict, machine: dict) -> None:
-  lines = ["# Learning-rate study (arXiv:2006.14560, Figure 1 pattern)", "",
-           f"Machine: {machine['cpu']}, {machine['cores']} cores, "
-           f"{machine['platform']}; python {machine['python']}, jax "
-           f"{machine['jax']}, optax {machine['optax']}, flax {machine['flax']}"
-           f" ({machine['backend']}); {machine['date_utc']} UTC; load average "
-           f"at start {machine['load_average_at_start']} (a shared machine).",
-           "", f"Settings: {json.dumps(settings)}", "",
-           "Reproduce: `nice " + settings.get(
-               "command", "python benchmarks/lr_sweep.py") + "` (then "
-           "`--replot` with the same `--name` rewrites this table and the "
-           "figure from the JSON).", "",
+def markdown_body(results: dict) -> str:
+  """The tables and the summary below the machine record (from the JSON)."""
+  tasks, settings = results["tasks"], results["settings"]
+  summary = summarise(results["results"], tasks)
+  command = results["machine"]["command"] or "python benchmarks/lr_sweep.py"
+  lines = [f"Settings: {json.dumps(settings)}", "",
+           f"Reproduce: `nice {command}` (then `--replot` with the same "
+           "`--name` rewrites this table and the figure from the JSON).", "",
            "Each cell: mean ± standard deviation (over seeds, ddof=0) of the final "
            "held-out metric after the last step. A cell with diverged runs "
            "(non-finite metric) says how many; for choosing the best lr they "
            "count as the worst possible value.", ""]
-  for name, per_opt in results.items():
+  for name, per_opt in results["results"].items():
     t = tasks[name]
     arrow = "higher is better" if t["higher_is_better"] else "lower is better"
     lines += [f"## {name}: {t['description']}", "",
@@ -183,22 +162,20 @@ def write_markdown(path: str, results: dict, tasks: dict, summary: dict,
           f"best Adam: {gap} (positive = Madam better; goal: no worse than "
           f"-{tol}: {'met' if g['met'] else 'NOT met'})."]
     lines.append("")
-  with open(path, "w", encoding="utf-8") as f:
-    f.write("\n".join(lines))
+  return "\n".join(lines)
 
 
-def plot(path: str, results: dict, tasks: dict) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  names = list(results)
+def figure(results: dict, plt):
+  """Metric against learning rate, one panel per task, a line per optimizer."""
+  tasks = results["tasks"]
+  names = list(results["results"])
   fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6),
                            squeeze=False)
   colours = {"madam": "tab:red", "adam": "tab:blue", "sgd": "tab:green"}
   for ax, name in zip(axes[0], names):
     t = tasks[name]
     ax.set_title(f"{name}: {t['steps']} steps", fontsize=10)
-    for opt, values in results[name].items():
+    for opt, values in results["results"][name].items():
       v = np.asarray(values, np.float64)
       finite = np.where(np.isfinite(v), v, np.nan)
       with warnings.catch_warnings():   # all-diverged rows: NaN, not plotted
@@ -216,58 +193,16 @@ def plot(path: str, results: dict, tasks: dict) -> None:
   axes[0][0].legend(fontsize=8)
   fig.suptitle("Final held-out metric against learning rate "
                "(mean ± std over seeds; diverged runs omitted)", fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  return fig
 
 
-def write_outputs(out: str, results: dict, tasks: dict, settings: dict,
-                  machine: dict, elapsed: float, name: str = "lr_sweep"
-                  ) -> None:
-  """Writes lr_sweep.{json,md,png} for the tasks finished so far."""
-  summary = summarise(results, tasks)
-  machine = dict(machine, load_average_at_end=machine_lib.load_average())
-  settings = dict(settings, wall_clock_seconds=round(elapsed, 1))
-  settings["madam_additive_fallback"] = (
-      f"zero-initialised leaves (biases, norm offsets) trained by Adam("
-      f"{train_lib.ADDITIVE_FALLBACK_LR:g}) via "
-      "madam_optax.with_additive_fallback")
-  with open(os.path.join(out, f"{name}.json"), "w", encoding="utf-8") as f:
-    json.dump({"machine": machine, "settings": settings, "tasks": tasks,
-               "learning_rates": LEARNING_RATES,
-               "results": {n: {o: np.asarray(v).tolist() for o, v in r.items()}
-                           for n, r in results.items()},
-               "summary": summary}, f, indent=1, allow_nan=True)
-  write_markdown(os.path.join(out, f"{name}.md"), results, tasks, summary,
-                 settings, machine)
-  plot(os.path.join(out, f"{name}.png"), results, tasks)
+REPORT = harness.Report(
+    "Learning-rate study (arXiv:2006.14560, Figure 1 pattern)",
+    markdown_body, figure)
 
 
-def _command(argv) -> str:
-  """The command line, without the output folder (machine-specific)."""
-  args = list(sys.argv[1:] if argv is None else argv)
-  if "--out" in args:
-    i = args.index("--out")
-    del args[i:i + 2]
-  return " ".join(["python benchmarks/lr_sweep.py", *args])
-
-
-def replot(out: str, name: str = "lr_sweep") -> int:
-  """Rewrites the table and the figure from a saved ``lr_sweep.json``."""
-  with open(os.path.join(out, f"{name}.json"), encoding="utf-8") as f:
-    saved = json.load(f)
-  results = {n: {o: np.asarray(v, np.float64) for o, v in r.items()}
-             for n, r in saved["results"].items()}
-  write_markdown(os.path.join(out, f"{name}.md"), results, saved["tasks"],
-                 summarise(results, saved["tasks"]), saved["settings"],
-                 saved["machine"])
-  plot(os.path.join(out, f"{name}.png"), results, saved["tasks"])
-  print(f"rewrote {out}/{name}.{{md,png}}")
-  return 0
-
-
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv=None):
+  parser = harness.argument_parser(__doc__, "lr_sweep")
   parser.add_argument("--tasks", default=",".join(train_lib.TASKS))
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
@@ -277,63 +212,57 @@ def main(argv=None) -> int:
   parser.add_argument("--steps-factor", type=int, default=1,
                       help="multiplies every task's STUDY_STEPS (a longer "
                            "training budget)")
-  parser.add_argument("--quick", action="store_true",
-                      help=f"tiny runs ({QUICK_STEPS} steps, 2 seeds, small "
-                           "data) for CI")
-  parser.add_argument("--out", default=None,
-                      help="output folder (default benchmarks/results, or "
-                           "lr-sweep-quick-output with --quick)")
-  parser.add_argument("--name", default="lr_sweep",
-                      help="file name stem of the outputs")
-  parser.add_argument("--replot", action="store_true",
-                      help="rewrite lr_sweep.md and lr_sweep.png from the "
-                           "lr_sweep.json in --out (no training)")
-  args = parser.parse_args(argv)
-  if args.replot:
-    return replot(args.out or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results"), args.name)
-  seeds = 2 if args.quick else args.seeds
-  optimizers = [o for o in args.optimizers.split(",") if o]
-  for o in optimizers:
+  args = harness.parse_args(parser, argv, __file__)
+  for o in args.optimizers.split(","):
     if o not in OPTIMIZERS:
       parser.error(f"unknown optimizer {o!r}; choose from {OPTIMIZERS}")
-  out = args.out or ("lr-sweep-quick-output" if args.quick else
-                     os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                  "results"))
-  os.makedirs(out, exist_ok=True)
-  machine = machine_description()
+  return args
+
+
+def main(argv=None, log=harness.progress) -> dict:
+  args = parse_args(argv)
+  if args.replot:
+    return harness.replot(args.out, args.name, REPORT, log)
+  seeds = 2 if args.quick else args.seeds
+  optimizers = [o for o in args.optimizers.split(",") if o]
   start = time.perf_counter()
-  results, tasks, settings = {}, {}, {"seeds": seeds,
-                                      "learning_rates": LEARNING_RATES,
-                                      "schedule": SCHEDULE,
-                                      "quick": bool(args.quick),
-                                      "command": _command(argv)}
+  settings = {"seeds": seeds, "learning_rates": LEARNING_RATES,
+              "schedule": SCHEDULE, "quick": bool(args.quick),
+              "madam_additive_fallback": (
+                  f"zero-initialised leaves (biases, norm offsets) trained "
+                  f"by Adam({train_lib.ADDITIVE_FALLBACK_LR:g}) via "
+                  "madam_optax.with_additive_fallback")}
+  results = {"machine": harness.machine_record(args.command),
+             "settings": settings, "tasks": {},
+             "learning_rates": LEARNING_RATES, "results": {}, "summary": {}}
   for name in args.tasks.split(","):
     task = train_lib.build_task(name, quick=args.quick)
     steps = (QUICK_STEPS if args.quick else
              args.steps or args.steps_factor * STUDY_STEPS[name])
-    tasks[name] = {"description": task.description, "metric": task.metric,
-                   "higher_is_better": task.higher_is_better, "steps": steps,
-                   "p_scale": task.p_scale}
-    results[name] = {}
+    results["tasks"][name] = {
+        "description": task.description, "metric": task.metric,
+        "higher_is_better": task.higher_is_better, "steps": steps,
+        "p_scale": task.p_scale}
+    results["results"][name] = {}
     for opt in optimizers:
       t0 = time.perf_counter()
-      results[name][opt] = run_pair(task, opt, seeds, steps)
-      values = results[name][opt]
+      values = run_pair(task, opt, seeds, steps)
+      results["results"][name][opt] = values.tolist()
       means = [row[np.isfinite(row)].mean() if np.isfinite(row).any()
                else np.nan for row in values]
-      print(f"[{time.perf_counter() - start:7.1f}s] {name:<11} {opt:<5} "
-            f"({time.perf_counter() - t0:5.1f}s) {task.metric} by lr: "
-            + " ".join(_fmt(m) for m in means), flush=True)
+      log(f"[{time.perf_counter() - start:7.1f}s] {name:<11} {opt:<5} "
+          f"({time.perf_counter() - t0:5.1f}s) {task.metric} by lr: "
+          + " ".join(_fmt(m) for m in means))
+    results["summary"] = summarise(results["results"], results["tasks"])
+    settings["wall_clock_seconds"] = round(time.perf_counter() - start, 1)
     # Written after every task, so an interrupted study keeps what it has.
-    write_outputs(out, results, tasks, settings, machine,
-                  time.perf_counter() - start, args.name)
-  elapsed = time.perf_counter() - start
-  with open(os.path.join(out, f"{args.name}.md"), encoding="utf-8") as f:
-    print(f.read())
-  print(f"done in {elapsed:.0f}s; wrote {out}/{args.name}.{{json,md,png}}")
-  return 0
+    if args.out is not None:
+      harness.write_results(args.out, args.name, results, REPORT, log)
+  if args.out is None:
+    harness.write_results(None, args.name, results, REPORT, log)
+  log(f"done in {time.perf_counter() - start:.0f}s")
+  return results
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  main()

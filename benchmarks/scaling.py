@@ -21,7 +21,8 @@ or TPU VM pass ``--platform gpu`` / ``--platform tpu`` to use the real
 devices (``n`` up to their number).
 
   python benchmarks/scaling.py                       # writes results/scaling_cpu.*
-  python benchmarks/scaling.py --quick --out /some/dir
+  python benchmarks/scaling.py --quick               # tiny model, prints
+  python benchmarks/scaling.py --replot              # the table from the JSON
 """
 
 from __future__ import annotations
@@ -30,20 +31,18 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import re
 import subprocess
 import sys
 import time
 from typing import Any
 
-from madam_examples import machine
+import _harness as harness
 
 DEVICE_COUNTS = (1, 2, 4, 8)
 FULL = dict(steps=12, batch_size=32, context=64, dim=128, heads=4, layers=2)
 QUICK = dict(steps=3, batch_size=8, context=16, dim=32, heads=2, layers=1)
 WARMUP = 2
-HERE = pathlib.Path(__file__).resolve().parent
 
 
 # ------------------------------------------------------------ one process
@@ -63,8 +62,8 @@ def measure(layout: str, n: int, sizes: dict[str, int],
                      **{k: v for k, v in sizes.items() if k != "steps"})
   run = st.setup(config, devices)
   params = st.params_of(run, run.state)
-  param_bytes = st.bytes_per_device(params)
-  opt_bytes = st.bytes_per_device(run.state[1])
+  param_bytes = harness.bytes_per_device(params)
+  opt_bytes = harness.bytes_per_device(run.state[1])
   tokens, _ = st.split_corpus(st.corpus())
 
   def batch(step):
@@ -92,17 +91,15 @@ def measure(layout: str, n: int, sizes: dict[str, int],
     update_times.append(time.perf_counter() - start)
 
   def stats(xs):
-    q1, med, q3 = np.percentile(np.asarray(xs[WARMUP:]) * 1e3, [25, 50, 75])
-    return {"median_ms": round(float(med), 3), "q1_ms": round(float(q1), 3),
-            "q3_ms": round(float(q3), 3)}
+    q1, med, q3 = harness.quartiles(np.asarray(xs[WARMUP:]) * 1e3)
+    return {"median_ms": round(med, 3), "q1_ms": round(q1, 3),
+            "q3_ms": round(q3, 3)}
 
-  n_params = sum(x.size for x in jax.tree.leaves(nnx.as_pure(params)))
-  leaves = jax.tree.leaves(run.state[1])
   return {
       "layout": layout, "devices": n, "mesh": dict(run.mesh.shape),
-      "parameters": int(n_params),
-      "param_bytes_total": int(sum(x.nbytes for x in jax.tree.leaves(params))),
-      "opt_state_bytes_total": int(sum(x.nbytes for x in leaves)),
+      "parameters": harness.param_count(nnx.as_pure(params)),
+      "param_bytes_total": harness.tree_bytes(params),
+      "opt_state_bytes_total": harness.tree_bytes(run.state[1]),
       "param_bytes_per_device": max(param_bytes.values()),
       "opt_state_bytes_per_device": max(opt_bytes.values()),
       "train_step_temp_bytes_per_device": (
@@ -125,28 +122,15 @@ def worker(args: argparse.Namespace) -> None:
   sizes = QUICK if args.quick else FULL
   layouts = ["fsdp"] if args.worker == 1 else ["fsdp", "data"]
   rows = [measure(layout, args.worker, sizes) for layout in layouts]
-  print("RESULT " + json.dumps(rows), flush=True)
+  harness.progress("RESULT " + json.dumps(
+      {"devices": harness.device_summary(), "rows": rows}))
 
 
 # ---------------------------------------------------------------- driver
 
 
-def machine_info() -> dict[str, Any]:
-  # Not machine.machine_info(): that starts a JAX backend in this driver,
-  # whose device count must be left to the workers.
-  import flax  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  import optax  # pylint: disable=import-outside-toplevel
-  return {
-      "date": machine.utc_now(), "cpu": machine.cpu_model(),
-      "cores": os.cpu_count(), "python": platform.python_version(),
-      "jax": jax.__version__, "optax": optax.__version__,
-      "flax": flax.__version__,
-      "load_average_at_start": machine.load_average(),
-  }
-
-
-def run_worker(n: int, platform_name: str, quick: bool) -> list[dict]:
+def run_worker(n: int, platform_name: str, quick: bool) -> dict[str, Any]:
+  """Measures ``n`` devices in a fresh process: ``{"devices", "rows"}``."""
   env = dict(os.environ)
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
                  env.get("XLA_FLAGS", ""))
@@ -160,7 +144,12 @@ def run_worker(n: int, platform_name: str, quick: bool) -> list[dict]:
                        check=False)
   if out.returncode:
     raise RuntimeError(f"worker for {n} devices failed:\n{out.stderr[-3000:]}")
-  line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
+  return worker_result(out.stdout)
+
+
+def worker_result(stdout: str) -> dict[str, Any]:
+  """The ``RESULT`` line a worker printed, decoded."""
+  line = next(x for x in stdout.splitlines() if x.startswith("RESULT "))
   return json.loads(line[len("RESULT "):])
 
 
@@ -168,22 +157,20 @@ def _kib(x):
   return "-" if x is None else f"{x / 1024:.1f}"
 
 
-def markdown(results: dict[str, Any]) -> str:
-  m, s = results["machine"], results["sizes"]
+def markdown_body(results: dict[str, Any]) -> str:
+  """The table and notes below the machine record (from the JSON)."""
+  s = results["sizes"]
+  simulated = results["platform"] == "cpu"
   lines = [
-      "# Sharded Madam: per-device memory and step time",
-      "",
-      f"Machine: {m['cpu']}, {m['cores']} cores; {results['platform']} "
-      f"devices{' (simulated: they share those cores)' if results['platform'] == 'cpu' else ''}; "
-      f"jax {m['jax']}, optax {m['optax']}, flax {m['flax']}; {m['date']}; "
-      f"load average at start {m['load_average_at_start']}.",
+      f"Devices: {results['platform']}"
+      f"{' (simulated: they share the cores above)' if simulated else ''}.",
       "",
       f"Model: `madam_examples.sharded_train.Transformer` (dim {s['dim']}, "
       f"{s['layers']} layers, {s['heads']} heads, context {s['context']}), "
       f"{results['rows'][0]['parameters']:,} parameters, global batch "
       f"{s['batch_size']}; Madam (lr 0.01) with Adam for the zero-initialised "
       f"leaves. Times: median (quartiles) of {s['steps']} steps after "
-      f"{WARMUP} warm-up steps. Command: `{results['command']}`.",
+      f"{WARMUP} warm-up steps.",
       "",
       "| devices | layout | params / device (KiB) | optimizer state / device "
       "(KiB) | of 1 device | XLA temp / device (KiB) | train step ms | "
@@ -236,56 +223,48 @@ def markdown(results: dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
+REPORT = harness.Report("Sharded Madam: per-device memory and step time",
+                        markdown_body)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="tiny model, 3 steps (smoke test)")
+  parser = harness.argument_parser(__doc__, name=None)
   parser.add_argument("--devices", default=",".join(map(str, DEVICE_COUNTS)),
                       help="comma-separated device counts")
   parser.add_argument("--platform", default="cpu",
-                      help="cpu (simulated devices), gpu or tpu")
-  parser.add_argument("--out", default=str(HERE / "results"))
-  parser.add_argument("--render", default=None, metavar="JSON",
-                      help="only rewrite the .md table from a saved .json")
+                      help="cpu (simulated devices), gpu or tpu; the results' "
+                      "default name is scaling_<platform>")
   parser.add_argument("--worker", type=int, default=None,
                       help=argparse.SUPPRESS)
-  return parser.parse_args(argv)
+  args = harness.parse_args(parser, argv, __file__)
+  args.name = args.name or f"scaling_{args.platform}"
+  return args
 
 
-def main(argv=None, log=print) -> dict[str, Any]:
+def main(argv=None, log=harness.progress) -> dict[str, Any]:
   args = parse_args(argv)
   if args.worker:
     worker(args)
     return {}
-  if args.render:
-    path = pathlib.Path(args.render)
-    results = json.loads(path.read_text())
-    path.with_suffix(".md").write_text(markdown(results))
-    return results
+  if args.replot:
+    return harness.replot(args.out, args.name, REPORT, log)
+  # No JAX backend in this driver: the workers choose the device count.
   results = {
-      "machine": machine_info(), "platform": args.platform,
-      "sizes": QUICK if args.quick else FULL,
-      "command": "python benchmarks/scaling.py" + (
-          " --quick" if args.quick else "") + (
-          f" --devices {args.devices}" if args.devices != ",".join(
-              map(str, DEVICE_COUNTS)) else ""),
+      "machine": harness.machine_record(args.command, devices=False),
+      "platform": args.platform, "sizes": QUICK if args.quick else FULL,
       "rows": [],
   }
   for n in (int(x) for x in args.devices.split(",")):
-    rows = run_worker(n, args.platform, args.quick)
-    for r in rows:
+    measured = run_worker(n, args.platform, args.quick)
+    results["machine"].update(measured["devices"])   # the largest mesh's
+    for r in measured["rows"]:
       log(f"{n} device(s), {r['layout']}: params+state/device "
           f"{(r['param_bytes_per_device'] + r['opt_state_bytes_per_device']) / 1024:.1f} KiB, "
           f"step {r['train_step']['median_ms']:.1f} ms, update "
           f"{r['optimizer_update']['median_ms']:.2f} ms, update collectives "
           f"{r['collectives_optimizer_update'] or 'none'}")
-    results["rows"] += rows
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  stem = f"scaling_{args.platform}"
-  (out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
-  (out / f"{stem}.md").write_text(markdown(results))
-  log(f"wrote {stem}.json and {stem}.md")
+    results["rows"] += measured["rows"]
+  harness.write_results(args.out, args.name, results, REPORT, log)
   return results
 
 

@@ -34,17 +34,15 @@ actual state arrays.
 Usage::
 
   python benchmarks/step_time.py                 # full run, writes results/
-  python benchmarks/step_time.py --quick         # tiny smoke run
+  python benchmarks/step_time.py --quick         # tiny smoke run, prints
   python benchmarks/step_time.py --sizes 1,10 --trees mlp --repeats 15
+  python benchmarks/step_time.py --replot        # the table from the JSON
 
 Reference for Madam: Bernstein et al., arXiv:2006.14560.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import pathlib
 import statistics
 import time
 from typing import Any, Callable
@@ -54,8 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import _harness as harness
 import madam_optax
-from madam_examples import machine
 
 F32 = 4
 
@@ -171,8 +169,10 @@ def param_encoders() -> dict[str, Callable[[Any], Any]]:
 
 def bytes_per_param(name: str, state_bytes_per_param: float,
                     param_bytes: float = F32) -> float:
-  """Bytes moved per parameter, given the full-size state bytes per param."""
-  """Bytes an optimizer must move per parameter per step (module docstring)."""
+  """Bytes an optimizer must move per parameter per step (module docstring).
+
+  ``state_bytes_per_param``: its full-size state buffers' bytes per param.
+  """
   w, g = param_bytes, F32
   if name in ("madam", "madam_bf16", "lns_madam", "lns_madam_nearest"):
     # rms: the only full-size state buffer (read + written).
@@ -189,17 +189,10 @@ def bytes_per_param(name: str, state_bytes_per_param: float,
   raise ValueError(f"no byte accounting for optimizer {name!r}")
 
 
-def state_bytes(state: Any) -> tuple[int, int]:
-  """(total bytes, number of array leaves) of an optimizer state."""
-  leaves = [x for x in jax.tree.leaves(state) if hasattr(x, "nbytes")]
-  return sum(int(x.nbytes) for x in leaves), len(leaves)
-
-
 def full_buffer_bytes(state: Any, params: Any) -> int:
   """Bytes in state leaves that are as large as some parameter leaf (>1 elt)."""
   sizes = {int(np.size(p)) for p in jax.tree.leaves(params) if np.size(p) > 1}
-  return sum(int(x.nbytes) for x in jax.tree.leaves(state)
-             if hasattr(x, "nbytes") and int(np.size(x)) in sizes)
+  return harness.tree_bytes(state, where=lambda x: int(np.size(x)) in sizes)
 
 
 # --------------------------------------------------------------------------
@@ -207,9 +200,9 @@ def full_buffer_bytes(state: Any, params: Any) -> int:
 
 
 def make_step(tx: optax.GradientTransformation):
+  """The jitted step ``(params, state, grads) -> (params, state)``, donated."""
   def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
+    return harness.update_and_apply(tx, grads, state, params)
   return jax.jit(step, donate_argnums=(0, 1))
 
 
@@ -246,22 +239,17 @@ def bandwidth_kernels(n: int):
 # The measurement.
 
 
-def quartiles(xs):
-  q1, med, q3 = np.percentile(np.asarray(xs), [25, 50, 75])
-  return float(med), float(q3 - q1)
-
-
 def bench_tree(tree_name: str, shapes: dict, *, repeats: int,
                compile_repeats: int, bw_n: int, target_s: float,
-               opt_names=None, skipped=None, log=print) -> dict:
+               opt_names=None, skipped=None, log=harness.progress) -> dict:
   """Measures every optimizer (and bandwidth) on one tree, interleaved."""
   skipped = [] if skipped is None else skipped
   params0 = random_tree(shapes, seed=0)
   g = random_tree(shapes, seed=1, scale=1e-3)
   # Alternate g and -g so that weights oscillate instead of drifting.
   grads = [g, jax.tree.map(jnp.negative, g)]
-  n_params = sum(int(np.size(p)) for p in jax.tree.leaves(params0))
-  n_leaves = len(jax.tree.leaves(params0))
+  n_params = harness.param_count(params0)
+  n_leaves = harness.array_count(params0)
   g_spec = jax.eval_shape(lambda: params0)
   all_opts = optimizers()
   encoders = param_encoders()
@@ -296,10 +284,10 @@ def bench_tree(tree_name: str, shapes: dict, *, repeats: int,
     tx = all_opts[n]()
     params = jax.tree.map(jnp.copy, start[n])
     state = tx.init(params)
-    sb, sleaves = state_bytes(state)
-    pbytes = sum(int(p.nbytes) for p in jax.tree.leaves(params)) / n_params
-    live[n] = dict(params=params, state=state, state_bytes=sb, param_bytes=pbytes,
-                   state_leaves=sleaves,
+    live[n] = dict(params=params, state=state,
+                   state_bytes=harness.tree_bytes(state),
+                   param_bytes=harness.tree_bytes(params) / n_params,
+                   state_leaves=harness.array_count(state),
                    state_full_bytes=full_buffer_bytes(state, params))
   del params0, start
 
@@ -342,21 +330,21 @@ def bench_tree(tree_name: str, shapes: dict, *, repeats: int,
 
   bw = {}
   for kn, _, _, nbytes in kernels:
-    med, iqr = quartiles(samples[f"bw_{kn}"])
-    bw[kn] = dict(gbps=nbytes / med / 1e9, ms=med * 1e3, iqr_ms=iqr * 1e3,
+    q1, med, q3 = harness.quartiles(samples[f"bw_{kn}"])
+    bw[kn] = dict(gbps=nbytes / med / 1e9, ms=med * 1e3, iqr_ms=(q3 - q1) * 1e3,
                   bytes=nbytes)
   best_bw = max(v["gbps"] for v in bw.values()) * 1e9
 
   rows = []
   for n in names:
-    med, iqr = quartiles(samples[n])
+    q1, med, q3 = harness.quartiles(samples[n])
     d = live[n]
     full_bpp = d["state_full_bytes"] / n_params
     moved = bytes_per_param(n, full_bpp, d["param_bytes"])
     floor = moved * n_params / best_bw
     rows.append(dict(
         tree=tree_name, params=n_params, leaves=n_leaves, optimizer=n,
-        step_ms=med * 1e3, iqr_ms=iqr * 1e3, samples=len(samples[n]),
+        step_ms=med * 1e3, iqr_ms=(q3 - q1) * 1e3, samples=len(samples[n]),
         calls_per_sample=inner[n],
         bytes_per_param_moved=moved, floor_ms=floor * 1e3,
         x_floor=med / floor,
@@ -383,43 +371,17 @@ def bench_tree(tree_name: str, shapes: dict, *, repeats: int,
 
 
 # --------------------------------------------------------------------------
-# Machine description and report.
-
-
-def machine_info() -> dict:
-  info = machine.machine_info(
-      madam_optax=madam_optax.__version__,
-      devices=[d.device_kind for d in jax.devices()][:1],
-      gpu_lent=False)
-  try:
-    with open("/proc/meminfo", encoding="utf-8") as f:
-      kb = int(f.readline().split()[1])
-    info["memory_gib"] = round(kb / 2**20, 1)
-  except (OSError, ValueError, IndexError):
-    pass
-  return info
+# Report.
 
 
 def _fmt(x, spec):
   return "-" if x is None else format(x, spec)
 
 
-def markdown(results: dict) -> str:
-  m = results["machine"]
+def markdown_body(results: dict) -> str:
+  """The tables below the machine record (from the JSON's contents)."""
   lines = [
-      "# Optimizer step time: Madam vs Optax",
-      "",
-      f"- date: {m['date']}",
-      f"- machine: {m['cpu']}, {m['cores']} cores, "
-      f"{m.get('memory_gib', '?')} GiB; backend `{m['backend']}`",
-      f"- versions: python {m['python']}, jax {m['jax']}, optax {m['optax']}, "
-      f"flax {m['flax']}, madam-optax {m['madam_optax']}",
-      f"- load average (1, 5, 15 min) before / after: "
-      f"{results['load_before']} / {results['load_after']}",
-      "- GPU: none was lent to this benchmark's issue, so only CPU results "
-      "exist.",
-      f"- command: `{results['command']}`",
-      f"- {results['repeats']} interleaved rounds per tree after warm-up; "
+      f"{results['repeats']} interleaved rounds per tree after warm-up; "
       "step = `tx.update` + `optax.apply_updates`, params and state donated.",
       "",
       "Columns: median step time and its inter-quartile range; the ratio to "
@@ -461,10 +423,12 @@ def markdown(results: dict) -> str:
   return "\n".join(lines)
 
 
+REPORT = harness.Report("Optimizer step time: Madam vs Optax", markdown_body)
+
+
 def parse_args(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--quick", action="store_true",
-                  help="tiny trees and few rounds (smoke test)")
+  ap = harness.argument_parser(__doc__,
+                               name=f"step_time_{jax.default_backend()}")
   ap.add_argument("--sizes", default="1,10,30,100",
                   help="flat tree sizes in millions of parameters, "
                   "comma-separated ('' for none)")
@@ -477,14 +441,13 @@ def parse_args(argv=None):
                   "quick: 3)")
   ap.add_argument("--compile-repeats", type=int, default=None,
                   help="fresh compilations per optimizer (default 3; quick: 1)")
-  ap.add_argument("--out", default=None,
-                  help="directory for step_time_<backend>.md/.json "
-                  "(default: benchmarks/results; '-' writes nothing)")
-  return ap.parse_args(argv)
+  return harness.parse_args(ap, argv, __file__)
 
 
-def main(argv=None, log=print) -> dict:
+def main(argv=None, log=harness.progress) -> dict:
   args = parse_args(argv)
+  if args.replot:
+    return harness.replot(args.out, args.name, REPORT, log)
   quick = args.quick
   repeats = args.repeats or (3 if quick else 21)
   compile_repeats = args.compile_repeats or (1 if quick else 3)
@@ -507,26 +470,15 @@ def main(argv=None, log=print) -> dict:
   skipped = []
   if not hasattr(madam_optax, "lns_madam"):
     skipped.append("madam_optax.lns_madam (not in the package at run time)")
-  results = dict(machine=machine_info(), load_before=machine.load_average(),
+  results = dict(machine=harness.machine_record(args.command),
                  repeats=repeats, compile_repeats=compile_repeats,
-                 command="python benchmarks/step_time.py " + " ".join(
-                     argv if argv is not None else __import__("sys").argv[1:]),
                  trees=[], skipped=skipped)
   for name, shapes in jobs:
     results["trees"].append(bench_tree(
         name, shapes, repeats=repeats, compile_repeats=compile_repeats,
         bw_n=bw_n, target_s=target_s, opt_names=opt_names, skipped=skipped,
         log=log))
-  results["load_after"] = machine.load_average()
-
-  if args.out != "-":
-    out = pathlib.Path(args.out) if args.out else (
-        pathlib.Path(__file__).resolve().parent / "results")
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"step_time_{results['machine']['backend']}"
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / f"{stem}.md").write_text(markdown(results))
-    log(f"wrote {out / stem}.md and .json")
+  harness.write_results(args.out, args.name, results, REPORT, log)
   return results
 
 

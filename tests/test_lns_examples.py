@@ -1,16 +1,10 @@
-"""Smoke tests of the LNS example (madam_examples/lns_digits.py) and the
-accuracy-versus-bits benchmark (benchmarks/lns_bits.py) in quick mode."""
-
-import importlib.util
-import json
-import pathlib
+"""Smoke test of the LNS example (madam_examples/lns_digits.py) in quick
+mode (the accuracy-versus-bits benchmark's: tests/benchmarks/)."""
 
 import pytest
 
 pytest.importorskip("flax.nnx")
 pytest.importorskip("sklearn")
-
-_BITS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "lns_bits.py"
 
 
 def test_lns_digits_example_trains_int8_weights():
@@ -20,23 +14,3 @@ def test_lns_digits_example_trains_int8_weights():
   assert out["lns_dtypes"] == ["int8"]            # every check, every kernel
   assert out["lns_param_bytes"] < 0.3 * out["float_param_bytes"]
   assert out["lns_accuracy"] > 60.0 and out["float_accuracy"] > 60.0
-
-
-@pytest.mark.slow
-def test_lns_bits_quick_run_writes_report(tmp_path):
-  spec = importlib.util.spec_from_file_location("lns_bits", _BITS)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  results = module.main(["--quick", "--out", str(tmp_path)])
-  md = (tmp_path / "lns_bits.md").read_text()
-  assert "| lns_madam_det | lns_madam_stoch | adam_proj | sgd_proj |" in md
-  assert "smallest width within 0.5 points" in md
-  assert (tmp_path / "lns_bits.png").stat().st_size > 0
-  data = json.loads((tmp_path / "lns_bits.json").read_text())
-  for key in ("cpu", "cores", "jax", "optax", "flax", "date"):
-    assert data["machine"][key]
-  rows = results["mlp"]["rows"]
-  assert {r["method"] for r in rows} == {"lns_madam_det", "lns_madam_stoch",
-                                        "adam_proj", "sgd_proj"}
-  # The LNS-Madam runs really trained integer codes (dtype read after training).
-  assert {r["codes"] for r in rows if r["method"].startswith("lns")} == {"int8"}

@@ -1,7 +1,6 @@
 """Smoke test of ``benchmarks/step_time.py`` and its state-memory accounting."""
 
-import importlib.util
-import pathlib
+import json
 
 import jax
 import jax.numpy as jnp
@@ -11,15 +10,10 @@ import pytest
 
 import madam_optax
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
-
 
 @pytest.fixture(scope="module")
-def step_time():
-  spec = importlib.util.spec_from_file_location("step_time", _PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+def step_time(benchmark):
+  return benchmark("step_time")
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +23,15 @@ def quick_results(step_time, tmp_path_factory):
   return results, out
 
 
-def test_quick_run_writes_table_and_json(quick_results):
+def test_quick_run_writes_table_and_json(quick_results, harness):
   results, out = quick_results
   md = (out / f"step_time_{jax.default_backend()}.md").read_text()
   assert "| madam |" in md and "| adam |" in md
-  assert (out / f"step_time_{jax.default_backend()}.json").exists()
-  for key in ("cpu", "cores", "jax", "optax", "date"):
-    assert results["machine"][key]
+  saved = json.loads((out / f"step_time_{jax.default_backend()}.json")
+                     .read_text())
+  assert tuple(saved["machine"]) == harness.MACHINE_KEYS
+  assert saved["machine"]["command"] == "python benchmarks/step_time.py --quick"
+  assert saved["trees"] == json.loads(json.dumps(results["trees"]))
   names = {r["optimizer"] for tr in results["trees"] for r in tr["rows"]}
   assert {"madam", "madam_bf16", "adam", "sgd", "lion", "fromage"} <= names
   for tr in results["trees"]:
@@ -56,7 +52,7 @@ def _expected_madam_state_bytes(params, state_bytes_per_param):
 def test_madam_state_is_one_buffer_plus_scalars(step_time, state_dtype, per_param):
   params = step_time.random_tree(step_time.mlp_shapes((8, 16, 3)), seed=0)
   state = madam_optax.madam(state_dtype=state_dtype).init(params)
-  total, _ = step_time.state_bytes(state)
+  total = step_time.harness.tree_bytes(state)
   assert total == _expected_madam_state_bytes(params, per_param)
   n = sum(p.size for p in jax.tree.leaves(params))
   assert step_time.full_buffer_bytes(state, params) == per_param * n
@@ -85,3 +81,10 @@ def test_fusion_count_of_sgd_step(step_time):
   spec = {"w": jax.ShapeDtypeStruct((64,), jnp.float32)}
   compiled, _, _ = step_time.compile_step(lambda: optax.sgd(0.1), spec, spec)
   assert step_time.count_fusions(compiled.as_text()) >= 1
+
+
+def test_options_and_defaults(step_time):
+  args = step_time.parse_args(["--trees", "mlp", "--sizes", "", "--out", "-"])
+  assert (args.trees, args.sizes, args.out) == ("mlp", "", None)
+  assert args.name == f"step_time_{jax.default_backend()}"
+  assert args.repeats is None and args.compile_repeats is None
