@@ -807,3 +807,50 @@ def test_nnx_optimizer_with_partitioned_variables(eight_devices):
     for _ in range(2):
       assert specs() == expected
       train_step(model, optimizer, x)
+
+
+def test_flax_nnx_state_of_variables_as_params():
+  """Params as an ``nnx.State`` of ``Variable``s (what ``nnx.split`` gives and
+  the examples' trainers pass, unwrapped nowhere): the factored statistics are
+  plain arrays, the full ones keep the Variables, and every step equals the
+  step on the same tree with the Variables unwrapped (``nnx.as_pure``)."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  class Model(nnx.Module):
+
+    def __init__(self, rngs):
+      self.dense = nnx.Linear(16, 12, rngs=rngs)
+      self.norm = nnx.LayerNorm(12, rngs=rngs)
+
+    def __call__(self, x):
+      return self.norm(self.dense(x))
+
+  graphdef, params = nnx.split(Model(nnx.Rngs(0)))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 16)),
+                  jnp.float32)
+
+  def loss(p):
+    return jnp.mean(nnx.merge(graphdef, p)(x) ** 2)
+
+  def trainer(params):
+    tx = madam_optax.with_additive_fallback(params, factored_madam(),
+                                            optax.adam(1e-3))
+
+    @jax.jit
+    def step(params, state):
+      updates, state = tx.update(jax.grad(loss)(params), state, params)
+      return optax.apply_updates(params, updates), state
+    return tx.init(params), step
+
+  pure = nnx.as_pure(params)
+  state, step = trainer(params)
+  pure_state, pure_step = trainer(pure)
+  inner = state.inner_states["multiplicative"].inner_state[0]
+  assert isinstance(inner.row_rms["dense"]["kernel"], jax.Array)
+  assert isinstance(inner.rms["norm"]["scale"], nnx.Variable)
+  for _ in range(3):
+    params, state = step(params, state)
+    pure, pure_state = pure_step(pure, pure_state)
+  assert isinstance(params["dense"]["kernel"], nnx.Variable)
+  chex.assert_trees_all_equal(nnx.as_pure(params), pure)
+  chex.assert_trees_all_equal(nnx.as_pure(state), nnx.as_pure(pure_state))

@@ -393,9 +393,16 @@ def scale_by_factored_second_moment(
       u, row, col = factored_leaf(g, row, col, axes, coefficients)
       return u, row, col, r
 
-    new_updates, row_rms, col_rms, rms = tree_utils.tree_map_unzip(
-        leaf, updates, state.row_rms, state.col_rms, state.rms,
-        jax.tree.unflatten(jax.tree.structure(updates), all_axes), n_out=4)
+    # Each tree is rebuilt with its own structure: where the parameters are
+    # Flax NNX Variables, the updates and the full statistics keep them and
+    # the factored statistics are plain arrays (see init).
+    trees = (updates, state.row_rms, state.col_rms, state.rms)
+    flat = [jax.tree.flatten(tree) for tree in trees]
+    outs = [leaf(*args) for args in zip(*(leaves for leaves, _ in flat),
+                                        all_axes)]
+    new_updates, row_rms, col_rms, rms = (
+        treedef.unflatten([out[i] for out in outs])
+        for i, (_, treedef) in enumerate(flat))
     return new_updates, ScaleByFactoredSecondMomentState(
         count=optax.safe_increment(state.count), row_rms=row_rms,
         col_rms=col_rms, rms=rms)
@@ -430,13 +437,16 @@ def _axes_from_state(updates: Any, state: ScaleByFactoredSecondMomentState
   and ``col_rms`` must have the shapes :func:`factored_axes` gives. Anything
   else is a ``ValueError``: the state was built for other parameters.
   """
+  # A Flax NNX Variable counts as one leaf, whether or not it is unwrapped.
+  structure = jax.tree.structure(updates, is_leaf=_is_variable)
   for what in ("row_rms", "col_rms", "rms"):
     tree = getattr(state, what)
-    if jax.tree.structure(updates) != jax.tree.structure(tree):
+    if structure != jax.tree.structure(tree, is_leaf=_is_variable):
       raise ValueError(
           f"{_NAME}: the updates and optimizer-state trees do not match.\n"
-          f"  updates: {jax.tree.structure(updates)}\n"
-          f"  state.{what}: {jax.tree.structure(tree)}\n"
+          f"  updates: {structure}\n"
+          f"  state.{what}: "
+          f"{jax.tree.structure(tree, is_leaf=_is_variable)}\n"
           "Pass gradients with exactly the structure of the parameters the "
           "optimizer was initialised with.")
   all_axes = []
