@@ -182,6 +182,8 @@ def positive_int(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  """Trains, prints the perplexity and bytes per parameter; returns them
+  (and the final :class:`LNSTrainState` under ``"state"``)."""
   parser = argparse.ArgumentParser(
       prog="python -m madam_examples.lns_transformer",
       description=__doc__.split("\n\n")[0],
@@ -228,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   return {"perplexity_before": float(before["perplexity"]),
           "perplexity": after["perplexity"], "bytes_per_parameter": held,
           "code_dtypes": code_dtypes, "coded_parameters": n_codes,
-          "steps": args.steps}
+          "steps": args.steps, "state": state}
 
 
 if __name__ == "__main__":
