@@ -34,16 +34,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import _harness as harness
+from flax import nnx
 import jax
 import numpy as np
 import optax
-from flax import nnx
 
-import _harness as harness
-import madam_optax
 from madam_examples import lns_digits
 from madam_examples import lns_transformer
 from madam_examples import train as train_lib
+import madam_optax
 
 INT8 = madam_optax.LNSFormat.spanning(127)
 MIN_DIM_SIZE_TO_FACTOR = 8

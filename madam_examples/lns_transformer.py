@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import madam_optax
 from madam_examples import train as train_lib
+import madam_optax
 
 INT8 = madam_optax.LNSFormat.spanning(127)
 QUICK_STEPS = 20

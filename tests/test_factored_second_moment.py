@@ -16,11 +16,11 @@ import re
 import chex
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import madam_optax
 from madam_optax._src.factored_second_moment import factored_axes
@@ -434,6 +434,23 @@ def test_state_dtype_bfloat16():
     assert leaf.dtype == jnp.bfloat16
   fp32, _ = _run(factored_madam(), params)
   chex.assert_trees_all_close(fp32, bf16, rtol=2e-2)
+
+
+def test_keyword_only_and_extra_args_type():
+  import inspect  # pylint: disable=import-outside-toplevel
+  for factory, first in ((madam_optax.scale_by_factored_second_moment, "b2"),
+                         (madam_optax.madam, "learning_rate"),
+                         (madam_optax.lns_madam, "learning_rate")):
+    params = list(inspect.signature(factory).parameters.values())
+    names = [p.name for p in params]
+    assert {"factored", "min_dim_size_to_factor"} <= set(names) or (
+        factory is madam_optax.scale_by_factored_second_moment)
+    after = params[names.index(first) + 1:]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in after), names
+  assert isinstance(madam_optax.scale_by_factored_second_moment(),
+                    optax.GradientTransformationExtraArgs)
+  assert "scale_by_factored_second_moment" in madam_optax.__all__
+  assert "ScaleByFactoredSecondMomentState" in madam_optax.__all__
 
 
 def test_errors():

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -449,7 +449,7 @@ def _axes_from_state(updates: Any, state: ScaleByFactoredSecondMomentState
           f"{jax.tree.structure(tree, is_leaf=_is_variable)}\n"
           "Pass gradients with exactly the structure of the parameters the "
           "optimizer was initialised with.")
-  all_axes = []
+  all_axes: list[tuple[int, int] | None] = []
   for (path, g), row, col, r in zip(
       tree_utils.leaves_with_path(updates), jax.tree.leaves(state.row_rms),
       jax.tree.leaves(state.col_rms), jax.tree.leaves(state.rms)):

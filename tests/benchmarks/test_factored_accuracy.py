@@ -50,6 +50,7 @@ def test_cost_is_the_paired_difference(factored_accuracy):
   assert not perplexity["lns int8 factored"]["within_goal"]   # +3.5%
 
 
+@pytest.mark.slow
 def test_float_runs_are_the_examples_trainer(factored_accuracy):
   """Without factoring, the benchmark's float run is ``train.train`` with
   Madam, bit for bit (the same initial weights, batches and schedule)."""

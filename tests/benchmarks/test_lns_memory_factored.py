@@ -49,6 +49,7 @@ def test_gpt2_small_tree_has_gpt2_shapes(lns_memory):
   assert shapes["h00"]["mlp"]["c_proj"]["kernel"].shape == (3072, 768)
 
 
+@pytest.mark.slow
 def test_small_gpt2_shaped_tree_counts_biases(lns_memory):
   params = lns_memory.gpt2_small_params(vocab=300, context=128, width=128,
                                         depth=1)
