@@ -11,7 +11,8 @@
   the Markdown and the figure from a saved JSON, including the JSON of older
   runs whose record had other keys (:func:`write_results`, :func:`replot`).
 * Counting: bytes of a pytree's arrays, in all or per device
-  (:func:`tree_bytes`, :func:`bytes_per_device`), and parameters
+  (:func:`tree_bytes`, :func:`bytes_per_device`: the examples' one byte
+  counter, ``madam_examples.memory``), and parameters
   (:func:`param_count`).
 * The pieces of a measurement several scripts use: the MLP parameter tree
   (:func:`mlp_params`), the weights as a run stores them with the optimizer
@@ -46,6 +47,8 @@ import numpy as np
 import optax
 
 import madam_optax
+from madam_examples.memory import bytes_per_device  # noqa: F401 (re-exported)
+from madam_examples.memory import tree_bytes
 
 HERE = pathlib.Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
@@ -472,48 +475,9 @@ def _arrays(tree: Any) -> list[Any]:
   return [x for x in jax.tree.leaves(tree) if hasattr(x, "nbytes")]
 
 
-def tree_bytes(tree: Any, where: Callable[[Any], bool] | None = None) -> int:
-  """Bytes of the arrays in ``tree`` (``.nbytes``, the global size).
-
-  Args:
-    tree: a pytree; leaves without storage (Python numbers, strings) count 0.
-    where: if given, only leaves for which ``where(leaf)`` is true count.
-
-  Returns:
-    The sum of the arrays' ``nbytes``.
-
-  Example:
-    >>> tree_bytes({"w": jnp.zeros((3, 4)), "c": jnp.zeros(5, jnp.int8)})
-    53
-    >>> tree_bytes({"w": jnp.zeros((3, 4)), "b": jnp.zeros(4)},
-    ...            where=lambda x: x.ndim >= 2)
-    48
-  """
-  return sum(int(x.nbytes) for x in _arrays(tree)
-             if where is None or where(x))
-
-
 def array_count(tree: Any) -> int:
   """Number of array leaves in ``tree`` (see :func:`tree_bytes`)."""
   return len(_arrays(tree))
-
-
-def bytes_per_device(tree: Any) -> dict[Any, int]:
-  """Bytes of ``tree``'s arrays held by each addressable device.
-
-  A replicated array counts in full on every device; a sharded one, its
-  shard's bytes on each.
-
-  Example:
-    >>> per_device = bytes_per_device({"w": jnp.zeros((3, 4))})
-    >>> list(per_device.values())
-    [48]
-  """
-  totals: dict[Any, int] = {}
-  for leaf in _arrays(tree):
-    for shard in getattr(leaf, "addressable_shards", ()):
-      totals[shard.device] = totals.get(shard.device, 0) + shard.data.nbytes
-  return totals
 
 
 def param_count(tree: Any) -> int:

@@ -44,7 +44,7 @@ from flax import nnx
 import _harness as harness
 import madam_optax
 from madam_examples import lns_digits
-from madam_examples import train as train_lib
+from madam_examples import optimizers as optimizers_lib
 
 LNS_METHODS = ("lns_madam_det", "lns_madam_stoch", "adam_proj", "sgd_proj")
 FLOAT_METHODS = ("madam", "adam", "sgd")
@@ -55,7 +55,7 @@ TOLERANCE = 0.5        # accuracy points
 # --------------------------------------------------------------------------
 # Model, data and training. The models and data are madam_examples.lns_digits'
 # (MODELS, load_digits, cross_entropy); the float optimizers are
-# madam_examples.train.make_optimizer's. The loop is functional (jax.lax.scan
+# madam_examples.optimizers.make_optimizer's. The loop is functional (jax.lax.scan
 # over steps), so that one compiled run trains every seed.
 
 
@@ -70,9 +70,9 @@ def build_optimizer(method: str, fmt, params, seed) -> optax.GradientTransformat
     rounding = "nearest" if method == "lns_madam_det" else "stochastic"
     return madam_optax.with_additive_fallback(
         params, madam_optax.lns_madam(fmt, rounding=rounding, seed=seed),
-        optax.adam(train_lib.ADDITIVE_FALLBACK_LR))
+        optax.adam(optimizers_lib.ADDITIVE_FALLBACK_LR))
   base = method.removesuffix("_proj")
-  tx = train_lib.make_optimizer(base, LEARNING_RATES[base], params)
+  tx = optimizers_lib.make_optimizer(base, LEARNING_RATES[base], params)
   if method.endswith("_proj"):
     mask = jax.tree.map(lambda label: label == "multiplicative",
                         madam_optax.multiplicative_labels(params))

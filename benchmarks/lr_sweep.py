@@ -1,6 +1,6 @@
 """The learning-rate robustness study (arXiv:2006.14560, Figure 1), offline.
 
-For each task (MLP and ResNet-style CNN on digits, Transformer char LM on
+For each task (MLP and small CNN on digits, Transformer char LM on
 standard-library docstrings, MLP GAN on digits) and each optimizer (Madam,
 Adam, SGD with momentum 0.9), trains at lr in {1, 0.1, 0.01, 0.001, 0.0001}
 with several seeds and records the final held-out metric. All learning rates
@@ -34,7 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import _harness as harness
-from madam_examples import train as train_lib
+from madam_examples import loop
+from madam_examples import optimizers as optimizers_lib
+from madam_examples import tasks as tasks_lib
 
 LEARNING_RATES = (1.0, 0.1, 0.01, 0.001, 0.0001)
 OPTIMIZERS = ("madam", "adam", "sgd")
@@ -57,7 +59,7 @@ def run_pair(task, optimizer: str, seeds: int, steps: int):
   One jitted program per (task, optimizer): the learning rates and seeds are
   a ``vmap`` axis; the model is evaluated once, after the last step.
   """
-  run = train_lib.make_run_fn(task, optimizer, steps, steps,
+  run = loop.make_run_fn(task, optimizer, steps, steps,
                               schedule=SCHEDULE)
   lrs = jnp.repeat(jnp.asarray(LEARNING_RATES, jnp.float32), seeds)
   keys = jnp.stack([jax.random.key_data(jax.random.key(s))
@@ -203,7 +205,7 @@ REPORT = harness.Report(
 
 def parse_args(argv=None):
   parser = harness.argument_parser(__doc__, "lr_sweep")
-  parser.add_argument("--tasks", default=",".join(train_lib.TASKS))
+  parser.add_argument("--tasks", default=",".join(tasks_lib.TASKS))
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
   parser.add_argument("--steps", type=int, default=None,
@@ -230,13 +232,13 @@ def main(argv=None, log=harness.progress) -> dict:
               "schedule": SCHEDULE, "quick": bool(args.quick),
               "madam_additive_fallback": (
                   f"zero-initialised leaves (biases, norm offsets) trained "
-                  f"by Adam({train_lib.ADDITIVE_FALLBACK_LR:g}) via "
+                  f"by Adam({optimizers_lib.ADDITIVE_FALLBACK_LR:g}) via "
                   "madam_optax.with_additive_fallback")}
   results = {"machine": harness.machine_record(args.command),
              "settings": settings, "tasks": {},
              "learning_rates": LEARNING_RATES, "results": {}, "summary": {}}
   for name in args.tasks.split(","):
-    task = train_lib.build_task(name, quick=args.quick)
+    task = tasks_lib.build_task(name, quick=args.quick)
     steps = (QUICK_STEPS if args.quick else
              args.steps or args.steps_factor * STUDY_STEPS[name])
     results["tasks"][name] = {

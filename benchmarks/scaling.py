@@ -1,7 +1,8 @@
 r"""Per-device memory and step time of sharded Madam on 1, 2, 4, 8 devices.
 
-Trains the Transformer of ``madam_examples.sharded_train`` (Madam, with Adam
-for the zero-initialised leaves) on a mesh of ``n`` devices, in two layouts:
+Trains the Transformer of ``madam_examples.sharded_train``
+(``madam_examples.models.CharTransformer``; Madam, with Adam for the
+zero-initialised leaves) on a mesh of ``n`` devices, in two layouts:
 
 * ``fsdp``: parameters and optimizer state split ``n`` ways (``fsdp=n``);
 * ``data``: plain data parallelism, parameters and state replicated
@@ -53,21 +54,22 @@ def measure(layout: str, n: int, sizes: dict[str, int],
   """Builds a run on ``n`` devices in ``layout`` and measures it."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
 
+  from madam_examples import data  # pylint: disable=import-outside-toplevel
+  from madam_examples import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from madam_examples import sharded_train as st  # pylint: disable=import-outside-toplevel
 
   devices = list(jax.devices() if devices is None else devices)[:n]
   config = st.Config(mesh=f"{layout}={n}", seed=0,
                      **{k: v for k, v in sizes.items() if k != "steps"})
   run = st.setup(config, devices)
-  params = st.params_of(run, run.state)
+  params = run.state.params
   param_bytes = harness.bytes_per_device(params)
-  opt_bytes = harness.bytes_per_device(run.state[1])
-  tokens, _ = st.split_corpus(st.corpus())
+  opt_bytes = harness.bytes_per_device(run.state.opt_state)
+  tokens = data.load_stdlib_text().train
 
   def batch(step):
-    return st.device_batch(st.global_batch_rows(
+    return mesh_lib.device_batch(st.global_batch_rows(
         tokens, step, config.batch_size, config.context, config.seed),
         run.batch_sharding)
 
@@ -84,7 +86,7 @@ def measure(layout: str, n: int, sizes: dict[str, int],
     jax.block_until_ready(loss)
     times.append(time.perf_counter() - start)
   update_times = []
-  grads = st.params_of(run, state)
+  grads = state.params
   for _ in range(WARMUP + sizes["steps"]):
     start = time.perf_counter()
     state = jax.block_until_ready(update_compiled(state, grads))
@@ -97,17 +99,18 @@ def measure(layout: str, n: int, sizes: dict[str, int],
 
   return {
       "layout": layout, "devices": n, "mesh": dict(run.mesh.shape),
-      "parameters": harness.param_count(nnx.as_pure(params)),
+      "parameters": harness.param_count(params),
       "param_bytes_total": harness.tree_bytes(params),
-      "opt_state_bytes_total": harness.tree_bytes(run.state[1]),
+      "opt_state_bytes_total": harness.tree_bytes(run.state.opt_state),
       "param_bytes_per_device": max(param_bytes.values()),
       "opt_state_bytes_per_device": max(opt_bytes.values()),
       "train_step_temp_bytes_per_device": (
           int(memory.temp_size_in_bytes) if memory is not None else None),
       "train_step": stats(times),
       "optimizer_update": stats(update_times),
-      "collectives_train_step": st.collectives_in_hlo(compiled.as_text()),
-      "collectives_optimizer_update": st.collectives_in_hlo(
+      "collectives_train_step": mesh_lib.collectives_in_hlo(
+          compiled.as_text()),
+      "collectives_optimizer_update": mesh_lib.collectives_in_hlo(
           update_compiled.as_text()),
       "final_loss": float(loss),
   }
@@ -165,7 +168,7 @@ def markdown_body(results: dict[str, Any]) -> str:
       f"Devices: {results['platform']}"
       f"{' (simulated: they share the cores above)' if simulated else ''}.",
       "",
-      f"Model: `madam_examples.sharded_train.Transformer` (dim {s['dim']}, "
+      f"Model: `madam_examples.models.CharTransformer` (dim {s['dim']}, "
       f"{s['layers']} layers, {s['heads']} heads, context {s['context']}), "
       f"{results['rows'][0]['parameters']:,} parameters, global batch "
       f"{s['batch_size']}; Madam (lr 0.01) with Adam for the zero-initialised "

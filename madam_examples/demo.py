@@ -5,7 +5,7 @@ with each chosen optimizer, shows a progress bar, prints a comparison table
 and writes a loss/metric plot (PNG) and the numbers (JSON) to ``--out``.
 
   madam-demo                                  # mlp, Madam@0.01 vs Adam@1e-3
-  madam-demo --task cnn                       # ResNet-style CNN (slower)
+  madam-demo --task cnn                       # a small CNN
   madam-demo --task transformer --steps 300
   madam-demo --task cnn --data cifar-10-batches-py --steps 2000
   madam-demo --optimizer madam,adam,sgd --lr 0.1
@@ -25,7 +25,7 @@ from typing import Sequence
 
 TASK_HELP = {
     "mlp": "MLP on digits (or --data CIFAR-10 folder)",
-    "cnn": "ResNet-style CNN with GroupNorm on digits (or --data CIFAR-10)",
+    "cnn": "small CNN on digits (or --data CIFAR-10)",
     "transformer": "Transformer char LM on stdlib docstrings (or --data text)",
     "gan": "MLP GAN on digits, scored by a Frechet distance",
 }
@@ -70,7 +70,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   _add_checkpoint_arguments(parser)
   args = parser.parse_args(argv)
   args.optimizers = [o.strip() for o in args.optimizer.split(",") if o.strip()]
-  from madam_examples.train import OPTIMIZERS  # pylint: disable=import-outside-toplevel
+  from madam_examples.optimizers import OPTIMIZERS  # pylint: disable=import-outside-toplevel
   for o in args.optimizers:
     if o not in OPTIMIZERS:
       parser.error(f"unknown optimizer {o!r}; choose from {', '.join(OPTIMIZERS)}")
@@ -149,10 +149,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   import numpy as np  # pylint: disable=import-outside-toplevel
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-  from madam_examples import train as train_lib  # pylint: disable=import-outside-toplevel
+  from madam_examples import loop  # pylint: disable=import-outside-toplevel
+  from madam_examples import optimizers  # pylint: disable=import-outside-toplevel
+  from madam_examples import tasks  # pylint: disable=import-outside-toplevel
 
   print(f"madam-demo: building task {args.task!r} ...", flush=True)
-  task = train_lib.build_task(args.task, data_path=args.data, quick=args.quick)
+  task = tasks.build_task(args.task, data_path=args.data, quick=args.quick)
   steps = args.steps or (QUICK_STEPS if args.quick else task.steps)
   eval_every = max(min(task.eval_every, steps // 2 or 1), 1)
   print(f"task: {task.description}; {steps} steps ({args.schedule} lr "
@@ -160,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   rows, histories = [], {}
   for opt in args.optimizers:
-    lr = args.lr if args.lr is not None else train_lib.DEFAULT_LEARNING_RATES[opt]
+    lr = (args.lr if args.lr is not None
+          else optimizers.DEFAULT_LEARNING_RATES[opt])
     label = f"{opt} lr={lr:g}"
     ckpt_dir = None
     if args.checkpoint_dir is not None:
@@ -169,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bar = tqdm(total=steps, desc=f"{label:<16}", unit="step",
                file=sys.stdout, dynamic_ncols=True)
 
-    def update(done, metrics, bar=bar, label=label, ckpt_dir=ckpt_dir):
+    def update(done, metrics, _, bar=bar, label=label, ckpt_dir=ckpt_dir):
       if not metrics:   # before training: the start step
         if done:
           bar.write(f"{label}: resumed from checkpoint step {done} of {steps} "
@@ -184,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       bar.update(done - bar.n)
 
     start = time.perf_counter()
-    _, history = train_lib.train(
+    _, history = loop.train(
         task, opt, lr, seed=args.seed, steps=steps, eval_every=eval_every,
         schedule=args.schedule, callback=update, checkpoint_dir=ckpt_dir,
         checkpoint_every=args.checkpoint_every)

@@ -3,8 +3,9 @@
 FID (Heusel et al. 2017) compares Gaussian fits of real and generated samples
 in the feature space of an ImageNet Inception network, which needs a download.
 Here the feature extractor is a small MLP classifier trained (deterministically,
-with Adam) on scikit-learn's bundled digits, and the distance is the same
-Fréchet distance between Gaussians:
+with Adam) on scikit-learn's bundled digits
+(:func:`madam_examples.tasks.digits_feature_reference`), and the distance is
+the same Fréchet distance between Gaussians:
 
   FD = |mu_r - mu_g|^2 + tr(S_r) + tr(S_g) - 2 tr((S_r^{1/2} S_g S_r^{1/2})^{1/2})
 
@@ -16,17 +17,12 @@ runs that use this module. Used by the GAN task of the learning-rate study
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
-
-from madam_examples import data as data_lib
-from madam_examples import models
 
 
 class FeatureReference(NamedTuple):
@@ -72,54 +68,33 @@ def features(graphdef: Any, params: Any, images: jax.Array) -> jax.Array:
   return nnx.merge(graphdef, params).features(images)
 
 
-@functools.lru_cache(maxsize=1)
-def digits_reference(steps: int = 600, seed: int = 0) -> FeatureReference:
-  """Trains the digits feature classifier once (cached) and fits the real data.
+def fit_reference(graphdef: Any, params: Any, real_images: np.ndarray,
+                  classifier_accuracy: float) -> FeatureReference:
+  """Freezes a trained classifier and fits the real images' features.
 
-  The classifier (an MLP 64-128-64-10) trains with Adam(1e-3) on the digits'
-  training split (images scaled to [-1, 1]); the real statistics use all 1797
-  digits.
+  Args:
+    graphdef, params: the classifier (a model with a ``features`` method,
+      e.g. :class:`madam_examples.models.MLP`), split with ``nnx.split``.
+    real_images: the real images, in the range the generator draws.
+    classifier_accuracy: the classifier's held-out accuracy (a fraction),
+      kept for reports.
+
+  Returns:
+    The :class:`FeatureReference`: feature mean, covariance square root and
+    trace of the real images (in float64, then stored as float32).
   """
-  digits = data_lib.load_digits()
-  x_train = jnp.asarray(digits.x_train * 2 - 1)
-  y_train = jnp.asarray(digits.y_train)
-  model = models.MLP(64, (128, 64), 10, rngs=nnx.Rngs(seed))
-  graphdef, params = nnx.split(model)
-  tx = optax.adam(1e-3)
-
-  def loss_fn(p, idx):
-    logits = nnx.merge(graphdef, p)(x_train[idx])
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits, y_train[idx]).mean()
-
-  @jax.jit
-  def train(p, key):
-    def step(carry, k):
-      p, s = carry
-      idx = jax.random.randint(k, (128,), 0, x_train.shape[0])
-      grads = jax.grad(loss_fn)(p, idx)
-      updates, s = tx.update(grads, s, p)
-      return (optax.apply_updates(p, updates), s), None
-    (p, _), _ = jax.lax.scan(step, (p, tx.init(p)), jax.random.split(key, steps))
-    return p
-
-  params = train(params, jax.random.key(seed))
-  logits = nnx.merge(graphdef, params)(jnp.asarray(digits.x_test * 2 - 1))
-  accuracy = float(jnp.mean(jnp.argmax(logits, -1) == digits.y_test))
-  real = np.concatenate([digits.x_train, digits.x_test]) * 2 - 1
-  feats = np.asarray(features(graphdef, params, jnp.asarray(real)), np.float64)
-  mean = feats.mean(axis=0)
+  feats = np.asarray(features(graphdef, params, jnp.asarray(real_images)),
+                     np.float64)
   cov = np.cov(feats, rowvar=False)
-  return FeatureReference(graphdef, params, mean.astype(np.float32),
-                          _sym_sqrt(cov).astype(np.float32),
-                          float(np.trace(cov)), accuracy)
+  return FeatureReference(graphdef, params, feats.mean(axis=0).astype(
+      np.float32), _sym_sqrt(cov).astype(np.float32), float(np.trace(cov)),
+                          classifier_accuracy)
 
 
-def digits_frechet_distance(images: jax.Array,
-                            reference: FeatureReference | None = None
-                            ) -> jax.Array:
-  """FD between generated digit images (N, 8, 8, 1) in [-1, 1] and real ones."""
-  ref = reference or digits_reference()
-  mean, cov = mean_and_cov(features(ref.graphdef, ref.params, images))
-  return frechet_distance(mean, cov, ref.real_mean, ref.real_cov_sqrt,
-                          ref.real_cov_trace)
+def reference_frechet_distance(images: jax.Array,
+                               reference: FeatureReference) -> jax.Array:
+  """FD between generated images and the real ones of ``reference``."""
+  mean, cov = mean_and_cov(features(reference.graphdef, reference.params,
+                                    images))
+  return frechet_distance(mean, cov, reference.real_mean,
+                          reference.real_cov_sqrt, reference.real_cov_trace)

@@ -1,8 +1,10 @@
 r"""Madam on a device mesh: data parallel plus fully sharded (FSDP) training.
 
-A small causal Transformer (Flax NNX) learns characters of offline text (the
-docstrings of Python's own standard library) with Madam
-(arXiv:2006.14560) on a ``jax.sharding.Mesh`` with two axes:
+The examples' causal Transformer (Flax NNX,
+:class:`madam_examples.models.CharTransformer`) learns characters of offline
+text (the docstrings of Python's own standard library,
+:func:`madam_examples.data.load_stdlib_text`) with Madam (arXiv:2006.14560)
+on a ``jax.sharding.Mesh`` (:mod:`madam_examples.mesh`) with two axes:
 
 * ``data``: the batch is split over it (data parallelism);
 * ``fsdp``: the batch is split over it too, and every parameter tensor and
@@ -50,31 +52,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import math
-import re
 import sys
 import time
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import madam_optax
-
-MESH_AXES = ("data", "fsdp")
-BATCH_AXES = ("data", "fsdp")      # the batch is split over every device
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter",
-               "collective-permute", "all-to-all")
-VOCAB = 128                        # ASCII code points
-CORPUS_MODULES = ("argparse", "collections", "functools", "inspect",
-                  "itertools", "json", "os", "pathlib", "re", "string",
-                  "textwrap", "typing", "unittest", "logging", "subprocess")
+from madam_examples import data
+from madam_examples import memory
+from madam_examples import mesh as mesh_lib
+from madam_examples import models
+from madam_examples import optimizers
+from madam_examples import step
+from madam_examples import tasks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,205 +89,20 @@ class Config:
   log_every: int = 50
 
 
-# ------------------------------------------------------------------- mesh
-
-
-def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
-  """``"data=2,fsdp=4"`` -> ``{"data": 2, "fsdp": 4}`` (a missing axis is 1).
-
-  One size may be ``-1``: it takes the devices the others leave. Raises
-  ``ValueError`` for unknown axes, bad sizes, or a product that is not
-  ``num_devices``.
-  """
-  sizes = dict.fromkeys(MESH_AXES, 1)
-  seen = set()
-  for item in filter(None, (s.strip() for s in spec.split(","))):
-    match = re.fullmatch(r"(\w+)\s*=\s*(-?\d+)", item)
-    if not match or match[1] not in MESH_AXES or match[1] in seen:
-      raise ValueError(
-          f"--mesh {spec!r}: expected comma-separated AXIS=SIZE with AXIS in "
-          f"{MESH_AXES}, each at most once, e.g. 'data=2,fsdp=4'.")
-    seen.add(match[1])
-    sizes[match[1]] = int(match[2])
-  free = [a for a, n in sizes.items() if n == -1]
-  if len(free) > 1 or any(n == 0 or n < -1 for n in sizes.values()):
-    raise ValueError(f"--mesh {spec!r}: sizes must be positive (one may be -1).")
-  known = math.prod(n for n in sizes.values() if n != -1)
-  if free:
-    if num_devices % known:
-      raise ValueError(f"--mesh {spec!r}: {num_devices} devices are not a "
-                       f"multiple of {known}.")
-    sizes[free[0]] = num_devices // known
-  if math.prod(sizes.values()) != num_devices:
-    raise ValueError(
-        f"--mesh {spec!r} has {math.prod(sizes.values())} devices but JAX "
-        f"sees {num_devices}; make the sizes multiply to {num_devices} (or use "
-        "-1 for one axis), or pass --simulate-devices on a CPU host.")
-  return sizes
-
-
-def make_mesh(spec: str, devices: Sequence[Any] | None = None
-              ) -> jax.sharding.Mesh:
-  """A ``(data, fsdp)`` mesh over ``devices`` (default: all, all hosts)."""
-  devices = list(jax.devices() if devices is None else devices)
-  sizes = parse_mesh(spec, len(devices))
-  auto = jax.sharding.AxisType.Auto
-  return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
-                       devices=devices, axis_types=(auto,) * len(MESH_AXES))
-
-
-# ------------------------------------------------------------------ model
-
-
-def _fsdp(init: Any, spec: tuple[Any, ...]) -> Any:
-  """An initializer whose variable is split over ``fsdp`` as ``spec`` says."""
-  return nnx.with_partitioning(init, spec)
-
-
-def _dense(din: int, dout: int, rngs: nnx.Rngs, *, bias: bool = True
-           ) -> nnx.Linear:
-  # FSDP shards each kernel's input dimension and each bias over 'fsdp'.
-  return nnx.Linear(
-      din, dout, use_bias=bias, rngs=rngs,
-      kernel_init=_fsdp(nnx.initializers.lecun_normal(), ("fsdp", None)),
-      bias_init=_fsdp(nnx.initializers.zeros_init(), ("fsdp",)))
-
-
-def _layer_norm(dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  return nnx.LayerNorm(
-      dim, rngs=rngs,
-      scale_init=_fsdp(nnx.initializers.ones_init(), ("fsdp",)),
-      bias_init=_fsdp(nnx.initializers.zeros_init(), ("fsdp",)))
-
-
-class Block(nnx.Module):
-  """Pre-norm causal self-attention and MLP, each with a residual."""
-
-  def __init__(self, dim: int, heads: int, rngs: nnx.Rngs):
-    self.heads = heads
-    self.norm1 = _layer_norm(dim, rngs)
-    # No bias on q, k, v: the key bias's gradient is exactly zero in exact
-    # arithmetic (softmax ignores a per-row constant), so any optimizer that
-    # normalises its gradient (Adam, Madam) would only amplify round-off.
-    self.qkv = _dense(dim, 3 * dim, rngs, bias=False)
-    self.out = _dense(dim, dim, rngs)
-    self.norm2 = _layer_norm(dim, rngs)
-    self.up = _dense(dim, 4 * dim, rngs)
-    self.down = _dense(4 * dim, dim, rngs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    b, t, d = x.shape
-    q, k, v = jnp.split(self.qkv(self.norm1(x)), 3, axis=-1)
-    q, k, v = (y.reshape(b, t, self.heads, d // self.heads) for y in (q, k, v))
-    attended = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    x = x + self.out(attended.reshape(b, t, d))
-    return x + self.down(jax.nn.gelu(self.up(self.norm2(x))))
-
-
-class Transformer(nnx.Module):
-  """Causal character Transformer: tokens (B, T) -> logits (B, T, VOCAB)."""
-
-  def __init__(self, config: Config, rngs: nnx.Rngs):
-    embed_init = nnx.initializers.normal(0.02)
-    self.embed = nnx.Embed(VOCAB, config.dim, rngs=rngs,
-                           embedding_init=_fsdp(embed_init, ("fsdp", None)))
-    self.position = nnx.Param(_fsdp(embed_init, (None, "fsdp"))(
-        rngs.params(), (config.context, config.dim)))
-    self.blocks = nnx.List([Block(config.dim, config.heads, rngs)
-                            for _ in range(config.layers)])
-    self.norm = _layer_norm(config.dim, rngs)
-    self.head = _dense(config.dim, VOCAB, rngs, bias=False)
-
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    x = self.embed(tokens) + self.position[:tokens.shape[1]]
-    for block in self.blocks:
-      x = block(x)
-    return self.head(self.norm(x))
-
-
 def check_config(config: Config, mesh: jax.sharding.Mesh) -> None:
   """Raises ``ValueError`` if the fsdp axis cannot split the model evenly.
 
-  ``fsdp`` splits every tensor along a dimension of size ``dim``,
-  ``4 * dim`` or ``VOCAB``; attention splits ``dim`` into ``heads``.
+  ``Partitioning.fsdp`` splits every tensor along a dimension of size
+  ``dim`` or ``4 * dim``; attention splits ``dim`` into ``heads``.
   """
   fsdp = mesh.shape["fsdp"]
   if config.dim % config.heads:
     raise ValueError(f"--dim {config.dim} is not a multiple of --heads "
                      f"{config.heads}.")
-  if config.dim % fsdp or VOCAB % fsdp:
+  if config.dim % fsdp:
     raise ValueError(
-        f"--dim {config.dim} and the vocabulary size {VOCAB} must be multiples "
-        f"of the fsdp mesh size {fsdp}, which splits every parameter tensor "
-        "along one of them.")
-
-
-# ------------------------------------------------------------------- data
-
-
-def corpus() -> np.ndarray:
-  """ASCII codes of the standard library docstrings in ``CORPUS_MODULES``."""
-  text = "\n\n".join(importlib.import_module(m).__doc__ or ""
-                     for m in CORPUS_MODULES)
-  codes = np.frombuffer(text.encode("ascii", "replace"), np.uint8)
-  return codes.astype(np.int32) % VOCAB
-
-
-def split_corpus(tokens: np.ndarray, valid_fraction: float = 0.1
-                 ) -> tuple[np.ndarray, np.ndarray]:
-  cut = int(len(tokens) * (1 - valid_fraction))
-  return tokens[:cut], tokens[cut:]
-
-
-def global_batch_rows(tokens: np.ndarray, step: int, batch_size: int,
-                      context: int, seed: int) -> np.ndarray:
-  """The ``step``-th global batch of windows (``context + 1`` tokens each);
-  the same on every process."""
-  rng = np.random.default_rng([seed, step])
-  starts = rng.integers(0, len(tokens) - context - 1, batch_size)
-  return np.stack([tokens[s:s + context + 1] for s in starts])
-
-
-def local_rows(sharding: NamedSharding, global_shape: tuple[int, ...]
-               ) -> slice:
-  """The rows of a global batch that this process's devices hold."""
-  spans = [idx[0] for idx in
-           sharding.addressable_devices_indices_map(global_shape).values()]
-  rows = {(s.start or 0, global_shape[0] if s.stop is None else s.stop)
-          for s in spans}
-  lo, hi = min(a for a, _ in rows), max(b for _, b in rows)
-  if sum(b - a for a, b in rows) != hi - lo:
-    raise ValueError(
-        f"this process's devices hold rows {sorted(rows)} of the batch, which "
-        "are not contiguous; build the mesh with jax.make_mesh (it keeps each "
-        "host's devices together).")
-  return slice(lo, hi)
-
-
-def device_batch(rows: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """A global ``jax.Array`` of the batch from this process's rows only."""
-  local = rows[local_rows(sharding, rows.shape)]
-  return jax.make_array_from_process_local_data(sharding, local, rows.shape)
-
-
-# -------------------------------------------------------------- training
-
-
-def loss_fn(model: Transformer, batch: jax.Array) -> jax.Array:
-  """Mean next-character cross-entropy (nats per character)."""
-  logits = model(batch[:, :-1])
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits, batch[:, 1:]).mean()
-
-
-def make_optimizer(params: Any, config: Config
-                   ) -> optax.GradientTransformation:
-  """Madam for every tensor it can move; Adam for the zero-initialised ones
-  (biases, LayerNorm offsets), which a multiplicative update never moves."""
-  madam = madam_optax.madam(learning_rate=config.learning_rate,
-                            p_scale=config.p_scale)
-  return madam_optax.with_additive_fallback(
-      params, madam, optax.adam(config.additive_learning_rate))
+        f"--dim {config.dim} must be a multiple of the fsdp mesh size {fsdp}, "
+        "which splits every parameter tensor along it.")
 
 
 @dataclasses.dataclass
@@ -300,9 +110,9 @@ class Setup:
   """Everything a run needs, built on a mesh."""
   mesh: jax.sharding.Mesh
   graphdef: Any
-  state: Any                 # (model, optimizer) state, sharded
+  txs: dict[str, optax.GradientTransformation]
+  state: step.TrainState     # params, optimizer states, key, step: sharded
   state_sharding: Any
-  params_sharding: Any
   batch_sharding: NamedSharding
   train_step: Any            # jitted (state, batch) -> (state, loss)
   eval_loss: Any             # jitted (state, batch) -> loss
@@ -311,77 +121,77 @@ class Setup:
 def setup(config: Config, devices: Sequence[Any] | None = None) -> Setup:
   """Builds the sharded model, optimizer and jitted steps on a mesh.
 
-  Parameters are created under ``jax.set_mesh`` with their
-  ``nnx.with_partitioning`` annotations and are sharded as they are created
+  Parameters are created under ``jax.set_mesh`` with the Transformer's
+  ``Partitioning.fsdp`` annotations and are sharded as they are created
   (eagerly here: each tensor is drawn whole, then split; a model too large
   for one device is created inside a jitted function instead, as in Flax's
-  sharding guide). ``nnx.Optimizer`` then creates Madam's second moment (and
-  Adam's moments for the additive leaves) with the same shardings, and the
-  per-tensor bounds as replicated scalars.
+  sharding guide). The optimizer's ``init`` then creates Madam's second
+  moment (and Adam's moments for the additive leaves) with the same
+  shardings, and the per-tensor bounds as replicated scalars.
   """
-  mesh = make_mesh(config.mesh, devices)
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
+  check_config(config, mesh)
   with jax.set_mesh(mesh):
-    check_config(config, mesh)
-    model = Transformer(config, nnx.Rngs(config.seed))
-    params = nnx.state(model, nnx.Param)
-    optimizer = nnx.Optimizer(model, make_optimizer(params, config),
-                              wrt=nnx.Param)
-  graphdef, state = nnx.split((model, optimizer))
+    model = models.CharTransformer(
+        len(data.VOCAB), config.context, config.dim, config.layers,
+        config.heads, partitioning=models.Partitioning.fsdp("fsdp"),
+        rngs=nnx.Rngs(config.seed))
+    graphdef, params = nnx.split(model)
+    params = {"model": nnx.as_pure(params)}
+    txs = {"model": optimizers.make_optimizer(
+        "madam", config.learning_rate, params["model"], p_scale=config.p_scale,
+        additive_learning_rate=config.additive_learning_rate)}
+    state = step.init_state(params, txs, jax.random.key(config.seed))
+  # Whatever is not split over the mesh (the PRNG key, the step count, the
+  # per-tensor bounds) is replicated on it.
+  replicated = NamedSharding(mesh, P())
+  state = jax.device_put(state, jax.tree.map(
+      lambda x: x.sharding if isinstance(x.sharding, NamedSharding)
+      else replicated, state))
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
-  params_sharding = jax.tree.map(lambda x: x.sharding,
-                                 nnx.state(model, nnx.Param))
-  batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
+  batch_sharding = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
+  losses = {"model": lambda weights, batch, key: tasks.next_char_loss(
+      nnx.merge(graphdef, weights["model"]), batch)}
 
   def train_step(state, batch):
-    model, optimizer = nnx.merge(graphdef, state)
-    loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
-    optimizer.update(model, grads)
-    return nnx.state((model, optimizer)), loss
+    state, metrics = step.train_step(losses, txs, state, batch)
+    return state, metrics["model_loss"]
 
   def eval_loss(state, batch):
-    model, _ = nnx.merge(graphdef, state)
-    return loss_fn(model, batch)
+    return losses["model"](state.params, batch, None)
 
   # Shardings pinned in and out: the state keeps its layout step after step.
   train_step = jax.jit(train_step,
                        in_shardings=(state_sharding, batch_sharding),
                        out_shardings=(state_sharding, None), donate_argnums=0)
   eval_loss = jax.jit(eval_loss, in_shardings=(state_sharding, batch_sharding))
-  return Setup(mesh, graphdef, state, state_sharding, params_sharding,
-               batch_sharding, train_step, eval_loss)
+  return Setup(mesh, graphdef, txs, state, state_sharding, batch_sharding,
+               train_step, eval_loss)
 
 
 def optimizer_update(run: Setup):
   """The optimizer update alone, ``(state, grads) -> state``, jitted with the
-  run's shardings (``optimizer.update`` as in the train step, without the
-  forward and backward passes): for inspecting what it compiles to."""
+  run's shardings (the train step without the forward and backward passes):
+  for inspecting what it compiles to. ``grads`` has the params' structure."""
   def update(state, grads):
-    model, optimizer = nnx.merge(run.graphdef, state)
-    optimizer.update(model, grads)
-    return nnx.state((model, optimizer))
+    params, opt_state = step.apply_gradients(
+        run.txs["model"], grads["model"], state.opt_state["model"],
+        state.params["model"])
+    return state._replace(params={"model": params},
+                          opt_state={"model": opt_state})
 
-  return jax.jit(update, in_shardings=(run.state_sharding, run.params_sharding),
+  return jax.jit(update, in_shardings=(run.state_sharding,
+                                       run.state_sharding.params),
                  out_shardings=run.state_sharding)
 
 
-def params_of(run: Setup, state: Any) -> Any:
-  """The parameters (an ``nnx.State`` of ``nnx.Param``) in a run's state."""
-  return nnx.state(nnx.merge(run.graphdef, state)[0], nnx.Param)
-
-
-def collectives_in_hlo(hlo_text: str) -> list[str]:
-  """Cross-device collectives named in compiled HLO text (sorted)."""
-  return sorted({op for op in COLLECTIVES
-                 if re.search(rf"\b{op}(-start)?\(", hlo_text)})
-
-
-def bytes_per_device(tree: Any) -> dict[Any, int]:
-  """Bytes of ``tree``'s arrays held by each addressable device."""
-  totals: dict[Any, int] = {}
-  for leaf in jax.tree.leaves(tree):
-    for shard in getattr(leaf, "addressable_shards", ()):
-      totals[shard.device] = totals.get(shard.device, 0) + shard.data.nbytes
-  return totals
+def global_batch_rows(tokens: np.ndarray, step_index: int, batch_size: int,
+                      context: int, seed: int) -> np.ndarray:
+  """The ``step_index``-th global batch of windows (``context + 1`` tokens
+  each); the same on every process."""
+  rng = np.random.default_rng([seed, step_index])
+  starts = rng.integers(0, len(tokens) - context - 1, batch_size)
+  return np.stack([tokens[s:s + context + 1] for s in starts])
 
 
 def train(config: Config, devices: Sequence[Any] | None = None, *,
@@ -389,26 +199,29 @@ def train(config: Config, devices: Sequence[Any] | None = None, *,
   """Trains for ``config.steps`` steps; returns the losses and the final
   (sharded) state."""
   run = setup(config, devices)
-  train_tokens, valid_tokens = split_corpus(corpus())
-  valid = device_batch(
-      global_batch_rows(valid_tokens, 0, config.batch_size, config.context,
-                        config.seed + 1), run.batch_sharding)
+  text = data.load_stdlib_text()
+
+  def batch(tokens, index, seed):
+    return mesh_lib.device_batch(global_batch_rows(
+        tokens, index, config.batch_size, config.context, seed),
+                                 run.batch_sharding)
+
+  valid = batch(text.valid, 0, config.seed + 1)
   state, losses, valid_losses = run.state, [], []
   start = time.perf_counter()
-  for step in range(config.steps):
-    batch = device_batch(global_batch_rows(train_tokens, step,
-                                           config.batch_size, config.context,
-                                           config.seed), run.batch_sharding)
-    state, loss = run.train_step(state, batch)
+  for index in range(config.steps):
+    state, loss = run.train_step(state, batch(text.train, index, config.seed))
     losses.append(loss)
-    if log and ((step + 1) % config.log_every == 0 or step + 1 == config.steps):
-      valid_losses.append((step + 1, float(run.eval_loss(state, valid))))
-      log(f"step {step + 1:5d}  train loss {float(loss):.3f}  "
+    done = index + 1
+    if log and (done % config.log_every == 0 or done == config.steps):
+      valid_losses.append((done, float(run.eval_loss(state, valid))))
+      log(f"step {done:5d}  train loss {float(loss):.3f}  "
           f"valid loss {valid_losses[-1][1]:.3f} nats/char  "
           f"({time.perf_counter() - start:.1f} s)")
   losses = [float(x) for x in losses]
   return {"losses": losses, "valid_losses": valid_losses, "run": run,
-          "state": state, "final_valid_loss": float(run.eval_loss(state, valid))}
+          "state": state,
+          "final_valid_loss": float(run.eval_loss(state, valid))}
 
 
 # -------------------------------------------------------------- command line
@@ -476,21 +289,23 @@ def main(argv: Sequence[str] | None = None) -> int:
   result = train(config, log=log)
   run, state = result["run"], result["state"]
   log(f"mesh {dict(run.mesh.shape)}; parameters "
-      f"{sum(x.size for x in jax.tree.leaves(nnx.state(state[0], nnx.Param)))}")
-  model_bytes = bytes_per_device(nnx.state(state[0], nnx.Param))
-  opt_bytes = bytes_per_device(state[1])
+      f"{sum(x.size for x in jax.tree.leaves(state.params))}")
+  model_bytes = memory.bytes_per_device(state.params)
+  opt_bytes = memory.bytes_per_device(state.opt_state)
   for device in sorted(model_bytes, key=lambda d: d.id)[:4]:
     log(f"  {device}: params {model_bytes[device] / 1024:.1f} KiB, optimizer "
         f"state {opt_bytes.get(device, 0) / 1024:.1f} KiB")
   if args.check_collectives:
-    batch = device_batch(np.zeros((config.batch_size, config.context + 1),
-                                  np.int32), run.batch_sharding)
+    batch = mesh_lib.device_batch(
+        np.zeros((config.batch_size, config.context + 1), np.int32),
+        run.batch_sharding)
     step_hlo = run.train_step.lower(state, batch).compile().as_text()
     update_hlo = optimizer_update(run).lower(
-        state, params_of(run, state)).compile().as_text()
-    log(f"collectives in the train step: {collectives_in_hlo(step_hlo)}")
+        state, state.params).compile().as_text()
+    log("collectives in the train step: "
+        f"{mesh_lib.collectives_in_hlo(step_hlo)}")
     log("collectives in the optimizer update: "
-        f"{collectives_in_hlo(update_hlo) or 'none'}")
+        f"{mesh_lib.collectives_in_hlo(update_hlo) or 'none'}")
   return 0
 
 

@@ -22,7 +22,6 @@ One worker process per configuration (each costs a JAX import).
 
 import glob
 import os
-import re
 import subprocess
 import sys
 
@@ -34,7 +33,7 @@ import optax
 import pytest
 
 import madam_optax
-from madam_examples import checkpointing
+from madam_examples import checkpoint_store, checkpointing
 
 N_STEPS, M_STEPS = 3, 4
 CRASH_EXIT_CODE = 17
@@ -44,7 +43,7 @@ FMT = madam_optax.LNSFormat.spanning(127)        # int8 codes
 
 def _config(kind):
   return {"problem": kind, "schedule": [0.05, 0.01, N_STEPS + M_STEPS],
-          "lns": list(FMT) if kind == "lns" else None}
+          "lns": [FMT.levels, FMT.base] if kind == "lns" else None}
 
 
 # ---------------------------------------------------------------- the problem
@@ -242,9 +241,11 @@ def test_docstring_examples(tmp_path, monkeypatch):
   import doctest  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # their folders
-  result = doctest.testmod(
-      checkpointing, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-  assert result.attempted >= 10 and result.failed == 0
+  flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+  results = [doctest.testmod(m, optionflags=flags)
+             for m in (checkpointing, checkpoint_store)]
+  assert sum(r.attempted for r in results) >= 10
+  assert all(r.failed == 0 for r in results)
 
 
 def test_no_checkpoint_starts_from_step_zero(tmp_path, capsys):
@@ -421,38 +422,6 @@ def test_checkpointer_saves_every_n_and_keeps_the_newest(tmp_path):
     checkpointing.Checkpointer(tmp_path, every=0)
   restored, step = checkpointing.maybe_restore(tmp_path, state)
   assert step == 5 and float(restored["w"][0]) == 5.0
-
-
-@pytest.mark.slow
-def test_demo_cli_resumes_from_its_checkpoint(tmp_path, capsys):
-  """``madam-demo --checkpoint-dir``: a run cut short after its step-10
-  checkpoint (the step-20 one removed) resumes from step 10, says so, and
-  ends with the same numbers as the uninterrupted run."""
-  import json  # pylint: disable=g-import-not-at-top
-  import shutil  # pylint: disable=g-import-not-at-top
-  from madam_examples import demo  # pylint: disable=g-import-not-at-top
-  ckpt = tmp_path / "ckpt"
-  argv = ["--quick", "--task", "mlp", "--optimizer", "madam", "--steps", "20",
-          "--checkpoint-dir", str(ckpt), "--checkpoint-every", "10"]
-  assert demo.main(argv + ["--out", str(tmp_path / "first")]) == 0
-  first_out = capsys.readouterr().out
-  assert "no checkpoint in" in first_out
-  (run_dir,) = [p for p in ckpt.iterdir() if p.is_dir()]
-  assert checkpointing.all_steps(run_dir) == [10, 20]
-  shutil.rmtree(run_dir / "20")             # preempted after step 10's save
-  assert checkpointing.latest_step(run_dir) == 10
-
-  assert demo.main(argv + ["--out", str(tmp_path / "resumed")]) == 0
-  out = capsys.readouterr().out
-  assert re.search(r"resumed from checkpoint step 10 of 20 in \S*" +
-                   re.escape(run_dir.name), out), out
-  first, resumed = (json.loads((tmp_path / d / "mlp.json").read_text())
-                    for d in ("first", "resumed"))
-  assert resumed["history"] == first["history"]      # exact, every metric
-  for got, want in zip(resumed["results"], first["results"]):
-    for key in ("final", "best", "train_loss"):
-      assert got[key] == want[key], key
-  assert checkpointing.all_steps(run_dir) == [10, 20]
 
 
 if __name__ == "__main__":

@@ -8,9 +8,8 @@ import chex
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
-from madam_examples import sharded_train
+from madam_examples import data, memory, mesh, sharded_train
 
 TINY = sharded_train.Config(mesh="data=2,fsdp=4", steps=6, batch_size=16,
                             context=32, dim=32, heads=2, layers=1)
@@ -28,32 +27,12 @@ def single_run(eight_devices):
                              eight_devices[:1])
 
 
-@pytest.mark.parametrize("spec,sizes", [
-    ("data=2,fsdp=4", {"data": 2, "fsdp": 4}),
-    ("fsdp=8", {"data": 1, "fsdp": 8}),
-    ("data=-1,fsdp=2", {"data": 4, "fsdp": 2}),
-    (" data = 8 ", {"data": 8, "fsdp": 1}),
-])
-def test_parse_mesh(spec, sizes):
-  assert sharded_train.parse_mesh(spec, 8) == sizes
-
-
-@pytest.mark.parametrize("spec,message", [
-    ("data=2,fsdp=2", "JAX sees 8"),
-    ("model=8", "AXIS=SIZE"),
-    ("data=2,data=4", "AXIS=SIZE"),
-    ("data=-1,fsdp=-1", "positive"),
-    ("data=3,fsdp=-1", "multiple of 3"),
-    ("data=0,fsdp=8", "positive"),
-])
-def test_parse_mesh_errors(spec, message):
-  with pytest.raises(ValueError, match=message):
-    sharded_train.parse_mesh(spec, 8)
-
-
 def test_mesh_that_does_not_divide_the_model_is_refused(eight_devices):
   config = dataclasses.replace(TINY, mesh="fsdp=8", dim=36, heads=2)
   with pytest.raises(ValueError, match="--dim 36"):
+    sharded_train.setup(config, eight_devices)
+  config = dataclasses.replace(TINY, mesh="fsdp=8", dim=32, heads=3)
+  with pytest.raises(ValueError, match="--heads 3"):
     sharded_train.setup(config, eight_devices)
 
 
@@ -64,13 +43,10 @@ def test_sharded_run_matches_single_device_run(sharded_run, single_run):
                                                          single_run))
   assert losses[-1] < losses[0]          # it trains
   np.testing.assert_allclose(losses, reference, rtol=RTOL)
-  params = jax.device_get(sharded_train.params_of(sharded_run["run"],
-                                                  sharded_run["state"]))
-  expected = jax.device_get(sharded_train.params_of(single_run["run"],
-                                                    single_run["state"]))
-  for (path, p), q in zip(
-      jax.tree_util.tree_flatten_with_path(nnx.as_pure(params))[0],
-      jax.tree.leaves(nnx.as_pure(expected))):
+  params = jax.device_get(sharded_run["state"].params)
+  expected = jax.device_get(single_run["state"].params)
+  for (path, p), q in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                          jax.tree.leaves(expected)):
     np.testing.assert_array_less(np.abs(p - q),
                                  RTOL * np.max(np.abs(q)) + 1e-30,
                                  err_msg=jax.tree_util.keystr(path))
@@ -78,12 +54,16 @@ def test_sharded_run_matches_single_device_run(sharded_run, single_run):
 
 def _flat(tree):
   return [(jax.tree_util.keystr(path), x) for path, x in
-          jax.tree_util.tree_flatten_with_path(nnx.as_pure(tree))[0]]
+          jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def test_optimizer_state_is_sharded_like_the_params(sharded_run):
-  run, opt_state = sharded_run["run"], sharded_run["state"][1]
-  params = _flat(sharded_train.params_of(run, sharded_run["state"]))
+  state = sharded_run["state"]
+  opt_state = state.opt_state["model"]
+  params = _flat(state.params["model"])
+  # The examples' Transformer over the shared character vocabulary.
+  assert dict(params)["['embed']['embedding']"].shape == (len(data.VOCAB),
+                                                          TINY.dim)
   n_sharded = 0
   for path, leaf in _flat(opt_state):
     if leaf.ndim == 0:       # counts, per-tensor bounds
@@ -112,7 +92,7 @@ def test_per_device_bytes_are_a_quarter(sharded_run):
   leaves = jax.tree.leaves(state)
   scalars = sum(x.nbytes for x in leaves if x.ndim == 0)
   arrays = sum(x.nbytes for x in leaves if x.ndim)
-  per_device = sharded_train.bytes_per_device(state)
+  per_device = memory.bytes_per_device(state)
   assert len(per_device) == 8
   for device, nbytes in per_device.items():
     assert nbytes - scalars == arrays / 4, device
@@ -121,11 +101,8 @@ def test_per_device_bytes_are_a_quarter(sharded_run):
 def test_optimizer_update_has_no_collectives(sharded_run):
   run, state = sharded_run["run"], sharded_run["state"]
   hlo = sharded_train.optimizer_update(run).lower(
-      state, sharded_train.params_of(run, state)).compile().as_text()
-  assert sharded_train.collectives_in_hlo(hlo) == []
-  assert sharded_train.collectives_in_hlo(
-      "%x = f32[8]{0} all-reduce(f32[8]{0} %y), replica_groups={}") == [
-          "all-reduce"]
+      state, state.params).compile().as_text()
+  assert mesh.collectives_in_hlo(hlo) == []
 
 
 @pytest.mark.slow
@@ -138,14 +115,3 @@ def test_main_runs_the_documented_command(eight_devices, capsys):
   out = capsys.readouterr().out
   assert "step     2" in out
   assert "collectives in the optimizer update: none" in out
-
-
-def test_local_rows_single_process(eight_devices):
-  mesh = sharded_train.make_mesh("data=2,fsdp=4", eight_devices)
-  sharding = sharded_train.NamedSharding(mesh, sharded_train.P(
-      sharded_train.BATCH_AXES))
-  assert sharded_train.local_rows(sharding, (16, 5)) == slice(0, 16)
-  rows = np.arange(16 * 5).reshape(16, 5)
-  batch = sharded_train.device_batch(rows, sharding)
-  np.testing.assert_array_equal(np.asarray(batch), rows)
-  assert batch.addressable_shards[1].data.shape == (2, 5)

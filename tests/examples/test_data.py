@@ -19,13 +19,37 @@ def _write_cifar_batch(path, n, seed):
   return batch
 
 
-def test_digits_split_is_deterministic_and_in_range():
+def test_digits_split_is_deterministic_and_stratified():
   a, b = data.load_digits(), data.load_digits()
-  chex.assert_shape(a.x_train, (1438, 8, 8, 1))
-  chex.assert_shape(a.x_test, (359, 8, 8, 1))
-  np.testing.assert_array_equal(a.x_train, b.x_train)
-  assert 0.0 <= a.x_train.min() and a.x_train.max() <= 1.0
-  assert set(np.unique(a.y_train)) == set(range(10))
+  chex.assert_shape(a.x_train, (1347, 8, 8, 1))
+  chex.assert_shape(a.x_test, (450, 8, 8, 1))
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  assert a.num_classes == 10 and a.y_train.dtype == np.int32
+  # Stratified: each class's share of the test set is its share overall
+  # (to within one image of rounding).
+  counts_train = np.bincount(a.y_train, minlength=10)
+  counts_test = np.bincount(a.y_test, minlength=10)
+  expected = (counts_train + counts_test) * 450 / 1797
+  assert np.all(np.abs(counts_test - expected) <= 1), counts_test
+  other = data.load_digits(seed=1)
+  assert not np.array_equal(other.y_test, a.y_test)
+
+
+def test_digits_scaling_standardised_or_unit_range():
+  unit = data.load_digits(standardise=False)
+  std = data.load_digits()
+  assert unit.x_train.dtype == std.x_train.dtype == np.float32
+  assert 0.0 <= unit.x_train.min() and unit.x_train.max() <= 1.0
+  np.testing.assert_array_equal(unit.y_train, std.y_train)   # same split
+  # Standardised with the training split's statistics only.
+  mean, sd = unit.x_train.mean(), unit.x_train.std()
+  np.testing.assert_allclose(std.x_train, (unit.x_train - mean) / sd,
+                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(std.x_test, (unit.x_test - mean) / sd,
+                             rtol=1e-6, atol=1e-6)
+  assert abs(float(std.x_train.mean())) < 1e-5
+  assert abs(float(std.x_train.std()) - 1.0) < 1e-5
 
 
 def test_cifar10_pickle_directory(tmp_path):

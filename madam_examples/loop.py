@@ -1,0 +1,319 @@
+"""Training runs: the tasks' optimizers, a ``vmap``-able run, and ``train``.
+
+A :class:`Task` bundles a Flax NNX model (or two, for the GAN), its data, its
+losses and its evaluation metric; :mod:`madam_examples.tasks` builds them.
+Every run trains through :func:`madam_examples.step.train_step`, on float
+weights or, with ``lns_format``, on integer LNS codes (optimizer
+``"lns_madam"``):
+
+  task = tasks.build_task("mlp")
+  state, history = train(task, "madam", 0.01, steps=500)
+  fmt = madam_optax.LNSFormat.spanning(127)          # int8 codes
+  state, history = train(task, "lns_madam", 0.01, lns_format=fmt)
+
+Reference: Bernstein et al., "Learning compositional functions via
+multiplicative weight updates", NeurIPS 2020, arXiv:2006.14560.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import madam_optax
+from madam_examples import optimizers as optimizers_lib
+from madam_examples import step as step_lib
+from madam_examples.step import Loss, Params, TrainState
+
+# A name from ``optimizers`` or a factory ``(learning_rate, params) -> tx``.
+Optimizer = str | Callable[[Any, Any], optax.GradientTransformation]
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A model (or models), its data, losses and evaluation.
+
+  Attributes:
+    name: e.g. ``"cnn"``.
+    description: one line for tables and plots.
+    metric: the evaluation metric's name (``"accuracy"`` in %,
+      ``"perplexity"``, ``"frechet_distance"``).
+    higher_is_better: the metric's direction.
+    p_scale: Madam's ``p_scale`` for this family (paper: 3 for image nets and
+      the GAN, 2 for the Transformer); also the LNS codes' scale.
+    steps: default number of training steps.
+    eval_every: steps between evaluations.
+    graphdefs: component name -> ``nnx.GraphDef``.
+    init: key -> component name -> parameters.
+    losses: component name -> ``loss(weights, data, key) -> scalar``, where
+      ``weights`` holds every component's float weights; the components are
+      updated in this order, each against its own loss with the others'
+      latest parameters held fixed (one step of each per train step).
+    evaluate: ``(weights, data) -> {metric: value, ...}``, jittable.
+    data: the arrays the losses and the evaluation read.
+  """
+  name: str
+  description: str
+  metric: str
+  higher_is_better: bool
+  p_scale: float
+  steps: int
+  eval_every: int
+  graphdefs: Mapping[str, Any]
+  init: Callable[[jax.Array], Params]
+  losses: Mapping[str, Loss]
+  evaluate: Callable[[Params, Any], dict[str, jax.Array]]
+  data: Any
+
+
+_REFERENCE_CACHE: dict[int, tuple[Task, Params]] = {}
+
+
+def reference_params(task: Task) -> Params:
+  """Concrete parameters from seed 0, for labelling leaves (cached per task).
+
+  Which leaves are zero at initialisation does not depend on the seed, so the
+  labels from these serve every seed, including inside ``jit``/``vmap``.
+  """
+  key = id(task)
+  if key not in _REFERENCE_CACHE:
+    with jax.ensure_compile_time_eval():   # concrete even inside a trace
+      params = jax.device_get(task.init(jax.random.key(0)))
+    _REFERENCE_CACHE[key] = (task, params)
+  return _REFERENCE_CACHE[key][1]
+
+
+def init_task_state(task: Task,
+                    txs: Mapping[str, optax.GradientTransformation],
+                    key: jax.Array, *,
+                    lns_format: madam_optax.LNSFormat | None = None
+                    ) -> TrainState:
+  """Fresh parameters (encoded with ``lns_format``) and optimizer states."""
+  init_key, train_key = jax.random.split(key)
+  params, max_magnitudes = task.init(init_key), None
+  if lns_format is not None:
+    params, max_magnitudes = step_lib.encode_lns(
+        params, reference_params(task), lns_format, p_scale=task.p_scale)
+  return step_lib.init_state(params, txs, train_key, max_magnitudes)
+
+
+def task_optimizers(task: Task, optimizer: Optimizer, learning_rate: Any, *,
+                    schedule: str = "constant", steps: int = 1,
+                    **options: Any) -> dict[str, optax.GradientTransformation]:
+  """One optimizer per component of ``task``, by name or factory.
+
+  A name goes to ``optimizers.make_optimizers`` with the task's ``p_scale``
+  and ``options`` (e.g. ``lns_format``, ``rounding``, ``state_dtype``); a
+  factory is called as ``optimizer(learning_rate, params)`` per component,
+  with the scheduled learning rate.
+  """
+  reference = reference_params(task)
+  if callable(optimizer):
+    lr = optimizers_lib.learning_rate_schedule(learning_rate, schedule, steps)
+    return {c: optimizer(lr, p) for c, p in reference.items()}
+  return optimizers_lib.make_optimizers(
+      reference, optimizer, learning_rate, schedule=schedule, steps=steps,
+      p_scale=task.p_scale, **options)
+
+
+def make_run_fn(task: Task, optimizer: Optimizer, steps: int, eval_every: int,
+                *, schedule: str = "cosine",
+                lns_format: madam_optax.LNSFormat | None = None,
+                **options: Any) -> Callable[[jax.Array, jax.Array, Any], dict]:
+  """A pure ``run(key, learning_rate, data) -> history`` for ``jax.vmap``.
+
+  The history holds, for each of the ``steps // eval_every`` evaluations, the
+  mean training losses since the last one and the evaluation metrics. With
+  ``lns_format`` the model trains as LNS codes (LNS-Madam's rounding seed is
+  drawn from ``key``).
+
+  Example (eight seeds of int8 LNS-Madam in one program)::
+
+    run = make_run_fn(task, "lns_madam", 800, 800, schedule="constant",
+                      lns_format=madam_optax.LNSFormat.spanning(127))
+    keys = jax.random.split(jax.random.key(0), 8)
+    history = jax.jit(jax.vmap(run, in_axes=(0, None, None)))(
+        keys, 0.01, task.data)
+  """
+  num_evals = max(steps // eval_every, 1)
+  eval_every = steps // num_evals
+
+  def run(key, learning_rate, data):
+    seed = jax.random.randint(jax.random.fold_in(key, 1), (), 0, 2**31 - 1)
+    txs = task_optimizers(task, optimizer, learning_rate, schedule=schedule,
+                          steps=steps, lns_format=lns_format, seed=seed,
+                          **options)
+    state = init_task_state(task, txs, key, lns_format=lns_format)
+
+    def chunk(s, _):
+      s, sums = step_lib.train_chunk(task.losses, txs, s, data, eval_every,
+                            lns_format=lns_format)
+      mean_losses = jax.tree.map(lambda x: x / eval_every, sums)
+      return s, {**mean_losses,
+                 **task.evaluate(step_lib.weights(s, lns_format), data)}
+    _, history = jax.lax.scan(chunk, state, None, length=num_evals)
+    return history
+  return run
+
+
+# ----------------------------------------------------------------- train
+
+
+def _history_path(checkpoint_dir: str) -> str:
+  return os.path.join(os.fspath(checkpoint_dir), "history.json")
+
+
+def _load_history(checkpoint_dir: str | None, start: int) -> dict[str, list]:
+  """The evaluations up to ``start`` saved beside the checkpoints, if any."""
+  if checkpoint_dir is None or start == 0:
+    return {"step": []}
+  try:
+    with open(_history_path(checkpoint_dir), encoding="utf-8") as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return {"step": []}
+  keep = [i for i, s in enumerate(saved.get("step", [])) if s <= start]
+  return {k: [v[i] for i in keep] for k, v in saved.items()}
+
+
+def _save_history(checkpoint_dir: str, history: dict[str, list]) -> None:
+  path = _history_path(checkpoint_dir)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(history, f)
+  os.replace(path + ".tmp", path)
+
+
+def _import_checkpointing():
+  try:
+    from madam_examples import checkpointing  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise RuntimeError(
+        "checkpointing needs madam_examples.checkpointing (Orbax); it could "
+        f"not be imported ({e}). Install the examples extra: "
+        "pip install 'madam-optax[examples]'.") from e
+  return checkpointing
+
+
+def _run_config(task: Task, optimizer: Optimizer, learning_rate: float,
+                seed: int, steps: int, schedule: str,
+                lns_format: madam_optax.LNSFormat | None,
+                options: Mapping[str, Any]) -> dict[str, Any]:
+  """The settings saved with every checkpoint and compared on resume."""
+  config = {"task": task.name,
+            "optimizer": getattr(optimizer, "__name__", optimizer),
+            "learning_rate": float(learning_rate), "seed": int(seed),
+            "steps": int(steps), "schedule": schedule}
+  if lns_format is not None:
+    config["lns_format"] = {"levels": int(lns_format.levels),
+                            "base": float(lns_format.base)}
+  if options:
+    config["options"] = {k: str(v) for k, v in sorted(options.items())}
+  return config
+
+
+def train(task: Task, optimizer: Optimizer, learning_rate: float, *,
+          seed: int = 0, steps: int | None = None,
+          eval_every: int | None = None, schedule: str = "cosine",
+          lns_format: madam_optax.LNSFormat | None = None,
+          optimizer_options: Mapping[str, Any] | None = None,
+          callback: Callable[[int, dict, TrainState], None] | None = None,
+          checkpoint_dir: str | None = None, checkpoint_every: int = 100,
+          ) -> tuple[TrainState, dict[str, np.ndarray]]:
+  """Trains ``task`` with one optimizer; a Python loop over jitted chunks.
+
+  With ``checkpoint_dir``, the :class:`~madam_examples.step.TrainState` (a
+  plain pytree: params or codes, optimizer states, PRNG key, step) is saved
+  every ``checkpoint_every`` steps and at the end with
+  :mod:`madam_examples.checkpointing` (Orbax, atomic), together with the
+  evaluation history (``history.json`` in the same folder); a later call with
+  the same folder resumes from the latest complete checkpoint and continues
+  bit for bit. The run's settings are saved too, so a resume with another
+  schedule, length, rate or LNS format is refused with a clear error.
+
+  Args:
+    task: e.g. from :func:`madam_examples.tasks.build_task`.
+    optimizer: ``"madam"``, ``"adam"``, ``"sgd"``, ``"lns_madam"`` (with
+      ``lns_format``), or a factory ``(learning_rate, params) -> tx``.
+    learning_rate: the (peak) learning rate.
+    seed: initialisation, batch-sampling and stochastic-rounding seed.
+    steps: training steps (default ``task.steps``).
+    eval_every: steps between evaluations (default ``task.eval_every``).
+    schedule: ``"cosine"`` (decay to 0 over ``steps``) or ``"constant"``.
+    lns_format: train the leaves Madam can move as LNS codes of this format.
+    optimizer_options: further keywords of
+      :func:`madam_examples.optimizers.make_optimizer` (e.g. ``rounding``,
+      ``state_dtype``).
+    callback: called after each evaluation with (steps done, metrics,
+      state), and once with (start step, {}, state) before training (e.g. a
+      progress bar).
+    checkpoint_dir: the folder for this run's checkpoints, or ``None``.
+    checkpoint_every: steps between checkpoints.
+
+  Returns:
+    The final state and the history: ``{"step": ..., name: values}`` with
+    one entry per evaluation, plus ``"resumed_from"`` (the step training
+    resumed from, 0 on a fresh start).
+  """
+  steps = task.steps if steps is None else steps
+  eval_every = min(task.eval_every if eval_every is None else eval_every, steps)
+  options = dict(optimizer_options or {})
+  txs = task_optimizers(task, optimizer, learning_rate, schedule=schedule,
+                        steps=steps, lns_format=lns_format, seed=seed,
+                        **options)
+  state = jax.jit(lambda k: init_task_state(task, txs, k,
+                                            lns_format=lns_format))(
+                                                jax.random.key(seed))
+  chunk = jax.jit(lambda s, d, n: step_lib.train_chunk(
+      task.losses, txs, s, d, n, lns_format=lns_format))
+  evaluate = jax.jit(lambda s, d: task.evaluate(
+      step_lib.weights(s, lns_format), d))
+  start, ckpt = 0, None
+  if checkpoint_dir is not None:
+    checkpointing = _import_checkpointing()
+    config = _run_config(task, optimizer, learning_rate, seed, steps,
+                         schedule, lns_format, options)
+    state, start = checkpointing.maybe_restore(checkpoint_dir, state,
+                                               verbose=False, config=config)
+    start = min(int(start), steps)
+    ckpt = checkpointing.Checkpointer(checkpoint_dir, checkpoint_every,
+                                      config=config)
+  history = _load_history(checkpoint_dir, start)
+  if callback is not None:
+    callback(start, {}, state)
+  done, since_eval, sums = start, 0, None
+  try:
+    while done < steps:
+      n = min(eval_every - done % eval_every, steps - done)
+      if ckpt is not None:
+        n = min(n, checkpoint_every - done % checkpoint_every)
+      state, chunk_sums = chunk(state, task.data, jnp.int32(n))
+      sums = chunk_sums if sums is None else jax.tree.map(
+          jnp.add, sums, chunk_sums)
+      done += n
+      since_eval += n
+      if done % eval_every == 0 or done == steps:
+        metrics = {k: v / since_eval for k, v in sums.items()}
+        metrics.update(evaluate(state, task.data))
+        metrics = {k: float(v) for k, v in metrics.items()}
+        history["step"].append(done)
+        for k, v in metrics.items():
+          history.setdefault(k, []).append(v)
+        sums, since_eval = None, 0
+        if callback is not None:
+          callback(done, metrics, state)
+      if ckpt is not None and ckpt.maybe_save(done, state,
+                                              force=done == steps):
+        _save_history(checkpoint_dir, history)
+  finally:
+    if ckpt is not None:
+      ckpt.close()
+  out = {k: np.asarray(v) for k, v in history.items()}
+  out["resumed_from"] = np.asarray(start)
+  return state, out

@@ -1,0 +1,127 @@
+"""The examples' optimizer factory: Madam, LNS-Madam, Adam and SGD by name.
+
+Every Madam variant follows the core library's recipe for the leaves it
+cannot move: ``madam_optax.with_additive_fallback`` labels the leaves that
+are all zero at initialisation (Flax's biases, LayerNorm offsets) and hands
+them to Adam; every other leaf is Madam's (float weights) or LNS-Madam's
+(integer codes). Learning rates are floats, traced scalars (the learning-rate
+study ``vmap``s over them) or optax schedules.
+
+Reference: Bernstein et al., "Learning compositional functions via
+multiplicative weight updates", NeurIPS 2020, arXiv:2006.14560.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import optax
+
+import madam_optax
+
+# The float-weight optimizers that the demo and the learning-rate study
+# compare; "lns_madam" (integer codes) is built by the same factory.
+OPTIMIZERS = ("madam", "adam", "sgd")
+LNS_OPTIMIZER = "lns_madam"
+SCHEDULES = ("cosine", "constant")
+# The usual defaults: Madam's paper default, Adam's 1e-3, SGD's 0.1 (momentum
+# 0.9).
+DEFAULT_LEARNING_RATES = {"madam": 0.01, "adam": 1e-3, "sgd": 0.1}
+# The additive optimizer for the leaves Madam cannot move (zero-initialised
+# biases and norm offsets): Adam at its default, whatever Madam's rate.
+ADDITIVE_FALLBACK_LR = 1e-3
+
+
+def learning_rate_schedule(learning_rate: Any, schedule: str,
+                           steps: int) -> Any:
+  """``learning_rate`` held constant, or cosine-decayed to 0 over ``steps``.
+
+  The same shape serves every optimizer, so a sweep compares peak rates.
+
+  Example:
+    >>> float(learning_rate_schedule(0.01, "cosine", 100)(100))
+    0.0
+  """
+  if schedule == "constant":
+    return learning_rate
+  if schedule == "cosine":
+    return optax.cosine_decay_schedule(learning_rate, max(int(steps), 1))
+  raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}.")
+
+
+def make_optimizer(name: str, learning_rate: Any, params: Any, *,
+                   p_scale: float = 3.0,
+                   lns_format: madam_optax.LNSFormat | None = None,
+                   rounding: str = "stochastic", seed: Any = 0,
+                   state_dtype: Any = None,
+                   additive_learning_rate: float = ADDITIVE_FALLBACK_LR
+                   ) -> optax.GradientTransformation:
+  """One optimizer for ``params``' structure, by name.
+
+  Args:
+    name: ``"madam"``, ``"lns_madam"`` (integer LNS codes), ``"adam"`` or
+      ``"sgd"`` (momentum 0.9).
+    learning_rate: a float, a traced scalar or an optax schedule.
+    params: concrete initial parameters (float weights, or the codes tree);
+      the Madam variants use them to find the leaves they cannot move (all
+      zero at initialisation).
+    p_scale: Madam's weight bound as a multiple of each tensor's initial RMS.
+    lns_format: the codes' format (``"lns_madam"`` only).
+    rounding: LNS-Madam's rounding of the level step, ``"stochastic"`` or
+      ``"nearest"``.
+    seed: LNS-Madam's stochastic-rounding seed (may be traced).
+    state_dtype: the Madam variants' second-moment dtype (default float32).
+    additive_learning_rate: Adam's rate for the leaves Madam cannot move.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> params = {'w': jnp.ones((2, 2)), 'b': jnp.zeros(2)}
+    >>> tx = make_optimizer("madam", 0.01, params)
+    >>> state = tx.init(params)
+  """
+  if name in ("madam", LNS_OPTIMIZER):
+    if name == "madam":
+      multiplicative = madam_optax.madam(
+          learning_rate=learning_rate, p_scale=p_scale,
+          state_dtype=state_dtype)
+    else:
+      if lns_format is None:
+        raise ValueError("lns_madam trains LNS codes: pass lns_format, e.g. "
+                         "madam_optax.LNSFormat.spanning(127).")
+      multiplicative = madam_optax.lns_madam(
+          lns_format, learning_rate=learning_rate, rounding=rounding,
+          seed=seed, state_dtype=state_dtype)
+    # The zero-leaf recipe: Madam multiplies weights, so the zero-initialised
+    # leaves (Flax's biases and norm offsets) would never move; they go to Adam.
+    return madam_optax.with_additive_fallback(
+        params, multiplicative, optax.adam(additive_learning_rate))
+  if name == "adam":
+    return optax.adam(learning_rate)
+  if name == "sgd":
+    return optax.sgd(learning_rate, momentum=0.9)
+  raise ValueError(f"unknown optimizer {name!r}; choose one of "
+                   f"{OPTIMIZERS + (LNS_OPTIMIZER,)}.")
+
+
+def make_optimizers(reference: Mapping[str, Any], name: str,
+                    learning_rate: Any, *, schedule: str = "constant",
+                    steps: int = 1, **options: Any
+                    ) -> dict[str, optax.GradientTransformation]:
+  """One optimizer per component (same kind, same learning rate).
+
+  Args:
+    reference: component name -> concrete initial parameters (e.g. a
+      task's ``reference_params``).
+    name, learning_rate: as in :func:`make_optimizer`.
+    schedule, steps: see :func:`learning_rate_schedule`.
+    **options: the keyword options of :func:`make_optimizer`.
+
+  Returns:
+    component name -> ``optax.GradientTransformation``.
+  """
+  lr = learning_rate_schedule(learning_rate, schedule, steps)
+  return {c: make_optimizer(name, lr, params, **options)
+          for c, params in reference.items()}
