@@ -9,12 +9,14 @@ weights, on the examples' models and training code:
   ``int8`` codes (stochastic rounding).
 
 Models: the LNS digits MLP and CNN of ``madam_examples.lns_digits`` (test
-accuracy, constant learning rate, that example's ``train_float_madam_nnx`` and
-``train_lns_nnx``), and the character Transformer of
-``madam_examples.train`` (validation perplexity, cosine decay; float runs
-through ``train.train_chunk``, the int8 run through
-``madam_examples.lns_transformer.train_lns``). Zero-initialised leaves are
-trained by Adam in every configuration (``with_additive_fallback``). The
+accuracy, constant learning rate, as that example trains them) and the
+character Transformer of ``madam_examples.tasks`` (validation perplexity,
+cosine decay, as ``madam_examples.lns_transformer`` trains it). Every run is
+the examples' ``loop.train``: the float configurations with optimizer
+``"madam"``, the int8 one with ``"lns_madam"`` and ``lns_format``, the
+factored ones with ``optimizer_options={"factored": True, ...}``.
+Zero-initialised leaves are trained by Adam in every configuration
+(``with_additive_fallback``); the second-moment statistics are float32. The
 models are small, so matrices are factored from ``MIN_DIM_SIZE_TO_FACTOR`` =
 8 (Adafactor's 128 would factor none of them); the report gives the share of
 weights whose second moment is factored.
@@ -35,14 +37,12 @@ import time
 from typing import Any
 
 import _harness as harness
-from flax import nnx
 import jax
 import numpy as np
-import optax
 
 from madam_examples import lns_digits
-from madam_examples import lns_transformer
-from madam_examples import train as train_lib
+from madam_examples import loop
+from madam_examples import tasks
 import madam_optax
 
 INT8 = madam_optax.LNSFormat.spanning(127)
@@ -73,48 +73,24 @@ def factored_share(params: Any) -> float:
   return sum(x.size for x in factored) / sum(x.size for x in weights)
 
 
-def run_digits(model_name: str, config: str, seed: int, steps: int,
-               data: lns_digits.Digits) -> float:
-  """Test accuracy (%) of one digits run (the lns_digits example's code)."""
-  model = lns_digits.MODELS[model_name](nnx.Rngs(seed))
-  kwargs = {"steps": steps, "seed": seed,
-            "min_dim_size_to_factor": MIN_DIM_SIZE_TO_FACTOR}
-  if config == "lns int8 factored":
-    accuracy, _ = lns_digits.train_lns_nnx(model, data, INT8, factored=True,
-                                           **kwargs)
-    return accuracy
-  return lns_digits.train_float_madam_nnx(
-      model, data, factored=config == "madam factored", **kwargs)
+def run(task: loop.Task, config: str, seed: int, steps: int,
+        schedule: str) -> float:
+  """The task's metric at the end of one run (``loop.train``)."""
+  options = {"factored": config != "madam",
+             "min_dim_size_to_factor": MIN_DIM_SIZE_TO_FACTOR}
+  lns = config == "lns int8 factored"
+  _, history = loop.train(
+      task, "lns_madam" if lns else "madam", LEARNING_RATE, seed=seed,
+      steps=steps, eval_every=steps, schedule=schedule,
+      lns_format=INT8 if lns else None, optimizer_options=options)
+  return float(history[task.metric][-1])
 
 
-def train_float_madam(task: train_lib.Task, seed: int, steps: int, *,
-                      factored: bool) -> dict[str, float]:
-  """``train.train(task, "madam", ...)`` with ``factored`` passed to Madam."""
-  lr = train_lib.learning_rate_schedule(LEARNING_RATE, "cosine", steps)
-  txs = {"model": madam_optax.with_additive_fallback(
-      train_lib.reference_params(task)["model"],
-      madam_optax.madam(lr, p_scale=task.p_scale, factored=factored,
-                        min_dim_size_to_factor=MIN_DIM_SIZE_TO_FACTOR),
-      optax.adam(train_lib.ADDITIVE_FALLBACK_LR))}
-  state = jax.jit(lambda k: train_lib.init_state(task, txs, k))(
-      jax.random.key(seed))
-  state, _ = jax.jit(lambda s, d: train_lib.train_chunk(
-      task, txs, s, d, steps))(state, task.data)
-  metrics = jax.jit(task.evaluate)(state.params, task.data)
-  return {k: float(v) for k, v in metrics.items()}
-
-
-def run_transformer(task: train_lib.Task, config: str, seed: int,
-                    steps: int) -> float:
-  """Validation perplexity of one Transformer run."""
-  if config == "lns int8 factored":
-    _, metrics = lns_transformer.train_lns(
-        task, INT8, LEARNING_RATE, seed=seed, steps=steps, factored=True,
-        min_dim_size_to_factor=MIN_DIM_SIZE_TO_FACTOR)
-  else:
-    metrics = train_float_madam(task, seed, steps,
-                                factored=config == "madam factored")
-  return metrics["perplexity"]
+def build(model: str, steps: int, quick: bool) -> tuple[loop.Task, str]:
+  """The model's task and its learning-rate schedule."""
+  if model == "Transformer":
+    return tasks.build_task("transformer", quick=quick), "cosine"
+  return lns_digits.digits_task(model.split()[-1].lower(), steps), "constant"
 
 
 def summarise(model: str, values: dict[str, list[float]]) -> dict[str, Any]:
@@ -143,25 +119,16 @@ def measure(quick: bool = False, seeds=SEEDS, models=tuple(MODELS),
             log=harness.progress) -> dict[str, Any]:
   """Runs every model x configuration x seed; returns the results."""
   results = {}
-  digits = lns_digits.load_digits()
   for model in models:
     _, _, steps, quick_steps = MODELS[model]
     steps = quick_steps if quick else steps
     values = {config: [] for config in CONFIGS}
     t0 = time.perf_counter()
-    if model == "Transformer":
-      task = train_lib.build_task("transformer", quick=quick)
-      share = factored_share(train_lib.reference_params(task)["model"])
-      for seed in seeds:
-        for config in CONFIGS:
-          values[config].append(run_transformer(task, config, seed, steps))
-    else:
-      name = model.split()[-1].lower()
-      share = factored_share(nnx.state(lns_digits.MODELS[name](nnx.Rngs(0)),
-                                       nnx.Param))
-      for seed in seeds:
-        for config in CONFIGS:
-          values[config].append(run_digits(name, config, seed, steps, digits))
+    task, schedule = build(model, steps, quick)
+    share = factored_share(loop.reference_params(task)["model"])
+    for seed in seeds:
+      for config in CONFIGS:
+        values[config].append(run(task, config, seed, steps, schedule))
     results[model] = {**summarise(model, values), "steps": steps,
                       "factored_share": share,
                       "seconds": time.perf_counter() - t0}

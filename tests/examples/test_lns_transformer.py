@@ -16,11 +16,12 @@ def test_main_trains_int8_codes_with_factored_statistics(capsys):
   assert out["code_dtypes"] == ["int8"]
   assert out["perplexity"] < out["perplexity_before"]
   state = out["state"]
-  codes = jax.tree.leaves(state.codes)
+  codes = jax.tree.leaves(state.params)
   assert {str(c.dtype) for c in codes} == {"int8", "float32"}
   # A statistic per row and per column of the output layer (32 x vocab).
-  inner = state.opt_state.inner_states["multiplicative"].inner_state[0]
-  kernel = state.codes["head"]["kernel"]
+  inner = state.opt_state["model"].inner_states["multiplicative"].inner_state[
+      0]
+  kernel = state.params["model"]["head"]["kernel"]
   assert inner.row_rms["head"]["kernel"].shape == (kernel.shape[0],)
   assert inner.col_rms["head"]["kernel"].shape == (kernel.shape[1],)
   # The bytes are counted from those arrays: codes and float leaves plus one
