@@ -13,6 +13,10 @@ from madam_optax._src import fused_madam
 from madam_optax._src import lns
 from madam_optax._src import lns_level_step as lns_level_step_lib
 from madam_optax._src import validation
+from madam_optax._src.factored_second_moment import (
+    scale_by_factored_second_moment)
+from madam_optax._src.magnitude_bound import clip_weight_magnitude
+from madam_optax._src.multiplicative_step import multiplicative_step
 from madam_optax._src.second_moment import scale_by_second_moment
 
 
@@ -24,6 +28,8 @@ def madam(
     b2: float = 0.999,
     state_dtype: Any = None,
     max_magnitude: float | None = None,
+    factored: bool = False,
+    min_dim_size_to_factor: int = 128,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Madam: the multiplicative version of Adam.
 
@@ -43,10 +49,12 @@ def madam(
   It is ``optax.chain(scale_by_second_moment(b2), optax.clip(g_bound),
   multiplicative_step(learning_rate), clip_weight_magnitude(p_scale))``,
   computed in one pass per tensor, with the chain's state and, bit for bit,
-  its numbers. The
-  default learning rate 0.01 is meant to work across architectures. Weights
-  never change sign and zero weights never move: route zero-initialised leaves
-  (e.g. Flax's default biases) to an additive optimizer with
+  its numbers (with ``factored=True``,
+  :func:`madam_optax.scale_by_factored_second_moment` takes the first part's
+  place, and the parts run as that chain). The default learning rate 0.01 is
+  meant to work across architectures. Weights never change sign and zero
+  weights never move: route zero-initialised leaves (e.g. Flax's default
+  biases) to an additive optimizer with
   :func:`madam_optax.with_additive_fallback`.
 
   Bad steps: a NaN or infinite gradient makes its weight NaN (visible in the
@@ -73,6 +81,11 @@ def madam(
       dtype; ``jnp.bfloat16`` halves the state).
     max_magnitude: a fixed weight bound for every tensor instead of
       ``p_scale`` times the initial RMS.
+    factored: use :func:`madam_optax.scale_by_factored_second_moment`
+      (Adafactor's row and column statistics for matrices whose two largest
+      dimensions have at least ``min_dim_size_to_factor`` entries) instead of
+      the full second moment.
+    min_dim_size_to_factor: see ``factored``; ignored without it.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``.
@@ -96,14 +109,33 @@ def madam(
     arXiv:2006.14560.
   """
   validation.check_hyperparameter("g_bound", g_bound, low=0.0, low_inclusive=False)
-  return fused_madam.fused_madam(
-      learning_rate, p_scale=p_scale, g_bound=g_bound, b2=b2,
-      state_dtype=state_dtype, max_magnitude=max_magnitude)
+  if not factored:
+    return fused_madam.fused_madam(
+        learning_rate, p_scale=p_scale, g_bound=g_bound, b2=b2,
+        state_dtype=state_dtype, max_magnitude=max_magnitude)
+  return optax.chain(
+      _normaliser(b2, state_dtype, factored, min_dim_size_to_factor),
+      optax.clip(g_bound),
+      multiplicative_step(learning_rate),
+      clip_weight_magnitude(p_scale, max_magnitude=max_magnitude),
+  )
 
 
-def _second_moment_for_codes(b2, state_dtype) -> optax.GradientTransformationExtraArgs:
-  """``scale_by_second_moment`` whose ``init`` accepts integer codes."""
-  inner = scale_by_second_moment(b2, state_dtype=state_dtype)
+def _normaliser(b2, state_dtype, factored, min_dim_size_to_factor
+                ) -> optax.GradientTransformationExtraArgs:
+  """Steps 2-4: the full or the factored second moment."""
+  if factored:
+    return scale_by_factored_second_moment(
+        b2, min_dim_size_to_factor=min_dim_size_to_factor,
+        state_dtype=state_dtype)
+  return scale_by_second_moment(b2, state_dtype=state_dtype)
+
+
+def _second_moment_for_codes(b2, state_dtype, factored=False,
+                             min_dim_size_to_factor=128
+                             ) -> optax.GradientTransformationExtraArgs:
+  """The normaliser (full or factored) whose ``init`` accepts integer codes."""
+  inner = _normaliser(b2, state_dtype, factored, min_dim_size_to_factor)
 
   def init_fn(params):
     return inner.init(jax.tree.map(
@@ -122,6 +154,8 @@ def lns_madam(
     seed: int = 0,
     state_dtype: Any = None,
     rng: str = "hash",
+    factored: bool = False,
+    min_dim_size_to_factor: int = 128,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Madam whose parameters are integer LNS codes (natively compressed).
 
@@ -148,6 +182,9 @@ def lns_madam(
 
   Memory: 1 byte per weight (``int8`` codes) plus the second moment (2 bytes
   with ``state_dtype=jnp.bfloat16``), against Adam's 12 bytes in float32.
+  With ``factored=True`` a large matrix keeps one statistic per row and per
+  column instead (:func:`madam_optax.scale_by_factored_second_moment`):
+  about 1 byte per weight in all.
 
   Bad steps: a NaN or infinite gradient entry (or a NaN learning rate) leaves
   its code and its second-moment entry unchanged; to skip the whole step and
@@ -176,6 +213,9 @@ def lns_madam(
     rng: random bits for stochastic rounding: ``"hash"`` (default; cheap,
       counter-based, the same however the codes are sharded) or
       ``"threefry"`` (``jax.random``); see :func:`lns_level_step`.
+    factored: Adafactor's row and column statistics for large matrices
+      instead of the full second moment (see :func:`madam`).
+    min_dim_size_to_factor: see :func:`madam`; ignored without ``factored``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` over the codes; ``update`` requires
@@ -205,7 +245,8 @@ def lns_madam(
   """
   validation.check_hyperparameter("g_bound", g_bound, low=0.0, low_inclusive=False)
   return optax.chain(
-      _second_moment_for_codes(b2, state_dtype),
+      _second_moment_for_codes(b2, state_dtype, factored,
+                               min_dim_size_to_factor),
       optax.clip(g_bound),
       lns_level_step_lib.lns_level_step(fmt, learning_rate, rounding=rounding,
                                         seed=seed, rng=rng),
