@@ -15,7 +15,7 @@ the activation function). The usual Equinox pattern applies unchanged:
   relative to the weights), and ``eqx.apply_updates`` skips the ``None``\\ s.
 
 Run it with ``python -m madam_examples.equinox_mlp`` (``--quick`` or
-``MADAM_QUICK=1`` for a short run); the data ship with scikit-learn.
+``MADAM_QUICK=1`` for a 20-step smoke test); the data ship with scikit-learn.
 
 Reference: Bernstein et al., "Learning compositional functions via
 multiplicative weight updates", NeurIPS 2020, arXiv:2006.14560.
@@ -24,7 +24,6 @@ multiplicative weight updates", NeurIPS 2020, arXiv:2006.14560.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -36,10 +35,10 @@ import numpy as np
 import optax
 
 import madam_optax
+from madam_examples import cli
 from madam_examples import data
 
 DEFAULT_STEPS = 1000
-QUICK_STEPS = 20
 DEFAULT_LR = 0.01
 ADDITIVE_LR = 1e-3
 
@@ -163,38 +162,31 @@ def describe_labels(labels: Any) -> str:
           f"None (not trained): {', '.join(names[None])}")
 
 
+PROG = "python -m madam_examples.equinox_mlp"
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog="python -m madam_examples.equinox_mlp",
+  parser = cli.ArgumentParser(
+      prog=PROG,
       description="Train an Equinox MLP on scikit-learn's digits with Madam "
                   "(Adam for the zero-initialised LayerNorm offset).")
   parser.add_argument(
-      "--steps", type=int, default=None,
-      help=f"training steps (default {DEFAULT_STEPS}; {QUICK_STEPS} with "
+      "--steps", type=cli.positive_int, default=None,
+      help=f"training steps (default {DEFAULT_STEPS}; {cli.QUICK_STEPS} with "
            "--quick)")
-  parser.add_argument("--lr", type=float, default=DEFAULT_LR,
+  parser.add_argument("--lr", type=cli.positive_float, default=DEFAULT_LR,
                       help=f"Madam's learning rate (default {DEFAULT_LR})")
-  parser.add_argument("--batch-size", type=int, default=64,
+  parser.add_argument("--batch-size", type=cli.positive_int, default=64,
                       help="images per step (default 64)")
-  parser.add_argument("--seed", type=int, default=0,
+  parser.add_argument("--seed", type=cli.nonnegative_int, default=0,
                       help="seed of the weights and batches (default 0)")
-  parser.add_argument(
-      "--quick", action="store_true",
-      help=f"{QUICK_STEPS} steps, for a smoke test (also MADAM_QUICK=1)")
+  cli.add_quick_flag(parser)
   args = parser.parse_args(argv)
-  if args.steps is not None and args.steps < 1:
-    parser.error(f"--steps must be at least 1, got {args.steps}")
-  if not args.lr > 0:
-    parser.error(f"--lr must be positive, got {args.lr}")
-  if args.batch_size < 1:
-    parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
-  if os.environ.get("MADAM_QUICK") == "1":
-    args.quick = True
-  if args.steps is None:
-    args.steps = QUICK_STEPS if args.quick else DEFAULT_STEPS
+  args.steps = cli.resolve_steps(args, DEFAULT_STEPS)
   return args
 
 
+@cli.one_line_errors(PROG)
 def main(argv: Sequence[str] | None = None) -> Result:
   args = parse_args(argv)
   result = train(args.steps, args.lr, batch_size=args.batch_size,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from typing import Any, Callable, Mapping
 
 import jax
@@ -268,8 +269,11 @@ def train(task: Task, optimizer: Optimizer, learning_rate: float, *,
 
   Returns:
     The final state and the history: ``{"step": ..., name: values}`` with
-    one entry per evaluation, plus ``"resumed_from"`` (the step training
-    resumed from, 0 on a fresh start).
+    one entry per evaluation, plus three scalars: ``"resumed_from"`` (the
+    step training resumed from, 0 on a fresh start), ``"compile_seconds"``
+    (compiling the initialisation, the training chunk and the evaluation)
+    and ``"train_seconds"`` (the steps, evaluations and checkpoints,
+    compilation excluded: the steady-state time).
   """
   steps = task.steps if steps is None else steps
   eval_every = min(task.eval_every if eval_every is None else eval_every, steps)
@@ -277,13 +281,11 @@ def train(task: Task, optimizer: Optimizer, learning_rate: float, *,
   txs = task_optimizers(task, optimizer, learning_rate, schedule=schedule,
                         steps=steps, lns_format=lns_format, seed=seed,
                         **options)
+  compile_start = time.perf_counter()
   state = jax.jit(lambda k: init_task_state(task, txs, k,
                                             lns_format=lns_format))(
                                                 jax.random.key(seed))
-  chunk = jax.jit(lambda s, d, n: step_lib.train_chunk(
-      task.losses, txs, s, d, n, lns_format=lns_format))
-  evaluate = jax.jit(lambda s, d: task.evaluate(
-      step_lib.weights(s, lns_format), d))
+  compile_seconds = time.perf_counter() - compile_start
   # The training losses summed since the last evaluation: checkpointed with
   # the state, so that a run resumed between two evaluations reports the
   # same mean training loss as an uninterrupted one.
@@ -303,9 +305,19 @@ def train(task: Task, optimizer: Optimizer, learning_rate: float, *,
     ckpt = checkpointing.Checkpointer(checkpoint_dir, checkpoint_every,
                                       config=config)
   history = _load_history(checkpoint_dir, start)
+  if start < steps:
+    # Compiled ahead of the loop, so that its time is not the first chunk's.
+    compile_start = time.perf_counter()
+    chunk = jax.jit(lambda s, d, n: step_lib.train_chunk(
+        task.losses, txs, s, d, n, lns_format=lns_format)).lower(
+            state, task.data, jnp.int32(1)).compile()
+    evaluate = jax.jit(lambda s, d: task.evaluate(
+        step_lib.weights(s, lns_format), d)).lower(state, task.data).compile()
+    compile_seconds += time.perf_counter() - compile_start
   if callback is not None:
     callback(start, {}, state)
   done, since_eval = start, int(since_eval)
+  train_start = time.perf_counter()
   try:
     while done < steps:
       n = min(eval_every - done % eval_every, steps - done)
@@ -333,6 +345,9 @@ def train(task: Task, optimizer: Optimizer, learning_rate: float, *,
   finally:
     if ckpt is not None:
       ckpt.close()
+  train_seconds = time.perf_counter() - train_start
   out = {k: np.asarray(v) for k, v in history.items()}
   out["resumed_from"] = np.asarray(start)
+  out["compile_seconds"] = np.asarray(compile_seconds)
+  out["train_seconds"] = np.asarray(train_seconds)
   return state, out

@@ -17,18 +17,22 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from madam_examples.cli import InputError
+
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")      # the batch is split over every device
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter",
                "collective-permute", "all-to-all")
 
 
-def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
+def parse_mesh(spec: str, num_devices: int, *, hint: str = ""
+               ) -> dict[str, int]:
   """``"data=2,fsdp=4"`` -> ``{"data": 2, "fsdp": 4}`` (a missing axis is 1).
 
   One size may be ``-1``: it takes the devices the others leave. Raises
-  ``ValueError`` for unknown axes, bad sizes, or a product that is not
-  ``num_devices``.
+  ``InputError`` (a ``ValueError``) for unknown axes, bad sizes, or a product
+  that is not ``num_devices``; ``hint`` ends the message of the last (e.g.
+  how to get more devices).
 
   Example:
     >>> parse_mesh("data=-1,fsdp=2", 8)
@@ -39,25 +43,25 @@ def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
   for item in filter(None, (s.strip() for s in spec.split(","))):
     match = re.fullmatch(r"(\w+)\s*=\s*(-?\d+)", item)
     if not match or match[1] not in MESH_AXES or match[1] in seen:
-      raise ValueError(
+      raise InputError(
           f"--mesh {spec!r}: expected comma-separated AXIS=SIZE with AXIS in "
           f"{MESH_AXES}, each at most once, e.g. 'data=2,fsdp=4'.")
     seen.add(match[1])
     sizes[match[1]] = int(match[2])
   free = [a for a, n in sizes.items() if n == -1]
   if len(free) > 1 or any(n == 0 or n < -1 for n in sizes.values()):
-    raise ValueError(f"--mesh {spec!r}: sizes must be positive (one may be -1).")
+    raise InputError(f"--mesh {spec!r}: sizes must be positive (one may be -1).")
   known = math.prod(n for n in sizes.values() if n != -1)
   if free:
     if num_devices % known:
-      raise ValueError(f"--mesh {spec!r}: {num_devices} devices are not a "
-                       f"multiple of {known}.")
+      raise InputError(f"--mesh {spec!r}: {num_devices} devices are not a "
+                       f"multiple of {known}{hint}.")
     sizes[free[0]] = num_devices // known
   if math.prod(sizes.values()) != num_devices:
-    raise ValueError(
+    raise InputError(
         f"--mesh {spec!r} has {math.prod(sizes.values())} devices but JAX "
         f"sees {num_devices}; make the sizes multiply to {num_devices} (or use "
-        "-1 for one axis), or pass --simulate-devices on a CPU host.")
+        f"-1 for one axis){hint}.")
   return sizes
 
 

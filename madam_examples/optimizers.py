@@ -54,6 +54,7 @@ def make_optimizer(name: str, learning_rate: Any, params: Any, *,
                    lns_format: madam_optax.LNSFormat | None = None,
                    rounding: str = "stochastic", seed: Any = 0,
                    state_dtype: Any = None,
+                   factored: bool = False, min_dim_size_to_factor: int = 128,
                    additive_learning_rate: float = ADDITIVE_FALLBACK_LR
                    ) -> optax.GradientTransformation:
   """One optimizer for ``params``' structure, by name.
@@ -71,6 +72,10 @@ def make_optimizer(name: str, learning_rate: Any, params: Any, *,
       ``"nearest"``.
     seed: LNS-Madam's stochastic-rounding seed (may be traced).
     state_dtype: the Madam variants' second-moment dtype (default float32).
+    factored: the Madam variants' factored second moment (a statistic per
+      row and per column of each matrix whose two largest dimensions are at
+      least ``min_dim_size_to_factor``; ``madam_optax.madam(factored=True)``).
+    min_dim_size_to_factor: see ``factored``.
     additive_learning_rate: Adam's rate for the leaves Madam cannot move.
 
   Returns:
@@ -86,14 +91,16 @@ def make_optimizer(name: str, learning_rate: Any, params: Any, *,
     if name == "madam":
       multiplicative = madam_optax.madam(
           learning_rate=learning_rate, p_scale=p_scale,
-          state_dtype=state_dtype)
+          state_dtype=state_dtype, factored=factored,
+          min_dim_size_to_factor=min_dim_size_to_factor)
     else:
       if lns_format is None:
         raise ValueError("lns_madam trains LNS codes: pass lns_format, e.g. "
                          "madam_optax.LNSFormat.spanning(127).")
       multiplicative = madam_optax.lns_madam(
           lns_format, learning_rate=learning_rate, rounding=rounding,
-          seed=seed, state_dtype=state_dtype)
+          seed=seed, state_dtype=state_dtype, factored=factored,
+          min_dim_size_to_factor=min_dim_size_to_factor)
     # The zero-leaf recipe: Madam multiplies weights, so the zero-initialised
     # leaves (Flax's biases and norm offsets) would never move; they go to Adam.
     return madam_optax.with_additive_fallback(

@@ -98,6 +98,7 @@ from jax.sharding import PartitionSpec as P
 
 from madam_examples import checkpoint_store
 from madam_examples import checkpointing
+from madam_examples import cli
 from madam_examples import data
 from madam_examples import memory
 from madam_examples import mesh as mesh_lib
@@ -159,19 +160,24 @@ class BadStepsError(RuntimeError):
 
 
 def check_config(config: Config, mesh: jax.sharding.Mesh) -> None:
-  """Raises ``ValueError`` if the fsdp axis cannot split the model evenly.
+  """Raises ``InputError`` if the mesh cannot split the model or the batch.
 
   ``Partitioning.fsdp`` splits every tensor along a dimension of size
-  ``dim`` or ``4 * dim``; attention splits ``dim`` into ``heads``.
+  ``dim`` or ``4 * dim``; attention splits ``dim`` into ``heads``; every
+  device takes an equal share of the global batch.
   """
   fsdp = mesh.shape["fsdp"]
   if config.dim % config.heads:
-    raise ValueError(f"--dim {config.dim} is not a multiple of --heads "
-                     f"{config.heads}.")
+    raise cli.InputError(f"--dim {config.dim} is not a multiple of --heads "
+                         f"{config.heads}.")
   if config.dim % fsdp:
-    raise ValueError(
+    raise cli.InputError(
         f"--dim {config.dim} must be a multiple of the fsdp mesh size {fsdp}, "
         "which splits every parameter tensor along it.")
+  if config.batch_size % mesh.size:
+    raise cli.InputError(
+        f"--batch-size {config.batch_size} must be a multiple of the "
+        f"{mesh.size} devices of the mesh, which split every batch.")
 
 
 @dataclasses.dataclass
@@ -561,9 +567,24 @@ def run_metrics(config: Config, result: dict[str, Any]) -> dict[str, Any]:
 # -------------------------------------------------------------- command line
 
 
+PROG = "python -m madam_examples.sharded_train"
+
+
+def _flag_type(field: dataclasses.Field) -> Any:
+  """The argparse type of a :class:`Config` field: sizes and counts are
+  positive, the seed is 0 or more, the rates and scales positive."""
+  if field.name == "seed":
+    return cli.nonnegative_int
+  if isinstance(field.default, int):
+    return cli.positive_int
+  if isinstance(field.default, float):
+    return cli.positive_float
+  return type(field.default)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      description=__doc__.split("\n\n")[0],
+  parser = cli.ArgumentParser(
+      prog=PROG, description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog="Multi-host: see the module docstring "
              "(python -m pydoc madam_examples.sharded_train).")
@@ -577,10 +598,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   }
   for field in dataclasses.fields(Config):
     parser.add_argument("--" + field.name.replace("_", "-"),
-                        type=type(field.default), default=field.default,
+                        type=_flag_type(field), default=field.default,
                         help=f"{helps.get(field.name, '')} "
                              f"(default {field.default})".strip())
-  parser.add_argument("--simulate-devices", type=int, default=None,
+  parser.add_argument("--simulate-devices", type=cli.positive_int,
+                      default=None,
                       help="split the host CPU into this many JAX devices "
                            "(testing a mesh without accelerators)")
   parser.add_argument("--distributed", action="store_true",
@@ -597,13 +619,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
-def _positive_int(text: str) -> int:
-  value = int(text)
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-  return value
-
-
 def _step_list(text: str) -> tuple[int, ...]:
   try:
     steps = tuple(int(x) for x in text.split(",") if x.strip())
@@ -618,7 +633,7 @@ def _step_list(text: str) -> tuple[int, ...]:
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
   """The flags of multi-process runs, checkpoints, metrics and bad steps."""
   parser.add_argument(
-      "--initialization-timeout", type=_positive_int, default=300,
+      "--initialization-timeout", type=cli.positive_int, default=300,
       help="seconds to wait for every process at the coordinator before "
            "stopping with an error (default 300)")
   checkpointing.add_arguments(parser)
@@ -628,7 +643,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
            "losses, final validation loss, skipped steps, per-leaf "
            "checksums of parameters and optimizer state")
   parser.add_argument(
-      "--max-bad-steps", type=_positive_int, default=RunOptions.max_bad_steps,
+      "--max-bad-steps", type=cli.positive_int, default=RunOptions.max_bad_steps,
       help="stop after this many consecutive steps with a non-finite loss "
            f"or gradient (default {RunOptions.max_bad_steps})")
   group = parser.add_argument_group("testing aids")
@@ -721,9 +736,35 @@ def write_metrics(path: str, metrics: dict[str, Any]) -> None:
   os.replace(path + ".tmp", path)
 
 
+def check_mesh(args: argparse.Namespace) -> None:
+  """Raises ``InputError`` unless ``--mesh`` fits the devices JAX sees; the
+  message says how to change the device count this run has."""
+  hint = (f", or change --simulate-devices {args.simulate_devices}"
+          if args.simulate_devices else
+          ", or pass --simulate-devices N on a CPU host")
+  mesh_lib.parse_mesh(args.mesh, jax.device_count(), hint=hint)
+
+
+def log_memory(state: step.TrainState, log: Any) -> None:
+  """The params' and optimizer state's bytes on each of this process's
+  devices (every device of a single-process run)."""
+  model_bytes = memory.bytes_per_device(state.params)
+  opt_bytes = memory.bytes_per_device(state.opt_state)
+  devices = sorted(model_bytes, key=lambda d: d.id)
+  where = (f"all {len(devices)} devices" if len(devices) == jax.device_count()
+           else f"this process's {len(devices)} of {jax.device_count()} "
+                "devices")
+  log(f"memory on {where}:")
+  for device in devices:
+    log(f"  {device}: params {model_bytes[device] / 1024:.1f} KiB, optimizer "
+        f"state {opt_bytes.get(device, 0) / 1024:.1f} KiB")
+
+
+@cli.one_line_errors(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   initialise_runtime(args)
+  check_mesh(args)
   config = Config(**{f.name: getattr(args, f.name)
                      for f in dataclasses.fields(Config)})
   leader = jax.process_index() == 0
@@ -746,11 +787,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   run, state = result["run"], result["state"]
   log(f"mesh {dict(run.mesh.shape)}; parameters "
       f"{sum(x.size for x in jax.tree.leaves(state.params))}")
-  model_bytes = memory.bytes_per_device(state.params)
-  opt_bytes = memory.bytes_per_device(state.opt_state)
-  for device in sorted(model_bytes, key=lambda d: d.id)[:4]:
-    log(f"  {device}: params {model_bytes[device] / 1024:.1f} KiB, optimizer "
-        f"state {opt_bytes.get(device, 0) / 1024:.1f} KiB")
+  log_memory(state, log)
   if args.check_collectives:
     batch = mesh_lib.device_batch(
         np.zeros((config.batch_size, config.context + 1), np.int32),

@@ -29,8 +29,12 @@ from madam_examples import data as data_lib
 from madam_examples import gan_metric
 from madam_examples import loop
 from madam_examples import models
+from madam_examples.cli import QUICK_STEPS
+from madam_examples.cli import InputError
 
 TASKS = ("mlp", "cnn", "transformer", "gan")
+# Each task's training steps by default (quick: ``cli.QUICK_STEPS``).
+DEFAULT_STEPS = {"mlp": 600, "cnn": 300, "transformer": 400, "gan": 1000}
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -111,16 +115,17 @@ def _windows(tokens: np.ndarray, length: int, count: int) -> np.ndarray:
 
 def language_model_task(text: data_lib.TextData, *, context: int, dim: int,
                         depth: int, batch_size: int, steps: int,
-                        eval_every: int, eval_windows: int = 256
-                        ) -> loop.Task:
+                        eval_every: int, eval_windows: int = 256,
+                        source: str | None = None) -> loop.Task:
   """A :class:`models.CharTransformer` (4 heads) learning ``text``.
 
   Training windows of ``context + 1`` characters start at random offsets;
   the metric is the perplexity on up to ``eval_windows`` consecutive
-  validation windows.
+  validation windows. ``source`` (where the text came from) ends the
+  description.
   """
   if len(text.train) <= context + 1 or len(text.valid) < context + 1:
-    raise ValueError(
+    raise InputError(
         f"the text is too short for context {context}: give at least "
         f"{10 * (context + 1)} characters.")
   graphdef, init_model = _init_fn(lambda r: models.CharTransformer(
@@ -139,9 +144,9 @@ def language_model_task(text: data_lib.TextData, *, context: int, dim: int,
     nll = next_char_loss(nnx.merge(graphdef, weights["model"]), data["valid"])
     return {"perplexity": jnp.exp(nll), "test_loss": nll}
 
+  description = f"Transformer char LM ({depth} layers, d={dim}, context {context})"
   return loop.Task(
-      "transformer",
-      f"Transformer char LM ({depth} layers, d={dim}, context {context})",
+      "transformer", description + (f" on {source}" if source else ""),
       "perplexity", False, 2.0, steps, eval_every, {"model": graphdef},
       lambda k: {"model": init_model(k)}, {"model": loss}, evaluate, data)
 
@@ -232,7 +237,9 @@ def gan_task(*, latent: int, batch_size: int, steps: int, eval_every: int,
 
 
 def build_task(name: str, *, data_path: str | None = None,
-               quick: bool = False) -> loop.Task:
+               quick: bool = False,
+               max_unknown_fraction: float = data_lib.MAX_UNKNOWN_FRACTION
+               ) -> loop.Task:
   """Builds one of ``TASKS`` on offline data (or the user's data).
 
   The models are small on purpose: the demo and the learning-rate study run
@@ -246,10 +253,21 @@ def build_task(name: str, *, data_path: str | None = None,
       files instead of the standard-library docstrings.
     quick: a smaller configuration (fewer steps, a shorter corpus, fewer
       evaluation samples) for tests.
+    max_unknown_fraction: for ``transformer`` with ``data_path``, the largest
+      share of the text's characters outside the vocabulary that is accepted
+      (:func:`madam_examples.data.load_text_files`).
 
   Returns:
-    A :class:`madam_examples.loop.Task`.
+    A :class:`madam_examples.loop.Task`; with a text ``data_path``, its
+    description says how many characters were read and the share unknown.
+
+  Raises:
+    InputError: (a ``ValueError``) for an unknown task, or data that cannot
+      be used (see the loaders).
   """
+  if name not in TASKS:
+    raise InputError(f"unknown task {name!r}; choose one of {TASKS}.")
+  steps = QUICK_STEPS if quick else DEFAULT_STEPS[name]
   if name in ("mlp", "cnn"):
     if data_path:
       images, source = data_lib.load_cifar10(data_path), "CIFAR-10"
@@ -262,22 +280,25 @@ def build_task(name: str, *, data_path: str | None = None,
       return classification_task(
           "mlp", f"MLP {size}-256-256-{classes} on {source}", images,
           lambda r: models.MLP(size, (256, 256), classes, rngs=r),
-          batch_size=64, steps=20 if quick else 600, eval_every=50)
+          batch_size=64, steps=steps, eval_every=50)
     return classification_task(
         "cnn", f"CNN (convs 8-16, average pooling) on {source}", images,
         lambda r: models.CNN(shape, classes, (8, 16), rngs=r),
-        batch_size=32, steps=20 if quick else 300, eval_every=25)
+        batch_size=32, steps=steps, eval_every=25)
   if name == "transformer":
+    source = None
     if data_path:
-      text = data_lib.load_text_files(data_path)
+      text = data_lib.load_text_files(
+          data_path, max_unknown_fraction=max_unknown_fraction)
+      source = (f"{data_path} ({text.num_chars:,} characters, "
+                f"{text.unknown / text.num_chars:.1%} unknown, read as "
+                f"{data_lib.UNKNOWN_CHAR!r})")
     else:
       text = data_lib.load_stdlib_text(60_000 if quick else 400_000)
     return language_model_task(text, context=32, dim=32, depth=2,
-                               batch_size=16, steps=20 if quick else 400,
-                               eval_every=50)
-  if name == "gan":
-    if data_path:
-      raise ValueError("the gan task trains on the digits only; drop --data.")
-    return gan_task(latent=16, batch_size=64, steps=20 if quick else 1000,
-                    eval_every=100, eval_samples=300 if quick else 1000)
-  raise ValueError(f"unknown task {name!r}; choose one of {TASKS}.")
+                               batch_size=16, steps=steps,
+                               eval_every=50, source=source)
+  if data_path:   # the gan
+    raise InputError("the gan task trains on the digits only; drop --data.")
+  return gan_task(latent=16, batch_size=64, steps=steps, eval_every=100,
+                  eval_samples=300 if quick else 1000)

@@ -8,6 +8,9 @@ multiplicative weight updates", NeurIPS 2020, arXiv:2006.14560.
 from madam_optax._src.alias import lns_madam
 from madam_optax._src.alias import lns_madam_reference
 from madam_optax._src.alias import madam
+from madam_optax._src.factored_second_moment import ScaleByFactoredSecondMomentState
+from madam_optax._src.factored_second_moment import scale_by_factored_second_moment
+from madam_optax._src.finite_guard import apply_if_finite
 from madam_optax._src.lns import LNSFormat
 from madam_optax._src.lns import REFERENCE_FORMAT
 from madam_optax._src.lns import lns_decode
@@ -50,7 +53,9 @@ __all__ = (
     "LogQuantiseState",
     "MultiplicativeStepState",
     "REFERENCE_FORMAT",
+    "ScaleByFactoredSecondMomentState",
     "ScaleBySecondMomentState",
+    "apply_if_finite",
     "clip_weight_magnitude",
     "initial_max_magnitude",
     "initial_rms_bound",
@@ -67,6 +72,7 @@ __all__ = (
     "madam",
     "multiplicative_labels",
     "multiplicative_step",
+    "scale_by_factored_second_moment",
     "scale_by_second_moment",
     "with_additive_fallback",
 )

@@ -27,6 +27,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 from madam_optax._src import magnitude_bound
@@ -204,29 +205,134 @@ def values_from_codes(codes: jax.Array, max_magnitude: Any, fmt: LNSFormat,
   return w.astype(dtype)
 
 
-def round_levels(x: jax.Array, rounding: str, key: jax.Array | None) -> jax.Array:
+# Random bits for stochastic rounding. ``"hash"`` (the default) derives them
+# from a counter: an integer hash of (seed, step, tensor, element index), a
+# few integer operations per weight, reproducible, and the same however the
+# tensor is sharded (the element index is the global one). ``"threefry"``
+# draws them with ``jax.random`` (several times the cost of the whole step on
+# CPU), splitting the state's key every step.
+RANDOM_BITS = ("hash", "threefry")
+
+_U32 = np.uint32
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+  """A bijective 32-bit integer hash ("lowbias32", C. Wellons): xor-shift,
+  multiply, xor-shift, multiply, xor-shift; every input bit reaches every
+  output bit."""
+  x = lax.bitwise_xor(x, lax.shift_right_logical(x, _U32(16)))
+  x = lax.mul(x, _U32(0x21F0AAAD))
+  x = lax.bitwise_xor(x, lax.shift_right_logical(x, _U32(15)))
+  x = lax.mul(x, _U32(0x735A2D97))
+  return lax.bitwise_xor(x, lax.shift_right_logical(x, _U32(15)))
+
+
+def check_random_bits(rng: str) -> None:
+  """Raises ``ValueError`` unless ``rng`` is ``hash`` or ``threefry``."""
+  if rng not in RANDOM_BITS:
+    raise ValueError(f"rng must be one of {RANDOM_BITS}, got {rng!r}.")
+
+
+def initial_key(seed: Any, rng: str) -> jax.Array:
+  """The ``uint32[2]`` key a state starts from.
+
+  ``threefry``: ``jax.random.PRNGKey(seed)``. ``hash``: a 32-bit word hashed
+  from the seed, and a step counter starting at 0.
+  """
+  key = jax.random.PRNGKey(seed)
+  if rng == "threefry":
+    return key
+  word = _mix32(lax.bitwise_xor(key[1], _mix32(key[0])))
+  return jnp.stack([word, jnp.zeros([], jnp.uint32)])
+
+
+def split_key(key: jax.Array, n: int, rng: str = "hash"
+              ) -> tuple[jax.Array, jax.Array]:
+  """The carried key and ``n`` per-tensor keys (``uint32[n, 2]``).
+
+  ``threefry`` splits ``key``. ``hash`` advances the step counter
+  ``key[1]`` and hashes (seed word, step, tensor index) into two words per
+  tensor.
+  """
+  if rng == "threefry":
+    keys = jax.random.split(key, n + 1)
+    return keys[0], keys[1:]
+  word, step = key[0], key[1]
+  base = _mix32(lax.bitwise_xor(word, _mix32(lax.add(step, _U32(0x9E3779B9)))))
+  tensor = lax.iota(np.uint32, n)
+  first = _mix32(lax.bitwise_xor(base, _mix32(
+      lax.add(lax.mul(tensor, _U32(2)), _U32(1)))))
+  second = _mix32(lax.add(base, _mix32(
+      lax.add(lax.mul(tensor, _U32(2)), _U32(2)))))
+  carried = jnp.stack([word, lax.add(step, _U32(1))])
+  return carried, jnp.stack([first, second], axis=1)
+
+
+def _flat_index(x: jax.Array) -> jax.Array:
+  """Each element's row-major index in ``x`` (``uint32``, modulo 2**32),
+  laid out (and, under explicit sharding, sharded) like ``x``."""
+  shape = jnp.shape(x)
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  if not getattr(getattr(sharding, "mesh", None), "explicit_axes", ()):
+    sharding = None
+  index = None
+  stride = 1
+  for dim in range(len(shape) - 1, -1, -1):
+    term = lax.broadcasted_iota(np.uint32, shape, dim, out_sharding=sharding)
+    if stride != 1:
+      term = lax.mul(term, _U32(stride % 2**32))
+    index = term if index is None else lax.add(index, term)
+    stride *= shape[dim]
+  if index is None:                                      # a scalar
+    index = jnp.zeros(shape, np.uint32)
+  return index
+
+
+def uniform_from_hash(key: jax.Array, x: jax.Array) -> jax.Array:
+  """Uniform ``[0, 1)`` numbers, one per element of ``x`` (24 random bits
+  each, in ``x``'s dtype), from the tensor's key ``uint32[2]``.
+
+  With ``i`` the element's index, ``y = (i ^ key[1]) * 0x9E3779B9 + key[0]``
+  (a bijection of ``i``) and the bits are the top 24 of
+  ``(y ^ (y >> 16)) * 0x21F0AAAD``: two multiplications, which carry every
+  bit of the index into the top bits, and six more integer operations.
+  """
+  y = lax.add(
+      lax.mul(lax.bitwise_xor(_flat_index(x), key[1]), _U32(0x9E3779B9)),
+      key[0])
+  y = lax.mul(lax.bitwise_xor(y, lax.shift_right_logical(y, _U32(16))),
+              _U32(0x21F0AAAD))
+  top = lax.convert_element_type(lax.shift_right_logical(y, _U32(8)),
+                                 np.int32)
+  return lax.mul(lax.convert_element_type(top, x.dtype),
+                 np.asarray(2.0 ** -24, x.dtype))
+
+
+def round_levels(x: jax.Array, rounding: str, key: jax.Array | None,
+                 rng: str = "hash") -> jax.Array:
   r"""Rounds fractional level counts to integers (still float dtype).
 
   ``nearest`` rounds half to even; ``stochastic`` returns
-  :math:`\lfloor x + U \rfloor` with :math:`U \sim \mathrm{Uniform}[0, 1)`,
-  which equals :math:`\lceil x \rceil` with probability
-  :math:`x - \lfloor x \rfloor`, so its expectation is exactly :math:`x`.
+  :math:`\lfloor x + U \rfloor` with :math:`U` uniform on ``[0, 1)``, which
+  is :math:`\lceil x \rceil` with probability :math:`x - \lfloor x
+  \rfloor`, so its expectation is :math:`x` (up to the resolution of
+  :math:`U`, :math:`2^{-24}`, and the rounding of :math:`x + U`, half an ulp
+  of :math:`x`). :math:`U` comes from :func:`uniform_from_hash`
+  (``rng="hash"``) or ``jax.random.uniform`` (``"threefry"``); ``key`` is
+  the tensor's key from :func:`split_key`.
   """
   if rounding == "nearest":
     return jnp.round(x)
   assert key is not None
-  return jnp.floor(x + jax.random.uniform(key, jnp.shape(x), x.dtype))
-
-
-def split_key(key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
-  """Splits ``key`` into a carried key and ``n`` keys, one per tensor."""
-  keys = jax.random.split(key, n + 1)
-  return keys[0], keys[1:]
+  if rng == "threefry":
+    return jnp.floor(x + jax.random.uniform(key, jnp.shape(x), x.dtype))
+  return lax.floor(lax.add(x, uniform_from_hash(key, x)))
 
 
 def project_to_grid(x: jax.Array, max_magnitude: Any, fmt: LNSFormat,
                     rounding: str = "nearest",
-                    key: jax.Array | None = None) -> jax.Array:
+                    key: jax.Array | None = None,
+                    rng: str = "hash") -> jax.Array:
   r"""The LNS grid point for each entry of ``x`` (same dtype; 0 stays 0).
 
   The level :math:`\log(w_{max}/|x|)/\log(base)` is rounded (to nearest, or
@@ -235,7 +341,7 @@ def project_to_grid(x: jax.Array, max_magnitude: Any, fmt: LNSFormat,
   """
   level = level_of_value(x, max_magnitude, fmt)
   level = jnp.where(x == 0, fmt.levels - 1, level)   # finite for the rounding
-  k = jnp.clip(round_levels(level, rounding, key), 0, fmt.levels - 1)
+  k = jnp.clip(round_levels(level, rounding, key, rng), 0, fmt.levels - 1)
   codes = codes_from_levels(jnp.sign(x), k, fmt)
   return values_from_codes(codes, max_magnitude, fmt, x.dtype)
 
@@ -245,8 +351,9 @@ def _check_max_magnitude(max_magnitude: Any, where: str) -> None:
   if s is not None and (not math.isfinite(s) or s <= 0.0):
     raise ValueError(
         f"{where}: the LNS max_magnitude must be finite and > 0, got {s}. An "
-        "all-zero tensor has none: keep it in float and train it additively "
-        "(`madam_optax.with_additive_fallback`), or pass `max_magnitude=`.")
+        "all-zero (or empty) tensor has none: keep it in float and train it "
+        "additively (`madam_optax.with_additive_fallback`), or pass "
+        "`max_magnitude=`.")
 
 
 @renamed_keyword("scale", "max_magnitude")
@@ -262,6 +369,13 @@ def lns_encode(w: jax.Array, fmt: LNSFormat, max_magnitude: Any = None, *,
   with :math:`c = 0` for :math:`w = 0`. Magnitudes above :math:`w_{max}` are
   clamped to it and magnitudes below the smallest level are raised to it; in
   between, :math:`|\log|\hat w| - \log|w|| \le \log(base)/2` (half a level).
+  :math:`w_{max}` is computed without overflow or underflow for any finite
+  tensor in any float dtype (:func:`madam_optax.initial_max_magnitude`).
+
+  Non-finite weights are refused (``ValueError``) when ``w`` is concrete.
+  Under ``jax.jit``, where nothing can be raised, the mapping is fixed: a NaN
+  weight (or a NaN ``max_magnitude``) gives code 0, an exact zero, and an
+  infinite weight the largest magnitude of its sign.
 
   Args:
     w: a floating-point array.
@@ -289,6 +403,9 @@ def lns_encode(w: jax.Array, fmt: LNSFormat, max_magnitude: Any = None, *,
     weight updates", NeurIPS 2020, arXiv:2006.14560.
   """
   check_format(fmt)
+  if max_magnitude is None:
+    validation.check_hyperparameter("p_scale", p_scale, low=0.0,
+                                    low_inclusive=False)
   dtype = validation.leaf_dtype(w)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(
@@ -296,15 +413,18 @@ def lns_encode(w: jax.Array, fmt: LNSFormat, max_magnitude: Any = None, *,
         "arrays may already be codes: decode them with `lns_decode`, or cast "
         "real weights with `.astype(jnp.float32)`.")
   w = jnp.asarray(w)
+  validation.check_finite_if_concrete(w, "lns_encode: the weight array")
   ct = numerics.compute_dtype(w.dtype)
   max_magnitude = (magnitude_bound.initial_max_magnitude(w, p_scale)
                    if max_magnitude is None
                    else jnp.asarray(max_magnitude, ct))
   _check_max_magnitude(max_magnitude, "lns_encode")
-  k = jnp.clip(jnp.round(level_of_value(w, max_magnitude, fmt)), 0,
-               fmt.levels - 1)
-  codes = codes_from_levels(jnp.sign(w), k, fmt).astype(fmt.dtype)
-  return codes, max_magnitude
+  level = level_of_value(w, max_magnitude, fmt)
+  k = jnp.clip(jnp.round(level), 0, fmt.levels - 1)
+  codes = codes_from_levels(jnp.sign(w), k, fmt)
+  # NaN (traced input only) maps to the zero code, never to a cast of NaN.
+  codes = jnp.where(jnp.isnan(level), 0, codes)
+  return codes.astype(fmt.dtype), max_magnitude
 
 
 @renamed_keyword("scale", "max_magnitude")

@@ -29,8 +29,9 @@ def lns_encode_tree(params: Any, fmt: lns.LNSFormat, *, p_scale: float = 3.0,
   (:func:`madam_optax.with_additive_fallback`).
 
   Args:
-    params: a pytree of floating-point arrays (concrete; e.g. a Flax NNX
-      ``nnx.State``).
+    params: a pytree of finite floating-point arrays (concrete; e.g. a Flax
+      NNX ``nnx.State``); a NaN or infinite entry is a ``ValueError`` naming
+      its leaf.
     fmt: the :class:`madam_optax.LNSFormat`.
     p_scale: multiple of each tensor's RMS used as its :math:`w_{max}`.
     min_ndim: see :func:`madam_optax.multiplicative_labels`.
@@ -54,6 +55,9 @@ def lns_encode_tree(params: Any, fmt: lns.LNSFormat, *, p_scale: float = 3.0,
   """
   lns.check_format(fmt)
   validation.check_float_leaves(params, "lns_encode_tree")
+  for path, p in tree_utils.leaves_with_path(params):
+    validation.check_finite_if_concrete(
+        p, f"lns_encode_tree: leaf {tree_utils.leaf_name(path)}")
 
   def leaf(p):
     if partition.multiplicative_labels(p, min_ndim=min_ndim) != (

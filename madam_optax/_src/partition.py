@@ -26,7 +26,10 @@ def multiplicative_labels(params: Any, *, min_ndim: int = 0) -> Any:
   default biases and normalisation offsets) is labelled ``"additive"``; so is
   any leaf with fewer than ``min_ndim`` dimensions (``min_ndim=2`` sends every
   bias and norm scale to the additive optimizer, which also lets them change
-  sign). Everything else is ``"multiplicative"``.
+  sign). Everything else is ``"multiplicative"``, and so is every integer
+  leaf (LNS codes for :func:`madam_optax.lns_madam`, whatever their values or
+  ``ndim``): an additive optimizer's float updates to integer parameters
+  would be truncated by ``optax.apply_updates`` without a word.
 
   The labels are computed once from concrete initial parameters, outside
   ``jit``; pass the resulting tree to ``optax.partition``. A Flax NNX state
@@ -54,6 +57,9 @@ def multiplicative_labels(params: Any, *, min_ndim: int = 0) -> Any:
       raise ValueError(
           "multiplicative_labels needs concrete initial parameters; call it "
           "outside jax.jit, once, before building the optimizer.")
+    if jnp.issubdtype(jnp.result_type(p), jnp.integer):
+      # LNS codes: an additive optimizer's float updates would be truncated.
+      return MULTIPLICATIVE
     if jnp.ndim(p) < min_ndim or not np.any(np.asarray(p)):
       return ADDITIVE
     return MULTIPLICATIVE

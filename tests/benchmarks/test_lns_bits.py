@@ -28,32 +28,43 @@ def test_quick_run_writes_report(lns_bits, harness, tmp_path):
   rows = results["results"]["mlp"]["rows"]
   assert {r["method"] for r in rows} == {"lns_madam_det", "lns_madam_stoch",
                                         "adam_proj", "sgd_proj"}
-  # The LNS-Madam runs really trained integer codes (dtype read after training).
+  # The LNS-Madam runs trained integer codes (the dtype the loop carries).
   assert {r["codes"] for r in rows if r["method"].startswith("lns")} == {"int8"}
   assert all(len(r["accs"]) == 2 for r in rows)
+  assert {(r["bits"], r["levels"]) for r in rows} == {(4, 16)}
+
+
+def method_tx(lns_bits, method, fmt, params):
+  """``method``'s optimizer for ``params``, built as the shared loop builds
+  it (``loop.task_optimizers``, on a task whose parameters are ``params``)."""
+  loop = lns_bits.loop
+  optimizer, learning_rate, options = lns_bits.method_optimizer(method, fmt)
+  task = loop.Task("toy", "", "accuracy", True, 3.0, 1, 1, {},
+                   lambda key: {"model": params}, {}, None, None)
+  return loop.task_optimizers(task, optimizer, learning_rate, seed=0,
+                              **options)["model"]
 
 
 @pytest.mark.parametrize("method", ["madam", "adam", "sgd", "adam_proj",
                                     "sgd_proj", "lns_madam_det",
                                     "lns_madam_stoch"])
-def test_optimizers_train_the_leaves_they_should(lns_bits, method):
+def test_optimizers_train_the_leaves_they_should(lns_bits, harness, method):
   """The weights by the method (LNS codes stay int8, projections land on the
   grid); the zero-initialised bias additively in every method."""
   mo = lns_bits.madam_optax
   fmt = mo.LNSFormat.spanning(127, log_range=2.0)   # a step: ~0.6 levels
   params = {"w": jnp.linspace(0.4, 0.6, 6).reshape(2, 3), "b": jnp.zeros(3)}
   grads = {"w": -jnp.ones((2, 3)), "b": jnp.ones(3)}   # |w| up, b down
-  step = lns_bits.harness.update_and_apply
+  tx = method_tx(lns_bits, method, fmt, params)
+  step = harness.update_and_apply
   if method.startswith("lns"):
     codes, scales = mo.lns_encode_tree(params, fmt)
-    tx = lns_bits.build_optimizer(method, fmt, params, seed=0)
     new, _ = step(tx, grads, tx.init(codes), codes)
     assert new["w"].dtype == codes["w"].dtype == jnp.int8
     assert bool((new["w"] != codes["w"]).any())
     w0, w1 = (mo.lns_decode(c["w"], scales["w"], fmt) for c in (codes, new))
     assert bool((w1 >= w0).all())
   else:
-    tx = lns_bits.build_optimizer(method, fmt, params, seed=0)
     new, _ = step(tx, grads, tx.init(params), params)
     if method.endswith("_proj"):
       bound = 3.0 * jnp.sqrt(jnp.mean(params["w"] ** 2))
@@ -62,6 +73,13 @@ def test_optimizers_train_the_leaves_they_should(lns_bits, method):
     else:
       assert bool((new["w"] > params["w"]).all())
   assert bool((new["b"] < 0).all())
+
+
+def test_lns_runs_train_int8_or_int16_codes(lns_bits):
+  task = lns_bits.lns_digits.digits_task("mlp", 10)
+  mo = lns_bits.madam_optax
+  assert lns_bits.code_bits(task, mo.LNSFormat.spanning(127)) == [8]
+  assert lns_bits.code_bits(task, mo.LNSFormat.spanning(4096)) == [16]
 
 
 def test_smallest_bits_needs_every_wider_width_within_tolerance(lns_bits):

@@ -115,6 +115,10 @@ def test_main_runs_the_documented_command(eight_devices, capsys):
   out = capsys.readouterr().out
   assert "step     2" in out
   assert "collectives in the optimizer update: none" in out
+  # Memory: every device, and it says so.
+  assert "memory on all 8 devices:" in out
+  assert sum(line.startswith("  TFRT_CPU_") or line.startswith("  cpu:")
+             for line in out.splitlines()) == 8
 
 
 def test_bad_steps_stop_the_run_and_a_resume_reshards_onto_another_mesh(
