@@ -37,23 +37,23 @@ from __future__ import annotations
 
 import time
 
+import _harness as harness
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-import _harness as harness
-import madam_optax
 from madam_examples import lns_digits
 from madam_examples import loop
 from madam_examples import optimizers as optimizers_lib
 from madam_examples import step as step_lib
+import madam_optax
 
 LNS_METHODS = ("lns_madam_det", "lns_madam_stoch", "adam_proj", "sgd_proj")
 FLOAT_METHODS = ("madam", "adam", "sgd")
 # The float optimizers' learning rates (LNS-Madam: lns_madam's default 0.01).
 LEARNING_RATES = {"madam": 0.01, "adam": 1e-3, "sgd": 0.05}
-TOLERANCE = 0.5        # accuracy points
+TOLERANCE = 0.5  # accuracy points
 
 # --------------------------------------------------------------------------
 # Training: the examples' shared loop (madam_examples.loop.make_run_fn) on
@@ -61,8 +61,9 @@ TOLERANCE = 0.5        # accuracy points
 # for every seed.
 
 
-def method_optimizer(method: str, fmt: madam_optax.LNSFormat | None
-                     ) -> tuple[loop.Optimizer, float, dict]:
+def method_optimizer(
+  method: str, fmt: madam_optax.LNSFormat | None
+) -> tuple[loop.Optimizer, float, dict]:
   """How the shared loop trains ``method``: optimizer, learning rate, options.
 
   The optimizer is a name of :mod:`madam_examples.optimizers` (Madam, Adam,
@@ -78,18 +79,25 @@ def method_optimizer(method: str, fmt: madam_optax.LNSFormat | None
   """
   if method.startswith("lns_madam"):
     rounding = "nearest" if method == "lns_madam_det" else "stochastic"
-    return "lns_madam", LEARNING_RATES["madam"], {"lns_format": fmt,
-                                                   "rounding": rounding}
+    return (
+      "lns_madam",
+      LEARNING_RATES["madam"],
+      {"lns_format": fmt, "rounding": rounding},
+    )
   base = method.removesuffix("_proj")
   if not method.endswith("_proj"):
     return base, LEARNING_RATES[base], {}
 
   def projected(learning_rate, params):
-    mask = jax.tree.map(lambda label: label == "multiplicative",
-                        madam_optax.multiplicative_labels(params))
+    mask = jax.tree.map(
+      lambda label: label == "multiplicative",
+      madam_optax.multiplicative_labels(params),
+    )
     return optax.chain(
-        optimizers_lib.make_optimizer(base, learning_rate, params),
-        optax.masked(madam_optax.log_quantise(fmt), mask))
+      optimizers_lib.make_optimizer(base, learning_rate, params),
+      optax.masked(madam_optax.log_quantise(fmt), mask),
+    )
+
   return projected, LEARNING_RATES[base], {}
 
 
@@ -99,12 +107,19 @@ def code_bits(task: loop.Task, fmt: madam_optax.LNSFormat) -> list[int]:
   Read from the encoded initial state; the training loop's ``lax.scan``
   carries its state with unchanged dtypes, so they are the trained codes'.
   """
-  codes, _ = jax.eval_shape(lambda key: step_lib.encode_lns(
-      task.init(key), loop.reference_params(task), fmt,
-      p_scale=task.p_scale), jax.random.key(0))
-  return sorted({8 * np.dtype(x.dtype).itemsize
-                 for x in jax.tree.leaves(codes)
-                 if jnp.issubdtype(x.dtype, jnp.integer)})
+  codes, _ = jax.eval_shape(
+    lambda key: step_lib.encode_lns(
+      task.init(key), loop.reference_params(task), fmt, p_scale=task.p_scale
+    ),
+    jax.random.key(0),
+  )
+  return sorted(
+    {
+      8 * np.dtype(x.dtype).itemsize
+      for x in jax.tree.leaves(codes)
+      if jnp.issubdtype(x.dtype, jnp.integer)
+    }
+  )
 
 
 def run_config(task, method, levels, seeds, steps, log_range):
@@ -116,19 +131,20 @@ def run_config(task, method, levels, seeds, steps, log_range):
   """
   fmt = madam_optax.LNSFormat.spanning(levels, log_range) if levels else None
   optimizer, learning_rate, options = method_optimizer(method, fmt)
-  run = loop.make_run_fn(task, optimizer, steps, steps, schedule="constant",
-                         **options)
+  run = loop.make_run_fn(
+    task, optimizer, steps, steps, schedule="constant", **options
+  )
   keys = [jax.random.key(int(seed)) for seed in seeds]
   learning_rate = jnp.float32(learning_rate)
   t0 = time.perf_counter()
   if task.name == "mlp":
     history = jax.jit(jax.vmap(run, in_axes=(0, None, None)))(
-        jnp.stack(keys), learning_rate, task.data)
+      jnp.stack(keys), learning_rate, task.data
+    )
     accs = history["accuracy"][:, -1]
   else:
     one = jax.jit(run)
-    accs = [one(key, learning_rate, task.data)["accuracy"][-1]
-            for key in keys]
+    accs = [one(key, learning_rate, task.data)["accuracy"][-1] for key in keys]
   accs = np.asarray(jax.device_get(accs), np.float64)
   bits = code_bits(task, fmt) if method.startswith("lns_madam") else []
   return accs, bits, time.perf_counter() - t0
@@ -155,31 +171,49 @@ def sweep_model(model_name, settings, float_methods, levels_list, log):
   task = lns_digits.digits_task(model_name, steps, settings["batch"])
   res = {"rows": [], "float": {}, "steps": steps}
   for method in float_methods:
-    accs, _, dt = run_config(task, method, None, seeds, steps,
-                             settings["log_range"])
-    res["float"][method] = dict(mean=accs.mean(), std=accs.std(),
-                                accs=accs.tolist(), seconds=dt)
-    log(f"{model_name} {method:>16} float32  {accs.mean():6.2f} "
-        f"+- {accs.std():.2f}  ({dt:.1f}s)")
+    accs, _, dt = run_config(
+      task, method, None, seeds, steps, settings["log_range"]
+    )
+    res["float"][method] = dict(
+      mean=accs.mean(), std=accs.std(), accs=accs.tolist(), seconds=dt
+    )
+    log(
+      f"{model_name} {method:>16} float32  {accs.mean():6.2f} "
+      f"+- {accs.std():.2f}  ({dt:.1f}s)"
+    )
   for levels in levels_list:
     bits = int(np.log2(levels)) if 2 ** int(np.log2(levels)) == levels else None
     grid = str(madam_optax.LNSFormat.spanning(levels).dtype)
     for method in LNS_METHODS:
-      accs, widths, dt = run_config(task, method, levels, seeds, steps,
-                                    settings["log_range"])
+      accs, widths, dt = run_config(
+        task, method, levels, seeds, steps, settings["log_range"]
+      )
       codes = f"int{widths[0]}" if widths else grid + " grid"
-      res["rows"].append(dict(method=method, levels=levels, bits=bits,
-                              codes=codes if method.startswith("lns")
-                              else grid,
-                              mean=accs.mean(), std=accs.std(),
-                              accs=accs.tolist(), seconds=dt))
-      log(f"{model_name} {method:>16} L={levels:<5d} {accs.mean():6.2f} "
-          f"+- {accs.std():.2f}  codes {codes} ({dt:.1f}s)")
+      res["rows"].append(
+        dict(
+          method=method,
+          levels=levels,
+          bits=bits,
+          codes=codes if method.startswith("lns") else grid,
+          mean=accs.mean(),
+          std=accs.std(),
+          accs=accs.tolist(),
+          seconds=dt,
+        )
+      )
+      log(
+        f"{model_name} {method:>16} L={levels:<5d} {accs.mean():6.2f} "
+        f"+- {accs.std():.2f}  codes {codes} ({dt:.1f}s)"
+      )
   fl = res["float"]["madam"]["mean"]
-  res["smallest_bits"] = {m: smallest_bits(res["rows"], fl, m)
-                          for m in ("lns_madam_det", "lns_madam_stoch")}
-  log(f"{model_name}: smallest exponent bits within {TOLERANCE} of float "
-      f"Madam: {res['smallest_bits']}")
+  res["smallest_bits"] = {
+    m: smallest_bits(res["rows"], fl, m)
+    for m in ("lns_madam_det", "lns_madam_stoch")
+  }
+  log(
+    f"{model_name}: smallest exponent bits within {TOLERANCE} of float "
+    f"Madam: {res['smallest_bits']}"
+  )
   return res
 
 
@@ -191,19 +225,23 @@ def markdown_body(results: dict) -> str:
   """The tables below the machine record (from the JSON's contents)."""
   a = results["args"]
   lines = [
-      f"{a['seeds']} seeds, {a['steps']} (MLP) and {a['cnn_steps']} (CNN) "
-      f"steps of batch {a['batch']}; grids span "
-      f"exp({a['log_range']}) below each tensor's scale 3*RMS(w0); "
-      f"`bits` = exponent bits (levels = 2**bits), plus one sign bit; "
-      "codes are int8 up to 127 levels, int16 above. Mean +- std of test "
-      "accuracy (%), 450 test images.",
-      ""]
+    f"{a['seeds']} seeds, {a['steps']} (MLP) and {a['cnn_steps']} (CNN) "
+    f"steps of batch {a['batch']}; grids span "
+    f"exp({a['log_range']}) below each tensor's scale 3*RMS(w0); "
+    f"`bits` = exponent bits (levels = 2**bits), plus one sign bit; "
+    "codes are int8 up to 127 levels, int16 above. Mean +- std of test "
+    "accuracy (%), 450 test images.",
+    "",
+  ]
   for model_name, res in results["results"].items():
     fl = res["float"]
-    lines += [f"## {model_name}", "",
-              "Float32 references: " + ", ".join(
-                  f"{m} {fl[m]['mean']:.2f} +- {fl[m]['std']:.2f}"
-                  for m in fl), ""]
+    lines += [
+      f"## {model_name}",
+      "",
+      "Float32 references: "
+      + ", ".join(f"{m} {fl[m]['mean']:.2f} +- {fl[m]['std']:.2f}" for m in fl),
+      "",
+    ]
     header = "| bits | levels | codes | " + " | ".join(LNS_METHODS) + " |"
     lines += [header, "|" + "---|" * (3 + len(LNS_METHODS))]
     by = {}
@@ -213,18 +251,26 @@ def markdown_body(results: dict) -> str:
       row = by[levels]
       any_r = next(iter(row.values()))
       bits = any_r["bits"]
-      cells = [f"{row[m]['mean']:.2f} +- {row[m]['std']:.2f}" if m in row
-               else "" for m in LNS_METHODS]
-      lines.append(f"| {bits if bits is not None else '-'} | {levels} | "
-                   f"{any_r['codes']} | " + " | ".join(cells) + " |")
+      cells = [
+        f"{row[m]['mean']:.2f} +- {row[m]['std']:.2f}" if m in row else ""
+        for m in LNS_METHODS
+      ]
+      lines.append(
+        f"| {bits if bits is not None else '-'} | {levels} | "
+        f"{any_r['codes']} | " + " | ".join(cells) + " |"
+      )
     lines.append("")
     for method in ("lns_madam_stoch", "lns_madam_det"):
       b = res["smallest_bits"][method]
       lines.append(
-          f"- {method}: smallest width within {TOLERANCE} points of float "
-          f"Madam ({fl['madam']['mean']:.2f}): " +
-          (f"{b} exponent bits + sign = {b + 1} bits" if b is not None
-           else "none in the sweep"))
+        f"- {method}: smallest width within {TOLERANCE} points of float "
+        f"Madam ({fl['madam']['mean']:.2f}): "
+        + (
+          f"{b} exponent bits + sign = {b + 1} bits"
+          if b is not None
+          else "none in the sweep"
+        )
+      )
     lines.append("")
   return "\n".join(lines)
 
@@ -232,19 +278,35 @@ def markdown_body(results: dict) -> str:
 def figure(results: dict, plt):
   """Accuracy against exponent bits, one panel per model."""
   models = results["results"]
-  fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    1, len(models), figsize=(6 * len(models), 4.2), squeeze=False
+  )
   for ax, (model_name, res) in zip(axes[0], models.items()):
     fl = res["float"]["madam"]["mean"]
-    ax.axhspan(fl - TOLERANCE, fl + TOLERANCE, color="0.85",
-               label=f"float Madam +- {TOLERANCE}")
+    ax.axhspan(
+      fl - TOLERANCE,
+      fl + TOLERANCE,
+      color="0.85",
+      label=f"float Madam +- {TOLERANCE}",
+    )
     ax.axhline(fl, color="k", lw=1)
     for method in LNS_METHODS:
-      rows = sorted((r for r in res["rows"] if r["method"] == method
-                     and r["bits"] is not None), key=lambda r: r["bits"])
-      ax.errorbar([r["bits"] for r in rows], [r["mean"] for r in rows],
-                  yerr=[r["std"] for r in rows], marker="o", capsize=3,
-                  label=method)
+      rows = sorted(
+        (
+          r
+          for r in res["rows"]
+          if r["method"] == method and r["bits"] is not None
+        ),
+        key=lambda r: r["bits"],
+      )
+      ax.errorbar(
+        [r["bits"] for r in rows],
+        [r["mean"] for r in rows],
+        yerr=[r["std"] for r in rows],
+        marker="o",
+        capsize=3,
+        label=method,
+      )
     ax.set_xlabel("exponent bits (levels = 2**bits; + 1 sign bit)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"digits {model_name}")
@@ -255,18 +317,25 @@ def figure(results: dict, plt):
 
 
 REPORT = harness.Report(
-    "LNS-Madam: test accuracy versus bit width (scikit-learn digits)",
-    markdown_body, figure)
+  "LNS-Madam: test accuracy versus bit width (scikit-learn digits)",
+  markdown_body,
+  figure,
+)
 
 
 def parse_args(argv=None):
   parser = harness.argument_parser(__doc__, "lns_bits")
   parser.add_argument("--models", default="mlp,cnn")
   parser.add_argument("--seeds", type=int, default=3)
-  parser.add_argument("--steps", type=int, default=800,
-                      help="training steps for the MLP")
-  parser.add_argument("--cnn-steps", type=int, default=300,
-                      help="training steps for the CNN (each costs ~10x more)")
+  parser.add_argument(
+    "--steps", type=int, default=800, help="training steps for the MLP"
+  )
+  parser.add_argument(
+    "--cnn-steps",
+    type=int,
+    default=300,
+    help="training steps for the CNN (each costs ~10x more)",
+  )
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--bits", default="3,4,5,6,7,8,9,10,11,12")
   parser.add_argument("--log-range", type=float, default=4.0)
@@ -282,18 +351,33 @@ def main(argv=None, log=harness.progress) -> dict:
     args.models, args.seeds, args.steps, args.bits = "mlp", 2, 30, "4"
     args.cnn_steps = 30
     float_methods = ("madam",)
-  settings = {k: getattr(args, k) for k in (
-      "quick", "models", "seeds", "steps", "cnn_steps", "batch", "bits",
-      "log_range")}
+  settings = {
+    k: getattr(args, k)
+    for k in (
+      "quick",
+      "models",
+      "seeds",
+      "steps",
+      "cnn_steps",
+      "batch",
+      "bits",
+      "log_range",
+    )
+  }
   bits_list = [int(b) for b in args.bits.split(",")]
-  levels_list = sorted({2 ** b for b in bits_list} |
-                       ({127} if not args.quick else set()))
-  results = {"machine": harness.machine_record(args.command),
-             "args": settings, "results": {}}
+  levels_list = sorted(
+    {2**b for b in bits_list} | ({127} if not args.quick else set())
+  )
+  results = {
+    "machine": harness.machine_record(args.command),
+    "args": settings,
+    "results": {},
+  }
   t_all = time.perf_counter()
   for model_name in args.models.split(","):
     results["results"][model_name] = sweep_model(
-        model_name, settings, float_methods, levels_list, log)
+      model_name, settings, float_methods, levels_list, log
+    )
   results["total_seconds"] = time.perf_counter() - t_all
   log(f"total {results['total_seconds']:.0f}s")
   harness.write_results(args.out, args.name, results, REPORT, log)

@@ -42,8 +42,10 @@ from typing import Any, Callable, TypeVar
 # ``--quick`` (or MADAM_QUICK=1): this many training steps, in every command.
 QUICK_STEPS = 20
 QUICK_ENV = "MADAM_QUICK"
-QUICK_HELP = (f"a smoke test: {QUICK_STEPS} steps unless --steps is given "
-              f"(also {QUICK_ENV}=1)")
+QUICK_HELP = (
+  f"a smoke test: {QUICK_STEPS} steps unless --steps is given "
+  f"(also {QUICK_ENV}=1)"
+)
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -148,18 +150,21 @@ def output_dir(text: str) -> str:
   if os.path.lexists(text):
     if not os.path.isdir(text):
       raise argparse.ArgumentTypeError(
-          f"{text!r} exists and is not a folder; name a folder for the "
-          "outputs (made if missing)")
+        f"{text!r} exists and is not a folder; name a folder for the "
+        "outputs (made if missing)"
+      )
     if not os.access(text, os.W_OK | os.X_OK):
       raise argparse.ArgumentTypeError(f"folder {text!r} is not writable")
     return text
   parent = _nearest_existing(text)
   if not os.path.isdir(parent):
     raise argparse.ArgumentTypeError(
-        f"cannot make folder {text!r}: {parent!r} is not a folder")
+      f"cannot make folder {text!r}: {parent!r} is not a folder"
+    )
   if not os.access(parent, os.W_OK | os.X_OK):
     raise argparse.ArgumentTypeError(
-        f"cannot make folder {text!r}: {parent!r} is not writable")
+      f"cannot make folder {text!r}: {parent!r} is not writable"
+    )
   return text
 
 
@@ -170,8 +175,7 @@ def add_quick_flag(parser: argparse.ArgumentParser) -> None:
 
 def quick_requested(args: argparse.Namespace) -> bool:
   """``--quick`` was given, or ``MADAM_QUICK=1`` is set."""
-  return bool(getattr(args, "quick", False)
-              or os.environ.get(QUICK_ENV) == "1")
+  return bool(getattr(args, "quick", False) or os.environ.get(QUICK_ENV) == "1")
 
 
 def resolve_steps(args: argparse.Namespace, default: int) -> int:
@@ -200,6 +204,7 @@ def one_line_errors(prog: str) -> Callable[[_F], _F]:
   Returns:
     A decorator.
   """
+
   def decorate(main: _F) -> _F:
     @functools.wraps(main)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
@@ -209,5 +214,7 @@ def one_line_errors(prog: str) -> Callable[[_F], _F]:
         message = " ".join(str(e).splitlines())
         print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
     return wrapped  # type: ignore[return-value]
+
   return decorate

@@ -17,8 +17,8 @@ import importlib
 import inspect
 import os
 import pickle
-import warnings
 from typing import NamedTuple, Sequence
+import warnings
 
 import numpy as np
 
@@ -31,28 +31,90 @@ UNKNOWN_CHAR = "?"
 # User text with a larger share of characters outside VOCAB is refused
 # (random bytes, another script, UTF-16): it would train on '?'s.
 MAX_UNKNOWN_FRACTION = 0.05
-CIFAR10_FIX = ("pass the cifar-10-batches-py folder of the 'CIFAR-10 python "
-               "version' (data_batch_1 ... data_batch_5 and test_batch)")
+CIFAR10_FIX = (
+  "pass the cifar-10-batches-py folder of the 'CIFAR-10 python "
+  "version' (data_batch_1 ... data_batch_5 and test_batch)"
+)
 
 # Standard-library modules whose docstrings make the built-in corpus. Fixed and
 # sorted so the corpus is the same on every run of a given Python version.
 STDLIB_CORPUS_MODULES = (
-    "argparse", "ast", "asyncio", "base64", "bisect", "calendar", "collections",
-    "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal",
-    "difflib", "email", "enum", "fractions", "ftplib", "functools", "getopt",
-    "gettext", "glob", "gzip", "heapq", "hmac", "html", "http.client",
-    "imaplib", "inspect", "ipaddress", "json", "locale", "logging", "mailbox",
-    "math", "mimetypes", "numbers", "operator", "optparse", "os", "pathlib",
-    "pickle", "pprint", "pydoc", "queue", "random", "re", "sched", "shlex",
-    "shutil", "smtplib", "socket", "statistics", "string", "subprocess",
-    "tarfile", "tempfile", "textwrap", "threading", "timeit", "tokenize",
-    "trace", "traceback", "typing", "unittest", "urllib.parse",
-    "uuid", "warnings", "weakref", "zipfile",
+  "argparse",
+  "ast",
+  "asyncio",
+  "base64",
+  "bisect",
+  "calendar",
+  "collections",
+  "contextlib",
+  "copy",
+  "csv",
+  "dataclasses",
+  "datetime",
+  "decimal",
+  "difflib",
+  "email",
+  "enum",
+  "fractions",
+  "ftplib",
+  "functools",
+  "getopt",
+  "gettext",
+  "glob",
+  "gzip",
+  "heapq",
+  "hmac",
+  "html",
+  "http.client",
+  "imaplib",
+  "inspect",
+  "ipaddress",
+  "json",
+  "locale",
+  "logging",
+  "mailbox",
+  "math",
+  "mimetypes",
+  "numbers",
+  "operator",
+  "optparse",
+  "os",
+  "pathlib",
+  "pickle",
+  "pprint",
+  "pydoc",
+  "queue",
+  "random",
+  "re",
+  "sched",
+  "shlex",
+  "shutil",
+  "smtplib",
+  "socket",
+  "statistics",
+  "string",
+  "subprocess",
+  "tarfile",
+  "tempfile",
+  "textwrap",
+  "threading",
+  "timeit",
+  "tokenize",
+  "trace",
+  "traceback",
+  "typing",
+  "unittest",
+  "urllib.parse",
+  "uuid",
+  "warnings",
+  "weakref",
+  "zipfile",
 )
 
 
 class ImageData(NamedTuple):
   """Train/test images (N, H, W, C) float32 in [0, 1] and int32 labels."""
+
   x_train: np.ndarray
   y_train: np.ndarray
   x_test: np.ndarray
@@ -66,6 +128,7 @@ class TextData(NamedTuple):
   ``unknown`` counts the characters of the text outside ``vocab`` (encoded
   as ``UNKNOWN_CHAR``).
   """
+
   train: np.ndarray
   valid: np.ndarray
   vocab: str
@@ -77,8 +140,9 @@ class TextData(NamedTuple):
     return len(self.train) + len(self.valid)
 
 
-def load_digits(test_fraction: float = 0.25, seed: int = 0, *,
-                standardise: bool = True) -> ImageData:
+def load_digits(
+  test_fraction: float = 0.25, seed: int = 0, *, standardise: bool = True
+) -> ImageData:
   """scikit-learn's bundled 8x8 digits, split once, stratified by class.
 
   Pixels are scaled to [0, 1] (``/ 16``); with ``standardise`` the images are
@@ -105,11 +169,13 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0, *,
   """
   from sklearn import datasets  # pylint: disable=import-outside-toplevel
   from sklearn import model_selection  # pylint: disable=import-outside-toplevel
+
   digits = datasets.load_digits()
   x = (digits.images.astype(np.float32) / 16.0)[..., None]
   y = digits.target.astype(np.int32)
   x_train, x_test, y_train, y_test = model_selection.train_test_split(
-      x, y, test_size=test_fraction, random_state=seed, stratify=y)
+    x, y, test_size=test_fraction, random_state=seed, stratify=y
+  )
   if standardise:
     mean, std = x_train.mean(), x_train.std()
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
@@ -126,28 +192,33 @@ def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     # Junk fails to unpickle in many ways (UnpicklingError, EOFError,
     # ValueError, KeyError, ...): all mean the same to the user.
     raise InputError(
-        f"{path} is not a CIFAR-10 python batch (it does not unpickle: "
-        f"{type(e).__name__}); {CIFAR10_FIX}.") from e
+      f"{path} is not a CIFAR-10 python batch (it does not unpickle: "
+      f"{type(e).__name__}); {CIFAR10_FIX}."
+    ) from e
   if not isinstance(batch, dict):
     raise InputError(
-        f"{path} is not a CIFAR-10 python batch (it holds a "
-        f"{type(batch).__name__}, not a dict); {CIFAR10_FIX}.")
+      f"{path} is not a CIFAR-10 python batch (it holds a "
+      f"{type(batch).__name__}, not a dict); {CIFAR10_FIX}."
+    )
   data = batch.get(b"data", batch.get("data"))
   labels = batch.get(b"labels", batch.get("labels"))
   if data is None or labels is None:
     raise InputError(
-        f"{path} is not a CIFAR-10 python batch: it needs the keys "
-        f"b'data' (N x 3072 uint8) and b'labels'; {CIFAR10_FIX}.")
+      f"{path} is not a CIFAR-10 python batch: it needs the keys "
+      f"b'data' (N x 3072 uint8) and b'labels'; {CIFAR10_FIX}."
+    )
   data = np.asarray(data, dtype=np.uint8)
   if data.ndim != 2 or data.shape[1] != 3072:
     raise InputError(
-        f"{path}: b'data' has shape {data.shape}; CIFAR-10 batches hold rows "
-        "of 3072 bytes (3 x 32 x 32, channel-major).")
+      f"{path}: b'data' has shape {data.shape}; CIFAR-10 batches hold rows "
+      "of 3072 bytes (3 x 32 x 32, channel-major)."
+    )
   labels = np.asarray(labels, np.int32)
   if labels.shape != (len(data),):
     raise InputError(
-        f"{path}: {len(data)} images but labels of shape {labels.shape}; a "
-        "CIFAR-10 batch has one label per image.")
+      f"{path}: {len(data)} images but labels of shape {labels.shape}; a "
+      "CIFAR-10 batch has one label per image."
+    )
   images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
   return images.astype(np.float32) / 255.0, labels
 
@@ -217,7 +288,7 @@ def _stdlib_docstrings() -> str:
       seen.add(doc)
       pieces.append(doc.strip() + "\n\n")
 
-  with warnings.catch_warnings():   # deprecated aliases (typing.io) warn
+  with warnings.catch_warnings():  # deprecated aliases (typing.io) warn
     warnings.simplefilter("ignore")
     for name in STDLIB_CORPUS_MODULES:
       try:
@@ -235,7 +306,9 @@ def _stdlib_docstrings() -> str:
           add(obj)
         if inspect.isclass(obj):
           for member in sorted(vars(obj)):
-            if not member.startswith("_") and inspect.isfunction(vars(obj)[member]):
+            if not member.startswith("_") and inspect.isfunction(
+              vars(obj)[member]
+            ):
               add(vars(obj)[member])
   return "".join(pieces)
 
@@ -257,31 +330,40 @@ def _split_text(text: str, valid_fraction: float) -> TextData:
   return TextData(ids[:-n_valid], ids[-n_valid:], VOCAB, unknown_count(text))
 
 
-def load_stdlib_text(max_chars: int | None = 400_000,
-                     valid_fraction: float = 0.1) -> TextData:
+def load_stdlib_text(
+  max_chars: int | None = 400_000, valid_fraction: float = 0.1
+) -> TextData:
   """The built-in corpus, encoded; the last ``valid_fraction`` is held out."""
   return _split_text(stdlib_docstring_corpus(max_chars), valid_fraction)
 
 
 def _text_file_list(path: str) -> list[str]:
   if not os.path.exists(path):
-    raise InputError(f"{path!r} does not exist; expected a text file or a "
-                     "folder of .txt files.")
+    raise InputError(
+      f"{path!r} does not exist; expected a text file or a "
+      "folder of .txt files."
+    )
   if not os.path.isdir(path):
     return [path]
-  files = sorted(os.path.join(path, n) for n in os.listdir(path)
-                 if n.endswith(".txt") and os.path.isfile(os.path.join(path, n)))
+  files = sorted(
+    os.path.join(path, n)
+    for n in os.listdir(path)
+    if n.endswith(".txt") and os.path.isfile(os.path.join(path, n))
+  )
   if not files:
     raise InputError(
-        f"folder {path!r} holds no .txt files; put UTF-8 text in files ending "
-        "in .txt there (other files are ignored), or give one text file.")
+      f"folder {path!r} holds no .txt files; put UTF-8 text in files ending "
+      "in .txt there (other files are ignored), or give one text file."
+    )
   return files
 
 
-def load_text_files(paths: str | os.PathLike | Sequence[str | os.PathLike],
-                    valid_fraction: float = 0.1, *,
-                    max_unknown_fraction: float = MAX_UNKNOWN_FRACTION
-                    ) -> TextData:
+def load_text_files(
+  paths: str | os.PathLike | Sequence[str | os.PathLike],
+  valid_fraction: float = 0.1,
+  *,
+  max_unknown_fraction: float = MAX_UNKNOWN_FRACTION,
+) -> TextData:
   """A user's own text: one file, a folder of ``.txt`` files, or a list.
 
   Files are read as UTF-8 (undecodable bytes replaced) and concatenated in
@@ -321,15 +403,17 @@ def load_text_files(paths: str | os.PathLike | Sequence[str | os.PathLike],
   where = files[0] if len(files) == 1 else f"{len(files)} files"
   if len(text) < 100:
     raise InputError(
-        f"the text in {where} has {len(text)} characters; the language model "
-        "needs at least 100 (and many thousands to learn anything).")
+      f"the text in {where} has {len(text)} characters; the language model "
+      "needs at least 100 (and many thousands to learn anything)."
+    )
   data = _split_text(text, valid_fraction)
   if data.unknown > max_unknown_fraction * len(text):
     raise InputError(
-        f"{data.unknown:,} of the {len(text):,} characters read from {where} "
-        f"({data.unknown / len(text):.0%}) are outside the model's "
-        f"vocabulary (printable ASCII and newline) and would train as "
-        f"{UNKNOWN_CHAR!r}; is it UTF-8 text? At most "
-        f"{max_unknown_fraction:.0%} is accepted: raise max_unknown_fraction "
-        "(--max-unknown-fraction) to train on it anyway.")
+      f"{data.unknown:,} of the {len(text):,} characters read from {where} "
+      f"({data.unknown / len(text):.0%}) are outside the model's "
+      f"vocabulary (printable ASCII and newline) and would train as "
+      f"{UNKNOWN_CHAR!r}; is it UTF-8 text? At most "
+      f"{max_unknown_fraction:.0%} is accepted: raise max_unknown_fraction "
+      "(--max-unknown-fraction) to train on it anyway."
+    )
   return data

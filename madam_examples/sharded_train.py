@@ -93,8 +93,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import numpy as np
+import optax
 
 from madam_examples import checkpoint_store
 from madam_examples import checkpointing
@@ -111,16 +114,17 @@ from madam_examples import tasks
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Model and training settings (command-line flags of the same names)."""
+
   mesh: str = "data=2,fsdp=4"
   steps: int = 200
-  batch_size: int = 32             # global, over all devices and hosts
+  batch_size: int = 32  # global, over all devices and hosts
   context: int = 64
   dim: int = 64
   heads: int = 4
   layers: int = 2
-  learning_rate: float = 0.01      # Madam's rate; the paper's best everywhere
-  p_scale: float = 2.0             # the paper's value for its Transformer
-  additive_learning_rate: float = 1e-3   # Adam, for zero-initialised leaves
+  learning_rate: float = 0.01  # Madam's rate; the paper's best everywhere
+  p_scale: float = 2.0  # the paper's value for its Transformer
+  additive_learning_rate: float = 1e-3  # Adam, for zero-initialised leaves
   seed: int = 0
   log_every: int = 50
 
@@ -168,25 +172,29 @@ def check_config(config: Config, mesh: jax.sharding.Mesh) -> None:
   """
   fsdp = mesh.shape["fsdp"]
   if config.dim % config.heads:
-    raise cli.InputError(f"--dim {config.dim} is not a multiple of --heads "
-                         f"{config.heads}.")
+    raise cli.InputError(
+      f"--dim {config.dim} is not a multiple of --heads {config.heads}."
+    )
   if config.dim % fsdp:
     raise cli.InputError(
-        f"--dim {config.dim} must be a multiple of the fsdp mesh size {fsdp}, "
-        "which splits every parameter tensor along it.")
+      f"--dim {config.dim} must be a multiple of the fsdp mesh size {fsdp}, "
+      "which splits every parameter tensor along it."
+    )
   if config.batch_size % mesh.size:
     raise cli.InputError(
-        f"--batch-size {config.batch_size} must be a multiple of the "
-        f"{mesh.size} devices of the mesh, which split every batch.")
+      f"--batch-size {config.batch_size} must be a multiple of the "
+      f"{mesh.size} devices of the mesh, which split every batch."
+    )
 
 
 @dataclasses.dataclass
 class Setup:
   """Everything a run needs, built on a mesh."""
+
   mesh: jax.sharding.Mesh
   graphdef: Any
   txs: dict[str, optax.GradientTransformation]
-  state: step.TrainState     # params, optimizer states, key, step: sharded
+  state: step.TrainState  # params, optimizer states, key, step: sharded
   state_sharding: Any
   batch_sharding: NamedSharding
   train_step: Any            # jitted (state, batch) -> (state, loss)
@@ -333,25 +341,33 @@ def optimizer_update(run: Setup):
   """The optimizer update alone, ``(state, grads) -> state``, jitted with the
   run's shardings (the train step without the forward and backward passes):
   for inspecting what it compiles to. ``grads`` has the params' structure."""
+
   def update(state, grads):
     params, opt_state = step.apply_gradients(
-        run.txs["model"], grads["model"], state.opt_state["model"],
-        state.params["model"])
-    return state._replace(params={"model": params},
-                          opt_state={"model": opt_state})
+      run.txs["model"],
+      grads["model"],
+      state.opt_state["model"],
+      state.params["model"],
+    )
+    return state._replace(
+      params={"model": params}, opt_state={"model": opt_state}
+    )
 
-  return jax.jit(update, in_shardings=(run.state_sharding,
-                                       run.state_sharding.params),
-                 out_shardings=run.state_sharding)
+  return jax.jit(
+    update,
+    in_shardings=(run.state_sharding, run.state_sharding.params),
+    out_shardings=run.state_sharding,
+  )
 
 
-def global_batch_rows(tokens: np.ndarray, step_index: int, batch_size: int,
-                      context: int, seed: int) -> np.ndarray:
+def global_batch_rows(
+  tokens: np.ndarray, step_index: int, batch_size: int, context: int, seed: int
+) -> np.ndarray:
   """The ``step_index``-th global batch of windows (``context + 1`` tokens
   each); the same on every process."""
   rng = np.random.default_rng([seed, step_index])
   starts = rng.integers(0, len(tokens) - context - 1, batch_size)
-  return np.stack([tokens[s:s + context + 1] for s in starts])
+  return np.stack([tokens[s : s + context + 1] for s in starts])
 
 
 def local_value(x: jax.Array) -> np.ndarray:
@@ -409,9 +425,10 @@ def train(config: Config, devices: Sequence[Any] | None = None, *,
   text = data.load_stdlib_text()
 
   def batch(tokens, index, seed):
-    return mesh_lib.device_batch(global_batch_rows(
-        tokens, index, config.batch_size, config.context, seed),
-                                 run.batch_sharding)
+    return mesh_lib.device_batch(
+      global_batch_rows(tokens, index, config.batch_size, config.context, seed),
+      run.batch_sharding,
+    )
 
   valid = batch(text.valid, 0, config.seed + 1)
   # Processes may get here far apart (each built its model op by op); CPU
@@ -584,32 +601,45 @@ def _flag_type(field: dataclasses.Field) -> Any:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = cli.ArgumentParser(
-      prog=PROG, description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog="Multi-host: see the module docstring "
-             "(python -m pydoc madam_examples.sharded_train).")
+    prog=PROG,
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog="Multi-host: see the module docstring "
+    "(python -m pydoc madam_examples.sharded_train).",
+  )
   helps = {
-      "mesh": "AXIS=SIZE,... over the axes data and fsdp; one size may be -1 "
-              "(the rest); they multiply to the number of devices",
-      "batch_size": "global batch, over all devices and hosts",
-      "learning_rate": "Madam's learning rate",
-      "p_scale": "Madam's magnitude bound, in initial RMS of each tensor",
-      "additive_learning_rate": "Adam's, for the zero-initialised leaves",
+    "mesh": "AXIS=SIZE,... over the axes data and fsdp; one size may be -1 "
+    "(the rest); they multiply to the number of devices",
+    "batch_size": "global batch, over all devices and hosts",
+    "learning_rate": "Madam's learning rate",
+    "p_scale": "Madam's magnitude bound, in initial RMS of each tensor",
+    "additive_learning_rate": "Adam's, for the zero-initialised leaves",
   }
   for field in dataclasses.fields(Config):
-    parser.add_argument("--" + field.name.replace("_", "-"),
-                        type=_flag_type(field), default=field.default,
-                        help=f"{helps.get(field.name, '')} "
-                             f"(default {field.default})".strip())
-  parser.add_argument("--simulate-devices", type=cli.positive_int,
-                      default=None,
-                      help="split the host CPU into this many JAX devices "
-                           "(testing a mesh without accelerators)")
-  parser.add_argument("--distributed", action="store_true",
-                      help="call jax.distributed.initialize() (auto-detects "
-                           "Cloud TPU, SLURM, Open MPI)")
-  parser.add_argument("--coordinator-address", default=None,
-                      help="host:port of process 0 (multi-host)")
+    parser.add_argument(
+      "--" + field.name.replace("_", "-"),
+      type=_flag_type(field),
+      default=field.default,
+      help=f"{helps.get(field.name, '')} (default {field.default})".strip(),
+    )
+  parser.add_argument(
+    "--simulate-devices",
+    type=cli.positive_int,
+    default=None,
+    help="split the host CPU into this many JAX devices "
+    "(testing a mesh without accelerators)",
+  )
+  parser.add_argument(
+    "--distributed",
+    action="store_true",
+    help="call jax.distributed.initialize() (auto-detects "
+    "Cloud TPU, SLURM, Open MPI)",
+  )
+  parser.add_argument(
+    "--coordinator-address",
+    default=None,
+    help="host:port of process 0 (multi-host)",
+  )
   parser.add_argument("--num-processes", type=int, default=None)
   parser.add_argument("--process-id", type=int, default=None)
   parser.add_argument("--check-collectives", action="store_true",
@@ -739,9 +769,11 @@ def write_metrics(path: str, metrics: dict[str, Any]) -> None:
 def check_mesh(args: argparse.Namespace) -> None:
   """Raises ``InputError`` unless ``--mesh`` fits the devices JAX sees; the
   message says how to change the device count this run has."""
-  hint = (f", or change --simulate-devices {args.simulate_devices}"
-          if args.simulate_devices else
-          ", or pass --simulate-devices N on a CPU host")
+  hint = (
+    f", or change --simulate-devices {args.simulate_devices}"
+    if args.simulate_devices
+    else ", or pass --simulate-devices N on a CPU host"
+  )
   mesh_lib.parse_mesh(args.mesh, jax.device_count(), hint=hint)
 
 
@@ -751,13 +783,17 @@ def log_memory(state: step.TrainState, log: Any) -> None:
   model_bytes = memory.bytes_per_device(state.params)
   opt_bytes = memory.bytes_per_device(state.opt_state)
   devices = sorted(model_bytes, key=lambda d: d.id)
-  where = (f"all {len(devices)} devices" if len(devices) == jax.device_count()
-           else f"this process's {len(devices)} of {jax.device_count()} "
-                "devices")
+  where = (
+    f"all {len(devices)} devices"
+    if len(devices) == jax.device_count()
+    else f"this process's {len(devices)} of {jax.device_count()} devices"
+  )
   log(f"memory on {where}:")
   for device in devices:
-    log(f"  {device}: params {model_bytes[device] / 1024:.1f} KiB, optimizer "
-        f"state {opt_bytes.get(device, 0) / 1024:.1f} KiB")
+    log(
+      f"  {device}: params {model_bytes[device] / 1024:.1f} KiB, optimizer "
+      f"state {opt_bytes.get(device, 0) / 1024:.1f} KiB"
+    )
 
 
 @cli.one_line_errors(PROG)
@@ -765,8 +801,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   initialise_runtime(args)
   check_mesh(args)
-  config = Config(**{f.name: getattr(args, f.name)
-                     for f in dataclasses.fields(Config)})
+  config = Config(
+    **{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+  )
   leader = jax.process_index() == 0
 
   def log(message: str) -> None:
@@ -785,13 +822,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"{result['skipped_steps']} step(s) skipped in all (non-finite loss "
         "or gradient)")
   run, state = result["run"], result["state"]
-  log(f"mesh {dict(run.mesh.shape)}; parameters "
-      f"{sum(x.size for x in jax.tree.leaves(state.params))}")
+  log(
+    f"mesh {dict(run.mesh.shape)}; parameters "
+    f"{sum(x.size for x in jax.tree.leaves(state.params))}"
+  )
   log_memory(state, log)
   if args.check_collectives:
     batch = mesh_lib.device_batch(
-        np.zeros((config.batch_size, config.context + 1), np.int32),
-        run.batch_sharding)
+      np.zeros((config.batch_size, config.context + 1), np.int32),
+      run.batch_sharding,
+    )
     step_hlo = run.train_step.lower(state, batch).compile().as_text()
     update_hlo = optimizer_update(run).lower(
         state, state.params).compile().as_text()

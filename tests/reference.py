@@ -22,25 +22,33 @@ def normalised_gradients(grads_seq, *, b2=0.999, g_bound=10.0):
       v = {k: np.zeros_like(x) for k, x in g.items()}
     g_n = {}
     for k in g:
-      v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2                 # step 2
-      v_hat = v[k] / (1 - b2 ** t)                            # step 3
+      v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2  # step 2
+      v_hat = v[k] / (1 - b2**t)  # step 3
       with np.errstate(invalid="ignore", divide="ignore"):
-        n = g[k] / np.sqrt(v_hat)                             # step 4
+        n = g[k] / np.sqrt(v_hat)  # step 4
       n = np.where(np.isnan(n), 0.0, n)
-      g_n[k] = np.clip(n, -g_bound, g_bound)                  # step 5
+      g_n[k] = np.clip(n, -g_bound, g_bound)  # step 5
     yield t, g_n
 
 
-def madam_reference(params0, grads_seq, *, lr=0.01, p_scale=3.0, g_bound=10.0,
-                    b2=0.999, max_magnitude=None):
+def madam_reference(
+  params0,
+  grads_seq,
+  *,
+  lr=0.01,
+  p_scale=3.0,
+  g_bound=10.0,
+  b2=0.999,
+  max_magnitude=None,
+):
   """Runs Madam (SPEC §1) step by step in float64; returns the weight dicts.
 
   ``params0`` and every element of ``grads_seq`` are dicts of NumPy arrays.
   ``lr`` may be a callable of the 0-based step count (an optax schedule).
   """
   w = {k: np.asarray(v, np.float64).copy() for k, v in params0.items()}
-  if max_magnitude is None:                                   # step 1
-    w_max = {k: p_scale * np.sqrt(np.mean(v ** 2)) for k, v in w.items()}
+  if max_magnitude is None:  # step 1
+    w_max = {k: p_scale * np.sqrt(np.mean(v**2)) for k, v in w.items()}
   else:
     w_max = {k: float(max_magnitude) for k in w}
   history = []
@@ -48,15 +56,16 @@ def madam_reference(params0, grads_seq, *, lr=0.01, p_scale=3.0, g_bound=10.0,
     eta = float(lr(t - 1)) if callable(lr) else lr
     new_w = {}
     for k in w:
-      x = w[k] * np.exp(-eta * g_n[k] * np.sign(w[k]))        # step 6
-      new_w[k] = np.clip(x, -w_max[k], w_max[k])              # step 7
+      x = w[k] * np.exp(-eta * g_n[k] * np.sign(w[k]))  # step 6
+      new_w[k] = np.clip(x, -w_max[k], w_max[k])  # step 7
     w = new_w
     history.append({k: x.copy() for k, x in w.items()})
   return history
 
 
-def integer_rule_reference(codes0, grads_seq, *, levels, levels_per_unit,
-                           b2=0.999, g_bound=10.0):
+def integer_rule_reference(
+  codes0, grads_seq, *, levels, levels_per_unit, b2=0.999, g_bound=10.0
+):
   """Runs SPEC §2's integer rule on LNS codes; returns the codes per step.
 
   A code is ``c = s * (levels - k)``: sign ``s``, level ``k``. Each step,
@@ -80,8 +89,9 @@ def integer_rule_reference(codes0, grads_seq, *, levels, levels_per_unit,
   sign = np.sign(c)
   k = levels - np.abs(c)
   history = []
-  for _, g_n in normalised_gradients([{"c": g} for g in grads_seq], b2=b2,
-                                     g_bound=g_bound):
+  for _, g_n in normalised_gradients(
+    [{"c": g} for g in grads_seq], b2=b2, g_bound=g_bound
+  ):
     step = np.round(levels_per_unit * g_n["c"] * sign).astype(np.int64)
     k = np.clip(k + step, 0, levels - 1)
     history.append(np.where(sign == 0, 0, sign * (levels - k)))

@@ -8,20 +8,20 @@ transform shares is in ``test_contract.py`` and ``test_properties.py``.
 """
 
 import chex
+from hypothesis import given
+from hypothesis import strategies as st
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-
-import madam_optax
-from madam_optax import LNSFormat
 from reference import integer_rule_reference
 from reference import madam_reference
 from transforms import BY_NAME
+
+import madam_optax
+from madam_optax import LNSFormat
 
 # ============================================================ madam (SPEC §1)
 
@@ -34,12 +34,12 @@ STEPS = 200
 REL_BOUND = 4e-6
 
 SHAPES = {
-    "scalar": (),
-    "vector": (7,),
-    "matrix": (16, 9),
-    "conv": (3, 3, 4, 5),
-    "all_zero": (6,),
-    "with_zeros": (5, 4),
+  "scalar": (),
+  "vector": (7,),
+  "matrix": (16, 9),
+  "conv": (3, 3, 4, 5),
+  "all_zero": (6,),
+  "with_zeros": (5, 4),
 }
 
 
@@ -92,19 +92,21 @@ def _max_rel_error(ours, ref):
     zero = b == 0
     np.testing.assert_array_equal(a[zero], 0.0, err_msg=f"leaf {k}")
     if (~zero).any():
-      worst = max(worst, float(np.max(np.abs(a[~zero] - b[~zero]) / np.abs(b[~zero]))))
+      worst = max(
+        worst, float(np.max(np.abs(a[~zero] - b[~zero]) / np.abs(b[~zero])))
+      )
   return worst
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize(
-    "kwargs",
-    [
-        {},
-        {"learning_rate": 0.1, "p_scale": 1.0, "g_bound": 2.0, "b2": 0.9},
-        {"max_magnitude": 1.5, "b2": 0.99},
-    ],
-    ids=["defaults", "aggressive", "fixed-bound"],
+  "kwargs",
+  [
+    {},
+    {"learning_rate": 0.1, "p_scale": 1.0, "g_bound": 2.0, "b2": 0.9},
+    {"max_magnitude": 1.5, "b2": 0.99},
+  ],
+  ids=["defaults", "aggressive", "fixed-bound"],
 )
 def test_matches_float64_reference(seed, kwargs):
   rng = np.random.default_rng(seed)
@@ -129,7 +131,9 @@ def test_matches_reference_with_schedule():
   params = _initial_params(rng)
   grads_seq = _gradients(rng, 60)
   schedule = optax.exponential_decay(0.05, transition_steps=10, decay_rate=0.5)
-  ours = _run_madam(madam_optax.madam(learning_rate=schedule), params, grads_seq)
+  ours = _run_madam(
+    madam_optax.madam(learning_rate=schedule), params, grads_seq
+  )
   ref = madam_reference(params, grads_seq, lr=schedule)
   assert _max_rel_error(ours[-1], ref[-1]) <= REL_BOUND
 
@@ -142,7 +146,9 @@ def test_relative_error_bound():
   ours = _run_madam(madam_optax.madam(), params, grads_seq)
   ref = madam_reference(params, grads_seq)
   worst = max(_max_rel_error(o, r) for o, r in zip(ours, ref))
-  assert worst <= REL_BOUND, f"worst relative error over {STEPS} steps: {worst:.3g}"
+  assert worst <= REL_BOUND, (
+    f"worst relative error over {STEPS} steps: {worst:.3g}"
+  )
   print(f"worst relative error over {STEPS} steps: {worst:.3g}")
 
 
@@ -151,17 +157,24 @@ def test_relative_error_bound():
 N = 12
 STEPS_H = 6  # steps of the hypothesis trajectories
 F32_MAX = float(np.finfo(np.float32).max)
-finite_f32 = st.floats(-F32_MAX, F32_MAX, allow_nan=False, allow_infinity=False,
-                       width=32)
+finite_f32 = st.floats(
+  -F32_MAX, F32_MAX, allow_nan=False, allow_infinity=False, width=32
+)
 # XLA flushes float32 subnormals to zero; (1 - b2)**0.5 * g is subnormal for
 # |g| below about 4e-37, and such gradients count as zero (documented).
 normal_f32 = finite_f32.filter(lambda x: x == 0 or abs(x) >= 1e-30)
 moderate_f32 = st.floats(-1e3, 1e3, allow_nan=False, width=32)
 # Weights: ordinary, zero and tiny (1e-20) values. XLA flushes float32
 # subnormals to zero, so magnitudes below 1e-30 are left out.
-weights = hnp.arrays(np.float32, (N,), elements=st.one_of(
-    moderate_f32, st.just(0.0), st.floats(-1e-20, 1e-20).map(np.float32).map(float)
-).filter(lambda x: x == 0 or abs(x) >= 1e-30))
+weights = hnp.arrays(
+  np.float32,
+  (N,),
+  elements=st.one_of(
+    moderate_f32,
+    st.just(0.0),
+    st.floats(-1e-20, 1e-20).map(np.float32).map(float),
+  ).filter(lambda x: x == 0 or abs(x) >= 1e-30),
+)
 learning_rates = st.floats(1e-4, 1.0)
 
 
@@ -180,24 +193,33 @@ def _unbounded_trajectory(w0, grad_seq, lr):
   return jax.lax.scan(step, (params, tx.init(params)), grad_seq)[1]
 
 
-@given(weights, hnp.arrays(np.float32, (STEPS_H, N), elements=normal_f32),
-       learning_rates)
+@given(
+  weights,
+  hnp.arrays(np.float32, (STEPS_H, N), elements=normal_f32),
+  learning_rates,
+)
 def test_first_madam_step_is_a_sign_step(w0, grad_seq, lr):
   """Step 1 is ``w * exp(-lr sign(g) sign(w))`` (SPEC §1: g_n = sign(g))."""
   ws = np.asarray(_unbounded_trajectory(w0, grad_seq, lr))
   expected = w0.astype(np.float64) * np.exp(
-      -lr * np.sign(grad_seq[0]) * np.sign(w0))
+    -lr * np.sign(grad_seq[0]) * np.sign(w0)
+  )
   np.testing.assert_allclose(ws[0], expected, rtol=1e-6, atol=0)
 
 
-@given(weights, hnp.arrays(np.float32, (STEPS_H, N), elements=finite_f32),
-       learning_rates)
+@given(
+  weights,
+  hnp.arrays(np.float32, (STEPS_H, N), elements=finite_f32),
+  learning_rates,
+)
 def test_log_magnitude_moves_at_most_lr_times_g_bound(w0, grad_seq, lr):
   ws = np.asarray(_unbounded_trajectory(w0, grad_seq, lr))
   prev = np.concatenate([w0[None], ws[:-1]])
   mask = (np.abs(prev) > 1e-30) & (np.abs(ws) > 1e-30)
-  step = np.abs(np.log(np.abs(ws[mask].astype(np.float64)))
-                - np.log(np.abs(prev[mask].astype(np.float64))))
+  step = np.abs(
+    np.log(np.abs(ws[mask].astype(np.float64)))
+    - np.log(np.abs(prev[mask].astype(np.float64)))
+  )
   assert np.all(step <= lr * 10.0 * (1 + 1e-5) + 1e-6)
 
 
@@ -205,15 +227,17 @@ def test_log_magnitude_moves_at_most_lr_times_g_bound(w0, grad_seq, lr):
 
 
 def test_madam_minimises_rosenbrock_from_off_the_valley():
-  params = {"xy": jnp.array([1.5, 2.0])}   # same signs as the optimum (1, 1)
+  params = {"xy": jnp.array([1.5, 2.0])}  # same signs as the optimum (1, 1)
 
   def rosenbrock(p):
     x, y = p["xy"]
-    return (1 - x) ** 2 + 100 * (y - x ** 2) ** 2
+    return (1 - x) ** 2 + 100 * (y - x**2) ** 2
 
   # Constant lr 0.01 "jitters" near the optimum (loss ~2e-2); decaying it, as
   # the paper advises, converges.
-  tx = madam_optax.madam(learning_rate=optax.cosine_decay_schedule(0.01, 10_000))
+  tx = madam_optax.madam(
+    learning_rate=optax.cosine_decay_schedule(0.01, 10_000)
+  )
   state = tx.init(params)
 
   def step(carry, _):
@@ -222,7 +246,8 @@ def test_madam_minimises_rosenbrock_from_off_the_valley():
     return (optax.apply_updates(params, updates), state), None
 
   (params, state), _ = jax.jit(
-      lambda c: jax.lax.scan(step, c, None, length=10_000))((params, state))
+    lambda c: jax.lax.scan(step, c, None, length=10_000)
+  )((params, state))
   assert rosenbrock(params) < 1e-3
 
 
@@ -279,8 +304,9 @@ def test_apply_if_finite_skips_non_finite_steps():
   updates, state = jax.jit(tx.update)(bad, state, params)
   chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
   assert int(state.notfinite_count) == 1
-  updates, state = jax.jit(tx.update)(MADAM.example_grads(params, 0), state,
-                                      params)
+  updates, state = jax.jit(tx.update)(
+    MADAM.example_grads(params, 0), state, params
+  )
   assert int(state.notfinite_count) == 0
   chex.assert_tree_all_finite(updates)
 
@@ -315,18 +341,21 @@ def test_reference_mode_matches_the_integer_rule_exactly():
   rng = np.random.default_rng(0)
   n, steps = 600, 40
   codes0 = rng.integers(1, fmt.levels + 1, n) * rng.choice([-1, 1], n)
-  codes0[:20] = 0                                        # exact zeros
-  codes0[20:40] = np.sign(codes0[20:40]) * fmt.levels    # at the bound
-  codes0[40:60] = np.sign(codes0[40:60])                 # at the bottom
-  scales = rng.lognormal(0, 2, n)                        # varied magnitudes
-  grads = [(rng.normal(size=n) * scales).astype(np.float32) for _ in range(steps)]
+  codes0[:20] = 0  # exact zeros
+  codes0[20:40] = np.sign(codes0[20:40]) * fmt.levels  # at the bound
+  codes0[40:60] = np.sign(codes0[40:60])  # at the bottom
+  scales = rng.lognormal(0, 2, n)  # varied magnitudes
+  grads = [
+    (rng.normal(size=n) * scales).astype(np.float32) for _ in range(steps)
+  ]
   for g in grads[5:15]:
-    g[60:80] = 0.0                                       # 0/0 for a while
+    g[60:80] = 0.0  # 0/0 for a while
   grads[0][80:90] = 0.0
-  grads[3][100:200] = 1e4                                # bursts: g_n > g_bound
+  grads[3][100:200] = 1e4  # bursts: g_n > g_bound
   # lr / log(base) = 0.01 / 0.001: SPEC §2's round(10 g_n).
-  expected = integer_rule_reference(codes0, grads, levels=fmt.levels,
-                                    levels_per_unit=10)
+  expected = integer_rule_reference(
+    codes0, grads, levels=fmt.levels, levels_per_unit=10
+  )
 
   tx = madam_optax.lns_madam_reference()
   codes = {"w": jnp.asarray(codes0, jnp.int16)}
@@ -339,7 +368,7 @@ def test_reference_mode_matches_the_integer_rule_exactly():
     assert codes["w"].dtype == jnp.int16
     np.testing.assert_array_equal(np.asarray(codes["w"]), expected[t])
     hit_bounds |= set(np.abs(expected[t]).tolist()) & {1, fmt.levels}
-  assert hit_bounds == {1, fmt.levels}           # both clamps exercised
+  assert hit_bounds == {1, fmt.levels}  # both clamps exercised
 
 
 def _regression_problem(seed=0):
@@ -347,10 +376,12 @@ def _regression_problem(seed=0):
   x = rng.normal(size=(256, 16)).astype(np.float32)
   w_true = rng.normal(size=(16, 4)).astype(np.float32)
   y = np.tanh(x @ w_true)
-  params = {"w1": jnp.asarray(rng.normal(size=(16, 32)) / 4, jnp.float32),
-            "b1": jnp.zeros(32),
-            "w2": jnp.asarray(rng.normal(size=(32, 4)) / 6, jnp.float32),
-            "b2": jnp.zeros(4)}
+  params = {
+    "w1": jnp.asarray(rng.normal(size=(16, 32)) / 4, jnp.float32),
+    "b1": jnp.zeros(32),
+    "w2": jnp.asarray(rng.normal(size=(32, 4)) / 6, jnp.float32),
+    "b2": jnp.zeros(4),
+  }
 
   def loss(p, x, y):
     h = jnp.tanh(x @ p["w1"] + p["b1"])
@@ -359,17 +390,23 @@ def _regression_problem(seed=0):
   return params, loss, jnp.asarray(x), jnp.asarray(y)
 
 
-@pytest.mark.parametrize("levels, dtype, rounding", [
-    (127, jnp.int8, "stochastic"), (127, jnp.int8, "nearest"),
-    (4096, jnp.int16, "stochastic")])
+@pytest.mark.parametrize(
+  "levels, dtype, rounding",
+  [
+    (127, jnp.int8, "stochastic"),
+    (127, jnp.int8, "nearest"),
+    (4096, jnp.int16, "stochastic"),
+  ],
+)
 def test_codes_stay_integers_through_training(levels, dtype, rounding):
   params, loss, x, y = _regression_problem()
   fmt = LNSFormat.spanning(levels)
   codes, max_magnitudes = madam_optax.lns_encode_tree(params, fmt)
   tx = madam_optax.with_additive_fallback(
-      codes, madam_optax.lns_madam(fmt, rounding=rounding,
-                                   state_dtype=jnp.bfloat16),
-      optax.adam(1e-2))
+    codes,
+    madam_optax.lns_madam(fmt, rounding=rounding, state_dtype=jnp.bfloat16),
+    optax.adam(1e-2),
+  )
   state = tx.init(codes)
   value_and_grad = madam_optax.lns_value_and_grad(loss, max_magnitudes, fmt)
 
@@ -407,13 +444,17 @@ def test_lns_madam_under_inject_hyperparams_and_schedule():
   plain = madam_optax.lns_madam(fmt, 0.05, rounding="nearest")
   # The codes are int8: hyperparam_dtype keeps the injected rate a float.
   injected = optax.inject_hyperparams(
-      madam_optax.lns_madam, static_args=("fmt", "rounding", "seed"),
-      hyperparam_dtype=jnp.float32)(fmt, learning_rate=0.05,
-                                    rounding="nearest")
-  scheduled = madam_optax.lns_madam(fmt, optax.constant_schedule(0.05),
-                                    rounding="nearest")
-  out = [tx.update(g, tx.init(codes), codes)[0]["w"]
-         for tx in (plain, injected, scheduled)]
+    madam_optax.lns_madam,
+    static_args=("fmt", "rounding", "seed"),
+    hyperparam_dtype=jnp.float32,
+  )(fmt, learning_rate=0.05, rounding="nearest")
+  scheduled = madam_optax.lns_madam(
+    fmt, optax.constant_schedule(0.05), rounding="nearest"
+  )
+  out = [
+    tx.update(g, tx.init(codes), codes)[0]["w"]
+    for tx in (plain, injected, scheduled)
+  ]
   # The float32 and float64 routes to lr / log(base) may differ at a rounding
   # boundary; all entries here are far from one.
   chex.assert_trees_all_equal(out[0], out[1], out[2])
@@ -423,7 +464,9 @@ def test_lns_madam_under_inject_hyperparams_and_schedule():
 def test_lns_madam_errors():
   fmt = LNSFormat.spanning(127)
   tx = madam_optax.lns_madam(fmt)
-  with pytest.raises(ValueError, match=r"\['b'\].*float32.*with_additive_fallback"):
+  with pytest.raises(
+    ValueError, match=r"\['b'\].*float32.*with_additive_fallback"
+  ):
     tx.init({"b": jnp.zeros(3)})
   big = madam_optax.lns_madam(LNSFormat.spanning(4096))
   with pytest.raises(ValueError, match="int8.*4096"):

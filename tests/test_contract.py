@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 import transforms
 from transforms import BY_NAME
 from transforms import EXTRA_ARGS
@@ -39,18 +38,16 @@ from transforms import MAP_PARAMS
 # LNS grid's smallest magnitude (bound * exp(-4)). The problems are
 # independent leaves of one tree, minimised in one run.
 START = {
-    "parabola": jnp.array([1.0, -3.0, 2.0]),
-    "rosenbrock": jnp.array([0.5, 0.25]),
-    "matrix": jnp.array([[2.0, -1.0], [0.5, 3.0]]),
-    "mixed": (jnp.array([0.5, -2.0, 1.0]),
-              jnp.array([[2.0, 1.0], [-0.5, 0.5]])),
+  "parabola": jnp.array([1.0, -3.0, 2.0]),
+  "rosenbrock": jnp.array([0.5, 0.25]),
+  "matrix": jnp.array([[2.0, -1.0], [0.5, 3.0]]),
+  "mixed": (jnp.array([0.5, -2.0, 1.0]), jnp.array([[2.0, 1.0], [-0.5, 0.5]])),
 }
 OPTIMUM = {
-    "parabola": jnp.array([2.0, -1.0, 0.5]),
-    "rosenbrock": jnp.array([1.0, 1.0]),
-    "matrix": jnp.array([[3.0, -2.0], [1.0, 4.0]]),
-    "mixed": (jnp.array([1.0, -1.0, 2.0]),
-              jnp.array([[1.0, 0.5], [-1.0, 1.0]])),
+  "parabola": jnp.array([2.0, -1.0, 0.5]),
+  "rosenbrock": jnp.array([1.0, 1.0]),
+  "matrix": jnp.array([[3.0, -2.0], [1.0, 4.0]]),
+  "mixed": (jnp.array([1.0, -1.0, 2.0]), jnp.array([[1.0, 0.5], [-1.0, 1.0]])),
 }
 PROBLEMS = tuple(START)
 STEPS = 5000
@@ -59,10 +56,12 @@ STEPS = 5000
 def total_loss(w):
   """Squared distance to the optimum, plus Rosenbrock (a=1, b=100)."""
   x, y = w["rosenbrock"]
-  rosenbrock = (1 - x) ** 2 + 100 * (y - x ** 2) ** 2
-  quadratic = [jnp.sum((a - b) ** 2) for name in ("parabola", "matrix", "mixed")
-               for a, b in zip(jax.tree.leaves(w[name]),
-                               jax.tree.leaves(OPTIMUM[name]))]
+  rosenbrock = (1 - x) ** 2 + 100 * (y - x**2) ** 2
+  quadratic = [
+    jnp.sum((a - b) ** 2)
+    for name in ("parabola", "matrix", "mixed")
+    for a, b in zip(jax.tree.leaves(w[name]), jax.tree.leaves(OPTIMUM[name]))
+  ]
   return rosenbrock + sum(quadratic)
 
 
@@ -78,8 +77,12 @@ def converged(name):
   fmt = case.format_for("int16")
   params, decode = case.encode(START, fmt)
   tx = case.optimizer(
-      params, learning_rate=optax.cosine_decay_schedule(0.01, STEPS),
-      defaults=True, fmt=fmt, **case.converge)
+    params,
+    learning_rate=optax.cosine_decay_schedule(0.01, STEPS),
+    defaults=True,
+    fmt=fmt,
+    **case.converge,
+  )
 
   def step(carry, _):
     params, state = carry
@@ -88,17 +91,24 @@ def converged(name):
     return (optax.apply_updates(params, updates), state), None
 
   (params, _), _ = jax.jit(lambda c: jax.lax.scan(step, c, None, STEPS))(
-      (params, tx.init(params)))
+    (params, tx.init(params))
+  )
   return decode(params)
 
 
-@pytest.mark.parametrize("case, problem", [
+@pytest.mark.parametrize(
+  "case, problem",
+  [
     case.param(f"converges_{problem}", problem)
-    for case in transforms.CASES for problem in PROBLEMS])
+    for case in transforms.CASES
+    for problem in PROBLEMS
+  ],
+)
 def test_converges(case, problem):
   """Contrib's tolerance (3e-2 relative and absolute) at the optimum."""
-  chex.assert_trees_all_close(converged(case.name)[problem], OPTIMUM[problem],
-                              rtol=3e-2, atol=3e-2)
+  chex.assert_trees_all_close(
+    converged(case.name)[problem], OPTIMUM[problem], rtol=3e-2, atol=3e-2
+  )
 
 
 # ------------------------------------------------------------------ helpers
@@ -139,9 +149,14 @@ def test_update_accepts_extra_keyword_arguments(case):
   """``optax.chain`` passes keyword arguments on to every part's update."""
   params = case.example_params()
   tx = case.transform(params)
-  params, state = run(tx, params, case, steps=2,
-                      unexpected_extra_args_your_optimizer_doesnt_expect=1,
-                      value=jnp.array(1.0))
+  params, state = run(
+    tx,
+    params,
+    case,
+    steps=2,
+    unexpected_extra_args_your_optimizer_doesnt_expect=1,
+    value=jnp.array(1.0),
+  )
   chex.assert_tree_all_finite(jax.tree.leaves(state))
 
 
@@ -149,35 +164,47 @@ def test_update_accepts_extra_keyword_arguments(case):
 def test_inject_hyperparams_matches_plain_call(case):
   params = case.example_params()
   plain, plain_state = plain_run(case.name)
-  injected, injected_state = run(case.optimizer(params, inject=True), params,
-                                 case)
+  injected, injected_state = run(
+    case.optimizer(params, inject=True), params, case
+  )
   chex.assert_trees_all_close(plain, injected, rtol=1e-6)
   # Contrib compares the states too: the injected one holds the plain one.
-  inner = jax.tree.map(lambda x: x.inner_state if is_injected(x) else x,
-                       injected_state, is_leaf=is_injected)
+  inner = jax.tree.map(
+    lambda x: x.inner_state if is_injected(x) else x,
+    injected_state,
+    is_leaf=is_injected,
+  )
   chex.assert_trees_all_close(plain_state, inner, rtol=1e-6)
   # Every hyperparameter is really injected (held in the state as an array).
-  found = [x for x in jax.tree.leaves(injected_state, is_leaf=is_injected)
-           if is_injected(x)]
+  found = [
+    x
+    for x in jax.tree.leaves(injected_state, is_leaf=is_injected)
+    if is_injected(x)
+  ]
   assert len(found) == 1
   assert set(case.hyperparams) == set(found[0].hyperparams)
 
 
-@pytest.mark.parametrize("case", transforms.cases(
-    where=lambda case: case.takes_learning_rate))
+@pytest.mark.parametrize(
+  "case", transforms.cases(where=lambda case: case.takes_learning_rate)
+)
 def test_learning_rate_schedule_matches_constant(case):
   params = case.example_params()
   schedule = optax.constant_schedule(case.hyperparams["learning_rate"])
-  scheduled, _ = run(case.optimizer(params, learning_rate=schedule), params,
-                     case)
+  scheduled, _ = run(
+    case.optimizer(params, learning_rate=schedule), params, case
+  )
   chex.assert_trees_all_close(scheduled, plain_run(case.name)[0], rtol=1e-6)
 
 
 def dtype_params():
   """Each float case once, on a tree of all four float dtypes; each code case
   once per codes' dtype."""
-  return [case.param(None, dtype) for case in transforms.CASES
-          for dtype in (case.dtypes if case.codes else ["mixed_floats"])]
+  return [
+    case.param(None, dtype)
+    for case in transforms.CASES
+    for dtype in (case.dtypes if case.codes else ["mixed_floats"])
+  ]
 
 
 def params_of_dtype(case, dtype):
@@ -186,8 +213,12 @@ def params_of_dtype(case, dtype):
   if dtype != "mixed_floats":
     return case.example_params(dtype)
   weights = transforms.example_weights()
-  tensors = (weights["dense"]["kernel"], weights["dense"]["bias"],
-             weights["scale"], weights["dense"]["kernel"].T)
+  tensors = (
+    weights["dense"]["kernel"],
+    weights["dense"]["bias"],
+    weights["scale"],
+    weights["dense"]["kernel"].T,
+  )
   return {d: w.astype(d) for d, w in zip(transforms.FLOAT_DTYPES, tensors)}
 
 
@@ -213,17 +244,20 @@ def test_dtypes_kept_stable_under_cond_and_compiled_once(case, dtype):
         updates, new_state = tx.update(grads, state, params)
         chex.assert_trees_all_equal_dtypes(updates, params)
         return optax.apply_updates(params, updates), new_state
+
       # lax.cond demands identical dtypes (and weak types) in both branches.
       return jax.lax.cond(pred, do, lambda x: x, (params, state))
 
     for i, pred in enumerate([True, False, True]):
-      new_params, new_state = step(params, state, case.example_grads(params, i),
-                                   pred)
+      new_params, new_state = step(
+        params, state, case.example_grads(params, i), pred
+      )
       chex.assert_trees_all_equal_dtypes(new_params, params)
       chex.assert_trees_all_equal_dtypes(new_state, state)
       params, state = new_params, new_state
-    chex.assert_tree_all_finite(jax.tree.map(
-        lambda p: p.astype(jnp.float32), params))
+    chex.assert_tree_all_finite(
+      jax.tree.map(lambda p: p.astype(jnp.float32), params)
+    )
 
 
 @pytest.mark.parametrize("case", transforms.cases())
@@ -245,9 +279,11 @@ def test_multisteps_accumulates_then_applies(case):
   chex.assert_trees_all_equal(u0, jax.tree.map(jnp.zeros_like, params))
   # The new weights (an update that lands on a grid point is the difference
   # of two close numbers: compare what it gives).
-  chex.assert_trees_all_close(optax.apply_updates(params, u1),
-                              optax.apply_updates(params, expected),
-                              rtol=1e-6)
+  chex.assert_trees_all_close(
+    optax.apply_updates(params, u1),
+    optax.apply_updates(params, expected),
+    rtol=1e-6,
+  )
 
 
 @pytest.mark.parametrize("case", transforms.cases())
@@ -264,7 +300,8 @@ def test_masked_with_masked_node_and_none_leaves(case):
   assert jnp.all(updates["a"] != 0)
   # Every case keeps per-leaf state: it holds a MaskedNode for "b".
   leaves = jax.tree.leaves(
-      state, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    state, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
+  )
   assert any(isinstance(x, optax.MaskedNode) for x in leaves)
 
 
@@ -274,8 +311,10 @@ def test_map_params_over_the_state(case):
   params = case.example_params()
   tx = case.optimizer(params)
   state = tx.init(params)
-  chex.assert_trees_all_equal(optax.tree.map_params(tx, lambda v: v, state),
-                              state)
-  marked = optax.tree.map_params(tx, lambda v: "param", state,
-                                 transform_non_params=lambda v: "other")
-  assert "param" in jax.tree.leaves(marked)   # the second moment, per param
+  chex.assert_trees_all_equal(
+    optax.tree.map_params(tx, lambda v: v, state), state
+  )
+  marked = optax.tree.map_params(
+    tx, lambda v: "param", state, transform_non_params=lambda v: "other"
+  )
+  assert "param" in jax.tree.leaves(marked)  # the second moment, per param

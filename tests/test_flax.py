@@ -25,7 +25,6 @@ def _regression_data(n=128):
 
 
 class MLP(nnx.Module):
-
   def __init__(self, rngs):
     self.l1 = nnx.Linear(4, 16, rngs=rngs)
     self.l2 = nnx.Linear(16, 1, rngs=rngs)
@@ -43,6 +42,7 @@ def _nnx_train(tx_fn, steps=200):
   def step(model, optimizer):
     def loss_fn(model):
       return jnp.mean((model(x) - y) ** 2)
+
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     optimizer.update(model, grads)
     return loss
@@ -62,7 +62,8 @@ def test_nnx_optimizer_with_additive_fallback_moves_biases():
   def tx_fn(model):
     params = nnx.state(model, nnx.Param)
     return madam_optax.with_additive_fallback(
-        params, madam_optax.madam(), optax.adam(1e-2))
+      params, madam_optax.madam(), optax.adam(1e-2)
+    )
 
   model, losses = _nnx_train(tx_fn)
   assert losses[-1] < 0.3 * losses[0]
@@ -72,7 +73,9 @@ def test_nnx_optimizer_with_additive_fallback_moves_biases():
 def test_nnx_param_dtype_bf16_preserved():
   model = nnx.Linear(3, 2, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, madam_optax.madam(), wrt=nnx.Param)
-  grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((1, 3), jnp.bfloat16)) ** 2))(model)
+  grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((1, 3), jnp.bfloat16)) ** 2))(
+    model
+  )
   optimizer.update(model, grads)
   assert model.kernel[...].dtype == jnp.bfloat16
 
@@ -90,13 +93,16 @@ def test_linen_train_state():
   net = Net()
   params = net.init(jax.random.key(0), x)["params"]
   state = train_state.TrainState.create(
-      apply_fn=net.apply, params=params,
-      tx=madam_optax.with_additive_fallback(params, madam_optax.madam()))
+    apply_fn=net.apply,
+    params=params,
+    tx=madam_optax.with_additive_fallback(params, madam_optax.madam()),
+  )
 
   @jax.jit
   def step(state):
     def loss_fn(params):
       return jnp.mean((state.apply_fn({"params": params}, x) - y) ** 2)
+
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     return state.apply_gradients(grads=grads), loss
 
@@ -112,7 +118,6 @@ def test_linen_train_state():
 
 def test_flax_nnx_model_keeps_integer_weights():
   class MLP(nnx.Module):
-
     def __init__(self, rngs):
       self.l1 = nnx.Linear(8, 16, rngs=rngs)
       self.l2 = nnx.Linear(16, 3, rngs=rngs)
@@ -122,11 +127,14 @@ def test_flax_nnx_model_keeps_integer_weights():
 
   model = MLP(nnx.Rngs(0))
   fmt = LNSFormat.spanning(127)
-  codes, max_magnitudes = madam_optax.lns_encode_tree(nnx.state(model, nnx.Param), fmt)
-  nnx.update(model, codes)                       # the model now stores int8
+  codes, max_magnitudes = madam_optax.lns_encode_tree(
+    nnx.state(model, nnx.Param), fmt
+  )
+  nnx.update(model, codes)  # the model now stores int8
   params = nnx.as_pure(nnx.state(model, nnx.Param))
   tx = madam_optax.with_additive_fallback(
-      params, madam_optax.lns_madam(fmt), optax.adam(1e-2))
+    params, madam_optax.lns_madam(fmt), optax.adam(1e-2)
+  )
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   x = jax.random.normal(jax.random.key(1), (64, 8))
   y = jnp.argmax(x[:, :3], axis=1)
@@ -139,11 +147,15 @@ def test_flax_nnx_model_keeps_integer_weights():
       logits = nnx.merge(graphdef, w, rest)(x)
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    value, grads = madam_optax.lns_value_and_grad(loss, max_magnitudes, fmt)(codes)
+    value, grads = madam_optax.lns_value_and_grad(loss, max_magnitudes, fmt)(
+      codes
+    )
     optimizer.update(model, grads)
     return value
 
-  losses = [float(train_step(model, optimizer, max_magnitudes)) for _ in range(40)]
+  losses = [
+    float(train_step(model, optimizer, max_magnitudes)) for _ in range(40)
+  ]
   assert model.l1.kernel[...].dtype == jnp.int8
   assert model.l2.kernel[...].dtype == jnp.int8
   assert model.l1.bias[...].dtype == jnp.float32
@@ -158,13 +170,18 @@ def test_flax_nnx_sharded_params(eight_devices):
   # and log_quantise (its per-tensor scalars are a flat tuple) initialises and
   # steps.
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  mesh = jax.make_mesh((2, 4), ("data", "fsdp"), devices=eight_devices,
-                       axis_types=(jax.sharding.AxisType.Explicit,) * 2)
-  init = nnx.with_partitioning(nnx.initializers.lecun_normal(),
-                               ("data", "fsdp"))
+
+  mesh = jax.make_mesh(
+    (2, 4),
+    ("data", "fsdp"),
+    devices=eight_devices,
+    axis_types=(jax.sharding.AxisType.Explicit,) * 2,
+  )
+  init = nnx.with_partitioning(
+    nnx.initializers.lecun_normal(), ("data", "fsdp")
+  )
 
   class MLP(nnx.Module):
-
     def __init__(self, rngs):
       self.l1 = nnx.Linear(8, 16, kernel_init=init, rngs=rngs)
       self.l2 = nnx.Linear(16, 8, kernel_init=init, rngs=rngs)
@@ -179,9 +196,10 @@ def test_flax_nnx_sharded_params(eight_devices):
     # Float params on the grid: madam, then log_quantise, biases additive.
     model = MLP(nnx.Rngs(0))
     tx = madam_optax.with_additive_fallback(
-        nnx.state(model, nnx.Param),
-        optax.chain(madam_optax.madam(), madam_optax.log_quantise(fmt)),
-        optax.adam(1e-2))
+      nnx.state(model, nnx.Param),
+      optax.chain(madam_optax.madam(), madam_optax.log_quantise(fmt)),
+      optax.adam(1e-2),
+    )
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
     optimizer.update(model, grads)
@@ -189,24 +207,29 @@ def test_flax_nnx_sharded_params(eight_devices):
 
     # Integer codes: lns_madam through nnx.Optimizer.
     model = MLP(nnx.Rngs(0))
-    codes, max_magnitudes = madam_optax.lns_encode_tree(nnx.state(model, nnx.Param),
-                                                fmt)
+    codes, max_magnitudes = madam_optax.lns_encode_tree(
+      nnx.state(model, nnx.Param), fmt
+    )
     nnx.update(model, codes)
     tx = madam_optax.with_additive_fallback(
-        nnx.state(model, nnx.Param), madam_optax.lns_madam(fmt),
-        optax.adam(1e-2))
+      nnx.state(model, nnx.Param), madam_optax.lns_madam(fmt), optax.adam(1e-2)
+    )
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     @nnx.jit
     def train_step(model, optimizer, max_magnitudes):
       graphdef, codes, rest = nnx.split(model, nnx.Param, ...)
       loss = lambda w: jnp.sum(nnx.merge(graphdef, w, rest)(x) ** 2)
-      value, grads = madam_optax.lns_value_and_grad(loss, max_magnitudes, fmt)(codes)
+      value, grads = madam_optax.lns_value_and_grad(loss, max_magnitudes, fmt)(
+        codes
+      )
       optimizer.update(model, grads)
       return value
 
     first = np.asarray(model.l1.kernel[...])
-    losses = [float(train_step(model, optimizer, max_magnitudes)) for _ in range(5)]
+    losses = [
+      float(train_step(model, optimizer, max_magnitudes)) for _ in range(5)
+    ]
     kernel = model.l1.kernel[...]
     assert kernel.dtype == jnp.int8
     assert kernel.sharding.spec == P("data", "fsdp")

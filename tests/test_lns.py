@@ -8,13 +8,13 @@ range) runs from the registry (``test_contract.py``, ``test_properties.py``).
 import math
 
 import chex
+from hypothesis import given
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given
 
 import madam_optax
 from madam_optax import LNSFormat
@@ -22,9 +22,16 @@ from madam_optax import LNSFormat
 # ================================================= format, encode, decode
 
 
-@pytest.mark.parametrize("levels, dtype", [
-    (2, np.int8), (127, np.int8), (128, np.int16), (4096, np.int16),
-    (32767, np.int16)])
+@pytest.mark.parametrize(
+  "levels, dtype",
+  [
+    (2, np.int8),
+    (127, np.int8),
+    (128, np.int16),
+    (4096, np.int16),
+    (32767, np.int16),
+  ],
+)
 def test_storage_dtype(levels, dtype):
   fmt = LNSFormat.spanning(levels)
   assert fmt.dtype == np.dtype(dtype)
@@ -32,16 +39,20 @@ def test_storage_dtype(levels, dtype):
   assert codes.dtype == np.dtype(dtype)
 
 
-@given(levels=st.integers(2, 5000),
-       log_range=st.floats(0.5, 12.0),
-       seed=st.integers(0, 2**31 - 1))
+@given(
+  levels=st.integers(2, 5000),
+  log_range=st.floats(0.5, 12.0),
+  seed=st.integers(0, 2**31 - 1),
+)
 def test_round_trip_within_half_a_level(levels, log_range, seed):
   fmt = LNSFormat.spanning(levels, log_range)
   rng = np.random.default_rng(seed)
   scale = 2.0
   # magnitudes inside the grid's range, both signs
   log_mag = rng.uniform(-log_range, 0.0, 300)
-  w = (rng.choice([-1.0, 1.0], 300) * scale * np.exp(log_mag)).astype(np.float32)
+  w = (rng.choice([-1.0, 1.0], 300) * scale * np.exp(log_mag)).astype(
+    np.float32
+  )
   codes, s = madam_optax.lns_encode(jnp.asarray(w), fmt, scale)
   back = np.asarray(madam_optax.lns_decode(codes, s, fmt))
   np.testing.assert_array_equal(np.sign(back), np.sign(w))
@@ -55,8 +66,9 @@ def test_range_clamps_and_zero():
   fmt = LNSFormat(levels=10, base=2.0)
   w = jnp.array([5.0, -5.0, 1e-9, -1e-9, 0.0, 1.0])
   codes, _ = madam_optax.lns_encode(w, fmt, 1.0)
-  chex.assert_trees_all_equal(codes, jnp.array([10, -10, 1, -1, 0, 10],
-                                               jnp.int8))
+  chex.assert_trees_all_equal(
+    codes, jnp.array([10, -10, 1, -1, 0, 10], jnp.int8)
+  )
   back = madam_optax.lns_decode(codes, 1.0, fmt)
   np.testing.assert_allclose(back, [1, -1, 2.0**-9, -(2.0**-9), 0, 1])
 
@@ -68,7 +80,7 @@ def test_every_code_decodes_and_reencodes_to_itself(levels):
   w = madam_optax.lns_decode(codes, 0.7, fmt)
   again, _ = madam_optax.lns_encode(w, fmt, 0.7)
   chex.assert_trees_all_equal(again, codes)
-  assert np.all(np.diff(np.asarray(w)) > 0)     # codes are ordered like weights
+  assert np.all(np.diff(np.asarray(w)) > 0)  # codes are ordered like weights
 
 
 def test_default_scale_is_p_scale_rms():
@@ -85,8 +97,11 @@ def test_reference_format():
 
 def test_tree_round_trip_keeps_float_leaves():
   fmt = LNSFormat.spanning(127)
-  params = {"w": jnp.array([[0.3, -0.2], [0.1, 0.5]]), "b": jnp.zeros(2),
-            "s": jnp.ones(3)}
+  params = {
+    "w": jnp.array([[0.3, -0.2], [0.1, 0.5]]),
+    "b": jnp.zeros(2),
+    "s": jnp.ones(3),
+  }
   codes, scales = madam_optax.lns_encode_tree(params, fmt, min_ndim=2)
   assert codes["w"].dtype == jnp.int8
   assert codes["b"] is params["b"] and codes["s"] is params["s"]
@@ -96,8 +111,9 @@ def test_tree_round_trip_keeps_float_leaves():
   chex.assert_trees_all_equal(back["b"], params["b"])
 
 
-@pytest.mark.parametrize("w", [jnp.array([1, 2]), np.array([1, 2], np.int8),
-                               jnp.array([True])])
+@pytest.mark.parametrize(
+  "w", [jnp.array([1, 2]), np.array([1, 2], np.int8), jnp.array([True])]
+)
 def test_encode_rejects_non_float(w):
   with pytest.raises(ValueError, match="floating-point weights"):
     madam_optax.lns_encode(w, LNSFormat.spanning(16))
@@ -105,7 +121,9 @@ def test_encode_rejects_non_float(w):
 
 def test_encode_tree_rejects_non_float():
   with pytest.raises(ValueError, match=r"\['w'\].*int32"):
-    madam_optax.lns_encode_tree({"w": jnp.array([1, 2])}, LNSFormat.spanning(16))
+    madam_optax.lns_encode_tree(
+      {"w": jnp.array([1, 2])}, LNSFormat.spanning(16)
+    )
 
 
 @pytest.mark.parametrize("levels", [0, 1, 32768, 100000, 2.5])
@@ -138,14 +156,23 @@ def test_decode_rejects_float_codes():
 def test_readme_lns_example_runs():
   """The code block of the README's LNS section, on a small regression."""
   import pathlib  # pylint: disable=import-outside-toplevel
-  readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+  readme = (
+    pathlib.Path(__file__).resolve().parents[1] / "README.md"
+  ).read_text()
   section = readme.split("<!-- section:lns -->", 1)[1]
   section = section.split("<!-- section:", 1)[0]
   code = section.split("```python\n", 1)[1].split("```", 1)[0]
-  params = {"w": jax.random.normal(jax.random.key(0), (4, 3)), "b": jnp.zeros(3)}
+  params = {
+    "w": jax.random.normal(jax.random.key(0), (4, 3)),
+    "b": jnp.zeros(3),
+  }
   batch = jnp.ones((2, 4))
-  namespace = {"params": params, "batch": batch,
-               "loss_fn": lambda p, x: jnp.sum((x @ p["w"] + p["b"]) ** 2)}
+  namespace = {
+    "params": params,
+    "batch": batch,
+    "loss_fn": lambda p, x: jnp.sum((x @ p["w"] + p["b"]) ** 2),
+  }
   exec(compile(code, "README.md", "exec"), namespace)  # pylint: disable=exec-used
   assert namespace["codes"]["w"].dtype == jnp.int8
   assert namespace["codes"]["b"].dtype == jnp.float32
@@ -157,8 +184,11 @@ def test_readme_lns_example_runs():
 
 def per_tensor_scalars(state):
   """The float scalars of a ``log_quantise`` state: one w_max per tensor."""
-  return [x for x in jax.tree.leaves(state)
-          if x.ndim == 0 and jnp.issubdtype(x.dtype, jnp.floating)]
+  return [
+    x
+    for x in jax.tree.leaves(state)
+    if x.ndim == 0 and jnp.issubdtype(x.dtype, jnp.floating)
+  ]
 
 
 def max_magnitudes(state):
@@ -179,16 +209,19 @@ def _assert_on_grid(w, scale, fmt, prev=None):
   np.testing.assert_allclose(w[nz], grid, rtol=1e-5, atol=atol)
 
 
-@given(levels=st.integers(2, 4096), log_range=st.floats(0.5, 10.0),
-       rounding=st.sampled_from(["nearest", "stochastic"]),
-       seed=st.integers(0, 1000))
+@given(
+  levels=st.integers(2, 4096),
+  log_range=st.floats(0.5, 10.0),
+  rounding=st.sampled_from(["nearest", "stochastic"]),
+  seed=st.integers(0, 1000),
+)
 def test_output_always_on_grid(levels, log_range, rounding, seed):
   fmt = LNSFormat.spanning(levels, log_range)
   rng = np.random.default_rng(seed)
   params = {"w": jnp.asarray(rng.normal(size=(40,)), jnp.float32)}
   tx = madam_optax.log_quantise(fmt, rounding=rounding, seed=seed)
   state = tx.init(params)
-  scale, = max_magnitudes(state)
+  (scale,) = max_magnitudes(state)
   for _ in range(3):
     u = {"w": jnp.asarray(rng.normal(size=(40,)) * 3, jnp.float32)}
     updates, state = tx.update(u, state, params)
@@ -204,8 +237,9 @@ def test_nearest_is_encode_then_decode():
   state = tx.init({"w": w})
   u, _ = tx.update({"w": jnp.zeros_like(w)}, state, {"w": w})
   codes, scale = madam_optax.lns_encode(w, fmt)
-  np.testing.assert_allclose(w + u["w"], madam_optax.lns_decode(codes, scale, fmt),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    w + u["w"], madam_optax.lns_decode(codes, scale, fmt), rtol=1e-6
+  )
 
 
 def test_stochastic_rounding_is_unbiased_in_the_level():
@@ -213,7 +247,7 @@ def test_stochastic_rounding_is_unbiased_in_the_level():
   # Tolerance: 5 standard errors of the mean of N Bernoulli(0.3) draws.
   fmt = LNSFormat(levels=16, base=2.0)
   n = 40_000
-  x = jnp.full((n,), 2.0 ** -5.3)
+  x = jnp.full((n,), 2.0**-5.3)
   tx = madam_optax.log_quantise(fmt, rounding="stochastic", max_magnitude=1.0)
   state = tx.init({"w": jnp.ones(n)})
   means = []
@@ -225,18 +259,18 @@ def test_stochastic_rounding_is_unbiased_in_the_level():
   se = np.sqrt(0.3 * 0.7 / n)
   for m in means:
     assert abs(m - 5.3) < 5 * se, (m, se)
-  assert means[0] != means[1]          # the key in the state moved on
+  assert means[0] != means[1]  # the key in the state moved on
 
 
 def test_nearest_is_deterministic_and_rounds_half_a_level():
   fmt = LNSFormat(levels=16, base=2.0)
   tx = madam_optax.log_quantise(fmt, max_magnitude=1.0)
-  w = {"w": jnp.array([2.0 ** -5.4, 2.0 ** -5.6, -(2.0 ** -20), 0.0])}
+  w = {"w": jnp.array([2.0**-5.4, 2.0**-5.6, -(2.0**-20), 0.0])}
   state = tx.init(w)
   u, state = tx.update(jax.tree.map(jnp.zeros_like, w), state, w)
-  np.testing.assert_allclose(w["w"] + u["w"],
-                             [2.0 ** -5, 2.0 ** -6, -(2.0 ** -15), 0.0],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    w["w"] + u["w"], [2.0**-5, 2.0**-6, -(2.0**-15), 0.0], rtol=1e-6
+  )
 
 
 def test_projects_adam_under_jit():
@@ -244,7 +278,7 @@ def test_projects_adam_under_jit():
   params = {"w": jax.random.normal(jax.random.key(1), (5, 3))}
   tx = optax.chain(optax.adam(0.1), madam_optax.log_quantise(fmt))
   state = tx.init(params)
-  scale, = max_magnitudes(state[1])
+  (scale,) = max_magnitudes(state[1])
 
   @jax.jit
   def step(p, s):
@@ -288,11 +322,11 @@ def test_stochastic_level_step_is_unbiased():
   means = []
   for _ in range(3):
     u, state = tx.update({"w": jnp.ones(n)}, state, codes)
-    moves = -np.asarray(u["w"], np.int64)      # k grows: |c| shrinks
+    moves = -np.asarray(u["w"], np.int64)  # k grows: |c| shrinks
     assert set(np.unique(moves)) <= {0, 1}
     means.append(moves.mean())
     assert abs(moves.mean() - 0.37) < 5 * se, (moves.mean(), se)
-  assert len(set(means)) == 3                  # fresh randomness each step
+  assert len(set(means)) == 3  # fresh randomness each step
 
 
 def test_nearest_level_step_steps_and_clamps():
@@ -302,5 +336,7 @@ def test_nearest_level_step_steps_and_clamps():
   g = {"w": jnp.array([1.0, 1.0, -1.0, 2.0, 5.0])}
   u, _ = tx.update(g, tx.init(codes), codes)
   # 0.03 / log(1.01) = 3.015 levels per unit; |c| = levels - k.
-  chex.assert_trees_all_equal(optax.apply_updates(codes, u),
-                              {"w": jnp.array([47, -53, 100, 1, 0], jnp.int8)})
+  chex.assert_trees_all_equal(
+    optax.apply_updates(codes, u),
+    {"w": jnp.array([47, -53, 100, 1, 0], jnp.int8)},
+  )

@@ -21,22 +21,36 @@ def test_labels_need_concrete_params():
 
 
 def test_labels_by_zeros_and_by_rank():
-  params = {"w": jnp.ones((2, 2)), "b": jnp.zeros(2), "s": jnp.ones(3),
-            "none": None}
+  params = {
+    "w": jnp.ones((2, 2)),
+    "b": jnp.zeros(2),
+    "s": jnp.ones(3),
+    "none": None,
+  }
   assert madam_optax.multiplicative_labels(params) == {
-      "w": "multiplicative", "b": "additive", "s": "multiplicative",
-      "none": None}
+    "w": "multiplicative",
+    "b": "additive",
+    "s": "multiplicative",
+    "none": None,
+  }
   assert madam_optax.multiplicative_labels(params, min_ndim=2) == {
-      "w": "multiplicative", "b": "additive", "s": "additive", "none": None}
+    "w": "multiplicative",
+    "b": "additive",
+    "s": "additive",
+    "none": None,
+  }
 
 
 def test_partition_with_none_leaf():
   params = {"w": jnp.ones((2, 2)), "b": jnp.zeros(2), "frozen": None}
-  tx = madam_optax.with_additive_fallback(params, madam_optax.madam(),
-                                          optax.sgd(0.1))
+  tx = madam_optax.with_additive_fallback(
+    params, madam_optax.madam(), optax.sgd(0.1)
+  )
   state = tx.init(params)
   grads = {"w": jnp.ones((2, 2)), "b": jnp.ones(2), "frozen": None}
   updates, _ = jax.jit(tx.update)(grads, state, params)
-  np.testing.assert_allclose(updates["b"], -0.1)          # additive
-  np.testing.assert_allclose(updates["w"], jnp.expm1(-0.01), rtol=1e-6)  # multiplicative
+  np.testing.assert_allclose(updates["b"], -0.1)  # additive
+  np.testing.assert_allclose(
+    updates["w"], jnp.expm1(-0.01), rtol=1e-6
+  )  # multiplicative
   assert updates["frozen"] is None

@@ -12,15 +12,14 @@ alone are tested with it (e.g. ``test_magnitude_bound.py``).
 
 import functools
 
+from hypothesis import example
+from hypothesis import given
+from hypothesis import strategies as st
 import hypothesis.extra.numpy as hnp
 import jax
 import numpy as np
 import optax
 import pytest
-from hypothesis import example
-from hypothesis import given
-from hypothesis import strategies as st
-
 import transforms
 from transforms import BOUNDED
 from transforms import BY_NAME
@@ -36,27 +35,43 @@ N = 12
 STEPS = 6
 F32_MAX = float(np.finfo(np.float32).max)
 
-finite_f32 = st.floats(-F32_MAX, F32_MAX, allow_nan=False, allow_infinity=False,
-                       width=32)
+finite_f32 = st.floats(
+  -F32_MAX, F32_MAX, allow_nan=False, allow_infinity=False, width=32
+)
 moderate_f32 = st.floats(-1e3, 1e3, allow_nan=False, width=32)
 # Weights: ordinary, zero and tiny (1e-20) values. XLA flushes float32
 # subnormals to zero, so magnitudes below 1e-30 are left to the finite test.
-weights = hnp.arrays(np.float32, (N,), elements=st.one_of(
-    moderate_f32, st.just(0.0), st.floats(-1e-20, 1e-20).map(np.float32).map(float)
-).filter(lambda x: x == 0 or abs(x) >= 1e-30))
+weights = hnp.arrays(
+  np.float32,
+  (N,),
+  elements=st.one_of(
+    moderate_f32,
+    st.just(0.0),
+    st.floats(-1e-20, 1e-20).map(np.float32).map(float),
+  ).filter(lambda x: x == 0 or abs(x) >= 1e-30),
+)
 any_weights = hnp.arrays(np.float32, (N,), elements=finite_f32)
 grads = hnp.arrays(np.float32, (STEPS, N), elements=finite_f32)
 # XLA flushes float32 subnormals to zero; (1 - b2)**0.5 * g is subnormal for
 # |g| below about 4e-37, and such gradients count as zero (documented).
 normal_f32 = finite_f32.filter(lambda x: x == 0 or abs(x) >= 1e-30)
 normal_grads = hnp.arrays(np.float32, (STEPS, N), elements=normal_f32)
-magnitudes = hnp.arrays(np.float32, (N,), elements=st.floats(
-    float(np.float32(1e-30)), F32_MAX, width=32))
+magnitudes = hnp.arrays(
+  np.float32,
+  (N,),
+  elements=st.floats(float(np.float32(1e-30)), F32_MAX, width=32),
+)
 learning_rates = st.floats(1e-4, 1.0)
 p_scales = st.sampled_from([0.5, 1.0, 3.0])
-codes = {name: hnp.arrays(fmt.dtype, (N,), elements=st.integers(
-    -fmt.levels, fmt.levels)) for name, fmt in (
-        ("int8", transforms.INT8_FORMAT), ("int16", transforms.INT16_FORMAT))}
+codes = {
+  name: hnp.arrays(
+    fmt.dtype, (N,), elements=st.integers(-fmt.levels, fmt.levels)
+  )
+  for name, fmt in (
+    ("int8", transforms.INT8_FORMAT),
+    ("int16", transforms.INT16_FORMAT),
+  )
+}
 
 # Inputs that broke log_quantise in 0.1 (its w_max squared the weights, which
 # overflowed above ~1e19 and underflowed below ~1e-19 in float32): explicit
@@ -76,14 +91,13 @@ def trajectory(name):
   """
   case = BY_NAME[name]
   dtype = case.code_format.dtype if case.codes else np.float32
-  template = {"w": np.ones((N,), dtype)}   # labels for with_additive_fallback
+  template = {"w": np.ones((N,), dtype)}  # labels for with_additive_fallback
   takes_p_scale = "p_scale" in transforms.parameters(case.factory)
 
   @jax.jit
   def run(w0, grad_seq, lr, p_scale):
     overrides = {"p_scale": p_scale} if takes_p_scale else {}
-    tx = case.optimizer(template, learning_rate=lr, defaults=True,
-                        **overrides)
+    tx = case.optimizer(template, learning_rate=lr, defaults=True, **overrides)
 
     def step(carry, g):
       params, state = carry
@@ -113,8 +127,9 @@ def code_cases(*invariants):
 # ------------------------------------------------------------- float weights
 
 
-@pytest.mark.parametrize("case", transforms.cases(SIGN_KEPT, ZEROS_STAY,
-                                                  codes=False))
+@pytest.mark.parametrize(
+  "case", transforms.cases(SIGN_KEPT, ZEROS_STAY, codes=False)
+)
 @given(w0=weights, grad_seq=grads, lr=learning_rates)
 def test_sign_kept_and_zeros_stay_zero(case, w0, grad_seq, lr):
   ws = weights_after(case, w0, grad_seq, lr)
@@ -177,25 +192,29 @@ def test_no_nan_or_inf_from_finite_input(case, w0, grad_seq, lr):
 
 @pytest.mark.parametrize("case", code_cases(IN_RANGE, SIGN_KEPT, ZEROS_STAY))
 @given(data=st.data(), grad_seq=grads, lr=learning_rates)
-def test_codes_stay_in_range_keep_their_sign_and_zeros(case, data, grad_seq,
-                                                       lr):
+def test_codes_stay_in_range_keep_their_sign_and_zeros(
+  case, data, grad_seq, lr
+):
   """Codes keep their dtype; 1 <= |c| <= levels; signs and zeros kept."""
   fmt = case.code_format
   c0 = data.draw(codes[fmt.dtype.name])
   cs = weights_after(case, c0, grad_seq, lr)
   assert cs.dtype == fmt.dtype
   cs = cs.astype(np.int64)
-  np.testing.assert_array_equal(np.sign(cs), np.broadcast_to(np.sign(c0),
-                                                             cs.shape))
+  np.testing.assert_array_equal(
+    np.sign(cs), np.broadcast_to(np.sign(c0), cs.shape)
+  )
   nz = cs != 0
   assert np.all((np.abs(cs[nz]) >= 1) & (np.abs(cs[nz]) <= fmt.levels))
 
 
 @pytest.mark.parametrize("case", code_cases(SIGN_STEP))
-@given(data=st.data(), grad_seq=normal_grads, scale=magnitudes,
-       lr=learning_rates)
-def test_first_code_step_sees_only_the_gradient_sign(case, data, grad_seq,
-                                                     scale, lr):
+@given(
+  data=st.data(), grad_seq=normal_grads, scale=magnitudes, lr=learning_rates
+)
+def test_first_code_step_sees_only_the_gradient_sign(
+  case, data, grad_seq, scale, lr
+):
   c0 = data.draw(codes[case.code_format.dtype.name])
   rescaled = grad_seq.copy()
   rescaled[0] = np.sign(grad_seq[0]) * scale

@@ -20,13 +20,15 @@ from madam_optax._src import lns
 FMT = madam_optax.LNSFormat(levels=127, base=1.05)
 
 
-def _level_changes(fraction, *, steps, shape=(64, 64), leaves=2,
-                   rng="hash", seed=0):
+def _level_changes(
+  fraction, *, steps, shape=(64, 64), leaves=2, rng="hash", seed=0
+):
   """Level changes of ``lns_level_step`` for a constant step of ``fraction``
   levels, on codes in the middle of the range: shape (steps, leaves, *shape)."""
-  lr = fraction * FMT.log_base           # fraction levels per unit update
-  tx = madam_optax.lns_level_step(FMT, lr, rounding="stochastic", seed=seed,
-                                  rng=rng)
+  lr = fraction * FMT.log_base  # fraction levels per unit update
+  tx = madam_optax.lns_level_step(
+    FMT, lr, rounding="stochastic", seed=seed, rng=rng
+  )
   codes = {f"t{i}": jnp.full(shape, 60, jnp.int8) for i in range(leaves)}
   grads = jax.tree.map(lambda c: jnp.full(c.shape, -1.0), codes)  # toward w_max
   state = tx.init(codes)
@@ -34,8 +36,9 @@ def _level_changes(fraction, *, steps, shape=(64, 64), leaves=2,
   out = []
   for _ in range(steps):
     u, state = update(grads, state, codes)
-    out.append(np.stack([np.asarray(u[f"t{i}"], np.int64)
-                         for i in range(leaves)]))
+    out.append(
+      np.stack([np.asarray(u[f"t{i}"], np.int64) for i in range(leaves)])
+    )
   return np.stack(out)
 
 
@@ -55,14 +58,16 @@ def test_hash_rounding_is_independent_across_steps_tensors_and_neighbours():
   between consecutive steps, between tensors, and between neighbours."""
   fraction = 0.5
   residual = _level_changes(fraction, steps=10, leaves=3) - fraction
+
   def corr(a, b):
     a, b = a.ravel(), b.ravel()
     return float(np.mean(a * b) / (a.std() * b.std())), 5 / np.sqrt(a.size)
+
   pairs = {
-      "step t, t+1": (residual[:-1], residual[1:]),
-      "tensor i, i+1": (residual[:, :-1], residual[:, 1:]),
-      "row neighbours": (residual[..., :-1, :], residual[..., 1:, :]),
-      "column neighbours": (residual[..., :-1], residual[..., 1:]),
+    "step t, t+1": (residual[:-1], residual[1:]),
+    "tensor i, i+1": (residual[:, :-1], residual[:, 1:]),
+    "row neighbours": (residual[..., :-1, :], residual[..., 1:, :]),
+    "column neighbours": (residual[..., :-1], residual[..., 1:]),
   }
   for name, (a, b) in pairs.items():
     c, bound = corr(a, b)
@@ -89,13 +94,14 @@ def test_hash_streams_do_not_repeat_within_a_run():
   streams = _hash_streams(40, 6, 4096).reshape(-1, 4096)
   assert len({row.tobytes() for row in streams}) == len(streams)
   n = streams.shape[1]
-  windows = np.stack([streams[:, j:n - 3 + j] for j in range(4)], axis=-1)
+  windows = np.stack([streams[:, j : n - 3 + j] for j in range(4)], axis=-1)
   windows = np.ascontiguousarray(windows.reshape(-1, 4))
   assert len(np.unique(windows, axis=0)) == len(windows)
   # The numbers are uniform: each of the 24 bits is set half the time.
   bits = (streams[..., None] >> np.arange(24)) & 1
-  np.testing.assert_allclose(bits.mean(axis=(0, 1)), 0.5,
-                             atol=5 * 0.5 / np.sqrt(streams.size))
+  np.testing.assert_allclose(
+    bits.mean(axis=(0, 1)), 0.5, atol=5 * 0.5 / np.sqrt(streams.size)
+  )
 
 
 def test_hash_keys_differ_across_seeds_steps_and_tensors():
@@ -116,35 +122,54 @@ def test_hash_bits_are_reproducible_and_the_same_in_and_out_of_jit():
   assert not np.array_equal(first, other)
   key = jnp.asarray([12345, 6789], jnp.uint32)
   x = jnp.zeros((5, 7), jnp.float32)
-  np.testing.assert_array_equal(lns.uniform_from_hash(key, x),
-                                jax.jit(lns.uniform_from_hash)(key, x))
+  np.testing.assert_array_equal(
+    lns.uniform_from_hash(key, x), jax.jit(lns.uniform_from_hash)(key, x)
+  )
 
 
 def test_sharded_run_is_bit_identical_to_one_device(eight_devices):
   """``lns_madam`` and ``log_quantise`` with hash rounding on tensors sharded
   over a 2 x 4 mesh: 4 steps equal the single-device steps bit for bit."""
-  mesh = jax.make_mesh((2, 4), ("data", "fsdp"), devices=eight_devices,
-                       axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  mesh = jax.make_mesh(
+    (2, 4),
+    ("data", "fsdp"),
+    devices=eight_devices,
+    axis_types=(jax.sharding.AxisType.Explicit,) * 2,
+  )
   P = jax.sharding.PartitionSpec
   rng = np.random.default_rng(0)
-  weights = {"kernel": rng.standard_normal((16, 24)),
-             "conv": rng.standard_normal((3, 3, 8, 4)),
-             "vector": rng.standard_normal(40)}
-  specs = {"kernel": P("data", "fsdp"), "conv": P(None, None, "fsdp", "data"),
-           "vector": P(("data", "fsdp"))}
+  weights = {
+    "kernel": rng.standard_normal((16, 24)),
+    "conv": rng.standard_normal((3, 3, 8, 4)),
+    "vector": rng.standard_normal(40),
+  }
+  specs = {
+    "kernel": P("data", "fsdp"),
+    "conv": P(None, None, "fsdp", "data"),
+    "vector": P(("data", "fsdp")),
+  }
   shardings = {k: jax.sharding.NamedSharding(mesh, s) for k, s in specs.items()}
   codes, _ = madam_optax.lns_encode_tree(
-      jax.tree.map(jnp.asarray, weights), FMT, min_ndim=1)
+    jax.tree.map(jnp.asarray, weights), FMT, min_ndim=1
+  )
 
   def run(tx, params, put):
     params = put(params)
     state = tx.init(params)
-    step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u),
-                                                  s))(*tx.update(g, s, p)))
+    step = jax.jit(
+      lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(
+        *tx.update(g, s, p)
+      )
+    )
     for t in range(4):
-      grads = put(jax.tree.map(
-          lambda w: jnp.asarray(np.sin(np.arange(w.size) * (t + 1.3))
-                                .reshape(w.shape), jnp.float32), weights))
+      grads = put(
+        jax.tree.map(
+          lambda w: jnp.asarray(
+            np.sin(np.arange(w.size) * (t + 1.3)).reshape(w.shape), jnp.float32
+          ),
+          weights,
+        )
+      )
       params, state = step(params, state, grads)
     return jax.device_get((params, state)), params
 
@@ -152,8 +177,9 @@ def test_sharded_run_is_bit_identical_to_one_device(eight_devices):
   sharded = lambda tree: jax.device_put(tree, shardings)
   floats = jax.tree.map(lambda w: jnp.asarray(w, jnp.float32), weights)
   for tx, params in (
-      (madam_optax.lns_madam(FMT, rounding="stochastic"), codes),
-      (madam_optax.log_quantise(FMT, rounding="stochastic"), floats)):
+    (madam_optax.lns_madam(FMT, rounding="stochastic"), codes),
+    (madam_optax.log_quantise(FMT, rounding="stochastic"), floats),
+  ):
     reference, _ = run(tx, params, single)
     result, on_mesh = run(tx, params, sharded)
     for name, leaf in on_mesh.items():
@@ -168,30 +194,43 @@ def test_threefry_option_still_works():
   fraction = 0.3
   changes = _level_changes(fraction, steps=4, rng="threefry")
   p = fraction
-  assert abs(changes.mean() - fraction) < 5 * np.sqrt(p * (1 - p) / changes.size)
+  assert abs(changes.mean() - fraction) < 5 * np.sqrt(
+    p * (1 - p) / changes.size
+  )
   assert not np.array_equal(changes, _level_changes(fraction, steps=4))
   tx = madam_optax.lns_madam(FMT, rng="threefry", seed=3)
   codes = {"w": jnp.full((8,), 60, jnp.int8)}
   state = tx.init(codes)
   np.testing.assert_array_equal(state[-1].key, jax.random.PRNGKey(3))
   _, state = tx.update({"w": jnp.ones(8)}, state, codes)
-  np.testing.assert_array_equal(state[-1].key,
-                                jax.random.split(jax.random.PRNGKey(3), 2)[0])
-  quantise = madam_optax.log_quantise(FMT, rounding="stochastic",
-                                      rng="threefry", max_magnitude=1.0)
+  np.testing.assert_array_equal(
+    state[-1].key, jax.random.split(jax.random.PRNGKey(3), 2)[0]
+  )
+  quantise = madam_optax.log_quantise(
+    FMT, rounding="stochastic", rng="threefry", max_magnitude=1.0
+  )
   w = {"w": jnp.linspace(0.1, 0.9, 64)}
   u, _ = quantise.update(jax.tree.map(jnp.zeros_like, w), quantise.init(w), w)
   assert np.all(np.isfinite(np.asarray(u["w"])))
 
 
-@pytest.mark.parametrize("make", [
+@pytest.mark.parametrize(
+  "make",
+  [
     lambda: madam_optax.lns_madam(FMT, rng="philox"),
-    lambda: madam_optax.lns_level_step(FMT, rounding="stochastic", seed=0,
-                                       rng="Hash"),
-    lambda: madam_optax.log_quantise(FMT, rounding="stochastic", seed=0,
-                                     p_scale=3.0, max_magnitude=None,
-                                     rng=None),
-])
+    lambda: madam_optax.lns_level_step(
+      FMT, rounding="stochastic", seed=0, rng="Hash"
+    ),
+    lambda: madam_optax.log_quantise(
+      FMT,
+      rounding="stochastic",
+      seed=0,
+      p_scale=3.0,
+      max_magnitude=None,
+      rng=None,
+    ),
+  ],
+)
 def test_unknown_random_bits_are_rejected(make):
   with pytest.raises(ValueError, match="rng must be one of"):
     make()

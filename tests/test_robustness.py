@@ -24,8 +24,8 @@ import pytest
 import madam_optax
 from madam_optax import LNSFormat
 
-FMT = LNSFormat.spanning(127)          # int8 codes
-FMT16 = LNSFormat.spanning(1000)       # int16 codes
+FMT = LNSFormat.spanning(127)  # int8 codes
+FMT16 = LNSFormat.spanning(1000)  # int16 codes
 
 
 def _step(tx, grads, params, state=None, jit=False):
@@ -45,21 +45,23 @@ def test_lns_madam_keeps_the_code_of_a_non_finite_gradient(bad, jit):
   tx = madam_optax.lns_madam(FMT, 0.1, rounding="nearest")
   grads = {"w": jnp.array([bad, 1.0, -1.0, 1.0])}
   new, _, state = _step(tx, grads, codes, jit=jit)
-  np.testing.assert_array_equal(new["w"][:1], [50])     # unchanged, not 0
-  assert new["w"][1] != -50 and new["w"][2] != 60       # the others moved
+  np.testing.assert_array_equal(new["w"][:1], [50])  # unchanged, not 0
+  assert new["w"][1] != -50 and new["w"][2] != 60  # the others moved
   # The second moment of the bad entry was not poisoned (NaN would freeze
   # the code, inf zero every later step): at step 2, with no earlier
   # gradient, g_n = sqrt(1 - b2**2) / sqrt(1 - b2) = sqrt(1 + b2).
-  again, _, _ = _step(tx, {"w": jnp.array([1.0, 1.0, -1.0, 1.0])}, new,
-                      state, jit=jit)
+  again, _, _ = _step(
+    tx, {"w": jnp.array([1.0, 1.0, -1.0, 1.0])}, new, state, jit=jit
+  )
   assert again["w"][0] == 50 - round(0.1 * math.sqrt(1.999) / FMT.log_base)
 
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_lns_madam_keeps_codes_under_a_nan_learning_rate(jit):
   codes = {"w": jnp.array([50, -50, 60], jnp.int8)}
-  tx = madam_optax.lns_madam(FMT, lambda count: jnp.nan * count,
-                             rounding="nearest")
+  tx = madam_optax.lns_madam(
+    FMT, lambda count: jnp.nan * count, rounding="nearest"
+  )
   new, _, _ = _step(tx, {"w": jnp.ones(3)}, codes, jit=jit)
   np.testing.assert_array_equal(new["w"], codes["w"])
 
@@ -90,7 +92,9 @@ def test_lns_encode_refuses_nan_weights_when_concrete():
     madam_optax.lns_encode(w, FMT, 1.0)
   with pytest.raises(ValueError, match=r"non-finite"):
     madam_optax.lns_encode(w, FMT)
-  with pytest.raises(ValueError, match=r"leaf \['dense'\]\['kernel'\].*non-finite"):
+  with pytest.raises(
+    ValueError, match=r"leaf \['dense'\]\['kernel'\].*non-finite"
+  ):
     madam_optax.lns_encode_tree({"dense": {"kernel": w}}, FMT)
 
 
@@ -106,17 +110,23 @@ def _guarded_cases():
   codes16, _ = madam_optax.lns_encode_tree(params, madam_optax.REFERENCE_FORMAT)
   with_bias = dict(codes, b=jnp.zeros(2))
   return {
-      "madam": (madam_optax.madam(), params),
-      "scale_by_second_moment": (madam_optax.scale_by_second_moment(), params),
-      "multiplicative_step": (madam_optax.multiplicative_step(), params),
-      "clip_weight_magnitude": (madam_optax.clip_weight_magnitude(), params),
-      "log_quantise": (optax.chain(madam_optax.madam(),
-                                   madam_optax.log_quantise(FMT)), params),
-      "lns_madam": (madam_optax.lns_madam(FMT), codes),
-      "lns_level_step": (madam_optax.lns_level_step(FMT), codes),
-      "lns_madam_reference": (madam_optax.lns_madam_reference(), codes16),
-      "with_additive_fallback": (madam_optax.with_additive_fallback(
-          with_bias, madam_optax.lns_madam(FMT), optax.adam(1e-2)), with_bias),
+    "madam": (madam_optax.madam(), params),
+    "scale_by_second_moment": (madam_optax.scale_by_second_moment(), params),
+    "multiplicative_step": (madam_optax.multiplicative_step(), params),
+    "clip_weight_magnitude": (madam_optax.clip_weight_magnitude(), params),
+    "log_quantise": (
+      optax.chain(madam_optax.madam(), madam_optax.log_quantise(FMT)),
+      params,
+    ),
+    "lns_madam": (madam_optax.lns_madam(FMT), codes),
+    "lns_level_step": (madam_optax.lns_level_step(FMT), codes),
+    "lns_madam_reference": (madam_optax.lns_madam_reference(), codes16),
+    "with_additive_fallback": (
+      madam_optax.with_additive_fallback(
+        with_bias, madam_optax.lns_madam(FMT), optax.adam(1e-2)
+      ),
+      with_bias,
+    ),
   }
 
 
@@ -152,14 +162,17 @@ def test_optax_apply_if_finite_cannot_wrap_lns_madam_as_documented():
 
 def _float_params(dtype):
   rng = np.random.default_rng(0)
-  return {"kernel": jnp.asarray(rng.standard_normal((4, 3)), dtype),
-          "scale": jnp.asarray(1.5, dtype)}
+  return {
+    "kernel": jnp.asarray(rng.standard_normal((4, 3)), dtype),
+    "scale": jnp.asarray(1.5, dtype),
+  }
 
 
 def _float_grads(params, seed):
   rng = np.random.default_rng(seed)
   return jax.tree.map(
-      lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+    lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params
+  )
 
 
 def _code_params(fmt):
@@ -167,26 +180,34 @@ def _code_params(fmt):
 
 
 def _log_quantise(p_scale=3.0, max_magnitude=None, seed=0):
-  return madam_optax.log_quantise(FMT, p_scale=p_scale, seed=seed,
-                                  max_magnitude=max_magnitude)
+  return madam_optax.log_quantise(
+    FMT, p_scale=p_scale, seed=seed, max_magnitude=max_magnitude
+  )
 
 
 # factory, hyperparameters (values exact in float32 and bfloat16).
 FLOAT_TRANSFORMS = {
-    "madam": (madam_optax.madam, {"learning_rate": 0.03125, "p_scale": 2.0,
-                                  "g_bound": 0.75, "b2": 0.9}),
-    "scale_by_second_moment": (madam_optax.scale_by_second_moment,
-                               {"b2": 0.9}),
-    "multiplicative_step": (madam_optax.multiplicative_step,
-                            {"learning_rate": 0.0625}),
-    "clip_weight_magnitude": (madam_optax.clip_weight_magnitude,
-                              {"p_scale": 0.75}),
-    "log_quantise": (_log_quantise, {"p_scale": 1.5}),
+  "madam": (
+    madam_optax.madam,
+    {"learning_rate": 0.03125, "p_scale": 2.0, "g_bound": 0.75, "b2": 0.9},
+  ),
+  "scale_by_second_moment": (madam_optax.scale_by_second_moment, {"b2": 0.9}),
+  "multiplicative_step": (
+    madam_optax.multiplicative_step,
+    {"learning_rate": 0.0625},
+  ),
+  "clip_weight_magnitude": (
+    madam_optax.clip_weight_magnitude,
+    {"p_scale": 0.75},
+  ),
+  "log_quantise": (_log_quantise, {"p_scale": 1.5}),
 }
 LNS_TRANSFORMS = {
-    "lns_madam": (madam_optax.lns_madam,
-                  {"learning_rate": 0.0625, "g_bound": 5.0, "b2": 0.875}),
-    "lns_level_step": (madam_optax.lns_level_step, {"learning_rate": 0.0625}),
+  "lns_madam": (
+    madam_optax.lns_madam,
+    {"learning_rate": 0.0625, "g_bound": 5.0, "b2": 0.875},
+  ),
+  "lns_level_step": (madam_optax.lns_level_step, {"learning_rate": 0.0625}),
 }
 
 
@@ -201,23 +222,29 @@ def _run_steps(tx, params, grads_fn, steps=3, jit=False):
 
 def _float_case(name, dtype):
   factory, hyper = FLOAT_TRANSFORMS[name]
-  wrap = (lambda tx: optax.chain(tx, optax.scale(-0.01))
-          if name == "scale_by_second_moment" else tx)
+  wrap = lambda tx: (
+    optax.chain(tx, optax.scale(-0.01))
+    if name == "scale_by_second_moment"
+    else tx
+  )
   return factory, hyper, wrap
 
 
 @pytest.mark.parametrize(
-    "dtype", [jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64])
+  "dtype", [jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64]
+)
 @pytest.mark.parametrize("name", list(FLOAT_TRANSFORMS))
 def test_inject_hyperparams_gives_the_plain_result_for_float_params(
-    name, dtype):
+  name, dtype
+):
   factory, hyper, wrap = _float_case(name, dtype)
   # float32 and float64 params need nothing; narrower ones hyperparam_dtype.
   narrow = jnp.dtype(dtype).itemsize < 4
   with jax.enable_x64(dtype == jnp.float64):
     params = _float_params(dtype)
     injected_tx = optax.inject_hyperparams(
-        factory, hyperparam_dtype=jnp.float32 if narrow else None)(**hyper)
+      factory, hyperparam_dtype=jnp.float32 if narrow else None
+    )(**hyper)
     # Same mode on both sides: XLA may keep bfloat16 intermediates in
     # float32 under jit, so jit and eager may differ by a rounding.
     for jit in (False, True):
@@ -233,29 +260,39 @@ def test_inject_hyperparams_gives_the_plain_result_for_codes(name, fmt):
   codes = _code_params(fmt)
   grads = lambda p, i: _float_grads(jax.tree.map(jnp.float32, p), i)
   plain = _run_steps(factory(fmt, **hyper, rounding="nearest"), codes, grads)
-  injected = _run_steps(optax.inject_hyperparams(
-      factory, hyperparam_dtype=jnp.float32)(
-          fmt, **hyper, rounding="nearest"), codes, grads)
+  injected = _run_steps(
+    optax.inject_hyperparams(factory, hyperparam_dtype=jnp.float32)(
+      fmt, **hyper, rounding="nearest"
+    ),
+    codes,
+    grads,
+  )
   chex.assert_trees_all_equal(plain, injected)
   chex.assert_trees_all_equal_dtypes(injected, codes)
-  assert any(np.any(np.asarray(a) != np.asarray(b)) for a, b in
-             zip(jax.tree.leaves(injected), jax.tree.leaves(codes)))
+  assert any(
+    np.any(np.asarray(a) != np.asarray(b))
+    for a, b in zip(jax.tree.leaves(injected), jax.tree.leaves(codes))
+  )
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("name", list(FLOAT_TRANSFORMS))
 def test_inject_hyperparams_refuses_hyperparameters_rounded_to_low_precision(
-    name, dtype):
+  name, dtype
+):
   factory, hyper, _ = _float_case(name, dtype)
   tx = optax.inject_hyperparams(factory)(**hyper)
-  with pytest.raises(ValueError, match=r"arrived as a .*float.*hyperparam_dtype"):
+  with pytest.raises(
+    ValueError, match=r"arrived as a .*float.*hyperparam_dtype"
+  ):
     tx.init(_float_params(dtype))
 
 
 @pytest.mark.parametrize("fmt", [FMT, FMT16], ids=["int8", "int16"])
 @pytest.mark.parametrize("name", list(LNS_TRANSFORMS))
 def test_inject_hyperparams_refuses_hyperparameters_cast_to_integer_codes(
-    name, fmt):
+  name, fmt
+):
   factory, hyper = LNS_TRANSFORMS[name]
   tx = optax.inject_hyperparams(factory)(fmt, **hyper)
   with pytest.raises(ValueError, match=r"arrived as an int.*hyperparam_dtype"):
@@ -264,7 +301,8 @@ def test_inject_hyperparams_refuses_hyperparameters_cast_to_integer_codes(
 
 def test_schedules_returning_low_precision_are_refused():
   tx = madam_optax.multiplicative_step(
-      lambda count: jnp.asarray(0.01, jnp.bfloat16))
+    lambda count: jnp.asarray(0.01, jnp.bfloat16)
+  )
   params = {"w": jnp.ones(2)}
   with pytest.raises(ValueError, match="learning_rate.*bfloat16"):
     tx.update(params, tx.init(params), params)
@@ -279,10 +317,17 @@ def test_bfloat16_hyperparameters_are_range_checked():
 # 3. b2 that rounds to 1 in float32.
 
 
-@pytest.mark.parametrize("b2", [1 - 1e-8, 1 - 2e-8, float(np.nextafter(1.0, 0.0))])
-@pytest.mark.parametrize("factory", [
-    madam_optax.madam, madam_optax.scale_by_second_moment,
-    lambda b2: madam_optax.lns_madam(FMT, b2=b2)])
+@pytest.mark.parametrize(
+  "b2", [1 - 1e-8, 1 - 2e-8, float(np.nextafter(1.0, 0.0))]
+)
+@pytest.mark.parametrize(
+  "factory",
+  [
+    madam_optax.madam,
+    madam_optax.scale_by_second_moment,
+    lambda b2: madam_optax.lns_madam(FMT, b2=b2),
+  ],
+)
 def test_b2_that_rounds_to_one_in_float32_is_refused(factory, b2):
   with pytest.raises(ValueError, match="b2=.*rounds to 1.0 in float32"):
     factory(b2=b2)
@@ -298,16 +343,24 @@ def test_largest_b2_below_one_in_float32_still_trains():
 # 4. Bounds of tensors near the largest finite value.
 
 
-@pytest.mark.parametrize("dtype, top", [
-    (jnp.float32, 8.6e37), (jnp.float32, 3.0e38), (jnp.float64, 1.0e308),
-    (jnp.float16, 6.0e4), (jnp.bfloat16, 3.0e38)])
+@pytest.mark.parametrize(
+  "dtype, top",
+  [
+    (jnp.float32, 8.6e37),
+    (jnp.float32, 3.0e38),
+    (jnp.float64, 1.0e308),
+    (jnp.float16, 6.0e4),
+    (jnp.bfloat16, 3.0e38),
+  ],
+)
 @pytest.mark.parametrize("jit", [False, True])
 def test_madam_keeps_huge_weights(dtype, top, jit):
   with jax.enable_x64(dtype == jnp.float64):
     w = jnp.asarray(np.array([top, -top / 2, top / 7]), dtype)
     params = {"w": w}
-    new, _, state = _step(madam_optax.madam(), {"w": jnp.ones(3, dtype)},
-                          params, jit=jit)
+    new, _, state = _step(
+      madam_optax.madam(), {"w": jnp.ones(3, dtype)}, params, jit=jit
+    )
     bound = state[-1].max_magnitude[0]
     assert np.isfinite(float(bound)) and float(bound) > 0
     got = np.asarray(new["w"], np.float64)
@@ -318,23 +371,36 @@ def test_madam_keeps_huge_weights(dtype, top, jit):
 # 5. LNS scales of tensors with tiny or huge RMS.
 
 
-@pytest.mark.parametrize("dtype, scale", [
-    (jnp.float32, 1e-30), (jnp.float32, 1e30), (jnp.float32, 1e38),
-    (jnp.float16, 1e-3), (jnp.float16, 3e4), (jnp.bfloat16, 1e-30),
-    (jnp.float64, 1e-300), (jnp.float64, 1e300)])
+@pytest.mark.parametrize(
+  "dtype, scale",
+  [
+    (jnp.float32, 1e-30),
+    (jnp.float32, 1e30),
+    (jnp.float32, 1e38),
+    (jnp.float16, 1e-3),
+    (jnp.float16, 3e4),
+    (jnp.bfloat16, 1e-30),
+    (jnp.float64, 1e-300),
+    (jnp.float64, 1e300),
+  ],
+)
 def test_lns_encode_handles_any_finite_scale(dtype, scale):
   with jax.enable_x64(dtype == jnp.float64):
     rng = np.random.default_rng(0)
-    w = jnp.asarray(rng.uniform(0.5, 1.0, 16) * np.sign(
-        rng.standard_normal(16)) * scale, dtype)
-    fmt = LNSFormat.spanning(127, log_range=2.0)   # every entry in range
+    w = jnp.asarray(
+      rng.uniform(0.5, 1.0, 16) * np.sign(rng.standard_normal(16)) * scale,
+      dtype,
+    )
+    fmt = LNSFormat.spanning(127, log_range=2.0)  # every entry in range
     codes, w_max = madam_optax.lns_encode(w, fmt)
     assert np.isfinite(float(w_max)) and float(w_max) > 0
-    decoded = madam_optax.lns_decode(codes, w_max, fmt, jnp.float64
-                                     if dtype == jnp.float64 else jnp.float32)
+    decoded = madam_optax.lns_decode(
+      codes, w_max, fmt, jnp.float64 if dtype == jnp.float64 else jnp.float32
+    )
     exact = np.asarray(w, np.float64)
-    err = np.abs(np.log(np.abs(np.asarray(decoded, np.float64)))
-                 - np.log(np.abs(exact)))
+    err = np.abs(
+      np.log(np.abs(np.asarray(decoded, np.float64))) - np.log(np.abs(exact))
+    )
     # Half a level, and the float32 rounding of the decoded value.
     assert np.all(err <= fmt.log_base / 2 + 1e-5), err.max()
     np.testing.assert_array_equal(np.sign(decoded), np.sign(exact))
@@ -357,14 +423,22 @@ def test_grad_through_clip_weight_magnitude_init_and_update():
   grad = jax.grad(clipped_sum)(w)
   # Every entry is clipped to +-rms(w): d/dw_i sum(sign(w) * rms) is
   # sum(sign(w)) * w_i / (n * rms).
-  rms = jnp.sqrt(jnp.mean(w ** 2))
-  np.testing.assert_allclose(grad, jnp.sum(jnp.sign(w)) * w / (3 * rms),
-                             rtol=1e-6)
+  rms = jnp.sqrt(jnp.mean(w**2))
+  np.testing.assert_allclose(
+    grad, jnp.sum(jnp.sign(w)) * w / (3 * rms), rtol=1e-6
+  )
 
 
-@pytest.mark.parametrize("name", ["madam", "scale_by_second_moment",
-                                  "multiplicative_step", "clip_weight_magnitude",
-                                  "log_quantise"])
+@pytest.mark.parametrize(
+  "name",
+  [
+    "madam",
+    "scale_by_second_moment",
+    "multiplicative_step",
+    "clip_weight_magnitude",
+    "log_quantise",
+  ],
+)
 def test_python_float_leaves(name):
   factory, _, wrap = _float_case(name, jnp.float32)
   tx = wrap(factory())
@@ -389,16 +463,17 @@ def test_reduce_on_plateau_drives_an_injected_lns_learning_rate():
   assert "reduce_on_plateau" in madam_optax.lns_madam.__doc__
   codes = {"w": jnp.array([60, -60, 90], jnp.int8)}
   with pytest.raises(OverflowError):
-    optax.chain(madam_optax.lns_madam(FMT),
-                optax.contrib.reduce_on_plateau()).init(codes)
-  tx = optax.inject_hyperparams(madam_optax.lns_madam,
-                                hyperparam_dtype=jnp.float32)(
-                                    FMT, learning_rate=0.2, rounding="nearest")
+    optax.chain(
+      madam_optax.lns_madam(FMT), optax.contrib.reduce_on_plateau()
+    ).init(codes)
+  tx = optax.inject_hyperparams(
+    madam_optax.lns_madam, hyperparam_dtype=jnp.float32
+  )(FMT, learning_rate=0.2, rounding="nearest")
   plateau = optax.contrib.reduce_on_plateau(factor=0.1, patience=1)
   state, plateau_state = tx.init(codes), plateau.init(jnp.zeros([]))
   moves = []
   for _ in range(6):
-    loss = jnp.float32(1.0)                      # a plateau
+    loss = jnp.float32(1.0)  # a plateau
     _, plateau_state = plateau.update(jnp.zeros([]), plateau_state, value=loss)
     state.hyperparams["learning_rate"] = 0.2 * plateau_state.scale
     updates, state = tx.update({"w": jnp.ones(3)}, state, codes)
@@ -409,14 +484,17 @@ def test_reduce_on_plateau_drives_an_injected_lns_learning_rate():
 
 # Each grows both magnitudes (w = [0.5, -0.5]) past 0.25 without a sign change.
 MAX_MAGNITUDE_CASES = {
-    "clip_weight_magnitude": (
-        lambda m: madam_optax.clip_weight_magnitude(max_magnitude=m),
-        [0.5, -0.5]),
-    "madam": (lambda m: madam_optax.madam(max_magnitude=m), [-1.0, 1.0]),
-    "log_quantise": (
-        lambda m: optax.chain(optax.sgd(1.0),
-                              madam_optax.log_quantise(FMT, max_magnitude=m)),
-        [-0.5, 0.5]),
+  "clip_weight_magnitude": (
+    lambda m: madam_optax.clip_weight_magnitude(max_magnitude=m),
+    [0.5, -0.5],
+  ),
+  "madam": (lambda m: madam_optax.madam(max_magnitude=m), [-1.0, 1.0]),
+  "log_quantise": (
+    lambda m: optax.chain(
+      optax.sgd(1.0), madam_optax.log_quantise(FMT, max_magnitude=m)
+    ),
+    [-0.5, 0.5],
+  ),
 }
 
 
@@ -425,7 +503,8 @@ def test_injected_max_magnitude_takes_effect_after_init(name):
   make, grads = MAX_MAGNITUDE_CASES[name]
   params = {"w": jnp.array([0.5, -0.5])}
   tx = optax.inject_hyperparams(lambda max_magnitude: make(max_magnitude))(
-      max_magnitude=1.0)
+    max_magnitude=1.0
+  )
   state = tx.init(params)
   state.hyperparams["max_magnitude"] = jnp.float32(0.25)
   new, _, _ = _step(tx, {"w": jnp.array(grads)}, params, state, jit=True)
@@ -436,13 +515,14 @@ def test_injected_max_magnitude_takes_effect_after_init(name):
 def test_p_scale_acts_at_init_only_as_documented():
   assert "p_scale`` only acts at ``init``" in madam_optax.madam.__doc__
   assert "``p_scale`` is read at ``init`` only" in (
-      madam_optax.log_quantise.__doc__)
+    madam_optax.log_quantise.__doc__
+  )
   params = {"w": jnp.array([1.0, -1.0])}
   tx = optax.inject_hyperparams(madam_optax.clip_weight_magnitude)(p_scale=1.0)
   state = tx.init(params)
   state.hyperparams["p_scale"] = jnp.float32(0.5)
   new, _, _ = _step(tx, {"w": jnp.array([0.5, -0.5])}, params, state)
-  np.testing.assert_array_equal(new["w"], [1.0, -1.0])   # the init bound
+  np.testing.assert_array_equal(new["w"], [1.0, -1.0])  # the init bound
 
 
 def test_documented_limits_of_tiny_and_low_precision_weights():
@@ -470,14 +550,16 @@ def test_a_bfloat16_weight_far_above_its_bound_is_not_zeroed(jit):
   params = {"w": jnp.array([0.0015335, 1.0], jnp.bfloat16)}
   tx = madam_optax.clip_weight_magnitude(max_magnitude=1.5e-6)
   state = tx.init(params)
-  new, _, state = _step(tx, {"w": jnp.zeros(2, jnp.bfloat16)}, params,
-                        state, jit=jit)
+  new, _, state = _step(
+    tx, {"w": jnp.zeros(2, jnp.bfloat16)}, params, state, jit=jit
+  )
   assert np.all(np.asarray(new["w"], np.float32) > 0), new
   # One ulp of w from zero (|w| / 2**7 or less) at each step, then in the
   # bound: after one step for the first entry, three for the second.
   for steps in range(3):
-    new, _, _ = _step(tx, {"w": jnp.zeros(2, jnp.bfloat16)}, new, state,
-                      jit=jit)
+    new, _, _ = _step(
+      tx, {"w": jnp.zeros(2, jnp.bfloat16)}, new, state, jit=jit
+    )
     w = np.asarray(new["w"], np.float32)
     assert np.all(w > 0) and w[0] <= 1.5e-6, new
   assert w[1] <= 1.5e-6, new
@@ -487,7 +569,7 @@ def test_a_bfloat16_weight_far_above_its_bound_is_not_zeroed(jit):
 def test_a_weight_far_above_the_grid_is_not_zeroed(jit):
   fmt = LNSFormat.spanning(1000, 0.5)
   tx = madam_optax.log_quantise(fmt, max_magnitude=1000.0)
-  params = {"w": jnp.array([1e11, -1e11, 2.0])}    # ulp(1e11) = 8192
+  params = {"w": jnp.array([1e11, -1e11, 2.0])}  # ulp(1e11) = 8192
   state = tx.init(params)
   new, _, state = _step(tx, {"w": jnp.zeros(3)}, params, state, jit=jit)
   np.testing.assert_array_equal(np.sign(new["w"]), [1, -1, 1])
@@ -500,8 +582,9 @@ def test_the_bound_in_bfloat16_is_rounded_down():
   bound = 2.96527312e16
   params = {"w": jnp.array([1.0, -1.0], jnp.bfloat16)}
   tx = madam_optax.clip_weight_magnitude(max_magnitude=bound)
-  new, _, _ = _step(tx, {"w": jnp.array([1e17, -1e17], jnp.bfloat16)},
-                    params, jit=True)
+  new, _, _ = _step(
+    tx, {"w": jnp.array([1e17, -1e17], jnp.bfloat16)}, params, jit=True
+  )
   assert np.all(np.abs(np.asarray(new["w"], np.float64)) <= bound), new
 
 
@@ -543,6 +626,7 @@ def test_a_zero_weight_stays_zero_under_a_huge_step(jit):
   # -lr * u overflowed to inf, and inf * sign(0) made the zero weight NaN.
   tx = madam_optax.multiplicative_step(10.0)
   params = {"w": jnp.array([0.0, 1.0, -1.0])}
-  new, _, _ = _step(tx, {"w": jnp.array([8.5e37, 8.5e37, -8.5e37])}, params,
-                    jit=jit)
-  np.testing.assert_array_equal(new["w"], [0.0, 0.0, 0.0])   # 1 * e**-inf
+  new, _, _ = _step(
+    tx, {"w": jnp.array([8.5e37, 8.5e37, -8.5e37])}, params, jit=jit
+  )
+  np.testing.assert_array_equal(new["w"], [0.0, 0.0, 0.0])  # 1 * e**-inf

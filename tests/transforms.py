@@ -31,8 +31,8 @@ import madam_optax
 
 # ------------------------------------------------------------------ formats
 
-INT8_FORMAT = madam_optax.LNSFormat.spanning(127)     # int8 codes
-INT16_FORMAT = madam_optax.LNSFormat.spanning(4096)   # int16 codes
+INT8_FORMAT = madam_optax.LNSFormat.spanning(127)  # int8 codes
+INT16_FORMAT = madam_optax.LNSFormat.spanning(4096)  # int16 codes
 # log_quantise's grid for float params: fine enough (0.001 in log|w| between
 # levels) that Madam's 0.01 step moves a weight even with nearest rounding.
 FLOAT_GRID = madam_optax.LNSFormat.spanning(4096)
@@ -42,14 +42,14 @@ CODE_FORMATS = {"int8": INT8_FORMAT, "int16": INT16_FORMAT}
 
 # --------------------------------------------------------------- invariants
 
-SIGN_KEPT = "sign_kept"        # no weight (or code) ever changes sign
-ZEROS_STAY = "zeros_stay"      # an exact zero never moves
-NONZERO = "nonzero_stays"      # an ordinary non-zero weight never becomes 0
-BOUNDED = "bounded"            # |w| <= p_scale * RMS(w0) per tensor
+SIGN_KEPT = "sign_kept"  # no weight (or code) ever changes sign
+ZEROS_STAY = "zeros_stay"  # an exact zero never moves
+NONZERO = "nonzero_stays"  # an ordinary non-zero weight never becomes 0
+BOUNDED = "bounded"  # |w| <= p_scale * RMS(w0) per tensor
 SIGN_STEP = "first_step_sign"  # the first update sees only sign(g)
-ON_GRID = "on_grid"            # float weights lie on the LNS grid
-IN_RANGE = "codes_in_range"    # codes keep their dtype, 1 <= |c| <= levels
-FINITE = "finite"              # finite weights and gradients stay finite
+ON_GRID = "on_grid"  # float weights lie on the LNS grid
+IN_RANGE = "codes_in_range"  # codes keep their dtype, 1 <= |c| <= levels
+FINITE = "finite"  # finite weights and gradients stay finite
 
 MULTIPLICATIVE = frozenset({SIGN_KEPT, ZEROS_STAY})
 
@@ -61,16 +61,19 @@ MAP_PARAMS = "map_params"
 MISMATCHED_TREES = "mismatched_trees"
 
 FLAT_STATE = (
-    "per-tensor bounds in a flat tuple: optax.tree.map_params' placeholder "
-    "init gives an empty tuple, which does not match the state")
+  "per-tensor bounds in a flat tuple: optax.tree.map_params' placeholder "
+  "init gives an empty tuple, which does not match the state"
+)
 PARTITION_FIRST = (
-    "optax.partition maps over the updates with the labels' structure first: "
-    "JAX's pytree error (naming the differing keys) comes before ours, which "
-    "says how to fix the call")
+  "optax.partition maps over the updates with the labels' structure first: "
+  "JAX's pytree error (naming the differing keys) comes before ours, which "
+  "says how to fix the call"
+)
 REFERENCE_DEAD_ZONE = (
-    "SPEC 2's deterministic rule at its fixed b2=0.999 and rate: a step below "
-    "half a level (|g_n| < 0.05) rounds to zero, and in Rosenbrock's valley "
-    "the normalised gradient falls below that before the optimum")
+  "SPEC 2's deterministic rule at its fixed b2=0.999 and rate: a step below "
+  "half a level (|g_n| < 0.05) rounds to zero, and in Rosenbrock's valley "
+  "the normalised gradient falls below that before the optimum"
+)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -100,6 +103,7 @@ class Case:
     known_failures: contract check name -> reason, for checks this case is
       known to fail today (run as strict xfails).
   """
+
   name: str
   factory: Callable[..., optax.GradientTransformation]
   hyperparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -130,10 +134,15 @@ class Case:
     """The per-tensor bound's multiple of the initial RMS."""
     return float(self.hyperparams.get("p_scale", 3.0))
 
-  def transform(self, params: Any = None, *, inject: bool = False,
-                fmt: madam_optax.LNSFormat | None = None,
-                defaults: bool = False,
-                **overrides) -> optax.GradientTransformation:
+  def transform(
+    self,
+    params: Any = None,
+    *,
+    inject: bool = False,
+    fmt: madam_optax.LNSFormat | None = None,
+    defaults: bool = False,
+    **overrides,
+  ) -> optax.GradientTransformation:
     """The public object under test (the factory's output, wrapped if so).
 
     Args:
@@ -147,30 +156,40 @@ class Case:
     if inject:
       static = tuple(self.static) + (("fmt",) if self.fmt is not None else ())
       factory = optax.inject_hyperparams(
-          factory, static_args=static,
-          # Integer codes would give the rates an integer dtype.
-          hyperparam_dtype=jnp.float32 if self.codes else None)
+        factory,
+        static_args=static,
+        # Integer codes would give the rates an integer dtype.
+        hyperparam_dtype=jnp.float32 if self.codes else None,
+      )
     args = () if self.fmt is None else (fmt or self.fmt,)
     hyperparams = {} if defaults else self.hyperparams
     tx = factory(*args, **{**self.static, **hyperparams, **overrides})
     return tx if self.wrap is None else self.wrap(tx, params)
 
-  def optimizer(self, params: Any = None, *, learning_rate: Any = None,
-                inject: bool = False, fmt: madam_optax.LNSFormat | None = None,
-                defaults: bool = False,
-                **overrides) -> optax.GradientTransformation:
+  def optimizer(
+    self,
+    params: Any = None,
+    *,
+    learning_rate: Any = None,
+    inject: bool = False,
+    fmt: madam_optax.LNSFormat | None = None,
+    defaults: bool = False,
+    **overrides,
+  ) -> optax.GradientTransformation:
     """The case as a whole optimizer, at ``learning_rate`` (float/schedule).
 
     Other arguments as in :meth:`transform`.
     """
     if learning_rate is not None and self.takes_learning_rate:
       overrides["learning_rate"] = learning_rate
-    tx = self.transform(params, inject=inject, fmt=fmt, defaults=defaults,
-                        **overrides)
+    tx = self.transform(
+      params, inject=inject, fmt=fmt, defaults=defaults, **overrides
+    )
     if self.complete is None:
       return tx
     return self.complete(
-        tx, None if self.takes_learning_rate else learning_rate)
+      tx, None if self.takes_learning_rate else learning_rate
+    )
 
   # ---------------------------------------------------- params and grads
 
@@ -189,16 +208,18 @@ class Case:
       return None
     if self.fmt is None:
       return madam_optax.REFERENCE_FORMAT
-    return self.fmt if self.fmt.dtype == np.dtype(dtype) else CODE_FORMATS[
-        dtype]
+    return (
+      self.fmt if self.fmt.dtype == np.dtype(dtype) else CODE_FORMATS[dtype]
+    )
 
   @property
   def code_format(self) -> madam_optax.LNSFormat:
     """The format of this case's codes (or grid)."""
     return self.fmt or madam_optax.REFERENCE_FORMAT
 
-  def encode(self, weights: Any, fmt: madam_optax.LNSFormat | None = None
-             ) -> tuple[Any, Callable[[Any], Any]]:
+  def encode(
+    self, weights: Any, fmt: madam_optax.LNSFormat | None = None
+  ) -> tuple[Any, Callable[[Any], Any]]:
     """``(params, decode)`` for float ``weights``: codes for code cases.
 
     ``decode(params)`` gives the float weights the loss sees (the identity
@@ -222,8 +243,10 @@ class Case:
     """Random gradients shaped like ``params`` (float32 for codes)."""
     rng = np.random.default_rng(1000 + seed)
 
-    return jax.tree.map(lambda p: jnp.asarray(
-        rng.standard_normal(jnp.shape(p)), _float_dtype(p)), params)
+    return jax.tree.map(
+      lambda p: jnp.asarray(rng.standard_normal(jnp.shape(p)), _float_dtype(p)),
+      params,
+    )
 
   # -------------------------------------------------------------- xfails
 
@@ -232,8 +255,9 @@ class Case:
     marks = ()
     if check in self.known_failures:
       marks = pytest.mark.xfail(strict=True, reason=self.known_failures[check])
-    return pytest.param(self, *values, id="-".join(
-        [self.name, *map(str, values)]), marks=marks)
+    return pytest.param(
+      self, *values, id="-".join([self.name, *map(str, values)]), marks=marks
+    )
 
 
 def parameters(factory) -> Mapping[str, Any]:
@@ -247,8 +271,11 @@ def example_weights(seed: int = 0) -> dict[str, Any]:
   def nonzero(shape):
     w = rng.standard_normal(shape)
     return jnp.asarray(np.where(np.abs(w) < 0.05, 0.5, w), jnp.float32)
-  return {"dense": {"kernel": nonzero((4, 3)), "bias": nonzero((3,))},
-          "scale": nonzero(())}
+
+  return {
+    "dense": {"kernel": nonzero((4, 3)), "bias": nonzero((3,))},
+    "scale": nonzero(()),
+  }
 
 
 # ------------------------------------------------------------- completions
@@ -272,11 +299,14 @@ def _after_second_moment(tx, learning_rate):
   del learning_rate  # the step's own
   normalise = madam_optax.scale_by_second_moment()
 
-  def init(params):   # zeros_like keeps the codes' shardings
-    return normalise.init(jax.tree.map(
-        lambda p: jnp.zeros_like(p, dtype=_float_dtype(p)), params))
+  def init(params):  # zeros_like keeps the codes' shardings
+    return normalise.init(
+      jax.tree.map(lambda p: jnp.zeros_like(p, dtype=_float_dtype(p)), params)
+    )
+
   return optax.chain(
-      optax.GradientTransformationExtraArgs(init, normalise.update), tx)
+    optax.GradientTransformationExtraArgs(init, normalise.update), tx
+  )
 
 
 def _after_adam(tx, learning_rate):
@@ -292,13 +322,15 @@ def _after_madam(tx, learning_rate):
   gradient shrinks near an optimum until every step is that small.
   """
   return optax.chain(
-      madam_optax.madam(learning_rate=_rate(learning_rate), b2=0.9), tx)
+    madam_optax.madam(learning_rate=_rate(learning_rate), b2=0.9), tx
+  )
 
 
 def _with_additive_fallback(tx, params):
   """Scalars (tensors of fewer than 1 dimension) go to Adam."""
-  return madam_optax.with_additive_fallback(params, tx, optax.adam(1e-2),
-                                            min_ndim=1)
+  return madam_optax.with_additive_fallback(
+    params, tx, optax.adam(1e-2), min_ndim=1
+  )
 
 
 def _float_dtype(p):
@@ -306,8 +338,12 @@ def _float_dtype(p):
   return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float32
 
 
-MADAM_HYPERPARAMS = {"learning_rate": 0.03, "p_scale": 2.0, "g_bound": 0.7,
-                     "b2": 0.9}
+MADAM_HYPERPARAMS = {
+  "learning_rate": 0.03,
+  "p_scale": 2.0,
+  "g_bound": 0.7,
+  "b2": 0.9,
+}
 LNS_MADAM_HYPERPARAMS = {"learning_rate": 0.05, "g_bound": 5.0, "b2": 0.99}
 MADAM_INVARIANTS = MULTIPLICATIVE | {NONZERO, BOUNDED, SIGN_STEP, FINITE}
 # Nearest rounding drops steps below half a level: b2=0.9 keeps the
@@ -315,63 +351,119 @@ MADAM_INVARIANTS = MULTIPLICATIVE | {NONZERO, BOUNDED, SIGN_STEP, FINITE}
 NEAREST_CONVERGENCE = {"b2": 0.9}
 
 CASES = (
-    Case("scale_by_second_moment", madam_optax.scale_by_second_moment,
-         hyperparams={"b2": 0.9}, complete=_then_learning_rate,
-         needs_params=False,
-         invariants=frozenset({SIGN_STEP, FINITE})),
-    Case("multiplicative_step", madam_optax.multiplicative_step,
-         hyperparams={"learning_rate": 0.05}, complete=_after_second_moment,
-         invariants=MULTIPLICATIVE | {SIGN_STEP}),
-    Case("clip_weight_magnitude", madam_optax.clip_weight_magnitude,
-         hyperparams={"p_scale": 0.8}, complete=_after_adam,
-         invariants=frozenset({BOUNDED, FINITE}),
-         known_failures={MAP_PARAMS: FLAT_STATE}),
-    Case("log_quantise_nearest", madam_optax.log_quantise,
-         hyperparams={"p_scale": 2.0},
-         static={"rounding": "nearest", "seed": 0}, fmt=FLOAT_GRID,
-         complete=_after_madam, invariants=MADAM_INVARIANTS | {ON_GRID},
-         known_failures={MAP_PARAMS: FLAT_STATE}),
-    Case("log_quantise_stochastic", madam_optax.log_quantise,
-         hyperparams={"p_scale": 2.0},
-         static={"rounding": "stochastic", "seed": 1}, fmt=FLOAT_GRID,
-         complete=_after_madam, invariants=MADAM_INVARIANTS | {ON_GRID},
-         known_failures={MAP_PARAMS: FLAT_STATE}),
-    Case("madam", madam_optax.madam, hyperparams=MADAM_HYPERPARAMS,
-         invariants=MADAM_INVARIANTS,
-         known_failures={MAP_PARAMS: FLAT_STATE}),
-    Case("madam_bf16_state", madam_optax.madam,
-         hyperparams=MADAM_HYPERPARAMS, static={"state_dtype": jnp.bfloat16},
-         invariants=MADAM_INVARIANTS,
-         known_failures={MAP_PARAMS: FLAT_STATE}),
-    Case("madam_with_additive_fallback", madam_optax.madam,
-         hyperparams=MADAM_HYPERPARAMS, wrap=_with_additive_fallback,
-         invariants=MADAM_INVARIANTS,
-         known_failures={MAP_PARAMS: FLAT_STATE,
-                         MISMATCHED_TREES: PARTITION_FIRST}),
-    Case("lns_level_step", madam_optax.lns_level_step,
-         hyperparams={"learning_rate": 0.05},
-         static={"rounding": "stochastic", "seed": 0}, fmt=INT8_FORMAT,
-         complete=_after_second_moment, codes=True,
-         invariants=MULTIPLICATIVE | {IN_RANGE, SIGN_STEP}),
-    Case("lns_madam_nearest", madam_optax.lns_madam,
-         hyperparams=LNS_MADAM_HYPERPARAMS,
-         static={"rounding": "nearest", "seed": 0}, fmt=INT16_FORMAT,
-         codes=True, converge=NEAREST_CONVERGENCE,
-         invariants=MULTIPLICATIVE | {IN_RANGE, SIGN_STEP}),
-    Case("lns_madam_stochastic", madam_optax.lns_madam,
-         hyperparams=LNS_MADAM_HYPERPARAMS,
-         static={"rounding": "stochastic", "seed": 2}, fmt=INT8_FORMAT,
-         codes=True, invariants=MULTIPLICATIVE | {IN_RANGE, SIGN_STEP}),
-    Case("lns_madam_reference", madam_optax.lns_madam_reference, codes=True,
-         invariants=MULTIPLICATIVE | {IN_RANGE, SIGN_STEP},
-         known_failures={"converges_rosenbrock": REFERENCE_DEAD_ZONE}),
+  Case(
+    "scale_by_second_moment",
+    madam_optax.scale_by_second_moment,
+    hyperparams={"b2": 0.9},
+    complete=_then_learning_rate,
+    needs_params=False,
+    invariants=frozenset({SIGN_STEP, FINITE}),
+  ),
+  Case(
+    "multiplicative_step",
+    madam_optax.multiplicative_step,
+    hyperparams={"learning_rate": 0.05},
+    complete=_after_second_moment,
+    invariants=MULTIPLICATIVE | {SIGN_STEP},
+  ),
+  Case(
+    "clip_weight_magnitude",
+    madam_optax.clip_weight_magnitude,
+    hyperparams={"p_scale": 0.8},
+    complete=_after_adam,
+    invariants=frozenset({BOUNDED, FINITE}),
+    known_failures={MAP_PARAMS: FLAT_STATE},
+  ),
+  Case(
+    "log_quantise_nearest",
+    madam_optax.log_quantise,
+    hyperparams={"p_scale": 2.0},
+    static={"rounding": "nearest", "seed": 0},
+    fmt=FLOAT_GRID,
+    complete=_after_madam,
+    invariants=MADAM_INVARIANTS | {ON_GRID},
+    known_failures={MAP_PARAMS: FLAT_STATE},
+  ),
+  Case(
+    "log_quantise_stochastic",
+    madam_optax.log_quantise,
+    hyperparams={"p_scale": 2.0},
+    static={"rounding": "stochastic", "seed": 1},
+    fmt=FLOAT_GRID,
+    complete=_after_madam,
+    invariants=MADAM_INVARIANTS | {ON_GRID},
+    known_failures={MAP_PARAMS: FLAT_STATE},
+  ),
+  Case(
+    "madam",
+    madam_optax.madam,
+    hyperparams=MADAM_HYPERPARAMS,
+    invariants=MADAM_INVARIANTS,
+    known_failures={MAP_PARAMS: FLAT_STATE},
+  ),
+  Case(
+    "madam_bf16_state",
+    madam_optax.madam,
+    hyperparams=MADAM_HYPERPARAMS,
+    static={"state_dtype": jnp.bfloat16},
+    invariants=MADAM_INVARIANTS,
+    known_failures={MAP_PARAMS: FLAT_STATE},
+  ),
+  Case(
+    "madam_with_additive_fallback",
+    madam_optax.madam,
+    hyperparams=MADAM_HYPERPARAMS,
+    wrap=_with_additive_fallback,
+    invariants=MADAM_INVARIANTS,
+    known_failures={MAP_PARAMS: FLAT_STATE, MISMATCHED_TREES: PARTITION_FIRST},
+  ),
+  Case(
+    "lns_level_step",
+    madam_optax.lns_level_step,
+    hyperparams={"learning_rate": 0.05},
+    static={"rounding": "stochastic", "seed": 0},
+    fmt=INT8_FORMAT,
+    complete=_after_second_moment,
+    codes=True,
+    invariants=MULTIPLICATIVE | {IN_RANGE, SIGN_STEP},
+  ),
+  Case(
+    "lns_madam_nearest",
+    madam_optax.lns_madam,
+    hyperparams=LNS_MADAM_HYPERPARAMS,
+    static={"rounding": "nearest", "seed": 0},
+    fmt=INT16_FORMAT,
+    codes=True,
+    converge=NEAREST_CONVERGENCE,
+    invariants=MULTIPLICATIVE | {IN_RANGE, SIGN_STEP},
+  ),
+  Case(
+    "lns_madam_stochastic",
+    madam_optax.lns_madam,
+    hyperparams=LNS_MADAM_HYPERPARAMS,
+    static={"rounding": "stochastic", "seed": 2},
+    fmt=INT8_FORMAT,
+    codes=True,
+    invariants=MULTIPLICATIVE | {IN_RANGE, SIGN_STEP},
+  ),
+  Case(
+    "lns_madam_reference",
+    madam_optax.lns_madam_reference,
+    codes=True,
+    invariants=MULTIPLICATIVE | {IN_RANGE, SIGN_STEP},
+    known_failures={"converges_rosenbrock": REFERENCE_DEAD_ZONE},
+  ),
 )
 
 BY_NAME = {case.name: case for case in CASES}
 
 
-def cases(*invariants: str, check: str | None = None, codes: bool | None = None,
-          where: Callable[[Case], bool] | None = None) -> list[Any]:
+def cases(
+  *invariants: str,
+  check: str | None = None,
+  codes: bool | None = None,
+  where: Callable[[Case], bool] | None = None,
+) -> list[Any]:
   """``pytest.param``s of the cases holding all ``invariants``.
 
   Args:
@@ -381,13 +473,15 @@ def cases(*invariants: str, check: str | None = None, codes: bool | None = None,
     codes: keep only code cases (True) or only float cases (False).
     where: a further filter.
   """
-  return [case.param(check) for case in CASES
-          if set(invariants) <= case.invariants
-          and (codes is None or case.codes == codes)
-          and (where is None or where(case))]
+  return [
+    case.param(check)
+    for case in CASES
+    if set(invariants) <= case.invariants
+    and (codes is None or case.codes == codes)
+    and (where is None or where(case))
+  ]
 
 
 def cases_by_dtype(check: str | None = None) -> list[Any]:
   """``(case, dtype)`` params over every parameter dtype each case takes."""
   return [case.param(check, dtype) for case in CASES for dtype in case.dtypes]
-

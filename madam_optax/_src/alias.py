@@ -4,32 +4,32 @@ from __future__ import annotations
 
 from typing import Any
 
-import optax
-
 import jax
 import jax.numpy as jnp
+import optax
 
 from madam_optax._src import fused_madam
 from madam_optax._src import lns
 from madam_optax._src import lns_level_step as lns_level_step_lib
 from madam_optax._src import validation
 from madam_optax._src.factored_second_moment import (
-    scale_by_factored_second_moment)
+  scale_by_factored_second_moment,
+)
 from madam_optax._src.magnitude_bound import clip_weight_magnitude
 from madam_optax._src.multiplicative_step import multiplicative_step
 from madam_optax._src.second_moment import scale_by_second_moment
 
 
 def madam(
-    learning_rate: optax.ScalarOrSchedule = 0.01,
-    *,
-    p_scale: float = 3.0,
-    g_bound: float = 10.0,
-    b2: float = 0.999,
-    state_dtype: Any = None,
-    max_magnitude: float | None = None,
-    factored: bool = False,
-    min_dim_size_to_factor: int = 128,
+  learning_rate: optax.ScalarOrSchedule = 0.01,
+  *,
+  p_scale: float = 3.0,
+  g_bound: float = 10.0,
+  b2: float = 0.999,
+  state_dtype: Any = None,
+  max_magnitude: float | None = None,
+  factored: bool = False,
+  min_dim_size_to_factor: int = 128,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Madam: the multiplicative version of Adam.
 
@@ -108,54 +108,63 @@ def madam(
     functions via multiplicative weight updates", NeurIPS 2020,
     arXiv:2006.14560.
   """
-  validation.check_hyperparameter("g_bound", g_bound, low=0.0, low_inclusive=False)
+  validation.check_hyperparameter(
+    "g_bound", g_bound, low=0.0, low_inclusive=False
+  )
   if not factored:
     return fused_madam.fused_madam(
-        learning_rate, p_scale=p_scale, g_bound=g_bound, b2=b2,
-        state_dtype=state_dtype, max_magnitude=max_magnitude)
+      learning_rate,
+      p_scale=p_scale,
+      g_bound=g_bound,
+      b2=b2,
+      state_dtype=state_dtype,
+      max_magnitude=max_magnitude,
+    )
   return optax.chain(
-      _normaliser(b2, state_dtype, factored, min_dim_size_to_factor),
-      optax.clip(g_bound),
-      multiplicative_step(learning_rate),
-      clip_weight_magnitude(p_scale, max_magnitude=max_magnitude),
+    _normaliser(b2, state_dtype, factored, min_dim_size_to_factor),
+    optax.clip(g_bound),
+    multiplicative_step(learning_rate),
+    clip_weight_magnitude(p_scale, max_magnitude=max_magnitude),
   )
 
 
-def _normaliser(b2, state_dtype, factored, min_dim_size_to_factor
-                ) -> optax.GradientTransformationExtraArgs:
+def _normaliser(
+  b2, state_dtype, factored, min_dim_size_to_factor
+) -> optax.GradientTransformationExtraArgs:
   """Steps 2-4: the full or the factored second moment."""
   if factored:
     return scale_by_factored_second_moment(
-        b2, min_dim_size_to_factor=min_dim_size_to_factor,
-        state_dtype=state_dtype)
+      b2, min_dim_size_to_factor=min_dim_size_to_factor, state_dtype=state_dtype
+    )
   return scale_by_second_moment(b2, state_dtype=state_dtype)
 
 
-def _second_moment_for_codes(b2, state_dtype, factored=False,
-                             min_dim_size_to_factor=128
-                             ) -> optax.GradientTransformationExtraArgs:
+def _second_moment_for_codes(
+  b2, state_dtype, factored=False, min_dim_size_to_factor=128
+) -> optax.GradientTransformationExtraArgs:
   """The normaliser (full or factored) whose ``init`` accepts integer codes."""
   inner = _normaliser(b2, state_dtype, factored, min_dim_size_to_factor)
 
   def init_fn(params):
-    return inner.init(jax.tree.map(
-        lambda c: jnp.zeros_like(c, dtype=jnp.float32), params))
+    return inner.init(
+      jax.tree.map(lambda c: jnp.zeros_like(c, dtype=jnp.float32), params)
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, inner.update)
 
 
 def lns_madam(
-    fmt: lns.LNSFormat,
-    learning_rate: optax.ScalarOrSchedule = 0.01,
-    *,
-    g_bound: float = 10.0,
-    b2: float = 0.999,
-    rounding: str = "stochastic",
-    seed: int = 0,
-    state_dtype: Any = None,
-    rng: str = "hash",
-    factored: bool = False,
-    min_dim_size_to_factor: int = 128,
+  fmt: lns.LNSFormat,
+  learning_rate: optax.ScalarOrSchedule = 0.01,
+  *,
+  g_bound: float = 10.0,
+  b2: float = 0.999,
+  rounding: str = "stochastic",
+  seed: int = 0,
+  state_dtype: Any = None,
+  rng: str = "hash",
+  factored: bool = False,
+  min_dim_size_to_factor: int = 128,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Madam whose parameters are integer LNS codes (natively compressed).
 
@@ -243,13 +252,15 @@ def lns_madam(
     functions via multiplicative weight updates", NeurIPS 2020,
     arXiv:2006.14560.
   """
-  validation.check_hyperparameter("g_bound", g_bound, low=0.0, low_inclusive=False)
+  validation.check_hyperparameter(
+    "g_bound", g_bound, low=0.0, low_inclusive=False
+  )
   return optax.chain(
-      _second_moment_for_codes(b2, state_dtype, factored,
-                               min_dim_size_to_factor),
-      optax.clip(g_bound),
-      lns_level_step_lib.lns_level_step(fmt, learning_rate, rounding=rounding,
-                                        seed=seed, rng=rng),
+    _second_moment_for_codes(b2, state_dtype, factored, min_dim_size_to_factor),
+    optax.clip(g_bound),
+    lns_level_step_lib.lns_level_step(
+      fmt, learning_rate, rounding=rounding, seed=seed, rng=rng
+    ),
   )
 
 
@@ -277,5 +288,4 @@ def lns_madam_reference() -> optax.GradientTransformationExtraArgs:
     Bernstein et al., "Learning compositional functions via multiplicative
     weight updates", NeurIPS 2020, arXiv:2006.14560.
   """
-  return lns_madam(lns.REFERENCE_FORMAT, learning_rate=0.01,
-                   rounding="nearest")
+  return lns_madam(lns.REFERENCE_FORMAT, learning_rate=0.01, rounding="nearest")

@@ -45,14 +45,16 @@ class ScaleByFactoredSecondMomentState(NamedTuple):
     rms: for an unfactored tensor, ``sqrt(v)`` per entry, as in
       :class:`madam_optax.ScaleBySecondMomentState`.
   """
-  count: jax.Array
+
+  count: jax.Array  # type: ignore[assignment]
   row_rms: Any
   col_rms: Any
   rms: Any
 
 
-def factored_axes(shape: Sequence[int],
-                  min_dim_size_to_factor: int = 128) -> tuple[int, int] | None:
+def factored_axes(
+  shape: Sequence[int], min_dim_size_to_factor: int = 128
+) -> tuple[int, int] | None:
   """The (row, column) axes a tensor of ``shape`` is factored over, or None.
 
   Adafactor's rule (as ``optax.scale_by_factored_rms``): the two largest
@@ -94,10 +96,13 @@ def _power_of_two(k: jax.Array, dtype: np.dtype) -> jax.Array:
   """``2**k`` in ``dtype`` for integer ``k`` in its normal range, from bits."""
   info = np.finfo(dtype)
   int_dtype = np.dtype(f"int{info.bits}")
-  biased = lax.add(lax.convert_element_type(k, int_dtype),
-                   np.asarray(info.maxexp - 1, int_dtype))
+  biased = lax.add(
+    lax.convert_element_type(k, int_dtype),
+    np.asarray(info.maxexp - 1, int_dtype),
+  )
   return lax.bitcast_convert_type(
-      lax.shift_left(biased, np.asarray(info.nmant, int_dtype)), dtype)
+    lax.shift_left(biased, np.asarray(info.nmant, int_dtype)), dtype
+  )
 
 
 def _times_power_of_two(x: jax.Array, k: jax.Array, pieces: int) -> jax.Array:
@@ -112,13 +117,14 @@ def _times_power_of_two(x: jax.Array, k: jax.Array, pieces: int) -> jax.Array:
   """
   dtype = x.dtype
   limit = np.finfo(dtype).maxexp - 2
-  k = lax.clamp(np.asarray(-pieces * limit, k.dtype), k,
-                np.asarray(pieces * limit, k.dtype))
-  q = lax.div(k, np.asarray(pieces, k.dtype))      # k / pieces, toward zero
-  r = lax.sub(k, lax.mul(q, np.asarray(pieces, k.dtype)))   # same sign as k
+  k = lax.clamp(
+    np.asarray(-pieces * limit, k.dtype), k, np.asarray(pieces * limit, k.dtype)
+  )
+  q = lax.div(k, np.asarray(pieces, k.dtype))  # k / pieces, toward zero
+  r = lax.sub(k, lax.mul(q, np.asarray(pieces, k.dtype)))  # same sign as k
   step = lax.sign(r)
   small = _power_of_two(q, dtype)
-  big = _power_of_two(lax.add(q, step), dtype)     # 2**(q +- 1)
+  big = _power_of_two(lax.add(q, step), dtype)  # 2**(q +- 1)
   for i in range(pieces):
     # |r| of the pieces take the exponent q + sign(k), the others q.
     takes_big = lax.gt(lax.abs(r), np.asarray(i, k.dtype))
@@ -143,14 +149,18 @@ def _rms_along(x: jax.Array, axis: int) -> jax.Array:
   """
   dtype = x.dtype
   largest = lax.reduce_max(lax.abs(x), (axis,))
-  _, e = jnp.frexp(largest)                    # largest = f * 2**e, f in [.5, 1)
+  _, e = jnp.frexp(largest)  # largest = f * 2**e, f in [.5, 1)
   # 2 - e is in the normal range for every normal `largest`; clamped for
   # subnormal ones (XLA flushes those anyway).
-  to_unit = lax.min(lax.sub(np.asarray(2, e.dtype), e),
-                    np.asarray(np.finfo(dtype).maxexp - 1, e.dtype))
+  to_unit = lax.min(
+    lax.sub(np.asarray(2, e.dtype), e),
+    np.asarray(np.finfo(dtype).maxexp - 1, e.dtype),
+  )
   scaled = lax.mul(x, _expand(_power_of_two(to_unit, dtype), axis, x.shape))
-  mean_sq = lax.div(lax.reduce_sum(lax.mul(scaled, scaled), (axis,)),
-                    np.asarray(x.shape[axis], dtype))
+  mean_sq = lax.div(
+    lax.reduce_sum(lax.mul(scaled, scaled), (axis,)),
+    np.asarray(x.shape[axis], dtype),
+  )
   return _times_power_of_two(lax.sqrt(mean_sq), lax.neg(to_unit), 2)
 
 
@@ -158,10 +168,11 @@ def _mantissa_exponent(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``(m, e)`` with ``x = m * 2**e``, ``m`` in ``[0.5, 1)``; ``(0, 0)``
   where ``x`` is not a positive finite number."""
   m, e = jnp.frexp(x)
-  usable = lax.bitwise_and(lax.gt(x, np.asarray(0, x.dtype)),
-                           lax.is_finite(x))
-  return (lax.select(usable, m, lax.full_like(m, 0)),
-          lax.select(usable, e, lax.full_like(e, 0)))
+  usable = lax.bitwise_and(lax.gt(x, np.asarray(0, x.dtype)), lax.is_finite(x))
+  return (
+    lax.select(usable, m, lax.full_like(m, 0)),
+    lax.select(usable, e, lax.full_like(e, 0)),
+  )
 
 
 def _ratio(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -171,10 +182,13 @@ def _ratio(x: jax.Array, y: jax.Array) -> jax.Array:
   return lax.select(positive, q, lax.full_like(q, 0))
 
 
-def factored_leaf(g: jax.Array, row: jax.Array, col: jax.Array,
-                  axes: tuple[int, int],
-                  coefficients: tuple[jax.Array, jax.Array, jax.Array]
-                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def factored_leaf(
+  g: jax.Array,
+  row: jax.Array,
+  col: jax.Array,
+  axes: tuple[int, int],
+  coefficients: tuple[jax.Array, jax.Array, jax.Array],
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One factored tensor's step: ``(update, new row_rms, new col_rms)``.
 
   The maths of :func:`scale_by_factored_second_moment`, with the statistics
@@ -185,15 +199,18 @@ def factored_leaf(g: jax.Array, row: jax.Array, col: jax.Array,
   ct = numerics.compute_dtype(g.dtype)
   g_ = lax.convert_element_type(g, ct)
   sqrt_b2, sqrt_1mb2, correction = (
-      lax.convert_element_type(c, ct) for c in coefficients)
+    lax.convert_element_type(c, ct) for c in coefficients
+  )
   row_axis, col_axis = axes
 
   def ema(old, now):
-    return numerics.hypot(lax.mul(sqrt_b2, lax.convert_element_type(old, ct)),
-                          lax.mul(sqrt_1mb2, now))
+    return numerics.hypot(
+      lax.mul(sqrt_b2, lax.convert_element_type(old, ct)),
+      lax.mul(sqrt_1mb2, now),
+    )
 
-  new_row = ema(row, _rms_along(g_, col_axis))    # g's shape without col_axis
-  new_col = ema(col, _rms_along(g_, row_axis))    # ... without row_axis
+  new_row = ema(row, _rms_along(g_, col_axis))  # g's shape without col_axis
+  new_col = ema(col, _rms_along(g_, row_axis))  # ... without row_axis
   # R = sqrt(mean_i r_i): the root of the rows' mean (row_axis < col_axis, so
   # the row axis keeps its index in new_row).
   overall = _rms_along(new_row, row_axis)
@@ -212,14 +229,18 @@ def factored_leaf(g: jax.Array, row: jax.Array, col: jax.Array,
   e_c = lax.sub(e_c, e_col)
 
   shape = g.shape
-  mantissa = lax.mul(g_, lax.mul(_expand(m_b, col_axis, shape),
-                                 _expand(m_c, row_axis, shape)))
-  exponent = lax.add(_expand(e_b, col_axis, shape),
-                     _expand(e_c, row_axis, shape))
+  mantissa = lax.mul(
+    g_, lax.mul(_expand(m_b, col_axis, shape), _expand(m_c, row_axis, shape))
+  )
+  exponent = lax.add(
+    _expand(e_b, col_axis, shape), _expand(e_c, row_axis, shape)
+  )
   u = _times_power_of_two(mantissa, exponent, _PIECES)
-  return (lax.convert_element_type(u, g.dtype),
-          lax.convert_element_type(new_row, row.dtype),
-          lax.convert_element_type(new_col, col.dtype))
+  return (
+    lax.convert_element_type(u, g.dtype),
+    lax.convert_element_type(new_row, row.dtype),
+    lax.convert_element_type(new_col, col.dtype),
+  )
 
 
 def _zeros_without_axis(p: Any, axis: int, dtype: Any) -> jax.Array:
@@ -241,10 +262,10 @@ def _placeholder(dtype: Any) -> jax.Array:
 
 
 def scale_by_factored_second_moment(
-    b2: float = 0.999,
-    *,
-    min_dim_size_to_factor: int = 128,
-    state_dtype: Any = None,
+  b2: float = 0.999,
+  *,
+  min_dim_size_to_factor: int = 128,
+  state_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Madam's normaliser with Adafactor's factored second moment.
 
@@ -345,8 +366,9 @@ def scale_by_factored_second_moment(
     functions via multiplicative weight updates", NeurIPS 2020,
     arXiv:2006.14560.
   """
-  validation.check_hyperparameter("b2", b2, low=0.0, high=1.0,
-                                  high_inclusive=False)
+  validation.check_hyperparameter(
+    "b2", b2, low=0.0, high=1.0, high_inclusive=False
+  )
   _check_min_dim(min_dim_size_to_factor)
   state_dtype = validation.check_state_dtype(state_dtype)
 
@@ -365,16 +387,20 @@ def scale_by_factored_second_moment(
         full = jax.tree.map(lambda x: jnp.zeros_like(x, dtype=dtype), p)
         return _placeholder(dtype), _placeholder(dtype), full
       row_axis, col_axis = axes
-      return (_zeros_without_axis(value, col_axis, dtype),
-              _zeros_without_axis(value, row_axis, dtype), _placeholder(dtype))
+      return (
+        _zeros_without_axis(value, col_axis, dtype),
+        _zeros_without_axis(value, row_axis, dtype),
+        _placeholder(dtype),
+      )
 
     leaves, treedef = jax.tree.flatten(params, is_leaf=_is_variable)
     outs = [leaf(p) for p in leaves]
-    row_rms, col_rms, rms = (treedef.unflatten([out[i] for out in outs])
-                             for i in range(3))
+    row_rms, col_rms, rms = (
+      treedef.unflatten([out[i] for out in outs]) for i in range(3)
+    )
     return ScaleByFactoredSecondMomentState(
-        count=jnp.zeros([], jnp.int32), row_rms=row_rms, col_rms=col_rms,
-        rms=rms)
+      count=jnp.zeros([], jnp.int32), row_rms=row_rms, col_rms=col_rms, rms=rms
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args  # accepted and ignored, as optax.chain passes them
@@ -384,7 +410,7 @@ def scale_by_factored_second_moment(
     # optax.inject_hyperparams).
     all_axes = _axes_from_state(updates, state)
     count = optax.safe_increment(state.count)
-    scalars = {}   # second_moment.moment_scalars per compute dtype
+    scalars = {}  # second_moment.moment_scalars per compute dtype
 
     def coefficients(dtype):
       ct = numerics.compute_dtype(dtype)
@@ -396,10 +422,16 @@ def scale_by_factored_second_moment(
       ct, coeffs = coefficients(g.dtype)
       if axes is None:
         u, new_r = second_moment.normalised_gradient(
-            lax.convert_element_type(g, ct), lax.convert_element_type(r, ct),
-            *coeffs)
-        return (lax.convert_element_type(u, g.dtype), row, col,
-                lax.convert_element_type(new_r, r.dtype))
+          lax.convert_element_type(g, ct),
+          lax.convert_element_type(r, ct),
+          *coeffs,
+        )
+        return (
+          lax.convert_element_type(u, g.dtype),
+          row,
+          col,
+          lax.convert_element_type(new_r, r.dtype),
+        )
       u, row, col = factored_leaf(g, row, col, axes, coeffs)
       return u, row, col, r
 
@@ -408,14 +440,19 @@ def scale_by_factored_second_moment(
     # the factored statistics are plain arrays (see init).
     trees = (updates, state.row_rms, state.col_rms, state.rms)
     flat = [jax.tree.flatten(tree) for tree in trees]
-    outs = [leaf(*args) for args in zip(*(leaves for leaves, _ in flat),
-                                        all_axes)]
+    outs = [
+      leaf(*args) for args in zip(*(leaves for leaves, _ in flat), all_axes)
+    ]
     new_updates, row_rms, col_rms, rms = (
-        treedef.unflatten([out[i] for out in outs])
-        for i, (_, treedef) in enumerate(flat))
+      treedef.unflatten([out[i] for out in outs])
+      for i, (_, treedef) in enumerate(flat)
+    )
     return new_updates, ScaleByFactoredSecondMomentState(
-        count=optax.safe_increment(state.count), row_rms=row_rms,
-        col_rms=col_rms, rms=rms)
+      count=optax.safe_increment(state.count),
+      row_rms=row_rms,
+      col_rms=col_rms,
+      rms=rms,
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -427,20 +464,27 @@ def _check_min_dim(value: Any, at_init: bool = False) -> int | None:
   if isinstance(value, jax.core.Tracer):
     if at_init:
       raise ValueError(
-          f"{_NAME}: min_dim_size_to_factor must be known when the state is "
-          "initialised (it fixes the state's shapes), got a traced value. "
-          "Under optax.inject_hyperparams pass "
-          "static_args=('min_dim_size_to_factor',), or call init outside jit.")
+        f"{_NAME}: min_dim_size_to_factor must be known when the state is "
+        "initialised (it fixes the state's shapes), got a traced value. "
+        "Under optax.inject_hyperparams pass "
+        "static_args=('min_dim_size_to_factor',), or call init outside jit."
+      )
     return None
-  if (isinstance(value, bool) or concrete is None or concrete < 1
-      or concrete != int(concrete)):
-    raise ValueError("min_dim_size_to_factor must be a positive integer, got "
-                     f"{value!r}.")
+  if (
+    isinstance(value, bool)
+    or concrete is None
+    or concrete < 1
+    or concrete != int(concrete)
+  ):
+    raise ValueError(
+      f"min_dim_size_to_factor must be a positive integer, got {value!r}."
+    )
   return int(concrete)
 
 
-def _axes_from_state(updates: Any, state: ScaleByFactoredSecondMomentState
-                     ) -> list[tuple[int, int] | None]:
+def _axes_from_state(
+  updates: Any, state: ScaleByFactoredSecondMomentState
+) -> list[tuple[int, int] | None]:
   """Each update leaf's factored axes (None: full), read from the state.
 
   A leaf whose ``rms`` has its shape is unfactored; otherwise its ``row_rms``
@@ -451,18 +495,22 @@ def _axes_from_state(updates: Any, state: ScaleByFactoredSecondMomentState
   structure = jax.tree.structure(updates, is_leaf=_is_variable)
   for what in ("row_rms", "col_rms", "rms"):
     tree = getattr(state, what)
-    if structure != jax.tree.structure(tree, is_leaf=_is_variable):
+    if structure != jax.tree.structure(tree, is_leaf=_is_variable):  # type: ignore[operator]
       raise ValueError(
-          f"{_NAME}: the updates and optimizer-state trees do not match.\n"
-          f"  updates: {structure}\n"
-          f"  state.{what}: "
-          f"{jax.tree.structure(tree, is_leaf=_is_variable)}\n"
-          "Pass gradients with exactly the structure of the parameters the "
-          "optimizer was initialised with.")
+        f"{_NAME}: the updates and optimizer-state trees do not match.\n"
+        f"  updates: {structure}\n"
+        f"  state.{what}: "
+        f"{jax.tree.structure(tree, is_leaf=_is_variable)}\n"
+        "Pass gradients with exactly the structure of the parameters the "
+        "optimizer was initialised with."
+      )
   all_axes: list[tuple[int, int] | None] = []
   for (path, g), row, col, r in zip(
-      tree_utils.leaves_with_path(updates), jax.tree.leaves(state.row_rms),
-      jax.tree.leaves(state.col_rms), jax.tree.leaves(state.rms)):
+    tree_utils.leaves_with_path(updates),
+    jax.tree.leaves(state.row_rms),
+    jax.tree.leaves(state.col_rms),
+    jax.tree.leaves(state.rms),
+  ):
     shape = tuple(jnp.shape(g))
     found = (tuple(jnp.shape(row)), tuple(jnp.shape(col)), tuple(jnp.shape(r)))
     axes = factored_axes(shape, 1)
@@ -470,13 +518,16 @@ def _axes_from_state(updates: Any, state: ScaleByFactoredSecondMomentState
       all_axes.append(None)
       continue
     if axes is not None and found == (
-        tuple(s for d, s in enumerate(shape) if d != axes[1]),
-        tuple(s for d, s in enumerate(shape) if d != axes[0]), ()):
+      tuple(s for d, s in enumerate(shape) if d != axes[1]),
+      tuple(s for d, s in enumerate(shape) if d != axes[0]),
+      (),
+    ):
       all_axes.append(axes)
       continue
     raise ValueError(
-        f"{_NAME}: leaf {tree_utils.leaf_name(path)} has update shape "
-        f"{shape}, but the state holds (row_rms, col_rms, rms) of shapes "
-        f"{found}. Initialise the state with `tx.init(params)` on the same "
-        "parameters.")
+      f"{_NAME}: leaf {tree_utils.leaf_name(path)} has update shape "
+      f"{shape}, but the state holds (row_rms, col_rms, rms) of shapes "
+      f"{found}. Initialise the state with `tx.init(params)` on the same "
+      "parameters."
+    )
   return all_axes

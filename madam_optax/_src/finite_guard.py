@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 import optax
 
 from madam_optax._src import validation
@@ -17,8 +17,8 @@ def _all_finite(tree) -> jax.Array:
 
 
 def apply_if_finite(
-    inner: optax.GradientTransformation,
-    max_consecutive_errors: int,
+  inner: optax.GradientTransformation,
+  max_consecutive_errors: int,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Skips a step whose gradients hold a NaN or an infinity.
 
@@ -69,23 +69,27 @@ def apply_if_finite(
     >>> u['w'], int(state.total_notfinite)
     (Array([0, 0], dtype=int8), 1)
   """
-  validation.check_hyperparameter("max_consecutive_errors",
-                                  max_consecutive_errors, low=0.0)
+  validation.check_hyperparameter(
+    "max_consecutive_errors", max_consecutive_errors, low=0.0
+  )
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
     return optax.ApplyIfFiniteState(
-        notfinite_count=jnp.zeros([], jnp.int32),
-        last_finite=jnp.array(True, jnp.bool_),
-        total_notfinite=jnp.zeros([], jnp.int32),
-        inner_state=inner.init(params))
+      notfinite_count=jnp.zeros([], jnp.int32),
+      last_finite=jnp.array(True, jnp.bool_),
+      total_notfinite=jnp.zeros([], jnp.int32),
+      inner_state=inner.init(params),
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     inner_state = state.inner_state
     finite = _all_finite(updates)
     notfinite_count = jnp.where(
-        finite, jnp.zeros([], jnp.int32),
-        optax.safe_increment(state.notfinite_count))
+      finite,
+      jnp.zeros([], jnp.int32),
+      optax.safe_increment(state.notfinite_count),
+    )
 
     def do_update(_):
       return inner.update(updates, inner_state, params, **extra_args)
@@ -94,19 +98,24 @@ def apply_if_finite(
     update_types, _ = jax.eval_shape(do_update, None)
 
     def skip_update(_):
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                           update_types)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), update_types)
       return zeros, inner_state
 
     new_updates, new_inner_state = lax.cond(
-        jnp.logical_or(finite, notfinite_count > max_consecutive_errors),
-        do_update, skip_update, None)
+      jnp.logical_or(finite, notfinite_count > max_consecutive_errors),
+      do_update,
+      skip_update,
+      None,
+    )
     return new_updates, optax.ApplyIfFiniteState(
-        notfinite_count=notfinite_count,
-        last_finite=finite,
-        total_notfinite=jnp.where(
-            finite, state.total_notfinite,
-            optax.safe_increment(state.total_notfinite)),
-        inner_state=new_inner_state)
+      notfinite_count=notfinite_count,
+      last_finite=finite,
+      total_notfinite=jnp.where(
+        finite,
+        state.total_notfinite,
+        optax.safe_increment(state.total_notfinite),
+      ),
+      inner_state=new_inner_state,
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -17,8 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -44,32 +44,38 @@ def _chain_leaf(g, r, w, bound, lr, moment, g_bound):
   """
   ct = numerics.compute_dtype(g.dtype)
   u, new_r = second_moment.normalised_gradient(
-      lax.convert_element_type(g, ct), lax.convert_element_type(r, ct),
-      *moment)
+    lax.convert_element_type(g, ct), lax.convert_element_type(r, ct), *moment
+  )
   u = jnp.clip(lax.convert_element_type(u, g.dtype), -g_bound, g_bound)
   wt = numerics.compute_dtype(w.dtype)
   step = lax.convert_element_type(
-      multiplicative_step_lib.multiplicative_update(
-          lax.convert_element_type(u, wt), lax.convert_element_type(w, wt),
-          lax.convert_element_type(lr, wt)),
-      w.dtype)
+    multiplicative_step_lib.multiplicative_update(
+      lax.convert_element_type(u, wt),
+      lax.convert_element_type(w, wt),
+      lax.convert_element_type(lr, wt),
+    ),
+    w.dtype,
+  )
   # clip_weight_magnitude: clamp w + step to the bound and return the change,
   # one ulp smaller where w + change would round outside the bound.
   dtype = jnp.result_type(w, step)
   w_ = lax.convert_element_type(w, dtype)
   bound = lax.convert_element_type(bound, dtype)
   delta = lax.sub(
-      lax.clamp(lax.neg(bound),
-                lax.add(w_, lax.convert_element_type(step, dtype)), bound),
-      w_)
+    lax.clamp(
+      lax.neg(bound), lax.add(w_, lax.convert_element_type(step, dtype)), bound
+    ),
+    w_,
+  )
   realised = lax.add(w_, delta)
   over = lax.gt(lax.abs(realised), bound)
   delta = lax.select(over, numerics.step_away_from(delta, realised), delta)
   return delta, lax.convert_element_type(new_r, r.dtype)
 
 
-def _short_step_leaf(g, r, w, bound, lr, moment, g_bound: float,
-                     max_exponent: float):
+def _short_step_leaf(
+  g, r, w, bound, lr, moment, g_bound: float, max_exponent: float
+):
   r"""The chain's numbers when :math:`|\eta\, g_{bound}|` is small (see below).
 
   For ``g`` and ``w`` of one float32/float64 dtype and
@@ -87,15 +93,17 @@ def _short_step_leaf(g, r, w, bound, lr, moment, g_bound: float,
   """
   dtype = w.dtype
   u, new_r = second_moment.normalised_gradient(
-      g, lax.convert_element_type(r, dtype), *moment)
+    g, lax.convert_element_type(r, dtype), *moment
+  )
   gb = np.asarray(g_bound, dtype)
   u = lax.clamp(np.asarray(-g_bound, dtype), u, gb)
   x = numerics.with_sign_of(lax.mul(lax.neg(lr), u), w)
   new = lax.add(w, lax.mul(w, numerics.expm1(x, max_abs=max_exponent)))
   bound = lax.convert_element_type(bound, dtype)
   upper, lower = _broadcast(bound, w), _broadcast(lax.neg(bound), w)
-  new = lax.select(lax.gt(new, upper), upper,
-                   lax.select(lax.lt(new, lower), lower, new))
+  new = lax.select(
+    lax.gt(new, upper), upper, lax.select(lax.lt(new, lower), lower, new)
+  )
   delta = lax.sub(new, w)
   over = lax.gt(lax.abs(lax.add(w, delta)), bound)
   delta = lax.select(over, numerics.grow_by_one_ulp(delta), delta)
@@ -108,18 +116,19 @@ def _short_step_leaf(g, r, w, bound, lr, moment, g_bound: float,
 # more; XLA inlines the calls, so the compiled step is the same.
 _chain_leaf_static_bound = jax.jit(_chain_leaf, static_argnames="g_bound")
 _chain_leaf_array_bound = jax.jit(_chain_leaf)
-_short_step = jax.jit(_short_step_leaf,
-                      static_argnames=("g_bound", "max_exponent"))
+_short_step = jax.jit(
+  _short_step_leaf, static_argnames=("g_bound", "max_exponent")
+)
 
 
 def fused_madam(
-    learning_rate: optax.ScalarOrSchedule = 0.01,
-    *,
-    p_scale: float = 3.0,
-    g_bound: float = 10.0,
-    b2: float = 0.999,
-    state_dtype: Any = None,
-    max_magnitude: float | None = None,
+  learning_rate: optax.ScalarOrSchedule = 0.01,
+  *,
+  p_scale: float = 3.0,
+  g_bound: float = 10.0,
+  b2: float = 0.999,
+  state_dtype: Any = None,
+  max_magnitude: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Madam's four parts as one transform with one pass per tensor.
 
@@ -160,10 +169,10 @@ def fused_madam(
     weight updates", NeurIPS 2020, arXiv:2006.14560.
   """
   chain = optax.chain(
-      second_moment.scale_by_second_moment(b2, state_dtype=state_dtype),
-      optax.clip(g_bound),
-      multiplicative_step_lib.multiplicative_step(learning_rate),
-      clip_weight_magnitude(p_scale, max_magnitude=max_magnitude),
+    second_moment.scale_by_second_moment(b2, state_dtype=state_dtype),
+    optax.clip(g_bound),
+    multiplicative_step_lib.multiplicative_step(learning_rate),
+    clip_weight_magnitude(p_scale, max_magnitude=max_magnitude),
   )
   lr_value = validation.concrete_value(learning_rate)
   g_bound_value = validation.concrete_value(g_bound)
@@ -178,24 +187,28 @@ def fused_madam(
     del extra_args  # accepted and ignored, as optax.chain passes them on
     moment_state, clip_state, step_state, bound_state = state
     validation.check_float_leaves(updates, _NAME, "updates")
-    validation.check_same_structure(updates, moment_state.rms, _NAME,
-                                    "optimizer-state")
+    validation.check_same_structure(
+      updates, moment_state.rms, _NAME, "optimizer-state"
+    )
     validation.require_params(params, _NAME)
     validation.check_same_structure(updates, params, _NAME)
     validation.check_float_leaves(params, _NAME)
 
     count = optax.safe_increment(moment_state.count)
-    lr = jnp.asarray(multiplicative_step_lib.learning_rate_at(
-        learning_rate, step_state.count))
-    params_leaves, treedef = jax.tree.flatten(params,
-                                              is_leaf=tree_utils.is_masked)
+    lr = jnp.asarray(
+      multiplicative_step_lib.learning_rate_at(learning_rate, step_state.count)
+    )
+    params_leaves, treedef = jax.tree.flatten(
+      params, is_leaf=tree_utils.is_masked
+    )
     bounds = tuple(bound_state.max_magnitude)
     if len(bounds) != len(params_leaves):
       raise ValueError(
-          f"{_NAME}: the state holds {len(bounds)} bounds but params have "
-          f"{len(params_leaves)} tensors. Initialise the state with "
-          "`tx.init(params)` on the same parameter tree.")
-    scalars = {}     # moment_scalars per compute dtype, traced once each
+        f"{_NAME}: the state holds {len(bounds)} bounds but params have "
+        f"{len(params_leaves)} tensors. Initialise the state with "
+        "`tx.init(params)` on the same parameter tree."
+      )
+    scalars = {}  # moment_scalars per compute dtype, traced once each
     lr_cache = {}
 
     def leaf(g, r, w, bound):
@@ -206,25 +219,37 @@ def fused_madam(
         scalars[ct] = second_moment.moment_scalars(b2, count, ct)
       if max_exponent is None or not g.dtype == w.dtype == ct:
         if isinstance(g_bound, (int, float, np.number)):
-          return _chain_leaf_static_bound(g, r, w, bound, lr, scalars[ct],
-                                          g_bound=g_bound)
-        return _chain_leaf_array_bound(g, r, w, bound, lr, scalars[ct],
-                                       g_bound)
+          return _chain_leaf_static_bound(
+            g, r, w, bound, lr, scalars[ct], g_bound=g_bound
+          )
+        return _chain_leaf_array_bound(g, r, w, bound, lr, scalars[ct], g_bound)
       if ct not in lr_cache:
         lr_cache[ct] = lax.convert_element_type(lr, ct)
-      return _short_step(g, r, w, bound, lr_cache[ct], scalars[ct],
-                         g_bound=g_bound_value, max_exponent=max_exponent)
+      return _short_step(
+        g,
+        r,
+        w,
+        bound,
+        lr_cache[ct],
+        scalars[ct],
+        g_bound=g_bound_value,
+        max_exponent=max_exponent,
+      )
 
-    rows = zip(treedef.flatten_up_to(updates),
-               treedef.flatten_up_to(moment_state.rms), params_leaves, bounds)
+    rows = zip(
+      treedef.flatten_up_to(updates),
+      treedef.flatten_up_to(moment_state.rms),
+      params_leaves,
+      bounds,
+    )
     outs = [leaf(*row) for row in rows]
     new_updates = treedef.unflatten([o[0] for o in outs])
     new_rms = treedef.unflatten([o[1] for o in outs])
     new_state = (
-        moment_state._replace(count=count, rms=new_rms),
-        clip_state,
-        step_state._replace(count=optax.safe_increment(step_state.count)),
-        bound_state,
+      moment_state._replace(count=count, rms=new_rms),
+      clip_state,
+      step_state._replace(count=optax.safe_increment(step_state.count)),
+      bound_state,
     )
     return new_updates, new_state
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -23,17 +23,18 @@ class LNSLevelStepState(NamedTuple):
     count: number of updates so far (int32), for learning-rate schedules.
     key: the PRNG key for stochastic rounding (carried, unused, by ``nearest``).
   """
-  count: jax.Array
+
+  count: jax.Array  # type: ignore[assignment]
   key: jax.Array
 
 
 def lns_level_step(
-    fmt: lns.LNSFormat,
-    learning_rate: optax.ScalarOrSchedule = 0.01,
-    *,
-    rounding: str = "stochastic",
-    seed: int = 0,
-    rng: str = "hash",
+  fmt: lns.LNSFormat,
+  learning_rate: optax.ScalarOrSchedule = 0.01,
+  *,
+  rounding: str = "stochastic",
+  seed: int = 0,
+  rng: str = "hash",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Turns normalised gradients into integer level changes of LNS codes.
 
@@ -99,14 +100,15 @@ def lns_level_step(
     if lr_value is not None:
       return jnp.float32(lr_value / log_base)
     lr = jnp.asarray(
-        multiplicative_step.learning_rate_at(learning_rate, count),
-        jnp.float32)
+      multiplicative_step.learning_rate_at(learning_rate, count), jnp.float32
+    )
     return lr / jnp.float32(log_base)
 
   def init_fn(params):
     lns.check_code_leaves(params, fmt, "lns_level_step")
-    return LNSLevelStepState(count=jnp.zeros([], jnp.int32),
-                             key=lns.initial_key(seed, rng))
+    return LNSLevelStepState(
+      count=jnp.zeros([], jnp.int32), key=lns.initial_key(seed, rng)
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args  # accepted and ignored, as optax.chain passes them on
@@ -130,11 +132,16 @@ def lns_level_step(
       x = numerics.with_sign_of(lax.mul(step, u.astype(jnp.float32)), cf)
       dk = lns.round_levels(x, rounding, k, rng)
       change = lax.sub(
-          lax.clamp(np.float32(1), lax.sub(m, dk), np.float32(fmt.levels)), m)
-      change = lax.select(lax.eq(cf, np.float32(0)), lax.full_like(cf, 0),
-                          numerics.with_sign_of(change, cf))
+        lax.clamp(np.float32(1), lax.sub(m, dk), np.float32(fmt.levels)), m
+      )
+      change = lax.select(
+        lax.eq(cf, np.float32(0)),
+        lax.full_like(cf, 0),
+        numerics.with_sign_of(change, cf),
+      )
       return lax.convert_element_type(
-          numerics.small_integer_to_int32(change), c.dtype)
+        numerics.small_integer_to_int32(change), c.dtype
+      )
 
     def keep_if_not_finite(u, c, k):
       # A code cannot hold NaN: a non-finite update leaves the code as it is.
@@ -142,10 +149,14 @@ def lns_level_step(
       finite = jnp.logical_and(jnp.isfinite(u), jnp.isfinite(step))
       return jnp.where(finite, delta, jnp.zeros_like(delta))
 
-    new_updates = treedef.unflatten([
+    new_updates = treedef.unflatten(
+      [
         keep_if_not_finite(u, c, k)
-        for u, c, k in zip(treedef.flatten_up_to(updates), leaves, keys)])
+        for u, c, k in zip(treedef.flatten_up_to(updates), leaves, keys)
+      ]
+    )
     return new_updates, LNSLevelStepState(
-        count=optax.safe_increment(state.count), key=key)
+      count=optax.safe_increment(state.count), key=key
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

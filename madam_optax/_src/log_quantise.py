@@ -26,18 +26,19 @@ class LogQuantiseState(NamedTuple):
       :class:`madam_optax.ClipWeightMagnitudeState`).
     key: the PRNG key for stochastic rounding (carried, unused, by ``nearest``).
   """
+
   max_magnitude: Any
   key: jax.Array
 
 
 def log_quantise(
-    fmt: lns.LNSFormat,
-    *,
-    rounding: str = "nearest",
-    seed: int = 0,
-    p_scale: float = 3.0,
-    max_magnitude: float | None = None,
-    rng: str = "hash",
+  fmt: lns.LNSFormat,
+  *,
+  rounding: str = "nearest",
+  seed: int = 0,
+  p_scale: float = 3.0,
+  max_magnitude: float | None = None,
+  rng: str = "hash",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Projects ``w + u`` onto the LNS grid: float params that live on the grid.
 
@@ -97,32 +98,44 @@ def log_quantise(
   lns.check_format(fmt)
   lns.check_rounding(rounding)
   lns.check_random_bits(rng)
-  validation.check_hyperparameter("p_scale", p_scale, low=0.0,
-                                  low_inclusive=False)
-  validation.check_hyperparameter("max_magnitude", max_magnitude, low=0.0,
-                                  low_inclusive=False, allow_none=True)
+  validation.check_hyperparameter(
+    "p_scale", p_scale, low=0.0, low_inclusive=False
+  )
+  validation.check_hyperparameter(
+    "max_magnitude",
+    max_magnitude,
+    low=0.0,
+    low_inclusive=False,
+    allow_none=True,
+  )
 
   def init_fn(params):
     validation.check_float_leaves(params, "log_quantise")
     bounds = []
     for path, p in jax.tree_util.tree_flatten_with_path(
-        params, is_leaf=tree_utils.is_masked)[0]:
+      params, is_leaf=tree_utils.is_masked
+    )[0]:
       if tree_utils.is_masked(p):
         bounds.append(p)
         continue
-      bound = (magnitude_bound.initial_max_magnitude(p, p_scale)
-               if max_magnitude is None else fixed_bound())
+      bound = (
+        magnitude_bound.initial_max_magnitude(p, p_scale)
+        if max_magnitude is None
+        else fixed_bound()
+      )
       v = validation.concrete_value(bound)
       if v is not None and (not math.isfinite(v) or v <= 0):
         raise ValueError(
-            f"log_quantise: leaf {tree_utils.leaf_name(path)} has "
-            f"max_magnitude {v} (an all-zero or empty tensor, or one with "
-            "NaN or inf entries?); the grid needs a finite bound > 0. Exclude "
-            "it with `optax.masked` or train it additively "
-            "(`madam_optax.with_additive_fallback`).")
+          f"log_quantise: leaf {tree_utils.leaf_name(path)} has "
+          f"max_magnitude {v} (an all-zero or empty tensor, or one with "
+          "NaN or inf entries?); the grid needs a finite bound > 0. Exclude "
+          "it with `optax.masked` or train it additively "
+          "(`madam_optax.with_additive_fallback`)."
+        )
       bounds.append(bound)
-    return LogQuantiseState(max_magnitude=tuple(bounds),
-                            key=lns.initial_key(seed, rng))
+    return LogQuantiseState(
+      max_magnitude=tuple(bounds), key=lns.initial_key(seed, rng)
+    )
 
   def fixed_bound():
     return jnp.asarray(max_magnitude, jnp.float32)
@@ -138,8 +151,9 @@ def log_quantise(
     if max_magnitude is not None:
       # The current value, so that a change under optax.inject_hyperparams
       # takes effect (p_scale's bound is fixed from the initial weights).
-      bounds = tuple(b if tree_utils.is_masked(b) else fixed_bound()
-                     for b in bounds)
+      bounds = tuple(
+        b if tree_utils.is_masked(b) else fixed_bound() for b in bounds
+      )
 
     def leaf(u, w, bound, k):
       x = w + u.astype(w.dtype)
@@ -151,9 +165,16 @@ def log_quantise(
       return jnp.where(jnp.isfinite(x), delta, jnp.zeros_like(delta))
 
     new_updates = tree_utils.map_per_tensor(
-        leaf, updates, params, bounds, keys, transform="log_quantise",
-        what="bounds")
+      leaf,
+      updates,
+      params,
+      bounds,
+      keys,
+      transform="log_quantise",
+      what="bounds",
+    )
     return new_updates, LogQuantiseState(
-        max_magnitude=state.max_magnitude, key=key)
+      max_magnitude=state.max_magnitude, key=key
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

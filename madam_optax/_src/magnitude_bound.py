@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 import optax
 
 from madam_optax._src import numerics
@@ -30,6 +30,7 @@ class ClipWeightMagnitudeState(NamedTuple):
       per-tensor metadata to the parameter tree (Flax NNX's sharding
       annotations on ``nnx.Param``) do not give a scalar its tensor's sharding.
   """
+
   max_magnitude: Any
 
 
@@ -68,11 +69,13 @@ def initial_max_magnitude(params: Any, p_scale: Any = 3.0) -> Any:
     Bernstein et al., "Learning compositional functions via multiplicative
     weight updates", NeurIPS 2020, arXiv:2006.14560.
   """
+
   def leaf(p):
     p = jnp.asarray(p)
     ct = numerics.compute_dtype(p.dtype)
     bound = numerics.scaled_root_mean_square(p.astype(ct), p_scale)
     return jnp.minimum(bound, jnp.finfo(p.dtype).max).astype(ct)
+
   return jax.tree.map(leaf, params)
 
 
@@ -84,15 +87,16 @@ def _round_down(bound: jax.Array, dtype: Any) -> jax.Array:
   """
   bound = jnp.asarray(bound)
   rounded = lax.convert_element_type(bound, dtype)
-  up = lax.gt(lax.abs(lax.convert_element_type(rounded, bound.dtype)),
-              lax.abs(bound))
+  up = lax.gt(
+    lax.abs(lax.convert_element_type(rounded, bound.dtype)), lax.abs(bound)
+  )
   return lax.select(up, numerics.step_away_from(rounded, rounded), rounded)
 
 
 def clip_weight_magnitude(
-    p_scale: float = 3.0,
-    *,
-    max_magnitude: float | None = None,
+  p_scale: float = 3.0,
+  *,
+  max_magnitude: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Keeps every weight within a per-tensor magnitude bound.
 
@@ -139,9 +143,16 @@ def clip_weight_magnitude(
     Bernstein et al., "Learning compositional functions via multiplicative
     weight updates", NeurIPS 2020, arXiv:2006.14560.
   """
-  validation.check_hyperparameter("p_scale", p_scale, low=0.0, low_inclusive=False)
-  validation.check_hyperparameter("max_magnitude", max_magnitude, low=0.0,
-                               low_inclusive=False, allow_none=True)
+  validation.check_hyperparameter(
+    "p_scale", p_scale, low=0.0, low_inclusive=False
+  )
+  validation.check_hyperparameter(
+    "max_magnitude",
+    max_magnitude,
+    low=0.0,
+    low_inclusive=False,
+    allow_none=True,
+  )
 
   def init_fn(params):
     validation.check_float_leaves(params, "clip_weight_magnitude")
@@ -150,11 +161,13 @@ def clip_weight_magnitude(
     else:
       bounds = jax.tree.map(fixed_bound, params)
     return ClipWeightMagnitudeState(
-        max_magnitude=tree_utils.per_tensor_tuple(bounds))
+      max_magnitude=tree_utils.per_tensor_tuple(bounds)
+    )
 
   def fixed_bound(p):
-    return jnp.asarray(max_magnitude,
-                       numerics.compute_dtype(validation.leaf_dtype(p)))
+    return jnp.asarray(
+      max_magnitude, numerics.compute_dtype(validation.leaf_dtype(p))
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args  # accepted and ignored, as optax.chain passes them on
@@ -173,8 +186,7 @@ def clip_weight_magnitude(
       # A scalar bound broadcast to the array's shape: lax.clamp accepts a
       # scalar, but its derivative rule (jax.grad through init and update)
       # does not.
-      bound = lax.broadcast_in_dim(_round_down(bound, dtype), jnp.shape(w_),
-                                   ())
+      bound = lax.broadcast_in_dim(_round_down(bound, dtype), jnp.shape(w_), ())
       u_ = lax.convert_element_type(u, dtype)
       target = lax.clamp(lax.neg(bound), lax.add(w_, u_), bound)
       delta = lax.sub(target, w_)
@@ -191,7 +203,12 @@ def clip_weight_magnitude(
       return numerics.land_on_the_side_of(w_, delta, target)
 
     return tree_utils.map_per_tensor(
-        leaf, updates, params, bounds,
-        transform="clip_weight_magnitude", what="bounds"), state
+      leaf,
+      updates,
+      params,
+      bounds,
+      transform="clip_weight_magnitude",
+      what="bounds",
+    ), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 import optax
 
 from madam_optax._src import numerics
@@ -15,7 +15,8 @@ from madam_optax._src import validation
 
 class MultiplicativeStepState(NamedTuple):
   """State of :func:`multiplicative_step`: the step count, for schedules."""
-  count: jax.Array
+
+  count: jax.Array  # type: ignore[assignment]
 
 
 def learning_rate_at(learning_rate: optax.ScalarOrSchedule, count) -> jax.Array:
@@ -27,13 +28,15 @@ def learning_rate_at(learning_rate: optax.ScalarOrSchedule, count) -> jax.Array:
   if not callable(learning_rate):
     return learning_rate
   value = learning_rate(count)
-  validation.check_hyperparameter_dtype("learning_rate (the schedule's value)",
-                                        value)
+  validation.check_hyperparameter_dtype(
+    "learning_rate (the schedule's value)", value
+  )
   return value
 
 
-def multiplicative_update(u: jax.Array, w: jax.Array, lr: jax.Array
-                          ) -> jax.Array:
+def multiplicative_update(
+  u: jax.Array, w: jax.Array, lr: jax.Array
+) -> jax.Array:
   r"""``w * expm1(-lr * u * sign(w))``, element-wise, in ``w``'s dtype.
 
   The update :func:`multiplicative_step` returns (its new weight minus
@@ -48,7 +51,7 @@ def multiplicative_update(u: jax.Array, w: jax.Array, lr: jax.Array
 
 
 def multiplicative_step(
-    learning_rate: optax.ScalarOrSchedule = 0.01,
+  learning_rate: optax.ScalarOrSchedule = 0.01,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Turns normalised gradients into a multiplicative weight update.
 
@@ -117,19 +120,25 @@ def multiplicative_step(
     def leaf(u, w):
       ct = numerics.compute_dtype(w.dtype)
       return lax.convert_element_type(
-          multiplicative_update(lax.convert_element_type(u, ct),
-                                lax.convert_element_type(w, ct),
-                                lax.convert_element_type(lr, ct)), w.dtype)
+        multiplicative_update(
+          lax.convert_element_type(u, ct),
+          lax.convert_element_type(w, ct),
+          lax.convert_element_type(lr, ct),
+        ),
+        w.dtype,
+      )
 
     def zero_stays_zero(u, w):
       # -lr * u can overflow to inf, and inf * sign(0) is NaN: a zero weight
       # never moves, whatever the step.
       delta = leaf(u, w)
-      return lax.select(lax.eq(w, lax.full_like(w, 0)),
-                        lax.full_like(delta, 0), delta)
+      return lax.select(
+        lax.eq(w, lax.full_like(w, 0)), lax.full_like(delta, 0), delta
+      )
 
     new_updates = jax.tree.map(zero_stays_zero, updates, params)
     return new_updates, MultiplicativeStepState(
-        count=optax.safe_increment(state.count))
+      count=optax.safe_increment(state.count)
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

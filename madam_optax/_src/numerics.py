@@ -11,8 +11,8 @@ import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -37,22 +37,27 @@ def hypot(x: jax.Array, y: jax.Array) -> jax.Array:
   dtype = np.dtype(x.dtype)
   info = np.finfo(dtype)
   int_dtype = np.dtype(f"int{8 * dtype.itemsize}")
-  mant = info.nmant                     # 23 (float32) or 52 (float64)
-  bias = info.maxexp - 1                # 127 or 1023
+  mant = info.nmant  # 23 (float32) or 52 (float64)
+  bias = info.maxexp - 1  # 127 or 1023
   x, y = lax.abs(x), lax.abs(y)
   # The bits of a non-negative float order like the float (NaN above inf).
-  top = lax.max(lax.bitcast_convert_type(x, int_dtype),
-                lax.bitcast_convert_type(y, int_dtype))
+  top = lax.max(
+    lax.bitcast_convert_type(x, int_dtype),
+    lax.bitcast_convert_type(y, int_dtype),
+  )
   # Biased exponent field of max(|x|, |y|), at most 2 * bias - 1 so that the
   # scale 2**(bias - field) stays a normal number (larger values land in
   # [2, 4), still far from overflow when squared).
   field = lax.min(
-      lax.bitwise_and(top, np.asarray(((1 << (info.nexp)) - 1) << mant,
-                                      int_dtype)),
-      np.asarray((2 * bias - 1) << mant, int_dtype))
+    lax.bitwise_and(
+      top, np.asarray(((1 << (info.nexp)) - 1) << mant, int_dtype)
+    ),
+    np.asarray((2 * bias - 1) << mant, int_dtype),
+  )
   scale = lax.bitcast_convert_type(
-      lax.sub(np.asarray((2 * bias) << mant, int_dtype), field), dtype)
-  unscale = lax.bitcast_convert_type(field, dtype)   # 0 when both are 0
+    lax.sub(np.asarray((2 * bias) << mant, int_dtype), field), dtype
+  )
+  unscale = lax.bitcast_convert_type(field, dtype)  # 0 when both are 0
   xs, ys = lax.mul(x, scale), lax.mul(y, scale)
   return lax.mul(lax.sqrt(lax.add(lax.mul(xs, xs), lax.mul(ys, ys))), unscale)
 
@@ -69,15 +74,22 @@ def step_away_from(x: jax.Array, reference: jax.Array) -> jax.Array:
   one = np.asarray(1, int_dtype)
   bits = lax.bitcast_convert_type(x, int_dtype)
   # |x| grows when x and reference have opposite signs.
-  grows = lax.ne(lax.ge(bits, np.asarray(0, int_dtype)),
-                 lax.ge(reference, np.asarray(0, reference.dtype)))
-  step = lax.sub(lax.mul(lax.convert_element_type(grows, int_dtype),
-                         np.asarray(2, int_dtype)), one)      # +1 or -1
+  grows = lax.ne(
+    lax.ge(bits, np.asarray(0, int_dtype)),
+    lax.ge(reference, np.asarray(0, reference.dtype)),
+  )
+  step = lax.sub(
+    lax.mul(
+      lax.convert_element_type(grows, int_dtype), np.asarray(2, int_dtype)
+    ),
+    one,
+  )  # +1 or -1
   return lax.bitcast_convert_type(lax.add(bits, step), x.dtype)
 
 
-def land_on_the_side_of(w: jax.Array, delta: jax.Array,
-                        target: jax.Array) -> jax.Array:
+def land_on_the_side_of(
+  w: jax.Array, delta: jax.Array, target: jax.Array
+) -> jax.Array:
   """``delta``, unless ``w + delta`` loses the sign of a nonzero ``target``.
 
   A transform that returns ``target - w`` for ``optax.apply_updates`` to add
@@ -90,8 +102,9 @@ def land_on_the_side_of(w: jax.Array, delta: jax.Array,
   """
   landed = lax.add(w, delta)
   lost = lax.bitwise_and(
-      lax.ne(target, lax.full_like(target, 0)),
-      lax.ne(lax.sign(landed), lax.sign(target)))
+    lax.ne(target, lax.full_like(target, 0)),
+    lax.ne(lax.sign(landed), lax.sign(target)),
+  )
   lost = lax.bitwise_and(lost, lax.ne(w, lax.full_like(w, 0)))
   # -w moved by one ulp against -target's sign: w + that = sign(target) ulp.
   one_ulp = step_away_from(lax.neg(w), lax.neg(target))
@@ -126,7 +139,6 @@ def scaled_root_mean_square(x: jax.Array, factor: Any = 1.0) -> jax.Array:
   return _times_power_of_two(jnp.asarray(factor, x.dtype) * rms, e)
 
 
-
 # expm1 in float32 at about the cost of exp (XLA:CPU's own expm1 costs about
 # three exps). x = k ln 2 + r with |r| <= ln(2) / 2 (Cody-Waite: ln 2 in two
 # parts, the first exact in float32 with 9 trailing zero bits), and
@@ -156,24 +168,23 @@ def expm1(x: jax.Array, max_abs: float | None = None) -> jax.Array:
   reduce = max_abs is None or max_abs > REDUCTION_FREE_EXPM1
   if reduce:
     x = lax.clamp(f32(-104.0), x, f32(89.0))
-    k = lax.round(lax.mul(x, f32(_LOG2_E)),
-                  lax.RoundingMethod.TO_NEAREST_EVEN)
+    k = lax.round(lax.mul(x, f32(_LOG2_E)), lax.RoundingMethod.TO_NEAREST_EVEN)
     r = lax.sub(lax.sub(x, lax.mul(k, f32(_LN2_HI))), lax.mul(k, f32(_LN2_LO)))
   else:
     r = x
   q = f32(_EXPM1_QUOTIENT[0])
   for c in _EXPM1_QUOTIENT[1:]:
     q = lax.add(lax.mul(q, r), f32(c))
-  p = lax.add(lax.mul(lax.mul(r, r), q), r)           # expm1(r)
+  p = lax.add(lax.mul(lax.mul(r, r), q), r)  # expm1(r)
   if not reduce:
     return p
   # 2**k (1 + p) - 1 = 2**k p + (2**k - 1), rounded once; 2**k is built from
   # its exponent bits (k = -127 gives 0, so the result is -1), and k = 128 as
   # 2 * 2**127.
-  ki = lax.convert_element_type(lax.clamp(f32(-127.0), k, f32(127.0)),
-                                np.int32)
+  ki = lax.convert_element_type(lax.clamp(f32(-127.0), k, f32(127.0)), np.int32)
   two_k = lax.bitcast_convert_type(
-      lax.shift_left(lax.add(ki, np.int32(127)), np.int32(23)), np.float32)
+    lax.shift_left(lax.add(ki, np.int32(127)), np.int32(23)), np.float32
+  )
   big = lax.add(lax.mul(p, two_k), lax.sub(two_k, f32(1.0)))
   big = lax.select(lax.gt(k, f32(127.0)), lax.mul(big, f32(2.0)), big)
   return lax.select(lax.eq(k, f32(0.0)), p, big)
@@ -188,8 +199,9 @@ def with_sign_of(x: jax.Array, w: jax.Array) -> jax.Array:
   int_dtype = np.dtype(f"int{8 * np.dtype(x.dtype).itemsize}")
   sign_bit = np.asarray(np.iinfo(int_dtype).min, int_dtype)
   flipped = lax.bitwise_xor(
-      lax.bitcast_convert_type(x, int_dtype),
-      lax.bitwise_and(lax.bitcast_convert_type(w, int_dtype), sign_bit))
+    lax.bitcast_convert_type(x, int_dtype),
+    lax.bitwise_and(lax.bitcast_convert_type(w, int_dtype), sign_bit),
+  )
   return lax.bitcast_convert_type(flipped, x.dtype)
 
 
@@ -201,8 +213,9 @@ def grow_by_one_ulp(x: jax.Array) -> jax.Array:
   """
   int_dtype = np.dtype(f"int{8 * np.dtype(x.dtype).itemsize}")
   return lax.bitcast_convert_type(
-      lax.add(lax.bitcast_convert_type(x, int_dtype),
-              np.asarray(1, int_dtype)), x.dtype)
+    lax.add(lax.bitcast_convert_type(x, int_dtype), np.asarray(1, int_dtype)),
+    x.dtype,
+  )
 
 
 def small_integer_to_int32(x: jax.Array) -> jax.Array:

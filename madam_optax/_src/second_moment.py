@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -25,12 +25,14 @@ class ScaleBySecondMomentState(NamedTuple):
       the gradients' own range, so gradients as small as 1e-20 do not underflow
       to zero when squared in float32 or bfloat16.
   """
-  count: jax.Array
+
+  count: jax.Array  # type: ignore[assignment]
   rms: Any
 
 
-def moment_scalars(b2: Any, count: jax.Array, dtype: Any
-                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def moment_scalars(
+  b2: Any, count: jax.Array, dtype: Any
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   r"""``(sqrt(b2), sqrt(1 - b2), sqrt(1 - b2**t))`` in ``dtype``, at step ``t``.
 
   The last is the bias correction applied to the root. At :math:`t = 1` it is
@@ -42,14 +44,19 @@ def moment_scalars(b2: Any, count: jax.Array, dtype: Any
   b2_ = jnp.asarray(b2, dtype)
   sqrt_b2 = jnp.sqrt(b2_)
   sqrt_1mb2 = jnp.sqrt(1.0 - b2_)
-  correction = jnp.where(count == 1, sqrt_1mb2,
-                         jnp.sqrt(1.0 - b2_ ** count.astype(dtype)))
+  correction = jnp.where(
+    count == 1, sqrt_1mb2, jnp.sqrt(1.0 - b2_ ** count.astype(dtype))
+  )
   return sqrt_b2, sqrt_1mb2, correction
 
 
-def normalised_gradient(g: jax.Array, rms: jax.Array, sqrt_b2: jax.Array,
-                        sqrt_1mb2: jax.Array, correction: jax.Array
-                        ) -> tuple[jax.Array, jax.Array]:
+def normalised_gradient(
+  g: jax.Array,
+  rms: jax.Array,
+  sqrt_b2: jax.Array,
+  sqrt_1mb2: jax.Array,
+  correction: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
   r"""One element-wise step of :func:`scale_by_second_moment`, in ``g``'s dtype.
 
   Returns ``(u, rms_t)``: :math:`rms_t = \sqrt{\beta_2 rms^2 + (1 - \beta_2)
@@ -60,8 +67,10 @@ def normalised_gradient(g: jax.Array, rms: jax.Array, sqrt_b2: jax.Array,
   ct = g.dtype
   # rms_t by a power-of-two-scaled root of squares (numerics.hypot), so that
   # tiny and huge gradients neither underflow nor overflow.
-  new_r = numerics.hypot(lax.mul(lax.convert_element_type(sqrt_b2, ct), rms),
-                         lax.mul(lax.convert_element_type(sqrt_1mb2, ct), g))
+  new_r = numerics.hypot(
+    lax.mul(lax.convert_element_type(sqrt_b2, ct), rms),
+    lax.mul(lax.convert_element_type(sqrt_1mb2, ct), g),
+  )
   # g / sqrt(v_hat) = g * sqrt(1 - b2**t) / rms_t, and 0/0 := 0.
   u = lax.div(lax.mul(g, lax.convert_element_type(correction, ct)), new_r)
   zero = np.asarray(0, ct)
@@ -69,9 +78,9 @@ def normalised_gradient(g: jax.Array, rms: jax.Array, sqrt_b2: jax.Array,
 
 
 def scale_by_second_moment(
-    b2: float = 0.999,
-    *,
-    state_dtype: Any = None,
+  b2: float = 0.999,
+  *,
+  state_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Divides gradients by the root of their bias-corrected second moment.
 
@@ -122,30 +131,37 @@ def scale_by_second_moment(
   def init_fn(params):
     validation.check_float_leaves(params, "scale_by_second_moment")
     rms = jax.tree.map(
-        lambda p: jnp.zeros_like(
-            p, dtype=state_dtype or validation.leaf_dtype(p)), params)
-    return ScaleBySecondMomentState(
-        count=jnp.zeros([], jnp.int32), rms=rms)
+      lambda p: jnp.zeros_like(
+        p, dtype=state_dtype or validation.leaf_dtype(p)
+      ),
+      params,
+    )
+    return ScaleBySecondMomentState(count=jnp.zeros([], jnp.int32), rms=rms)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args  # accepted and ignored, as optax.chain passes them on
     del params
     updates = validation.as_arrays(updates)
     validation.check_float_leaves(updates, "scale_by_second_moment", "updates")
-    validation.check_same_structure(updates, state.rms, "scale_by_second_moment",
-                                 "optimizer-state")
+    validation.check_same_structure(
+      updates, state.rms, "scale_by_second_moment", "optimizer-state"
+    )
     count = optax.safe_increment(state.count)
-    scalars = {}   # moment_scalars per compute dtype, traced once each
+    scalars = {}  # moment_scalars per compute dtype, traced once each
 
     def leaf(g, r):
       ct = numerics.compute_dtype(g.dtype)
       if ct not in scalars:
         scalars[ct] = moment_scalars(b2, count, ct)
-      u, new_r = normalised_gradient(lax.convert_element_type(g, ct),
-                                     lax.convert_element_type(r, ct),
-                                     *scalars[ct])
-      return (lax.convert_element_type(u, g.dtype),
-              lax.convert_element_type(new_r, r.dtype))
+      u, new_r = normalised_gradient(
+        lax.convert_element_type(g, ct),
+        lax.convert_element_type(r, ct),
+        *scalars[ct],
+      )
+      return (
+        lax.convert_element_type(u, g.dtype),
+        lax.convert_element_type(new_r, r.dtype),
+      )
 
     new_updates, new_rms = tree_utils.tree_map_unzip(leaf, updates, state.rms)
 
@@ -154,11 +170,14 @@ def scale_by_second_moment(
       # set here), and its second moment stays as it was, so that later
       # finite steps are normalised as before.
       finite = lax.is_finite(g)
-      return (lax.select(finite, u, lax.full_like(u, np.nan)),
-              lax.select(finite, new, old))
+      return (
+        lax.select(finite, u, lax.full_like(u, np.nan)),
+        lax.select(finite, new, old),
+      )
 
     new_updates, new_rms = tree_utils.tree_map_unzip(
-        non_finite_gradient, updates, new_updates, new_rms, state.rms)
+      non_finite_gradient, updates, new_updates, new_rms, state.rms
+    )
     return new_updates, ScaleBySecondMomentState(count=count, rms=new_rms)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -25,8 +25,9 @@ def concrete_value(x: Any) -> float | None:
     arr = np.asarray(x)
   except Exception:  # pylint: disable=broad-except
     return None
-  if arr.size != 1 or not (jnp.issubdtype(arr.dtype, jnp.number)
-                           or arr.dtype == np.bool_):
+  if arr.size != 1 or not (
+    jnp.issubdtype(arr.dtype, jnp.number) or arr.dtype == np.bool_
+  ):
     return None
   return float(arr.reshape(()).astype(np.float64))
 
@@ -34,11 +35,12 @@ def concrete_value(x: Any) -> float | None:
 # What the docstrings and errors recommend for hyperparameters under
 # ``optax.inject_hyperparams`` when the params are not float32/float64.
 INJECT_HINT = (
-    "optax.inject_hyperparams casts float hyperparameters to the params' "
-    "dtype: pass `hyperparam_dtype=jnp.float32` (e.g. "
-    "`optax.inject_hyperparams(madam_optax.lns_madam, "
-    "hyperparam_dtype=jnp.float32)(fmt, learning_rate=0.01)`), or give it as "
-    "a Python number or a float32 array.")
+  "optax.inject_hyperparams casts float hyperparameters to the params' "
+  "dtype: pass `hyperparam_dtype=jnp.float32` (e.g. "
+  "`optax.inject_hyperparams(madam_optax.lns_madam, "
+  "hyperparam_dtype=jnp.float32)(fmt, learning_rate=0.01)`), or give it as "
+  "a Python number or a float32 array."
+)
 
 
 def check_hyperparameter_dtype(name: str, value: Any) -> None:
@@ -61,20 +63,30 @@ def check_hyperparameter_dtype(name: str, value: Any) -> None:
   dtype = np.dtype(dtype)
   if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
     lost = f"a {dtype} array, which is coarser than float32"
-  elif (jnp.issubdtype(dtype, jnp.integer)
-        and isinstance(value, jax.Array)
-        and not getattr(value, "weak_type", False)):
-    lost = (f"an {dtype} array (a float cast to integer params' dtype loses "
-            "its fraction)")
+  elif (
+    jnp.issubdtype(dtype, jnp.integer)
+    and isinstance(value, jax.Array)
+    and not getattr(value, "weak_type", False)
+  ):
+    lost = (
+      f"an {dtype} array (a float cast to integer params' dtype loses "
+      "its fraction)"
+    )
   else:
     return
   raise ValueError(f"{name} arrived as {lost}. {INJECT_HINT}")
 
 
-def check_hyperparameter(name: str, value: Any, *, low: float | None = None,
-                         high: float | None = None, low_inclusive: bool = True,
-                         high_inclusive: bool = True,
-                         allow_none: bool = False) -> None:
+def check_hyperparameter(
+  name: str,
+  value: Any,
+  *,
+  low: float | None = None,
+  high: float | None = None,
+  low_inclusive: bool = True,
+  high_inclusive: bool = True,
+  allow_none: bool = False,
+) -> None:
   """Raises ``ValueError`` for an out-of-range or imprecise hyperparameter.
 
   The range is checked when the value is concrete (a tracer cannot be read);
@@ -98,8 +110,9 @@ def check_hyperparameter(name: str, value: Any, *, low: float | None = None,
     raise ValueError(f"{name} must be {op} {high}, got {v}.")
 
 
-def check_decay_rate(name: str, value: Any,
-                     compute_dtype: Any = np.float32) -> None:
+def check_decay_rate(
+  name: str, value: Any, compute_dtype: Any = np.float32
+) -> None:
   """Raises ``ValueError`` unless ``value`` is in ``[0, 1)`` in ``compute_dtype``.
 
   A decay rate such as ``b2 = 1 - 1e-8`` is below 1 as a Python float but
@@ -112,9 +125,10 @@ def check_decay_rate(name: str, value: Any,
   if v is not None and np.asarray(v, dtype) >= 1.0:
     largest = np.nextafter(np.asarray(1.0, dtype), np.asarray(0.0, dtype))
     raise ValueError(
-        f"{name}={v!r} rounds to 1.0 in {dtype}, the dtype it is computed in: "
-        "the moving average would never change and every update would be 0. "
-        f"Use {name} <= {float(largest)!r}.")
+      f"{name}={v!r} rounds to 1.0 in {dtype}, the dtype it is computed in: "
+      "the moving average would never change and every update would be 0. "
+      f"Use {name} <= {float(largest)!r}."
+    )
 
 
 def leaf_dtype(leaf: Any) -> np.dtype:
@@ -134,8 +148,10 @@ def as_arrays(tree: Any) -> Any:
 
   Lets a transform accept ``{'w': 2.0}`` as well as ``{'w': jnp.array(2.0)}``.
   """
+
   def leaf(x):
     return x if isinstance(x, (jax.Array, np.ndarray)) else jnp.asarray(x)
+
   return jax.tree.map(leaf, tree)
 
 
@@ -154,11 +170,13 @@ def check_finite_if_concrete(x: Any, what: str) -> None:
   bad = jnp.logical_not(jnp.isfinite(x))
   if not bool(jnp.any(bad)):
     return
-  first = tuple(int(i) for i in np.unravel_index(int(jnp.argmax(bad.ravel())),
-                                                 x.shape))
+  first = tuple(
+    int(i) for i in np.unravel_index(int(jnp.argmax(bad.ravel())), x.shape)
+  )
   raise ValueError(
-      f"{what} has {int(jnp.sum(bad))} non-finite value(s) (NaN or inf), "
-      f"the first at index {first}: {float(x[first])}.")
+    f"{what} has {int(jnp.sum(bad))} non-finite value(s) (NaN or inf), "
+    f"the first at index {first}: {float(x[first])}."
+  )
 
 
 def check_float_leaves(tree: Any, transform: str, what: str = "params") -> None:
@@ -167,38 +185,44 @@ def check_float_leaves(tree: Any, transform: str, what: str = "params") -> None:
     dtype = leaf_dtype(leaf)
     if not jnp.issubdtype(dtype, jnp.floating):
       raise ValueError(
-          f"{transform}: {what} leaf {tree_utils.leaf_name(path)} "
-          f"has dtype {dtype}; it needs a floating-point dtype. Cast it "
-          "(e.g. `x.astype(jnp.float32)`), exclude it with `optax.masked`, or, "
-          "for integer LNS codes, use `madam_optax.lns_madam`.")
+        f"{transform}: {what} leaf {tree_utils.leaf_name(path)} "
+        f"has dtype {dtype}; it needs a floating-point dtype. Cast it "
+        "(e.g. `x.astype(jnp.float32)`), exclude it with `optax.masked`, or, "
+        "for integer LNS codes, use `madam_optax.lns_madam`."
+      )
 
 
 def require_params(params: Any, transform: str) -> None:
   """Raises ``ValueError`` when a transform that needs ``params`` gets None."""
   if params is None:
     raise ValueError(
-        f"{transform} needs the current parameters: call "
-        "`tx.update(updates, state, params)` with `params` (with "
-        "`nnx.Optimizer` this is done for you).")
+      f"{transform} needs the current parameters: call "
+      "`tx.update(updates, state, params)` with `params` (with "
+      "`nnx.Optimizer` this is done for you)."
+    )
 
 
-def check_same_structure(updates: Any, params: Any, transform: str,
-                         other: str = "params") -> None:
+def check_same_structure(
+  updates: Any, params: Any, transform: str, other: str = "params"
+) -> None:
   """Raises ``ValueError`` when ``updates`` and ``params`` (or state) differ."""
   ts_u = jax.tree.structure(updates)
   ts_p = jax.tree.structure(params)
-  if ts_u != ts_p:
+  if ts_u != ts_p:  # type: ignore[operator]
     raise ValueError(
-        f"{transform}: the updates and {other} trees do not match.\n"
-        f"  updates: {ts_u}\n  {other}: {ts_p}\n"
-        "Pass gradients with exactly the structure of the parameters the "
-        "optimizer was initialised with.")
-  for (path, u), p in zip(tree_utils.leaves_with_path(updates),
-                          jax.tree.leaves(params)):
+      f"{transform}: the updates and {other} trees do not match.\n"
+      f"  updates: {ts_u}\n  {other}: {ts_p}\n"
+      "Pass gradients with exactly the structure of the parameters the "
+      "optimizer was initialised with."
+    )
+  for (path, u), p in zip(
+    tree_utils.leaves_with_path(updates), jax.tree.leaves(params)
+  ):
     if jnp.shape(u) != jnp.shape(p):
       raise ValueError(
-          f"{transform}: leaf {tree_utils.leaf_name(path)} has update shape "
-          f"{jnp.shape(u)} but {other} shape {jnp.shape(p)}.")
+        f"{transform}: leaf {tree_utils.leaf_name(path)} has update shape "
+        f"{jnp.shape(u)} but {other} shape {jnp.shape(p)}."
+      )
 
 
 def check_state_dtype(state_dtype: Any) -> np.dtype | None:
@@ -212,5 +236,6 @@ def check_state_dtype(state_dtype: Any) -> np.dtype | None:
   state_dtype = jnp.dtype(state_dtype)
   if not jnp.issubdtype(state_dtype, jnp.floating):
     raise ValueError(
-        f"state_dtype must be a floating-point dtype, got {state_dtype}.")
+      f"state_dtype must be a floating-point dtype, got {state_dtype}."
+    )
   return state_dtype

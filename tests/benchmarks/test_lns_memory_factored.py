@@ -19,12 +19,15 @@ def lns_memory(benchmark):
 
 
 def test_factored_rows_are_exact(lns_memory):
-  params = {"w1": jnp.ones((256, 512)) * 0.1, "w2": -jnp.ones((512, 200)) * 0.1,
-            "small": jnp.ones((64, 300)) * 0.1,       # 64 < 128: full
-            "b": jnp.zeros(200)}
+  params = {
+    "w1": jnp.ones((256, 512)) * 0.1,
+    "w2": -jnp.ones((512, 200)) * 0.1,
+    "small": jnp.ones((64, 300)) * 0.1,  # 64 < 128: full
+    "b": jnp.zeros(200),
+  }
   rows = {r["config"]: r for r in lns_memory.measure(params)}
   n_w = 256 * 512 + 512 * 200 + 64 * 300
-  factors = 4 * (256 + 512 + 512 + 200)               # float32 statistics
+  factors = 4 * (256 + 512 + 512 + 200)  # float32 statistics
   full = 4 * 64 * 300
   int8 = rows["lns_madam int8 + factored v"]
   assert int8["bytes_per_weight"] == (n_w + factors + full) / n_w
@@ -43,7 +46,8 @@ def test_factored_rows_are_exact(lns_memory):
 def test_gpt2_small_tree_has_gpt2_shapes(lns_memory):
   shapes = jax.eval_shape(lns_memory.gpt2_small_params)
   assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == (
-      124_439_808)
+    124_439_808
+  )
   assert shapes["wte"].shape == (50257, 768)
   assert shapes["h11"]["attn"]["c_attn"]["kernel"].shape == (768, 2304)
   assert shapes["h00"]["mlp"]["c_proj"]["kernel"].shape == (3072, 768)
@@ -51,8 +55,9 @@ def test_gpt2_small_tree_has_gpt2_shapes(lns_memory):
 
 @pytest.mark.slow
 def test_small_gpt2_shaped_tree_counts_biases(lns_memory):
-  params = lns_memory.gpt2_small_params(vocab=300, context=128, width=128,
-                                        depth=1)
+  params = lns_memory.gpt2_small_params(
+    vocab=300, context=128, width=128, depth=1
+  )
   rows = {r["config"]: r for r in lns_memory.measure(params)}
   n = sum(x.size for x in jax.tree.leaves(params))
   zeros = sum(x.size for x in jax.tree.leaves(params) if not np.any(x))
@@ -60,8 +65,9 @@ def test_small_gpt2_shaped_tree_counts_biases(lns_memory):
   # Every zero-initialised leaf costs Adam's 12 bytes, every other one byte
   # of code, plus the statistics: more than 1 + 11 * zeros / n in all.
   assert int8["bytes_per_param"] > 1 + 11 * zeros / n
-  assert int8["bytes_per_param"] < rows["lns_madam int8 + bf16 v"][
-      "bytes_per_param"]
+  assert (
+    int8["bytes_per_param"] < rows["lns_madam int8 + bf16 v"]["bytes_per_param"]
+  )
 
 
 def test_committed_gpt2_figure_meets_the_goal(harness):

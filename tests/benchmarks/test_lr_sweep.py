@@ -12,18 +12,27 @@ def lr_sweep(benchmark):
 
 
 @pytest.mark.slow
-def test_quick_study_writes_json_table_and_figure(lr_sweep, harness,
-                                                  tmp_path):
-  results = lr_sweep.main(["--quick", "--tasks", "mlp", "--optimizers",
-                           "madam", "--out", str(tmp_path)],
-                          log=lambda *_: None)
+def test_quick_study_writes_json_table_and_figure(lr_sweep, harness, tmp_path):
+  results = lr_sweep.main(
+    [
+      "--quick",
+      "--tasks",
+      "mlp",
+      "--optimizers",
+      "madam",
+      "--out",
+      str(tmp_path),
+    ],
+    log=lambda *_: None,
+  )
   saved = json.loads((tmp_path / "lr_sweep.json").read_text())
   values = np.asarray(saved["results"]["mlp"]["madam"])
-  assert values.shape == (len(lr_sweep.LEARNING_RATES), 2)   # lrs x seeds
+  assert values.shape == (len(lr_sweep.LEARNING_RATES), 2)  # lrs x seeds
   np.testing.assert_array_equal(values, results["results"]["mlp"]["madam"])
   assert tuple(saved["machine"]) == harness.MACHINE_KEYS
   assert saved["machine"]["command"] == (
-      "python benchmarks/lr_sweep.py --quick --tasks mlp --optimizers madam")
+    "python benchmarks/lr_sweep.py --quick --tasks mlp --optimizers madam"
+  )
   summary = saved["summary"]["mlp"]
   assert summary["madam"]["best_lr"] in lr_sweep.LEARNING_RATES
   table = (tmp_path / "lr_sweep.md").read_text()
@@ -42,9 +51,12 @@ def test_unknown_optimizer_is_refused(lr_sweep):
 
 def test_summary_counts_diverged_runs_as_worst(lr_sweep):
   nan = float("nan")
-  results = {"t": {
+  results = {
+    "t": {
       "madam": np.array([[nan, nan], [90, 92], [95, 97], [80, 80], [50, 52]]),
-      "adam": np.array([[10, 10], [20, 20], [90, 92], [96, 98], [60, 60]])}}
+      "adam": np.array([[10, 10], [20, 20], [90, 92], [96, 98], [60, 60]]),
+    }
+  }
   tasks = {"t": {"metric": "accuracy", "higher_is_better": True}}
   s = lr_sweep.summarise(results, tasks)["t"]
   assert s["madam"]["best_lr"] == 0.01 and s["adam"]["best_lr"] == 0.001

@@ -19,8 +19,7 @@ def test_main_trains_int8_codes_with_factored_statistics(capsys):
   codes = jax.tree.leaves(state.params)
   assert {str(c.dtype) for c in codes} == {"int8", "float32"}
   # A statistic per row and per column of the output layer (32 x vocab).
-  inner = state.opt_state["model"].inner_states["multiplicative"].inner_state[
-      0]
+  inner = state.opt_state["model"].inner_states["multiplicative"].inner_state[0]
   kernel = state.params["model"]["head"]["kernel"]
   assert inner.row_rms["head"]["kernel"].shape == (kernel.shape[0],)
   assert inner.col_rms["head"]["kernel"].shape == (kernel.shape[1],)
@@ -38,8 +37,10 @@ def test_main_trains_int8_codes_with_factored_statistics(capsys):
   assert f"{held['total']:.3f}" in text and "perplexity" in text
 
 
-@pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--steps", "-3"),
-                                         ("--steps", "x"), ("--lr", "0")])
+@pytest.mark.parametrize(
+  "flag, value",
+  [("--steps", "0"), ("--steps", "-3"), ("--steps", "x"), ("--lr", "0")],
+)
 def test_arguments_are_validated(flag, value, capsys):
   with pytest.raises(SystemExit) as exit_info:
     lns_transformer.main([flag, value])
