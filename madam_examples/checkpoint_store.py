@@ -27,11 +27,10 @@ import os
 import tempfile
 from typing import Any
 
+from etils import epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
-
 
 # Orbax's files in a step folder: the step's metadata (the saved config is in
 # it), and the item folder with its tree metadata and array data.
@@ -55,10 +54,11 @@ class DamagedCheckpointError(ValueError):
     self.step = int(step)
     self.reason = reason
     super().__init__(
-        f"checkpoint step {step} in {self.directory} is damaged ({reason}). "
-        f"Move or delete the folder {step_path(directory, step)} (a rerun "
-        "then resumes from the previous complete step, or from step 0 if "
-        "there is none), or restore it from a copy.")
+      f"checkpoint step {step} in {self.directory} is damaged ({reason}). "
+      f"Move or delete the folder {step_path(directory, step)} (a rerun "
+      "then resumes from the previous complete step, or from step 0 if "
+      "there is none), or restore it from a copy."
+    )
 
 
 class CheckpointWriteError(OSError):
@@ -68,6 +68,7 @@ class CheckpointWriteError(OSError):
 def step_path(directory: str | os.PathLike, step: int) -> str:
   """The folder of checkpoint ``step`` in ``directory``."""
   return os.path.join(os.fspath(directory), str(int(step)))
+
 
 # ------------------------------------------------------- PRNG keys, targets
 
@@ -340,7 +341,7 @@ def write_step(
 
 def _one_line(error: BaseException, limit: int = 200) -> str:
   text = " ".join(str(error).split()) or type(error).__name__
-  return text if len(text) <= limit else text[:limit - 3] + "..."
+  return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _read_json(path: str, what: str) -> dict[str, Any]:
@@ -377,7 +378,8 @@ def sync_processes(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
     return
   _BARRIERS[0] += 1
   ocp.multihost.get_barrier_sync_fn()(
-      key=f"madam-{name}-{_BARRIERS[0]}", timeout_ms=int(timeout_s * 1000))
+    key=f"madam-{name}-{_BARRIERS[0]}", timeout_ms=int(timeout_s * 1000)
+  )
 
 
 def gather_from_processes(values: np.ndarray) -> np.ndarray:
@@ -395,12 +397,18 @@ def gather_from_processes(values: np.ndarray) -> np.ndarray:
   if jax.process_count() == 1:
     return values[None]
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
   raw = np.frombuffer(values.tobytes(), np.uint8).astype(np.int32)
   sync_processes("gather")
   gathered = np.asarray(multihost_utils.process_allgather(raw))
-  return np.stack([np.frombuffer(row.astype(np.uint8).tobytes(),
-                                 values.dtype).reshape(values.shape)
-                   for row in gathered])
+  return np.stack(
+    [
+      np.frombuffer(row.astype(np.uint8).tobytes(), values.dtype).reshape(
+        values.shape
+      )
+      for row in gathered
+    ]
+  )
 
 
 def finalised_steps(directory: str | os.PathLike) -> list[int]:
@@ -418,12 +426,15 @@ def check_same_steps(directory: str | os.PathLike, steps: list[int]) -> None:
   seen = gather_from_processes(np.array([latest, len(steps)], np.int64))
   if (seen == seen[0]).all():
     return
-  views = ", ".join(f"process {i}: {int(row[0]) if row[0] >= 0 else 'none'}"
-                    for i, row in enumerate(seen))
+  views = ", ".join(
+    f"process {i}: {int(row[0]) if row[0] >= 0 else 'none'}"
+    for i, row in enumerate(seen)
+  )
   raise ValueError(
-      f"the processes see different checkpoints in {os.fspath(directory)} "
-      f"(latest step {views}). Every process must see the same folder: on "
-      "several hosts, put it on a file system they all share.")
+    f"the processes see different checkpoints in {os.fspath(directory)} "
+    f"(latest step {views}). Every process must see the same folder: on "
+    "several hosts, put it on a file system they all share."
+  )
 
 
 def all_processes_ok(ok: bool) -> list[bool]:
@@ -462,13 +473,19 @@ def check_writable(directory: str | os.PathLike, step: int) -> None:
     failed = [i for i, ok in enumerate(verdicts) if not ok]
     problem = f"process {failed[0]} cannot write there"
   raise CheckpointWriteError(
-      f"cannot save checkpoint step {step} in {directory}: {problem}. Make "
-      "the folder writable (or free space on its disk), or save into another "
-      "folder (--checkpoint-dir).")
+    f"cannot save checkpoint step {step} in {directory}: {problem}. Make "
+    "the folder writable (or free space on its disk), or save into another "
+    "folder (--checkpoint-dir)."
+  )
 
 
-def _read_checked(manager: ocp.CheckpointManager, directory, step: int,
-                  target: Any, config: dict[str, Any] | None) -> Any:
+def _read_checked(
+  manager: ocp.CheckpointManager,
+  directory,
+  step: int,
+  target: Any,
+  config: dict[str, Any] | None,
+) -> Any:
   where = f"checkpoint step {step} in {os.fspath(directory)}"
   path = step_path(directory, step)
   step_metadata = _read_json(os.path.join(path, STEP_METADATA), STEP_METADATA)
@@ -476,7 +493,7 @@ def _read_checked(manager: ocp.CheckpointManager, directory, step: int,
   if config is not None:
     saved = (step_metadata.get("custom_metadata") or {}).get("config")
     check_config(saved, config, where)
-  try:   # reads each array's own metadata too
+  try:  # reads each array's own metadata too
     metadata = manager.item_metadata(step)
   except (OSError, ValueError, KeyError) as e:
     raise _Damage(f"an array could not be read: {_one_line(e)}") from e
@@ -486,8 +503,10 @@ def _read_checked(manager: ocp.CheckpointManager, directory, step: int,
   # that fails here still reaches the verdict shared by all processes.
   handler = ocp.StandardCheckpointHandler()
   try:
-    restored = handler.restore(epath.Path(os.path.join(path, ITEM)),
-                               args=ocp.args.StandardRestore(abstract))
+    restored = handler.restore(
+      epath.Path(os.path.join(path, ITEM)),
+      args=ocp.args.StandardRestore(abstract),
+    )
   except (OSError, ValueError) as e:
     raise _Damage(f"an array could not be read: {_one_line(e)}") from e
   finally:

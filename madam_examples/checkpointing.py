@@ -69,6 +69,7 @@ from typing import Any
 import jax
 
 from madam_examples import checkpoint_store as store
+
 # Part of this module's interface: the restore targets and the errors.
 from madam_examples.checkpoint_store import CheckpointWriteError  # noqa: F401
 from madam_examples.checkpoint_store import DamagedCheckpointError  # noqa: F401
@@ -262,9 +263,11 @@ def maybe_restore(
   if checkpoint_dir is not None:
     store.check_same_steps(checkpoint_dir, steps)
   if not steps:
-    abstract = [jax.tree_util.keystr(path) for path, x in
-                jax.tree_util.tree_flatten_with_path(target)[0]
-                if isinstance(x, jax.ShapeDtypeStruct)]
+    abstract = [
+      jax.tree_util.keystr(path)
+      for path, x in jax.tree_util.tree_flatten_with_path(target)[0]
+      if isinstance(x, jax.ShapeDtypeStruct)
+    ]
     if abstract:
       raise ValueError(
         f"no complete checkpoint in {checkpoint_dir} to fill the abstract "
@@ -286,9 +289,12 @@ def maybe_restore(
         raise
       moved = store.set_aside(checkpoint_dir, step)
       if verbose:
-        print(f"Checkpoint step {step} in {os.fspath(checkpoint_dir)} is "
-              f"damaged ({e.reason}); set it aside as {moved} and trying "
-              f"step {steps[i - 1]}", flush=True)
+        print(
+          f"Checkpoint step {step} in {os.fspath(checkpoint_dir)} is "
+          f"damaged ({e.reason}); set it aside as {moved} and trying "
+          f"step {steps[i - 1]}",
+          flush=True,
+        )
       continue
     if verbose:
       print(f"Resumed from step {step} in {os.fspath(checkpoint_dir)}")

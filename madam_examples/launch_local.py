@@ -52,8 +52,13 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def process_command(module: str, args: Sequence[str], address: str,
-                    num_processes: int, process_id: int) -> list[str]:
+def process_command(
+  module: str,
+  args: Sequence[str],
+  address: str,
+  num_processes: int,
+  process_id: int,
+) -> list[str]:
   """The command line of process ``process_id``.
 
   Example:
@@ -61,10 +66,18 @@ def process_command(module: str, args: Sequence[str], address: str,
     ['-m', 'm', '--steps', '5', '--coordinator-address', '127.0.0.1:1234', \
 '--num-processes', '2', '--process-id', '1']
   """
-  return [sys.executable, "-m", module, *args,
-          "--coordinator-address", address,
-          "--num-processes", str(num_processes),
-          "--process-id", str(process_id)]
+  return [
+    sys.executable,
+    "-m",
+    module,
+    *args,
+    "--coordinator-address",
+    address,
+    "--num-processes",
+    str(num_processes),
+    "--process-id",
+    str(process_id),
+  ]
 
 
 # Runs ``python -m MODULE ARGS`` after asking Linux to kill this process when
@@ -144,10 +157,17 @@ class LocalCluster:
       status = c.wait(timeout=600)
   """
 
-  def __init__(self, num_processes: int, args: Sequence[str], *,
-               module: str = DEFAULT_MODULE, log_dir: str | None = None,
-               stdout: IO[Any] | None = None,
-               env: dict[str, str] | None = None, port: int | None = None):
+  def __init__(
+    self,
+    num_processes: int,
+    args: Sequence[str],
+    *,
+    module: str = DEFAULT_MODULE,
+    log_dir: str | None = None,
+    stdout: IO[Any] | None = None,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
+  ):
     if num_processes < 1:
       raise ValueError(f"-n must be at least 1, got {num_processes}.")
     self.num_processes = num_processes
@@ -156,13 +176,12 @@ class LocalCluster:
     os.makedirs(self.log_dir, exist_ok=True)
     self.processes: list[subprocess.Popen] = []
     self.log_paths: list[str | None] = []
-    self.failure: str | None = None       # one line, once one has failed
-    self.failed: int | None = None        # the process that failed first
+    self.failure: str | None = None  # one line, once one has failed
+    self.failed: int | None = None  # the process that failed first
     self._files: list[IO[Any]] = []
     try:
       for i in range(num_processes):
-        command = process_command(module, args, self.address, num_processes,
-                                  i)
+        command = process_command(module, args, self.address, num_processes, i)
         if i == 0:
           out, path = stdout, None
         else:
@@ -170,9 +189,14 @@ class LocalCluster:
           out = open(path, "w", encoding="utf-8")  # pylint: disable=consider-using-with
           self._files.append(out)
         self.log_paths.append(path)
-        self.processes.append(subprocess.Popen(  # pylint: disable=consider-using-with
-            _dying_with_parent(command), env=env, stdout=out,
-            stderr=subprocess.STDOUT if out is not None else None))
+        self.processes.append(
+          subprocess.Popen(  # pylint: disable=consider-using-with
+            _dying_with_parent(command),
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT if out is not None else None,
+          )
+        )
     except BaseException:
       self.stop()
       raise
@@ -191,9 +215,10 @@ class LocalCluster:
         log = self.log_paths[i]
         self.failed = i
         self.failure = (
-            f"launch_local: process {i} of {self.num_processes} ended with "
-            f"{describe_status(code)}; stopping the others"
-            + (f" (its log: {log})" if log else ""))
+          f"launch_local: process {i} of {self.num_processes} ended with "
+          f"{describe_status(code)}; stopping the others"
+          + (f" (its log: {log})" if log else "")
+        )
         self.stop()
         return code
     if all(code == 0 for code in codes):
@@ -212,8 +237,10 @@ class LocalCluster:
       if code is not None:
         return code
       if deadline is not None and time.monotonic() > deadline:
-        self.failure = (f"launch_local: the run took more than {timeout:g} s "
-                        "(--timeout); stopped every process")
+        self.failure = (
+          f"launch_local: the run took more than {timeout:g} s "
+          "(--timeout); stopped every process"
+        )
         self.stop()
         return 124
       time.sleep(POLL_SECONDS)
@@ -236,7 +263,7 @@ class LocalCluster:
       f.close()
     self._files = []
 
-  def __enter__(self) -> "LocalCluster":
+  def __enter__(self) -> LocalCluster:
     return self
 
   def __exit__(self, *exc_info) -> None:
@@ -245,25 +272,38 @@ class LocalCluster:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
-      prog="python -m madam_examples.launch_local",
-      description=__doc__.split("\n\n")[0],
-      usage="%(prog)s -n N [options] -- ARGS...",
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog="Everything after -- goes to every process.")
-  parser.add_argument("-n", "--num-processes", type=int, required=True,
-                      help="number of processes")
-  parser.add_argument("--module", default=DEFAULT_MODULE,
-                      help=f"the module to run (default {DEFAULT_MODULE})")
-  parser.add_argument("--timeout", type=float, default=None,
-                      help="stop every process after this many seconds "
-                           "(exit status 124)")
-  parser.add_argument("--port", type=int, default=None,
-                      help="the coordinator's port on 127.0.0.1 (default: "
-                           "a free one)")
-  parser.add_argument("--log-dir", default=None,
-                      help="where processes 1.. write their output")
-  parser.add_argument("args", nargs=argparse.REMAINDER,
-                      help="the module's arguments, after --")
+    prog="python -m madam_examples.launch_local",
+    description=__doc__.split("\n\n")[0],
+    usage="%(prog)s -n N [options] -- ARGS...",
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog="Everything after -- goes to every process.",
+  )
+  parser.add_argument(
+    "-n", "--num-processes", type=int, required=True, help="number of processes"
+  )
+  parser.add_argument(
+    "--module",
+    default=DEFAULT_MODULE,
+    help=f"the module to run (default {DEFAULT_MODULE})",
+  )
+  parser.add_argument(
+    "--timeout",
+    type=float,
+    default=None,
+    help="stop every process after this many seconds (exit status 124)",
+  )
+  parser.add_argument(
+    "--port",
+    type=int,
+    default=None,
+    help="the coordinator's port on 127.0.0.1 (default: a free one)",
+  )
+  parser.add_argument(
+    "--log-dir", default=None, help="where processes 1.. write their output"
+  )
+  parser.add_argument(
+    "args", nargs=argparse.REMAINDER, help="the module's arguments, after --"
+  )
   args = parser.parse_args(argv)
   if args.args and args.args[0] == "--":
     args.args = args.args[1:]
@@ -276,18 +316,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
-  cluster = LocalCluster(args.num_processes, args.args, module=args.module,
-                         log_dir=args.log_dir, port=args.port)
-  print(f"launch_local: {args.num_processes} processes of {args.module} on "
-        f"{cluster.address} (pids {', '.join(map(str, cluster.pids))}); "
-        f"logs of processes 1.. in {cluster.log_dir}", file=sys.stderr,
-        flush=True)
+  cluster = LocalCluster(
+    args.num_processes,
+    args.args,
+    module=args.module,
+    log_dir=args.log_dir,
+    port=args.port,
+  )
+  print(
+    f"launch_local: {args.num_processes} processes of {args.module} on "
+    f"{cluster.address} (pids {', '.join(map(str, cluster.pids))}); "
+    f"logs of processes 1.. in {cluster.log_dir}",
+    file=sys.stderr,
+    flush=True,
+  )
 
   def stop(signum, frame):  # Ctrl-C, or a scheduler's SIGTERM
     del frame
     cluster.stop()
-    print(f"launch_local: stopped by {signal.Signals(signum).name}",
-          file=sys.stderr, flush=True)
+    print(
+      f"launch_local: stopped by {signal.Signals(signum).name}",
+      file=sys.stderr,
+      flush=True,
+    )
     sys.exit(128 + signum)
 
   signal.signal(signal.SIGINT, stop)
@@ -300,8 +351,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if failed is not None and cluster.log_paths[failed]:
       tail = _tail(cluster.log_paths[failed])
       if tail:
-        print(f"launch_local: last lines of process {failed}:\n{tail}",
-              file=sys.stderr, flush=True)
+        print(
+          f"launch_local: last lines of process {failed}:\n{tail}",
+          file=sys.stderr,
+          flush=True,
+        )
   return code if code >= 0 else 128 - code
 
 

@@ -239,18 +239,28 @@ def _import_checkpointing():
   return checkpointing
 
 
-def _checkpoint_tree(state: TrainState, loss_sums: dict[str, Any],
-                     steps_since_eval: Any) -> dict[str, Any]:
+def _checkpoint_tree(
+  state: TrainState, loss_sums: dict[str, Any], steps_since_eval: Any
+) -> dict[str, Any]:
   """What a checkpoint of :func:`train` holds: the state, and the training
   losses summed over the steps since the last evaluation."""
-  return {"train_state": state, "loss_sums": loss_sums,
-          "steps_since_eval": jnp.asarray(steps_since_eval, jnp.int32)}
+  return {
+    "train_state": state,
+    "loss_sums": loss_sums,
+    "steps_since_eval": jnp.asarray(steps_since_eval, jnp.int32),
+  }
 
 
-def _run_config(task: Task, optimizer: Optimizer, learning_rate: float,
-                seed: int, steps: int, schedule: str,
-                lns_format: madam_optax.LNSFormat | None,
-                options: Mapping[str, Any]) -> dict[str, Any]:
+def _run_config(
+  task: Task,
+  optimizer: Optimizer,
+  learning_rate: float,
+  seed: int,
+  steps: int,
+  schedule: str,
+  lns_format: madam_optax.LNSFormat | None,
+  options: Mapping[str, Any],
+) -> dict[str, Any]:
   """The settings saved with every checkpoint and compared on resume."""
   config = {
     "task": task.name,
@@ -351,13 +361,20 @@ def train(
   start, ckpt = 0, None
   if checkpoint_dir is not None:
     checkpointing = _import_checkpointing()
-    config = _run_config(task, optimizer, learning_rate, seed, steps,
-                         schedule, lns_format, options)
+    config = _run_config(
+      task, optimizer, learning_rate, seed, steps, schedule, lns_format, options
+    )
     saved, start = checkpointing.maybe_restore(
-        checkpoint_dir, _checkpoint_tree(state, sums, since_eval),
-        verbose=False, config=config)
-    state, sums, since_eval = (saved["train_state"], saved["loss_sums"],
-                               saved["steps_since_eval"])
+      checkpoint_dir,
+      _checkpoint_tree(state, sums, since_eval),
+      verbose=False,
+      config=config,
+    )
+    state, sums, since_eval = (
+      saved["train_state"],
+      saved["loss_sums"],
+      saved["steps_since_eval"],
+    )
     start = min(int(start), steps)
     ckpt = checkpointing.Checkpointer(
       checkpoint_dir, checkpoint_every, config=config
@@ -406,8 +423,8 @@ def train(
         if callback is not None:
           callback(done, metrics, state)
       if ckpt is not None and ckpt.maybe_save(
-          done, _checkpoint_tree(state, sums, since_eval),
-          force=done == steps):
+        done, _checkpoint_tree(state, sums, since_eval), force=done == steps
+      ):
         _save_history(checkpoint_dir, history)
   finally:
     if ckpt is not None:

@@ -88,12 +88,9 @@ import threading
 import time
 from typing import Any, Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 from flax import nnx
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
@@ -136,8 +133,11 @@ RESUMABLE_CHANGES = ("mesh", "steps", "log_every")
 
 def checkpoint_config(config: Config) -> dict[str, Any]:
   """The settings saved with every checkpoint and checked on resume."""
-  return {k: v for k, v in dataclasses.asdict(config).items()
-          if k not in RESUMABLE_CHANGES}
+  return {
+    k: v
+    for k, v in dataclasses.asdict(config).items()
+    if k not in RESUMABLE_CHANGES
+  }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +152,7 @@ class RunOptions:
       gradients are made NaN on ``inject_nan_process``'s rows of the batch.
     inject_nan_process: the process that injects them.
   """
+
   checkpoint_dir: str | None = None
   checkpoint_every: int = checkpointing.DEFAULT_EVERY
   max_bad_steps: int = 10
@@ -197,23 +198,31 @@ class Setup:
   state: step.TrainState  # params, optimizer states, key, step: sharded
   state_sharding: Any
   batch_sharding: NamedSharding
-  train_step: Any            # jitted (state, batch) -> (state, loss)
-  eval_loss: Any             # jitted (state, batch) -> loss
+  train_step: Any  # jitted (state, batch) -> (state, loss)
+  eval_loss: Any  # jitted (state, batch) -> loss
   # jitted (state, batch) -> (state, loss, applied); and the same with a
   # third argument, NaN in the rows of the batch to poison (testing aid).
   checked_step: Any
   poisoned_step: Any
 
 
-def _model(config: Config, partitioning: models.Partitioning | None
-           ) -> models.CharTransformer:
+def _model(
+  config: Config, partitioning: models.Partitioning | None
+) -> models.CharTransformer:
   return models.CharTransformer(
-      len(data.VOCAB), config.context, config.dim, config.layers,
-      config.heads, partitioning=partitioning, rngs=nnx.Rngs(config.seed))
+    len(data.VOCAB),
+    config.context,
+    config.dim,
+    config.layers,
+    config.heads,
+    partitioning=partitioning,
+    rngs=nnx.Rngs(config.seed),
+  )
 
 
-def state_shardings(state: Any, param_shardings: Any,
-                    replicated: NamedSharding) -> Any:
+def state_shardings(
+  state: Any, param_shardings: Any, replicated: NamedSharding
+) -> Any:
   """Each leaf of a training state laid out like its parameter.
 
   An optimizer-state leaf whose path ends with a parameter's path and has
@@ -221,11 +230,12 @@ def state_shardings(state: Any, param_shardings: Any,
   sharding; the rest (PRNG key, step and update counts, per-tensor bounds)
   is replicated.
   """
-  params = {}   # a parameter's path within its component -> shape, sharding
+  params = {}  # a parameter's path within its component -> shape, sharding
   for component, tree in state.params.items():
     for (path, x), sharding in zip(
-        jax.tree_util.tree_flatten_with_path(tree)[0],
-        jax.tree.leaves(param_shardings[component])):
+      jax.tree_util.tree_flatten_with_path(tree)[0],
+      jax.tree.leaves(param_shardings[component]),
+    ):
       params[jax.tree_util.keystr(path)] = (x.shape, sharding)
 
   longest_first = sorted(params.items(), key=lambda item: -len(item[0]))
@@ -236,6 +246,7 @@ def state_shardings(state: Any, param_shardings: Any,
       if name.endswith(param) and tuple(leaf.shape) == tuple(shape):
         return sharding
     return replicated
+
   return jax.tree_util.tree_map_with_path(pick, state)
 
 
@@ -244,10 +255,12 @@ def _global(x: Any, sharding: NamedSharding) -> jax.Array:
   process fills only its own devices' shards."""
   if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
     return jax.random.wrap_key_data(
-        _global(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+      _global(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x)
+    )
   host = np.asarray(x)
-  return jax.make_array_from_callback(host.shape, sharding,
-                                      lambda index: host[index])
+  return jax.make_array_from_callback(
+    host.shape, sharding, lambda index: host[index]
+  )
 
 
 def setup(config: Config, devices: Sequence[Any] | None = None) -> Setup:
@@ -268,19 +281,30 @@ def setup(config: Config, devices: Sequence[Any] | None = None) -> Setup:
   with jax.default_device(jax.local_devices()[0]):
     _, params = nnx.split(_model(config, None))
     params = {"model": nnx.as_pure(params)}
-    txs = {"model": optimizers.make_optimizer(
-        "madam", config.learning_rate, params["model"], p_scale=config.p_scale,
-        additive_learning_rate=config.additive_learning_rate)}
+    txs = {
+      "model": optimizers.make_optimizer(
+        "madam",
+        config.learning_rate,
+        params["model"],
+        p_scale=config.p_scale,
+        additive_learning_rate=config.additive_learning_rate,
+      )
+    }
     whole = step.init_state(params, txs, jax.random.key(config.seed))
   with jax.set_mesh(mesh):
     abstract = nnx.eval_shape(
-        lambda: _model(config, models.Partitioning.fsdp("fsdp")))
+      lambda: _model(config, models.Partitioning.fsdp("fsdp"))
+    )
     graphdef, abstract_params = nnx.split(abstract)
     specs = nnx.as_pure(nnx.get_partition_spec(abstract_params))
   replicated = NamedSharding(mesh, P())
-  param_shardings = {"model": jax.tree.map(
-      lambda spec: NamedSharding(mesh, spec), specs,
-      is_leaf=lambda x: isinstance(x, P))}
+  param_shardings = {
+    "model": jax.tree.map(
+      lambda spec: NamedSharding(mesh, spec),
+      specs,
+      is_leaf=lambda x: isinstance(x, P),
+    )
+  }
   state_sharding = state_shardings(whole, param_shardings, replicated)
   state = jax.tree.map(_global, whole, state_sharding)
   batch_sharding = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
@@ -288,7 +312,7 @@ def setup(config: Config, devices: Sequence[Any] | None = None) -> Setup:
 
   def loss_fn(weights, batch, poison=None):
     loss = tasks.next_char_loss(nnx.merge(graphdef, weights["model"]), batch)
-    if poison is not None:   # 0, or NaN from the poisoned rows
+    if poison is not None:  # 0, or NaN from the poisoned rows
       loss = loss * (1.0 + jnp.sum(poison))
     return loss
 
@@ -298,18 +322,28 @@ def setup(config: Config, devices: Sequence[Any] | None = None) -> Setup:
     the check is one global value: every process takes the same branch."""
     weights = state.params["model"]
     loss, grads = jax.value_and_grad(
-        lambda w: loss_fn({"model": w}, batch, poison))(weights)
-    applied = jnp.isfinite(loss) & jnp.all(jnp.stack(
-        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+      lambda w: loss_fn({"model": w}, batch, poison)
+    )(weights)
+    applied = jnp.isfinite(loss) & jnp.all(
+      jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+    )
     params, opt_state = step.apply_gradients(
-        tx, grads, state.opt_state["model"], weights)
+      tx, grads, state.opt_state["model"], weights
+    )
     keep = lambda new, old: jnp.where(applied, new, old)
     params = jax.tree.map(keep, params, weights)
     opt_state = jax.tree.map(keep, opt_state, state.opt_state["model"])
     key = jax.random.split(state.key)[0]
-    return state._replace(params={"model": params},
-                          opt_state={"model": opt_state}, key=key,
-                          step=state.step + 1), loss, applied
+    return (
+      state._replace(
+        params={"model": params},
+        opt_state={"model": opt_state},
+        key=key,
+        step=state.step + 1,
+      ),
+      loss,
+      applied,
+    )
 
   def train_step(state, batch):
     return checked_step(state, batch)[:2]
@@ -318,23 +352,42 @@ def setup(config: Config, devices: Sequence[Any] | None = None) -> Setup:
     return loss_fn(state.params, batch)
 
   # Shardings pinned in and out: the state keeps its layout step after step.
-  train_step = jax.jit(train_step,
-                       in_shardings=(state_sharding, batch_sharding),
-                       out_shardings=(state_sharding, None), donate_argnums=0)
+  train_step = jax.jit(
+    train_step,
+    in_shardings=(state_sharding, batch_sharding),
+    out_shardings=(state_sharding, None),
+    donate_argnums=0,
+  )
   rows_sharding = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
   poisoned_step = jax.jit(
-      checked_step, in_shardings=(state_sharding, batch_sharding,
-                                  rows_sharding),
-      out_shardings=(state_sharding, replicated, replicated),
-      donate_argnums=0)
+    checked_step,
+    in_shardings=(state_sharding, batch_sharding, rows_sharding),
+    out_shardings=(state_sharding, replicated, replicated),
+    donate_argnums=0,
+  )
   checked_step = jax.jit(
-      checked_step, in_shardings=(state_sharding, batch_sharding),
-      out_shardings=(state_sharding, replicated, replicated),
-      donate_argnums=0)
-  eval_loss = jax.jit(eval_loss, in_shardings=(state_sharding, batch_sharding),
-                      out_shardings=replicated)
-  return Setup(mesh, graphdef, txs, state, state_sharding, batch_sharding,
-               train_step, eval_loss, checked_step, poisoned_step)
+    checked_step,
+    in_shardings=(state_sharding, batch_sharding),
+    out_shardings=(state_sharding, replicated, replicated),
+    donate_argnums=0,
+  )
+  eval_loss = jax.jit(
+    eval_loss,
+    in_shardings=(state_sharding, batch_sharding),
+    out_shardings=replicated,
+  )
+  return Setup(
+    mesh,
+    graphdef,
+    txs,
+    state,
+    state_sharding,
+    batch_sharding,
+    train_step,
+    eval_loss,
+    checked_step,
+    poisoned_step,
+  )
 
 
 def optimizer_update(run: Setup):
@@ -376,31 +429,43 @@ def local_value(x: jax.Array) -> np.ndarray:
   return np.asarray(x.addressable_data(0))
 
 
-def poison_rows(sharding: NamedSharding, batch_size: int, step_number: int,
-                options: RunOptions) -> jax.Array:
+def poison_rows(
+  sharding: NamedSharding,
+  batch_size: int,
+  step_number: int,
+  options: RunOptions,
+) -> jax.Array:
   """Testing aid: a ``(batch_size,)`` global array, zero except on the rows
   held by ``options.inject_nan_process`` at an injected step, where it is NaN.
   Each process builds only its own rows."""
   rows = mesh_lib.local_rows(sharding, (batch_size,))
-  poisoned = (step_number in options.inject_nan_steps
-              and jax.process_index() == options.inject_nan_process)
-  values = np.full(rows.stop - rows.start, np.nan if poisoned else 0.0,
-                   np.float32)
-  return jax.make_array_from_process_local_data(sharding, values,
-                                                (batch_size,))
+  poisoned = (
+    step_number in options.inject_nan_steps
+    and jax.process_index() == options.inject_nan_process
+  )
+  values = np.full(
+    rows.stop - rows.start, np.nan if poisoned else 0.0, np.float32
+  )
+  return jax.make_array_from_process_local_data(sharding, values, (batch_size,))
 
 
-def _checkpoint_tree(state: step.TrainState, skipped: int,
-                     replicated: NamedSharding) -> dict[str, Any]:
+def _checkpoint_tree(
+  state: step.TrainState, skipped: int, replicated: NamedSharding
+) -> dict[str, Any]:
   """What a checkpoint holds: the training state and the skipped count."""
   count = jax.make_array_from_callback(
-      (), replicated, lambda _: np.asarray(skipped, np.int32))
+    (), replicated, lambda _: np.asarray(skipped, np.int32)
+  )
   return {"train_state": state, "skipped_steps": count}
 
 
-def train(config: Config, devices: Sequence[Any] | None = None, *,
-          log: Any = None, options: RunOptions | None = None
-          ) -> dict[str, Any]:
+def train(
+  config: Config,
+  devices: Sequence[Any] | None = None,
+  *,
+  log: Any = None,
+  options: RunOptions | None = None,
+) -> dict[str, Any]:
   """Trains to ``config.steps`` steps (resuming from a checkpoint if any).
 
   Args:
@@ -437,20 +502,28 @@ def train(config: Config, devices: Sequence[Any] | None = None, *,
   state, start, skipped, ckpt, last_saved = run.state, 0, 0, None, None
   if options.checkpoint_dir is not None:
     restored, start = checkpointing.maybe_restore(
-        options.checkpoint_dir, _checkpoint_tree(state, 0, replicated),
-        verbose=jax.process_index() == 0, config=checkpoint_config(config))
+      options.checkpoint_dir,
+      _checkpoint_tree(state, 0, replicated),
+      verbose=jax.process_index() == 0,
+      config=checkpoint_config(config),
+    )
     state = restored["train_state"]
     skipped = int(local_value(restored["skipped_steps"]))
     last_saved = start or None
-    ckpt = checkpointing.Checkpointer(options.checkpoint_dir,
-                                      options.checkpoint_every,
-                                      config=checkpoint_config(config))
+    ckpt = checkpointing.Checkpointer(
+      options.checkpoint_dir,
+      options.checkpoint_every,
+      config=checkpoint_config(config),
+    )
   # Compiled before the first step, and met after: compiling may take
   # some processes much longer than others.
   first = batch(text.train, start, config.seed)
   if options.inject_nan_steps:
-    step_fn = run.poisoned_step.lower(state, first, poison_rows(
-        run.batch_sharding, config.batch_size, 1, options)).compile()
+    step_fn = run.poisoned_step.lower(
+      state,
+      first,
+      poison_rows(run.batch_sharding, config.batch_size, 1, options),
+    ).compile()
   else:
     step_fn = run.checked_step.lower(state, first).compile()
   eval_fn = run.eval_loss.lower(state, valid).compile()
@@ -462,47 +535,68 @@ def train(config: Config, devices: Sequence[Any] | None = None, *,
       begin = time.perf_counter()
       b = batch(text.train, index, config.seed)
       if options.inject_nan_steps:
-        state, loss, applied = step_fn(state, b, poison_rows(
-            run.batch_sharding, config.batch_size, done, options))
+        state, loss, applied = step_fn(
+          state,
+          b,
+          poison_rows(run.batch_sharding, config.batch_size, done, options),
+        )
       else:
         state, loss, applied = step_fn(state, b)
-      applied = bool(local_value(applied))      # the same on every process
+      applied = bool(local_value(applied))  # the same on every process
       seconds.append(time.perf_counter() - begin)
       losses.append(loss)
       if applied:
         streak = 0
       else:
         skipped, streak = skipped + 1, streak + 1
-        log(f"step {done:5d}  non-finite loss or gradient: update skipped on "
-            f"every process ({skipped} skipped in all)")
+        log(
+          f"step {done:5d}  non-finite loss or gradient: update skipped on "
+          f"every process ({skipped} skipped in all)"
+        )
         if streak >= options.max_bad_steps:
-          kept = (f"the last checkpoint, step {last_saved} in "
-                  f"{options.checkpoint_dir}, is kept"
-                  if last_saved else "no checkpoint was written")
+          kept = (
+            f"the last checkpoint, step {last_saved} in "
+            f"{options.checkpoint_dir}, is kept"
+            if last_saved
+            else "no checkpoint was written"
+          )
           raise BadStepsError(
-              f"stopped at step {done}: {streak} consecutive steps "
-              f"({done - streak + 1} to {done}) had a non-finite loss or "
-              f"gradient (--max-bad-steps {options.max_bad_steps}); {kept}. "
-              "Lower --learning-rate or check the data, then rerun.")
+            f"stopped at step {done}: {streak} consecutive steps "
+            f"({done - streak + 1} to {done}) had a non-finite loss or "
+            f"gradient (--max-bad-steps {options.max_bad_steps}); {kept}. "
+            "Lower --learning-rate or check the data, then rerun."
+          )
       if done % config.log_every == 0 or done == config.steps:
-        valid_losses.append((done, float(local_value(
-            eval_fn(state, valid)))))
-        log(f"step {done:5d}  train loss {float(local_value(loss)):.3f}  "
-            f"valid loss {valid_losses[-1][1]:.3f} nats/char  "
-            f"({sum(seconds):.1f} s)")
+        valid_losses.append((done, float(local_value(eval_fn(state, valid)))))
+        log(
+          f"step {done:5d}  train loss {float(local_value(loss)):.3f}  "
+          f"valid loss {valid_losses[-1][1]:.3f} nats/char  "
+          f"({sum(seconds):.1f} s)"
+        )
       # Checkpoints only after applied updates: the last one is good.
-      if ckpt is not None and streak == 0 and ckpt.maybe_save(
-          done, _checkpoint_tree(state, skipped, replicated),
-          force=done == config.steps):
+      if (
+        ckpt is not None
+        and streak == 0
+        and ckpt.maybe_save(
+          done,
+          _checkpoint_tree(state, skipped, replicated),
+          force=done == config.steps,
+        )
+      ):
         last_saved = done
   finally:
     if ckpt is not None:
       ckpt.close()
-  return {"losses": [float(local_value(x)) for x in losses],
-          "valid_losses": valid_losses, "run": run, "state": state,
-          "final_valid_loss": float(local_value(eval_fn(state, valid))),
-          "skipped_steps": skipped, "resumed_from": start,
-          "step_seconds": seconds}
+  return {
+    "losses": [float(local_value(x)) for x in losses],
+    "valid_losses": valid_losses,
+    "run": run,
+    "state": state,
+    "final_valid_loss": float(local_value(eval_fn(state, valid))),
+    "skipped_steps": skipped,
+    "resumed_from": start,
+    "step_seconds": seconds,
+  }
 
 
 def leaf_checksums(tree: Any) -> dict[str, float]:
@@ -521,11 +615,16 @@ def leaf_checksums(tree: Any) -> dict[str, float]:
   names, local = [], []
   for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
     names.append(jax.tree_util.keystr(path))
-    local.append(math.fsum(
+    local.append(
+      math.fsum(
         float(np.sum(np.abs(np.asarray(shard.data, np.float64))))
-        for shard in x.addressable_shards if shard.replica_id == 0))
+        for shard in x.addressable_shards
+        if shard.replica_id == 0
+      )
+    )
   per_process = checkpoint_store.gather_from_processes(
-      np.asarray(local, np.float64))
+    np.asarray(local, np.float64)
+  )
   return {name: math.fsum(per_process[:, i]) for i, name in enumerate(names)}
 
 
@@ -554,30 +653,39 @@ def run_metrics(config: Config, result: dict[str, Any]) -> dict[str, Any]:
   param_bytes = memory.bytes_per_device(state.params)
   opt_bytes = memory.bytes_per_device(state.opt_state)
   return {
-      "steps": steps, "resumed_from": result["resumed_from"],
-      "processes": jax.process_count(), "devices": jax.device_count(),
-      "local_devices": jax.local_device_count(),
-      "mesh": dict(run.mesh.shape), "config": dataclasses.asdict(config),
-      "parameters": sum(math.prod(x.shape)
-                        for x in jax.tree.leaves(state.params)),
-      "losses": result["losses"],
-      "valid_losses": result["valid_losses"],
-      "final_valid_loss": result["final_valid_loss"],
-      "skipped_steps": result["skipped_steps"],
-      "skipped_steps_per_process": gather_ints(result["skipped_steps"]),
-      "param_checksum": math.fsum(params.values()),
-      "param_checksums": params,
-      "opt_state_checksums": opt_state,
-      "all_finite": bool(all(np.isfinite(v) for v in
-                             [*params.values(), *opt_state.values()])),
-      "param_bytes_per_device": max(param_bytes.values()),
-      "opt_state_bytes_per_device": max(opt_bytes.values()),
-      "step_time_ms": {
-          "median": float(np.median(times) * 1e3) if len(times) else None,
-          "q1": float(np.percentile(times, 25) * 1e3) if len(times) else None,
-          "q3": float(np.percentile(times, 75) * 1e3) if len(times) else None,
-          "first": (float(result["step_seconds"][0] * 1e3)
-                    if result["step_seconds"] else None)},
+    "steps": steps,
+    "resumed_from": result["resumed_from"],
+    "processes": jax.process_count(),
+    "devices": jax.device_count(),
+    "local_devices": jax.local_device_count(),
+    "mesh": dict(run.mesh.shape),
+    "config": dataclasses.asdict(config),
+    "parameters": sum(
+      math.prod(x.shape) for x in jax.tree.leaves(state.params)
+    ),
+    "losses": result["losses"],
+    "valid_losses": result["valid_losses"],
+    "final_valid_loss": result["final_valid_loss"],
+    "skipped_steps": result["skipped_steps"],
+    "skipped_steps_per_process": gather_ints(result["skipped_steps"]),
+    "param_checksum": math.fsum(params.values()),
+    "param_checksums": params,
+    "opt_state_checksums": opt_state,
+    "all_finite": bool(
+      all(np.isfinite(v) for v in [*params.values(), *opt_state.values()])
+    ),
+    "param_bytes_per_device": max(param_bytes.values()),
+    "opt_state_bytes_per_device": max(opt_bytes.values()),
+    "step_time_ms": {
+      "median": float(np.median(times) * 1e3) if len(times) else None,
+      "q1": float(np.percentile(times, 25) * 1e3) if len(times) else None,
+      "q3": float(np.percentile(times, 75) * 1e3) if len(times) else None,
+      "first": (
+        float(result["step_seconds"][0] * 1e3)
+        if result["step_seconds"]
+        else None
+      ),
+    },
   }
 
 
@@ -642,9 +750,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   )
   parser.add_argument("--num-processes", type=int, default=None)
   parser.add_argument("--process-id", type=int, default=None)
-  parser.add_argument("--check-collectives", action="store_true",
-                      help="print the collectives XLA compiled into the "
-                           "train step and into the optimizer update alone")
+  parser.add_argument(
+    "--check-collectives",
+    action="store_true",
+    help="print the collectives XLA compiled into the "
+    "train step and into the optimizer update alone",
+  )
   add_run_arguments(parser)
   return parser.parse_args(argv)
 
@@ -656,44 +767,61 @@ def _step_list(text: str) -> tuple[int, ...]:
     steps = ()
   if not steps or min(steps) < 1:
     raise argparse.ArgumentTypeError(
-        f"expected comma-separated step numbers >= 1, e.g. 3,7; got {text!r}")
+      f"expected comma-separated step numbers >= 1, e.g. 3,7; got {text!r}"
+    )
   return steps
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
   """The flags of multi-process runs, checkpoints, metrics and bad steps."""
   parser.add_argument(
-      "--initialization-timeout", type=cli.positive_int, default=300,
-      help="seconds to wait for every process at the coordinator before "
-           "stopping with an error (default 300)")
+    "--initialization-timeout",
+    type=cli.positive_int,
+    default=300,
+    help="seconds to wait for every process at the coordinator before "
+    "stopping with an error (default 300)",
+  )
   checkpointing.add_arguments(parser)
   parser.add_argument(
-      "--metrics-out", default=None,
-      help="write the run's figures as JSON here (process 0): steps, "
-           "losses, final validation loss, skipped steps, per-leaf "
-           "checksums of parameters and optimizer state")
+    "--metrics-out",
+    default=None,
+    help="write the run's figures as JSON here (process 0): steps, "
+    "losses, final validation loss, skipped steps, per-leaf "
+    "checksums of parameters and optimizer state",
+  )
   parser.add_argument(
-      "--max-bad-steps", type=cli.positive_int, default=RunOptions.max_bad_steps,
-      help="stop after this many consecutive steps with a non-finite loss "
-           f"or gradient (default {RunOptions.max_bad_steps})")
+    "--max-bad-steps",
+    type=cli.positive_int,
+    default=RunOptions.max_bad_steps,
+    help="stop after this many consecutive steps with a non-finite loss "
+    f"or gradient (default {RunOptions.max_bad_steps})",
+  )
   group = parser.add_argument_group("testing aids")
   group.add_argument(
-      "--inject-nan-steps", type=_step_list, default=(),
-      help="make the loss and gradients NaN at these steps (e.g. 3,7) on "
-           "the rows of the batch of --inject-nan-process, to exercise the "
-           "skipping of bad steps")
-  group.add_argument("--inject-nan-process", type=int, default=0,
-                     help="the process that injects them (default 0)")
+    "--inject-nan-steps",
+    type=_step_list,
+    default=(),
+    help="make the loss and gradients NaN at these steps (e.g. 3,7) on "
+    "the rows of the batch of --inject-nan-process, to exercise the "
+    "skipping of bad steps",
+  )
+  group.add_argument(
+    "--inject-nan-process",
+    type=int,
+    default=0,
+    help="the process that injects them (default 0)",
+  )
 
 
 def run_options(args: argparse.Namespace) -> RunOptions:
   """The :class:`RunOptions` of parsed command-line flags."""
   return RunOptions(
-      checkpoint_dir=args.checkpoint_dir,
-      checkpoint_every=args.checkpoint_every,
-      max_bad_steps=args.max_bad_steps,
-      inject_nan_steps=tuple(args.inject_nan_steps),
-      inject_nan_process=args.inject_nan_process)
+    checkpoint_dir=args.checkpoint_dir,
+    checkpoint_every=args.checkpoint_every,
+    max_bad_steps=args.max_bad_steps,
+    inject_nan_steps=tuple(args.inject_nan_steps),
+    inject_nan_process=args.inject_nan_process,
+  )
 
 
 def _cpu_platform(args: argparse.Namespace) -> bool:
@@ -719,7 +847,7 @@ class _Deadline:
     print(self._message, file=sys.stderr, flush=True)
     os._exit(2)
 
-  def __enter__(self) -> "_Deadline":
+  def __enter__(self) -> _Deadline:
     self._timer.start()
     return self
 
@@ -741,20 +869,26 @@ def initialise_runtime(args: argparse.Namespace) -> None:
     if _cpu_platform(args):
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     timeout = getattr(args, "initialization_timeout", 300)
-    who = ("this process" if args.process_id is None else
-           f"process {args.process_id} of {args.num_processes}")
+    who = (
+      "this process"
+      if args.process_id is None
+      else f"process {args.process_id} of {args.num_processes}"
+    )
     where = args.coordinator_address or "the auto-detected coordinator"
     message = (
-        f"error: {who}: not every process reached the coordinator at "
-        f"{where} within {timeout} s (--initialization-timeout). Start every "
-        "process with the same --coordinator-address and --num-processes "
-        "and its own --process-id (on one machine, python -m "
-        "madam_examples.launch_local does it).")
+      f"error: {who}: not every process reached the coordinator at "
+      f"{where} within {timeout} s (--initialization-timeout). Start every "
+      "process with the same --coordinator-address and --num-processes "
+      "and its own --process-id (on one machine, python -m "
+      "madam_examples.launch_local does it)."
+    )
     with _Deadline(timeout, message):
       jax.distributed.initialize(
-          coordinator_address=args.coordinator_address,
-          num_processes=args.num_processes, process_id=args.process_id,
-          initialization_timeout=timeout + 60)
+        coordinator_address=args.coordinator_address,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        initialization_timeout=timeout + 60,
+      )
 
 
 def write_metrics(path: str, metrics: dict[str, Any]) -> None:
@@ -810,17 +944,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if leader:
       print(message, flush=True)
 
-  log(f"{jax.process_count()} process(es), {jax.device_count()} "
-      f"{jax.devices()[0].platform} device(s); mesh {config.mesh}")
+  log(
+    f"{jax.process_count()} process(es), {jax.device_count()} "
+    f"{jax.devices()[0].platform} device(s); mesh {config.mesh}"
+  )
   try:
     result = train(config, log=log, options=run_options(args))
-  except (BadStepsError, checkpointing.CheckpointWriteError,
-          ValueError) as e:    # damaged or mismatched checkpoints included
+  except (
+    BadStepsError,
+    checkpointing.CheckpointWriteError,
+    ValueError,
+  ) as e:  # damaged or mismatched checkpoints included
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 1
   if result["skipped_steps"]:
-    log(f"{result['skipped_steps']} step(s) skipped in all (non-finite loss "
-        "or gradient)")
+    log(
+      f"{result['skipped_steps']} step(s) skipped in all (non-finite loss "
+      "or gradient)"
+    )
   run, state = result["run"], result["state"]
   log(
     f"mesh {dict(run.mesh.shape)}; parameters "
@@ -833,18 +974,23 @@ def main(argv: Sequence[str] | None = None) -> int:
       run.batch_sharding,
     )
     step_hlo = run.train_step.lower(state, batch).compile().as_text()
-    update_hlo = optimizer_update(run).lower(
-        state, state.params).compile().as_text()
-    log("collectives in the train step: "
-        f"{mesh_lib.collectives_in_hlo(step_hlo)}")
-    log("collectives in the optimizer update: "
-        f"{mesh_lib.collectives_in_hlo(update_hlo) or 'none'}")
+    update_hlo = (
+      optimizer_update(run).lower(state, state.params).compile().as_text()
+    )
+    log(
+      f"collectives in the train step: {mesh_lib.collectives_in_hlo(step_hlo)}"
+    )
+    log(
+      "collectives in the optimizer update: "
+      f"{mesh_lib.collectives_in_hlo(update_hlo) or 'none'}"
+    )
   if args.metrics_out:
     metrics = run_metrics(config, result)
     if args.check_collectives:
       metrics["collectives"] = {
-          "train_step": mesh_lib.collectives_in_hlo(step_hlo),
-          "optimizer_update": mesh_lib.collectives_in_hlo(update_hlo)}
+        "train_step": mesh_lib.collectives_in_hlo(step_hlo),
+        "optimizer_update": mesh_lib.collectives_in_hlo(update_hlo),
+      }
     if leader:
       write_metrics(args.metrics_out, metrics)
       log(f"wrote {args.metrics_out}")

@@ -11,15 +11,15 @@ import pytest
 
 # Results file stem -> the script that wrote it.
 SCRIPTS = {
-    "checkpoint_bytes": "checkpoint_bytes",
-    "factored_accuracy": "factored_accuracy",
-    "lns_bits": "lns_bits",
-    "lns_memory": "lns_memory",
-    "lr_sweep": "lr_sweep",
-    "lr_sweep_4x": "lr_sweep",
-    "multiprocess_cpu": "multiprocess",
-    "scaling_cpu": "scaling",
-    "step_time_cpu": "step_time",
+  "checkpoint_bytes": "checkpoint_bytes",
+  "factored_accuracy": "factored_accuracy",
+  "lns_bits": "lns_bits",
+  "lns_memory": "lns_memory",
+  "lr_sweep": "lr_sweep",
+  "lr_sweep_4x": "lr_sweep",
+  "multiprocess_cpu": "multiprocess",
+  "scaling_cpu": "scaling",
+  "step_time_cpu": "step_time",
 }
 
 

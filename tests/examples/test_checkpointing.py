@@ -515,7 +515,6 @@ def test_checkpointer_saves_every_n_and_keeps_the_newest(tmp_path):
   assert step == 5 and float(restored["w"][0]) == 5.0
 
 
-
 # ---------------------------------------------------------------- damage
 
 
@@ -547,22 +546,27 @@ def _garble(path):
 
 
 DAMAGE = {
-    "step metadata lost": lambda d: os.remove(
-        os.path.join(d, "_CHECKPOINT_METADATA")),
-    "step metadata garbled": lambda d: _garble(
-        os.path.join(d, "_CHECKPOINT_METADATA")),
-    "tree metadata garbled": lambda d: _garble(
-        os.path.join(d, "default", "_METADATA")),
-    "tree metadata lost": lambda d: os.remove(
-        os.path.join(d, "default", "_METADATA")),
-    "array file truncated": lambda d: [_truncate(f) for f in _array_files(d)],
-    "array file deleted": lambda d: [os.remove(f) for f in _array_files(d)],
+  "step metadata lost": lambda d: os.remove(
+    os.path.join(d, "_CHECKPOINT_METADATA")
+  ),
+  "step metadata garbled": lambda d: _garble(
+    os.path.join(d, "_CHECKPOINT_METADATA")
+  ),
+  "tree metadata garbled": lambda d: _garble(
+    os.path.join(d, "default", "_METADATA")
+  ),
+  "tree metadata lost": lambda d: os.remove(
+    os.path.join(d, "default", "_METADATA")
+  ),
+  "array file truncated": lambda d: [_truncate(f) for f in _array_files(d)],
+  "array file deleted": lambda d: [os.remove(f) for f in _array_files(d)],
 }
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_damaged_step_is_named_and_the_previous_step_restored(
-    tmp_path, capsys, damage):
+  tmp_path, capsys, damage
+):
   """Each kind of damage to the latest step: restoring that step names it
   and the fix in one line (no raw TensorStore or decoding error), and a
   resume sets it aside, says so, and restores the previous complete step."""
@@ -578,10 +582,13 @@ def test_damaged_step_is_named_and_the_previous_step_restored(
   assert step == 1
   chex.assert_trees_all_equal(restored, state)
   out = capsys.readouterr().out
-  said = re.search(rf"Checkpoint step 2 in {re.escape(str(tmp_path))} is "
-                   r"damaged \((.*)\); set it aside as "
-                   rf"{re.escape(str(tmp_path / '2.damaged'))} and trying "
-                   "step 1\n", out)
+  said = re.search(
+    rf"Checkpoint step 2 in {re.escape(str(tmp_path))} is "
+    r"damaged \((.*)\); set it aside as "
+    rf"{re.escape(str(tmp_path / '2.damaged'))} and trying "
+    "step 1\n",
+    out,
+  )
   assert said, out
   # The same kind of damage (a storage error's own text may vary by read).
   assert said[1].split(":")[0] == error.value.reason.split(":")[0]
@@ -592,11 +599,13 @@ def test_damaged_step_is_named_and_the_previous_step_restored(
   with checkpointing.Checkpointer(tmp_path, every=1, config=config) as ckpt:
     assert ckpt.maybe_save(2, state)
   chex.assert_trees_all_equal(
-      checkpointing.restore(tmp_path, state, config=config), state)
+    checkpointing.restore(tmp_path, state, config=config), state
+  )
 
 
 def test_lost_step_metadata_no_longer_skips_the_configuration_check(
-    tmp_path, capsys):
+  tmp_path, capsys
+):
   """Step 2 was written by another optimizer configuration. Intact, it is
   refused by name; with its _CHECKPOINT_METADATA (which holds the config)
   lost, it used to be restored unchecked: now it is a damaged step, and the
@@ -616,14 +625,16 @@ def test_only_step_damaged_stops_with_one_line(tmp_path):
   params = {"w": jnp.ones((4, 3))}
   checkpointing.save(tmp_path, 3, params)
   _truncate(_array_files(str(tmp_path / "3"))[0])
-  with pytest.raises(checkpointing.DamagedCheckpointError,
-                     match=r"^checkpoint step 3 .* is damaged \(an array "
-                           r"could not be read: .*\)\. Move or delete the "
-                           r"folder .*3 \(a rerun then resumes from the "
-                           r"previous complete step, or from step 0 if "
-                           r"there is none\)"):
+  with pytest.raises(
+    checkpointing.DamagedCheckpointError,
+    match=r"^checkpoint step 3 .* is damaged \(an array "
+    r"could not be read: .*\)\. Move or delete the "
+    r"folder .*3 \(a rerun then resumes from the "
+    r"previous complete step, or from step 0 if "
+    r"there is none\)",
+  ):
     checkpointing.maybe_restore(tmp_path, params)
-  assert checkpointing.all_steps(tmp_path) == [3]     # left where it was
+  assert checkpointing.all_steps(tmp_path) == [3]  # left where it was
 
 
 def test_read_only_folder_fails_at_that_save(tmp_path):
@@ -633,14 +644,16 @@ def test_read_only_folder_fails_at_that_save(tmp_path):
   checkpointing.save(tmp_path, 1, state)
   os.chmod(tmp_path, 0o555)
   try:
-    try:   # A process with the right to ignore file modes (root) cannot
-      (tmp_path / "probe").write_text("x")   # test this.
+    try:  # A process with the right to ignore file modes (root) cannot
+      (tmp_path / "probe").write_text("x")  # test this.
       os.remove(tmp_path / "probe")
       pytest.skip("this process may write into read-only folders (root)")
     except PermissionError:
       pass
-    message = (rf"^cannot save checkpoint step 2 in {tmp_path}: Permission "
-               r"denied\. Make the folder writable")
+    message = (
+      rf"^cannot save checkpoint step 2 in {tmp_path}: Permission "
+      r"denied\. Make the folder writable"
+    )
     with checkpointing.Checkpointer(tmp_path, every=1) as ckpt:
       with pytest.raises(checkpointing.CheckpointWriteError, match=message):
         ckpt.maybe_save(2, state)
@@ -649,6 +662,7 @@ def test_read_only_folder_fails_at_that_save(tmp_path):
     assert checkpointing.all_steps(tmp_path) == [1]
   finally:
     os.chmod(tmp_path, 0o755)
+
 
 if __name__ == "__main__":
   worker(sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))

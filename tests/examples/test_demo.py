@@ -101,17 +101,25 @@ def test_resume_between_evaluations_reports_the_uninterrupted_loss(tmp_path):
   the uninterrupted run does (the running sum is in the checkpoint), not
   the mean of steps 13 to 20."""
   ckpt = tmp_path / "ckpt"
-  args = ["--optimizer", "madam", "--steps", "20", "--checkpoint-every", "6",
-          "--checkpoint-dir", str(ckpt)]
+  args = [
+    "--optimizer",
+    "madam",
+    "--steps",
+    "20",
+    "--checkpoint-every",
+    "6",
+    "--checkpoint-dir",
+    str(ckpt),
+  ]
   assert demo.main(args + ["--out", str(tmp_path / "a")]) == 0
   run = ckpt / demo.run_name("mlp", "madam", 0.01, 0)
   assert checkpointing.all_steps(run) == [12, 18, 20]
-  for step in ("18", "20"):          # cut off after the step-12 checkpoint
+  for step in ("18", "20"):  # cut off after the step-12 checkpoint
     shutil.rmtree(run / step)
   assert demo.main(args + ["--out", str(tmp_path / "b")]) == 0
   a = json.loads((tmp_path / "a" / "mlp.json").read_text())
   b = json.loads((tmp_path / "b" / "mlp.json").read_text())
   assert b["results"][0]["resumed_from"] == 12
   assert a["history"]["madam lr=0.01"]["step"] == [10, 20]
-  assert b["history"] == a["history"]                # exact, every metric
+  assert b["history"] == a["history"]  # exact, every metric
   assert b["results"][0]["train_loss"] == a["results"][0]["train_loss"]

@@ -20,9 +20,9 @@ import pytest
 from madam_examples import launch_local
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-TIMEOUT = 60   # seconds: every launch here ends in a few
+TIMEOUT = 60  # seconds: every launch here ends in a few
 
-WORKER = '''
+WORKER = """
 import argparse, sys, time
 parser = argparse.ArgumentParser()
 parser.add_argument("--mode")
@@ -35,7 +35,7 @@ print(f"process {args.process_id} of {args.num_processes} at "
 if args.mode == "ok" or (args.mode == "fail" and args.process_id == 1):
   sys.exit(0 if args.mode == "ok" else 3)
 time.sleep(300)
-'''
+"""
 
 
 @pytest.fixture
@@ -43,15 +43,28 @@ def worker_env(tmp_path):
   (tmp_path / "fake_worker.py").write_text(WORKER)
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join(
-      [str(tmp_path), str(ROOT)]
-      + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    [str(tmp_path), str(ROOT)]
+    + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+  )
   return env
 
 
 def _launcher(n, mode, log_dir, extra=()):
-  return [sys.executable, "-m", "madam_examples.launch_local", "-n", str(n),
-          "--module", "fake_worker", "--log-dir", str(log_dir), *extra, "--",
-          "--mode", mode]
+  return [
+    sys.executable,
+    "-m",
+    "madam_examples.launch_local",
+    "-n",
+    str(n),
+    "--module",
+    "fake_worker",
+    "--log-dir",
+    str(log_dir),
+    *extra,
+    "--",
+    "--mode",
+    mode,
+  ]
 
 
 def _pids(stderr):
@@ -74,42 +87,62 @@ def _gone(pid):
 
 
 def test_all_processes_succeed(tmp_path, worker_env):
-  proc = subprocess.run(_launcher(3, "ok", tmp_path / "logs"),
-                        capture_output=True, text=True, env=worker_env,
-                        timeout=TIMEOUT, check=False)
+  proc = subprocess.run(
+    _launcher(3, "ok", tmp_path / "logs"),
+    capture_output=True,
+    text=True,
+    env=worker_env,
+    timeout=TIMEOUT,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr
   address = re.search(r"on (127\.0\.0\.1:\d+)", proc.stderr)[1]
-  assert proc.stdout == f"process 0 of 3 at {address}\n"   # process 0's
+  assert proc.stdout == f"process 0 of 3 at {address}\n"  # process 0's
   for i in (1, 2):
     assert (tmp_path / "logs" / f"process_{i}.log").read_text() == (
-        f"process {i} of 3 at {address}\n")
+      f"process {i} of 3 at {address}\n"
+    )
 
 
 def test_a_failed_process_stops_the_others(tmp_path, worker_env):
   start = time.monotonic()
-  proc = subprocess.run(_launcher(3, "fail", tmp_path / "logs"),
-                        capture_output=True, text=True, env=worker_env,
-                        timeout=TIMEOUT, check=False)
-  assert time.monotonic() - start < TIMEOUT / 2      # not the others' 300 s
+  proc = subprocess.run(
+    _launcher(3, "fail", tmp_path / "logs"),
+    capture_output=True,
+    text=True,
+    env=worker_env,
+    timeout=TIMEOUT,
+    check=False,
+  )
+  assert time.monotonic() - start < TIMEOUT / 2  # not the others' 300 s
   assert proc.returncode == 3
   log = tmp_path / "logs" / "process_1.log"
-  assert (f"launch_local: process 1 of 3 ended with exit status 3; stopping "
-          f"the others (its log: {log})") in proc.stderr
+  assert (
+    f"launch_local: process 1 of 3 ended with exit status 3; stopping "
+    f"the others (its log: {log})"
+  ) in proc.stderr
   assert "launch_local: last lines of process 1:\nprocess 1 of 3" in (
-      proc.stderr)
+    proc.stderr
+  )
   assert all(_gone(pid) for pid in _pids(proc.stderr))
 
 
 def test_the_whole_run_is_bounded_by_timeout(tmp_path, worker_env):
   start = time.monotonic()
   proc = subprocess.run(
-      _launcher(2, "sleep", tmp_path / "logs", ["--timeout", "3"]),
-      capture_output=True, text=True, env=worker_env, timeout=TIMEOUT,
-      check=False)
+    _launcher(2, "sleep", tmp_path / "logs", ["--timeout", "3"]),
+    capture_output=True,
+    text=True,
+    env=worker_env,
+    timeout=TIMEOUT,
+    check=False,
+  )
   assert 3 <= time.monotonic() - start < TIMEOUT / 2
   assert proc.returncode == 124
-  assert ("launch_local: the run took more than 3 s (--timeout); stopped "
-          "every process") in proc.stderr
+  assert (
+    "launch_local: the run took more than 3 s (--timeout); stopped "
+    "every process"
+  ) in proc.stderr
   assert all(_gone(pid) for pid in _pids(proc.stderr))
 
 
@@ -119,8 +152,12 @@ def test_killing_the_launcher_kills_its_processes(tmp_path, worker_env):
   if not sys.platform.startswith("linux"):
     pytest.skip("the parent-death signal is Linux's")
   launcher = subprocess.Popen(  # pylint: disable=consider-using-with
-      _launcher(2, "sleep", tmp_path / "logs"), stdout=subprocess.DEVNULL,
-      stderr=subprocess.PIPE, text=True, env=worker_env)
+    _launcher(2, "sleep", tmp_path / "logs"),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+    env=worker_env,
+  )
   pids = []
   try:
     pids = _pids(launcher.stderr.readline())
@@ -130,7 +167,7 @@ def test_killing_the_launcher_kills_its_processes(tmp_path, worker_env):
     while not all(_gone(pid) for pid in pids):
       assert time.monotonic() < deadline, "a process outlived its launcher"
       time.sleep(0.05)
-  finally:   # whatever happened, leave nothing behind
+  finally:  # whatever happened, leave nothing behind
     launcher.kill()
     launcher.wait(TIMEOUT)
     launcher.stderr.close()

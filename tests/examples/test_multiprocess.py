@@ -39,16 +39,33 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 THIS_MODULE = "tests.examples.test_multiprocess"
 TRAIN_MODULE = "madam_examples.sharded_train"
 STEPS = 24
-TINY = ["--mesh", "data=2,fsdp=2", "--steps", str(STEPS), "--batch-size", "8",
-        "--context", "16", "--dim", "32", "--heads", "2", "--layers", "1",
-        "--log-every", "8", "--initialization-timeout", "60"]
-LAUNCH_TIMEOUT = 300     # seconds per launch; about 30 on an idle 2-core CPU
-RTOL = 1e-5              # between layouts: only the order of sums differs
+TINY = [
+  "--mesh",
+  "data=2,fsdp=2",
+  "--steps",
+  str(STEPS),
+  "--batch-size",
+  "8",
+  "--context",
+  "16",
+  "--dim",
+  "32",
+  "--heads",
+  "2",
+  "--layers",
+  "1",
+  "--log-every",
+  "8",
+  "--initialization-timeout",
+  "60",
+]
+LAUNCH_TIMEOUT = 300  # seconds per launch; about 30 on an idle 2-core CPU
+RTOL = 1e-5  # between layouts: only the order of sums differs
 
 
 class Run(NamedTuple):
   code: int
-  out: str               # process 0's output
+  out: str  # process 0's output
   metrics: dict[str, Any] | None
 
 
@@ -56,18 +73,25 @@ def _env() -> dict[str, str]:
   """The processes' environment: CPU, this checkout importable, and no
   device count inherited from the test process."""
   env = dict(os.environ)
-  env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+",
-                            "", env.get("XLA_FLAGS", "")).strip()
+  env["XLA_FLAGS"] = re.sub(
+    r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")
+  ).strip()
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join(
-      [str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
-                     if p])
+    [str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+  )
   return env
 
 
 def _args(directory: pathlib.Path, processes: int, extra=()) -> list[str]:
-  return [*TINY, "--simulate-devices", str(4 // processes),
-          "--metrics-out", str(directory / "metrics.json"), *extra]
+  return [
+    *TINY,
+    "--simulate-devices",
+    str(4 // processes),
+    "--metrics-out",
+    str(directory / "metrics.json"),
+    *extra,
+  ]
 
 
 def _read(directory: pathlib.Path, code: int) -> Run:
@@ -78,33 +102,56 @@ def _read(directory: pathlib.Path, code: int) -> Run:
 
 
 def _logs(directory: pathlib.Path) -> str:
-  return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}"
-                   for p in sorted(directory.glob("process_*.log")))
+  return "\n".join(
+    f"--- {p.name}\n{p.read_text()[-3000:]}"
+    for p in sorted(directory.glob("process_*.log"))
+  )
 
 
-def _cluster(directory: pathlib.Path, processes: int, extra=(), *,
-             module: str = TRAIN_MODULE, hook=()) -> Any:
+def _cluster(
+  directory: pathlib.Path,
+  processes: int,
+  extra=(),
+  *,
+  module: str = TRAIN_MODULE,
+  hook=(),
+) -> Any:
   """Starts ``processes`` processes (output in ``directory``)."""
   directory.mkdir(parents=True, exist_ok=True)
   out = open(directory / "process_0.log", "w", encoding="utf-8")  # pylint: disable=consider-using-with
   cluster = launch_local.LocalCluster(
-      processes, [*hook, *_args(directory, processes, extra)], module=module,
-      log_dir=str(directory), stdout=out, env=_env())
+    processes,
+    [*hook, *_args(directory, processes, extra)],
+    module=module,
+    log_dir=str(directory),
+    stdout=out,
+    env=_env(),
+  )
   cluster.out_file = out
   return cluster
 
 
-def launch(directory: pathlib.Path, processes: int, extra=(), *,
-           expect_success: bool = True) -> Run:
+def launch(
+  directory: pathlib.Path,
+  processes: int,
+  extra=(),
+  *,
+  expect_success: bool = True,
+) -> Run:
   """One run of ``sharded_train``: 2 processes x 2 devices through the
   launcher, or 1 process x 4 devices as a plain command (no coordinator)."""
   directory.mkdir(parents=True, exist_ok=True)
   if processes == 1:
     with open(directory / "process_0.log", "w", encoding="utf-8") as out:
       code = subprocess.run(
-          [sys.executable, "-m", TRAIN_MODULE, *_args(directory, 1, extra)],
-          stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT,
-          timeout=LAUNCH_TIMEOUT, check=False).returncode
+        [sys.executable, "-m", TRAIN_MODULE, *_args(directory, 1, extra)],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env=_env(),
+        cwd=ROOT,
+        timeout=LAUNCH_TIMEOUT,
+        check=False,
+      ).returncode
   else:
     with _cluster(directory, processes, extra) as cluster:
       code = cluster.wait(LAUNCH_TIMEOUT)
@@ -119,7 +166,8 @@ def _wait_for_line(path: pathlib.Path, text: str, cluster: Any) -> None:
   while text not in path.read_text():
     status = cluster.poll()
     assert status is None, f"ended ({status}) before {text!r}:\n" + _logs(
-        path.parent)
+      path.parent
+    )
     assert time.monotonic() < deadline, f"no {text!r} in time"
     time.sleep(0.05)
 
@@ -127,8 +175,7 @@ def _wait_for_line(path: pathlib.Path, text: str, cluster: Any) -> None:
 def _assert_close(got: dict[str, float], want: dict[str, float], rtol):
   assert got.keys() == want.keys()
   for name in want:
-    np.testing.assert_allclose(got[name], want[name], rtol=rtol,
-                               err_msg=name)
+    np.testing.assert_allclose(got[name], want[name], rtol=rtol, err_msg=name)
 
 
 # ---------------------------------------------------------------- references
@@ -138,24 +185,36 @@ def _assert_close(got: dict[str, float], want: dict[str, float], rtol):
 def two_by_two(tmp_path_factory):
   """Uninterrupted: 2 processes x 2 devices, checkpoints every 4 steps."""
   directory = tmp_path_factory.mktemp("two_by_two")
-  return launch(directory, 2, ["--checkpoint-dir", str(directory / "ckpt"),
-                               "--checkpoint-every", "4",
-                               "--check-collectives"]), directory
+  return launch(
+    directory,
+    2,
+    [
+      "--checkpoint-dir",
+      str(directory / "ckpt"),
+      "--checkpoint-every",
+      "4",
+      "--check-collectives",
+    ],
+  ), directory
 
 
 @pytest.fixture(scope="module")
 def one_by_four(tmp_path_factory):
   """Uninterrupted: 1 process x 4 devices, checkpoints every 4 steps."""
   directory = tmp_path_factory.mktemp("one_by_four")
-  return launch(directory, 1, ["--checkpoint-dir", str(directory / "ckpt"),
-                               "--checkpoint-every", "4"]), directory
+  return launch(
+    directory,
+    1,
+    ["--checkpoint-dir", str(directory / "ckpt"), "--checkpoint-every", "4"],
+  ), directory
 
 
 # ---------------------------------------------------------------- tests
 
 
-def test_two_processes_match_one_process_with_four_devices(two_by_two,
-                                                           one_by_four):
+def test_two_processes_match_one_process_with_four_devices(
+  two_by_two, one_by_four
+):
   """2 x 2 = 1 x 4: the same global batches, the same losses (1e-5
   relative), the same parameter checksums; process 0 alone logs."""
   (two, _), (one, _) = two_by_two, one_by_four
@@ -164,15 +223,19 @@ def test_two_processes_match_one_process_with_four_devices(two_by_two,
   assert two.metrics["local_devices"] == 2
   assert two.metrics["mesh"] == one.metrics["mesh"] == {"data": 2, "fsdp": 2}
   assert len(two.metrics["losses"]) == STEPS
-  assert two.metrics["losses"][-1] < two.metrics["losses"][0]      # trains
-  np.testing.assert_allclose(two.metrics["losses"], one.metrics["losses"],
-                             rtol=RTOL)
-  np.testing.assert_allclose(two.metrics["final_valid_loss"],
-                             one.metrics["final_valid_loss"], rtol=RTOL)
-  _assert_close(two.metrics["param_checksums"], one.metrics["param_checksums"],
-                RTOL)
-  np.testing.assert_allclose(two.metrics["param_checksum"],
-                             one.metrics["param_checksum"], rtol=RTOL)
+  assert two.metrics["losses"][-1] < two.metrics["losses"][0]  # trains
+  np.testing.assert_allclose(
+    two.metrics["losses"], one.metrics["losses"], rtol=RTOL
+  )
+  np.testing.assert_allclose(
+    two.metrics["final_valid_loss"], one.metrics["final_valid_loss"], rtol=RTOL
+  )
+  _assert_close(
+    two.metrics["param_checksums"], one.metrics["param_checksums"], RTOL
+  )
+  np.testing.assert_allclose(
+    two.metrics["param_checksum"], one.metrics["param_checksum"], rtol=RTOL
+  )
   assert "2 process(es), 4 cpu device(s)" in two.out
   assert two.out.count(f"step {STEPS:5d}  train loss") == 1
   # The gradient all-reduce crosses processes; the optimizer update alone
@@ -181,52 +244,68 @@ def test_two_processes_match_one_process_with_four_devices(two_by_two,
   assert two.metrics["collectives"]["optimizer_update"] == []
   # Each device holds half of the parameters and of the optimizer state
   # (fsdp=2), up to the replicated per-tensor scalars.
-  assert two.metrics["param_bytes_per_device"] == (
-      one.metrics["param_bytes_per_device"])
+  assert (
+    two.metrics["param_bytes_per_device"]
+    == (one.metrics["param_bytes_per_device"])
+  )
 
 
 def test_killed_process_stops_the_run_and_a_relaunch_resumes_bit_identically(
-    tmp_path, two_by_two):
+  tmp_path, two_by_two
+):
   """Process 1 is killed (SIGKILL) after the step-8 checkpoint: the
   launcher stops process 0; the same command again resumes from step 8 and
   ends with parameters and optimizer state bit-identical to the
   uninterrupted run's (equal float64 checksums, equal losses)."""
   reference, _ = two_by_two
-  ckpt = ["--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every",
-          "4"]
-  with _cluster(tmp_path / "killed", 2, ckpt, module=THIS_MODULE,
-                hook=["--pause-after-checkpoint", "8"]) as cluster:
-    _wait_for_line(tmp_path / "killed" / "process_0.log",
-                   "PAUSED at checkpoint 8", cluster)
+  ckpt = ["--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "4"]
+  with _cluster(
+    tmp_path / "killed",
+    2,
+    ckpt,
+    module=THIS_MODULE,
+    hook=["--pause-after-checkpoint", "8"],
+  ) as cluster:
+    _wait_for_line(
+      tmp_path / "killed" / "process_0.log", "PAUSED at checkpoint 8", cluster
+    )
     os.kill(cluster.pids[1], signal.SIGKILL)
     assert cluster.wait(60) == -signal.SIGKILL
   cluster.out_file.close()
   assert cluster.failure.startswith(
-      "launch_local: process 1 of 2 ended with killed by SIGKILL; stopping "
-      "the others")
-  assert all(p.poll() is not None for p in cluster.processes)   # no orphan
+    "launch_local: process 1 of 2 ended with killed by SIGKILL; stopping "
+    "the others"
+  )
+  assert all(p.poll() is not None for p in cluster.processes)  # no orphan
   assert checkpointing.all_steps(tmp_path / "ckpt") == [4, 8]
   resumed = launch(tmp_path / "resumed", 2, ckpt)
   assert f"Resumed from step 8 in {tmp_path / 'ckpt'}" in resumed.out
   assert resumed.metrics["resumed_from"] == 8
   assert resumed.metrics["losses"] == reference.metrics["losses"][8:]
-  assert resumed.metrics["param_checksums"] == (
-      reference.metrics["param_checksums"])
-  assert resumed.metrics["opt_state_checksums"] == (
-      reference.metrics["opt_state_checksums"])
-  assert resumed.metrics["final_valid_loss"] == (
-      reference.metrics["final_valid_loss"])
+  assert (
+    resumed.metrics["param_checksums"] == (reference.metrics["param_checksums"])
+  )
+  assert (
+    resumed.metrics["opt_state_checksums"]
+    == (reference.metrics["opt_state_checksums"])
+  )
+  assert (
+    resumed.metrics["final_valid_loss"]
+    == (reference.metrics["final_valid_loss"])
+  )
 
 
 def test_nan_gradients_on_one_process_skip_the_step_on_every_process(
-    tmp_path, two_by_two):
+  tmp_path, two_by_two
+):
   """NaN loss and gradients from process 1's rows at steps 5 and 11: both
   processes skip both updates (each counts 2), the weights and Madam's
   second moment stay finite, and the run ends within 2% of the clean run's
   validation loss."""
   reference, _ = two_by_two
-  run = launch(tmp_path, 2, ["--inject-nan-steps", "5,11",
-                             "--inject-nan-process", "1"])
+  run = launch(
+    tmp_path, 2, ["--inject-nan-steps", "5,11", "--inject-nan-process", "1"]
+  )
   metrics = run.metrics
   assert metrics["skipped_steps"] == 2
   assert metrics["skipped_steps_per_process"] == [2, 2]
@@ -237,8 +316,10 @@ def test_nan_gradients_on_one_process_skip_the_step_on_every_process(
   assert np.isfinite(np.delete(losses, [4, 10])).all()
   # Before the first injection the run is the clean run, exactly.
   assert metrics["losses"][:4] == reference.metrics["losses"][:4]
-  assert ("step     5  non-finite loss or gradient: update skipped on every "
-          "process (1 skipped in all)") in run.out
+  assert (
+    "step     5  non-finite loss or gradient: update skipped on every "
+    "process (1 skipped in all)"
+  ) in run.out
   assert "2 step(s) skipped in all" in run.out
   clean = reference.metrics["final_valid_loss"]
   assert abs(metrics["final_valid_loss"] - clean) < 0.02 * clean
@@ -248,57 +329,85 @@ def test_process_that_never_arrives_stops_the_other_with_one_line(tmp_path):
   """Process 0 of 2 alone: it stops after --initialization-timeout seconds
   with one line on stderr saying what to do, not JAX's stack trace."""
   address = f"127.0.0.1:{launch_local.free_port()}"
-  args = [*TINY, "--simulate-devices", "2", "--initialization-timeout", "5",
-          "--coordinator-address", address, "--num-processes", "2",
-          "--process-id", "0"]
+  args = [
+    *TINY,
+    "--simulate-devices",
+    "2",
+    "--initialization-timeout",
+    "5",
+    "--coordinator-address",
+    address,
+    "--num-processes",
+    "2",
+    "--process-id",
+    "0",
+  ]
   start = time.monotonic()
-  proc = subprocess.run([sys.executable, "-m", TRAIN_MODULE, *args],
-                        capture_output=True, text=True, env=_env(), cwd=ROOT,
-                        timeout=120, check=False)
+  proc = subprocess.run(
+    [sys.executable, "-m", TRAIN_MODULE, *args],
+    capture_output=True,
+    text=True,
+    env=_env(),
+    cwd=ROOT,
+    timeout=120,
+    check=False,
+  )
   elapsed = time.monotonic() - start
   assert proc.returncode == 2, proc.stderr[-3000:]
-  errors = [line for line in proc.stderr.splitlines()
-            if line.startswith("error:")]
+  errors = [
+    line for line in proc.stderr.splitlines() if line.startswith("error:")
+  ]
   assert errors == [
-      f"error: process 0 of 2: not every process reached the coordinator at "
-      f"{address} within 5 s (--initialization-timeout). Start every process "
-      "with the same --coordinator-address and --num-processes and its own "
-      "--process-id (on one machine, python -m madam_examples.launch_local "
-      "does it)."], proc.stderr[-3000:]
+    f"error: process 0 of 2: not every process reached the coordinator at "
+    f"{address} within 5 s (--initialization-timeout). Start every process "
+    "with the same --coordinator-address and --num-processes and its own "
+    "--process-id (on one machine, python -m madam_examples.launch_local "
+    "does it)."
+  ], proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr and "Check failure" not in proc.stderr
-  assert elapsed < 5 + 60     # the timeout, plus starting Python and JAX
+  assert elapsed < 5 + 60  # the timeout, plus starting Python and JAX
 
 
 @pytest.mark.slow
-def test_resume_onto_another_layout_reshards(tmp_path, two_by_two,
-                                             one_by_four):
+def test_resume_onto_another_layout_reshards(tmp_path, two_by_two, one_by_four):
   """A checkpoint of 2 processes resumed on 1 process with another mesh
   (fsdp=4: each tensor split 4 ways instead of 2), and one of 1 process
   resumed on 2: each ends with the checksums of the uninterrupted runs on
   either layout, to 1e-6 relative."""
   (two, two_dir), (one, one_dir) = two_by_two, one_by_four
-  for source, processes, extra in ((two_dir, 1, ["--mesh", "fsdp=4"]),
-                                   (one_dir, 2, [])):
+  for source, processes, extra in (
+    (two_dir, 1, ["--mesh", "fsdp=4"]),
+    (one_dir, 2, []),
+  ):
     ckpt = tmp_path / f"from_{source.name}"
     shutil.copytree(source / "ckpt", ckpt)
     assert checkpointing.all_steps(ckpt) == [16, 20, 24]
-    for step in ("20", "24"):          # as if cut off after step 16
+    for step in ("20", "24"):  # as if cut off after step 16
       shutil.rmtree(ckpt / step)
-    run = launch(tmp_path / f"on_{processes}", processes,
-                 ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "4",
-                  *extra])
+    run = launch(
+      tmp_path / f"on_{processes}",
+      processes,
+      ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "4", *extra],
+    )
     assert run.metrics["resumed_from"] == 16
     assert run.metrics["processes"] == processes
     for reference in (two, one):
-      _assert_close(run.metrics["param_checksums"],
-                    reference.metrics["param_checksums"], 1e-6)
-      _assert_close(run.metrics["opt_state_checksums"],
-                    reference.metrics["opt_state_checksums"], 1e-6)
+      _assert_close(
+        run.metrics["param_checksums"],
+        reference.metrics["param_checksums"],
+        1e-6,
+      )
+      _assert_close(
+        run.metrics["opt_state_checksums"],
+        reference.metrics["opt_state_checksums"],
+        1e-6,
+      )
 
 
 @pytest.mark.slow
 def test_both_killed_then_killed_during_a_save_resume_bit_identically(
-    tmp_path, two_by_two):
+  tmp_path, two_by_two
+):
   """Both processes killed after the step-8 checkpoint; the relaunch resumes
   from 8 and process 0 is killed while finalising the save of step 12 (its
   arrays written, before the commit): that step is no checkpoint, the next
@@ -307,18 +416,26 @@ def test_both_killed_then_killed_during_a_save_resume_bit_identically(
   reference, _ = two_by_two
   ckpt_dir = tmp_path / "ckpt"
   ckpt = ["--checkpoint-dir", str(ckpt_dir), "--checkpoint-every", "4"]
-  with _cluster(tmp_path / "a", 2, ckpt, module=THIS_MODULE,
-                hook=["--pause-after-checkpoint", "8"]) as cluster:
-    _wait_for_line(tmp_path / "a" / "process_0.log",
-                   "PAUSED at checkpoint 8", cluster)
+  with _cluster(
+    tmp_path / "a",
+    2,
+    ckpt,
+    module=THIS_MODULE,
+    hook=["--pause-after-checkpoint", "8"],
+  ) as cluster:
+    _wait_for_line(
+      tmp_path / "a" / "process_0.log", "PAUSED at checkpoint 8", cluster
+    )
     for pid in cluster.pids:
       os.kill(pid, signal.SIGKILL)
     assert cluster.wait(60) == -signal.SIGKILL
   cluster.out_file.close()
-  with _cluster(tmp_path / "b", 2, ckpt, module=THIS_MODULE,
-                hook=["--crash-in-save", "12"]) as cluster:
+  with _cluster(
+    tmp_path / "b", 2, ckpt, module=THIS_MODULE, hook=["--crash-in-save", "12"]
+  ) as cluster:
     assert cluster.wait(LAUNCH_TIMEOUT) == -signal.SIGKILL, _logs(
-        tmp_path / "b")
+      tmp_path / "b"
+    )
   cluster.out_file.close()
   out = (tmp_path / "b" / "process_0.log").read_text()
   assert f"Resumed from step 8 in {ckpt_dir}" in out
@@ -327,18 +444,24 @@ def test_both_killed_then_killed_during_a_save_resume_bit_identically(
   assert checkpointing.all_steps(ckpt_dir) == [4, 8]
   resumed = launch(tmp_path / "c", 2, ckpt)
   assert f"Resumed from step 8 in {ckpt_dir}" in resumed.out
-  assert resumed.metrics["param_checksums"] == (
-      reference.metrics["param_checksums"])
-  assert resumed.metrics["opt_state_checksums"] == (
-      reference.metrics["opt_state_checksums"])
+  assert (
+    resumed.metrics["param_checksums"] == (reference.metrics["param_checksums"])
+  )
+  assert (
+    resumed.metrics["opt_state_checksums"]
+    == (reference.metrics["opt_state_checksums"])
+  )
 
 
 def test_docstring_examples():
   import doctest  # pylint: disable=import-outside-toplevel
+
   from madam_examples import sharded_train  # pylint: disable=import-outside-toplevel
+
   flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
-  results = [doctest.testmod(m, optionflags=flags)
-             for m in (sharded_train, launch_local)]
+  results = [
+    doctest.testmod(m, optionflags=flags) for m in (sharded_train, launch_local)
+  ]
   assert sum(r.attempted for r in results) >= 5
   assert all(r.failed == 0 for r in results)
 
@@ -357,6 +480,7 @@ def main_with_hook(argv: list[str]) -> int:
     before the commit, as a preempted machine dies.
   """
   from madam_examples import sharded_train  # pylint: disable=import-outside-toplevel
+
   hook, step, rest = argv[0], int(argv[1]), argv[2:]
   if hook == "--pause-after-checkpoint":
     save = checkpointing.Checkpointer.maybe_save
@@ -364,16 +488,20 @@ def main_with_hook(argv: list[str]) -> int:
     def maybe_save(self, at, state, *, force=False):
       saved = save(self, at, state, force=force)
       if saved and at == step:
-        self.close()     # waits until the save is complete
+        self.close()  # waits until the save is complete
         print(f"PAUSED at checkpoint {at}", flush=True)
         time.sleep(LAUNCH_TIMEOUT)
       return saved
+
     checkpointing.Checkpointer.maybe_save = maybe_save
   elif hook == "--crash-in-save":
     # Orbax-internal: the last step of a save, on the primary process.
     from orbax.checkpoint._src.path import atomicity  # pylint: disable=import-outside-toplevel
-    for cls in (atomicity.AtomicRenameTemporaryPath,
-                atomicity.CommitFileTemporaryPath):
+
+    for cls in (
+      atomicity.AtomicRenameTemporaryPath,
+      atomicity.CommitFileTemporaryPath,
+    ):
       finalize = cls.finalize
 
       async def crash(self, *args, finalize=finalize, **kwargs):
@@ -381,6 +509,7 @@ def main_with_hook(argv: list[str]) -> int:
           print(f"killed while saving step {step}", flush=True)
           os.kill(os.getpid(), signal.SIGKILL)
         return await finalize(self, *args, **kwargs)
+
       cls.finalize = crash
   else:
     raise SystemExit(f"unknown hook {hook!r}")

@@ -9,7 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-from madam_examples import checkpointing, data, memory, mesh, sharded_train
+from madam_examples import checkpointing
+from madam_examples import data
+from madam_examples import memory
+from madam_examples import mesh
+from madam_examples import sharded_train
 
 TINY = sharded_train.Config(
   mesh="data=2,fsdp=4",
@@ -153,12 +157,18 @@ def test_main_runs_the_documented_command(eight_devices, capsys):
   assert "collectives in the optimizer update: none" in out
   # Memory: every device, and it says so.
   assert "memory on all 8 devices:" in out
-  assert sum(line.startswith("  TFRT_CPU_") or line.startswith("  cpu:")
-             for line in out.splitlines()) == 8
+  assert (
+    sum(
+      line.startswith("  TFRT_CPU_") or line.startswith("  cpu:")
+      for line in out.splitlines()
+    )
+    == 8
+  )
 
 
 def test_bad_steps_stop_the_run_and_a_resume_reshards_onto_another_mesh(
-    tmp_path, eight_devices, sharded_run):
+  tmp_path, eight_devices, sharded_run
+):
   """NaN at steps 3 and 4 with --max-bad-steps 2: the run stops at step 4
   with one line, keeping the step-2 checkpoint (no checkpoint is written
   after a skipped step). Resumed without the NaNs on another mesh (every
@@ -166,24 +176,33 @@ def test_bad_steps_stop_the_run_and_a_resume_reshards_onto_another_mesh(
   new layout and ends where the uninterrupted (data 2, fsdp 4) run does."""
   ckpt = str(tmp_path / "ckpt")
   options = sharded_train.RunOptions(
-      checkpoint_dir=ckpt, checkpoint_every=2, max_bad_steps=2,
-      inject_nan_steps=(3, 4))
-  with pytest.raises(sharded_train.BadStepsError, match=(
+    checkpoint_dir=ckpt,
+    checkpoint_every=2,
+    max_bad_steps=2,
+    inject_nan_steps=(3, 4),
+  )
+  with pytest.raises(
+    sharded_train.BadStepsError,
+    match=(
       r"^stopped at step 4: 2 consecutive steps \(3 to 4\) had a non-finite "
       r"loss or gradient \(--max-bad-steps 2\); the last checkpoint, step 2 "
       rf"in {ckpt}, is kept\. Lower --learning-rate or check the data, then "
-      r"rerun\.$")):
+      r"rerun\.$"
+    ),
+  ):
     sharded_train.train(TINY, eight_devices, options=options)
   assert checkpointing.all_steps(ckpt) == [2]
   resumed = sharded_train.train(
-      dataclasses.replace(TINY, mesh="fsdp=8"), eight_devices,
-      options=sharded_train.RunOptions(checkpoint_dir=ckpt,
-                                       checkpoint_every=2))
+    dataclasses.replace(TINY, mesh="fsdp=8"),
+    eight_devices,
+    options=sharded_train.RunOptions(checkpoint_dir=ckpt, checkpoint_every=2),
+  )
   assert resumed["resumed_from"] == 2 and resumed["skipped_steps"] == 0
   kernel = resumed["state"].params["model"]["head"]["kernel"]
   assert kernel.addressable_shards[0].data.shape[0] * 8 == kernel.shape[0]
-  np.testing.assert_allclose(resumed["losses"], sharded_run["losses"][2:],
-                             rtol=RTOL)
+  np.testing.assert_allclose(
+    resumed["losses"], sharded_run["losses"][2:], rtol=RTOL
+  )
   params = jax.device_get(resumed["state"].params)
   expected = jax.device_get(sharded_run["state"].params)
   for p, q in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
