@@ -47,6 +47,7 @@ import numpy as np
 import optax
 
 from madam_examples.memory import bytes_per_device  # noqa: F401 (re-exported)
+from madam_examples.memory import tree_bytes  # noqa: F401 (re-exported)
 import madam_optax
 
 HERE = pathlib.Path(__file__).resolve().parent

@@ -273,6 +273,24 @@ def test_nearest_is_deterministic_and_rounds_half_a_level():
   )
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_grid_top_at_the_dtype_maximum_is_reached_not_passed(rounding):
+  # w + (top - w) rounds one ulp above top when w and top are more than a
+  # factor of two apart; with top = float32's largest value that was inf.
+  top = float(np.finfo(np.float32).max)
+  fmt = LNSFormat(levels=16, base=2.0)
+  tx = madam_optax.log_quantise(fmt, rounding=rounding, max_magnitude=top)
+  w = {"w": jnp.array([1.2527e38, -1.2503e38, 1.0e38, 3.0e38], jnp.float32)}
+  state = tx.init(w)
+  g = jnp.sign(w["w"]) * (top - jnp.abs(w["w"]))  # w + g is about +-top
+  u, _ = tx.update({"w": g}, state, w)
+  after = np.asarray(optax.apply_updates(w, u)["w"])
+  assert np.all(np.isfinite(after)), after
+  # On the top level, or one ulp below it where w + delta cannot be exact.
+  below = np.nextafter(np.float32(top), np.float32(0))
+  assert np.all((np.abs(after) == top) | (np.abs(after) == below)), after
+
+
 def test_projects_adam_under_jit():
   fmt = LNSFormat.spanning(32)
   params = {"w": jax.random.normal(jax.random.key(1), (5, 3))}

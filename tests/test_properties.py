@@ -77,6 +77,11 @@ codes = {
 # overflowed above ~1e19 and underflowed below ~1e-19 in float32): explicit
 # examples, so every run meets them.
 HUGE = np.full((N,), 1e30, np.float32)
+# Weights at float32's maximum give a grid whose top is float32's maximum:
+# the small weights grow to it and w + (top - w) rounded to inf.
+AT_F32_MAX = np.array(
+  [3.2091108e38, 2.2672779e38] + [1.0] * (N - 2), np.float32
+)
 TINY = np.full((N,), 1e-20, np.float32)
 ONES = np.ones((STEPS, N), np.float32)
 
@@ -183,6 +188,7 @@ def test_weights_lie_on_the_lns_grid(case, w0, grad_seq, lr, p_scale):
 @pytest.mark.parametrize("case", float_cases(FINITE))
 @given(w0=any_weights, grad_seq=grads, lr=learning_rates)
 @example(w0=HUGE, grad_seq=ONES, lr=0.01)
+@example(w0=AT_F32_MAX, grad_seq=-ONES, lr=1.0)
 def test_no_nan_or_inf_from_finite_input(case, w0, grad_seq, lr):
   assert np.all(np.isfinite(weights_after(case, w0, grad_seq, lr)))
 

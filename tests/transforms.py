@@ -343,8 +343,16 @@ MADAM_HYPERPARAMS = {
   "p_scale": 2.0,
   "g_bound": 0.7,
   "b2": 0.9,
+  "min_dim_size_to_factor": 64,
 }
-LNS_MADAM_HYPERPARAMS = {"learning_rate": 0.05, "g_bound": 5.0, "b2": 0.99}
+# min_dim_size_to_factor is numeric, so inject_hyperparams injects it too; it
+# only acts with factored=True, which these cases leave off.
+LNS_MADAM_HYPERPARAMS = {
+  "learning_rate": 0.05,
+  "g_bound": 5.0,
+  "b2": 0.99,
+  "min_dim_size_to_factor": 64,
+}
 MADAM_INVARIANTS = MULTIPLICATIVE | {NONZERO, BOUNDED, SIGN_STEP, FINITE}
 # Nearest rounding drops steps below half a level: b2=0.9 keeps the
 # normalised gradient near +-1 (see _after_madam).

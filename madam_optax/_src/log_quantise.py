@@ -158,9 +158,10 @@ def log_quantise(
     def leaf(u, w, bound, k):
       x = w + u.astype(w.dtype)
       target = lns.project_to_grid(x, bound, fmt, rounding, k, rng)
-      # A weight far above the grid (by more than its dtype's precision)
-      # cannot reach it in one additive step: it must not land on 0.
-      delta = numerics.land_on_the_side_of(w, target - w, target)
+      # w + delta lands on the grid, never one ulp above its top (inf when
+      # the top is the dtype's largest value), and a weight far above the
+      # grid (by more than its dtype's precision) does not land on 0.
+      delta = numerics.update_reaching(w, target)
       # A non-finite w + u (NaN or infinite update) leaves the weight as is.
       return jnp.where(jnp.isfinite(x), delta, jnp.zeros_like(delta))
 

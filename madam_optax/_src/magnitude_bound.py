@@ -189,18 +189,9 @@ def clip_weight_magnitude(
       bound = lax.broadcast_in_dim(_round_down(bound, dtype), jnp.shape(w_), ())
       u_ = lax.convert_element_type(u, dtype)
       target = lax.clamp(lax.neg(bound), lax.add(w_, u_), bound)
-      delta = lax.sub(target, w_)
-      # ``optax.apply_updates`` computes ``w + delta`` in w's dtype. When |w| is
-      # more than twice the bound, ``bound - w`` is rounded and the sum can
-      # land one ulp outside the bound: nudge delta by one ulp towards zero
-      # magnitude in that case, so that |w + delta| <= bound holds exactly.
-      realised = lax.add(w_, delta)
-      over = lax.gt(lax.abs(realised), bound)
-      delta = lax.select(over, numerics.step_away_from(delta, realised), delta)
-      # When |w| exceeds the bound by more than the dtype's precision (2**8 in
-      # bfloat16), the only in-bound w + delta may be 0, and a zeroed weight
-      # could never move again: it lands one ulp of w from zero instead.
-      return numerics.land_on_the_side_of(w_, delta, target)
+      # |w + delta| <= bound holds exactly, and a weight far above the bound
+      # lands one ulp of w from zero rather than on it (numerics).
+      return numerics.update_reaching(w_, target)
 
     return tree_utils.map_per_tensor(
       leaf,

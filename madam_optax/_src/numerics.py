@@ -111,6 +111,26 @@ def land_on_the_side_of(
   return lax.select(lost, one_ulp, delta)
 
 
+def update_reaching(w: jax.Array, target: jax.Array) -> jax.Array:
+  """The update ``delta`` for which ``w + delta`` lands on ``target``.
+
+  ``optax.apply_updates`` adds ``delta`` to ``w`` in ``w``'s dtype, and
+  ``target - w`` is itself rounded: when ``w`` and ``target`` are more than a
+  factor of two apart, ``w + (target - w)`` can land one ulp beyond
+  ``target`` (past a magnitude bound, or to ``inf`` when ``target`` is the
+  dtype's largest value). ``delta`` is then moved one ulp so that
+  ``|w + delta| <= |target|``; and when ``target`` lies below an ulp of
+  ``w``, ``w + delta`` lands on ``target``'s side of zero
+  (:func:`land_on_the_side_of`) rather than on zero. All arrays share
+  ``w``'s dtype.
+  """
+  delta = lax.sub(target, w)
+  realised = lax.add(w, delta)
+  over = lax.gt(lax.abs(realised), lax.abs(target))
+  delta = lax.select(over, step_away_from(delta, realised), delta)
+  return land_on_the_side_of(w, delta, target)
+
+
 def _times_power_of_two(x: jax.Array, exponent: jax.Array) -> jax.Array:
   """``x * 2**exponent`` without forming an out-of-range power of two.
 
