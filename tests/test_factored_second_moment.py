@@ -273,6 +273,62 @@ def test_zero_gradients_give_zero_updates_and_no_nan():
   )
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_non_finite_gradient_gives_nan_there_and_keeps_the_statistics(
+  bad, jit
+):
+  """A NaN or inf entry: a NaN update there (for apply_if_finite to see);
+  the statistics of its row and column as they were (a NaN there would
+  reach every later step), every other row and column as if the entry were
+  zero; the updates elsewhere finite."""
+  tx = madam_optax.scale_by_factored_second_moment(
+    min_dim_size_to_factor=MIN_DIM
+  )
+  update = jax.jit(tx.update) if jit else tx.update
+  grads_seq = gradient_stream({"mat": (12, 20), "vec": (20,)}, 4, 1.0)
+  grads_seq = [jax.tree.map(jnp.asarray, g) for g in grads_seq]
+  state = tx.init(grads_seq[0])
+  _, state = update(grads_seq[0], state)
+  bad_g = {
+    "mat": grads_seq[1]["mat"].at[5, 6].set(bad),
+    "vec": grads_seq[1]["vec"].at[2].set(bad),
+  }
+  u, bad_state = update(bad_g, state)
+  assert np.isnan(u["mat"][5, 6]) and np.isnan(u["vec"][2])
+  finite = np.ones((12, 20), bool)
+  finite[5, 6] = False
+  assert np.all(np.isfinite(np.asarray(u["mat"])[finite]))
+  assert np.all(np.isfinite(np.delete(np.asarray(u["vec"]), 2)))
+  zeroed = {
+    "mat": bad_g["mat"].at[5, 6].set(0.0),
+    "vec": bad_g["vec"].at[2].set(0.0),
+  }
+  _, zeroed_state = update(zeroed, state)
+  for stat, kept in (("row_rms", 5), ("col_rms", 6)):
+    got = np.asarray(getattr(bad_state, stat)["mat"])
+    assert got[kept] == getattr(state, stat)["mat"][kept], stat
+    np.testing.assert_array_equal(
+      np.delete(got, kept),
+      np.delete(np.asarray(getattr(zeroed_state, stat)["mat"]), kept),
+    )
+  assert bad_state.rms["vec"][2] == state.rms["vec"][2]
+  chex.assert_tree_all_finite((bad_state.row_rms, bad_state.col_rms))
+  chex.assert_tree_all_finite(bad_state.rms)
+  u2, _ = update(grads_seq[2], bad_state)
+  chex.assert_tree_all_finite(u2)
+
+
+def test_python_scalar_leaves():
+  tx = madam_optax.scale_by_factored_second_moment(min_dim_size_to_factor=2)
+  params = {"w": jnp.ones((3, 4)), "s": 1.0}
+  state = tx.init(params)
+  assert state.rms["s"].dtype == jnp.float32
+  u, _ = tx.update({"w": jnp.ones((3, 4)), "s": -2.0}, state)
+  np.testing.assert_array_equal(u["w"], jnp.ones((3, 4)))
+  assert u["s"] == -1.0
+
+
 def test_state_is_one_statistic_per_row_and_column():
   params = {"w": jnp.zeros((300, 200)), "b": jnp.zeros(200)}
   state = madam_optax.scale_by_factored_second_moment().init(params)

@@ -177,6 +177,7 @@ VALID = {
   "state_dtype": [None, jnp.bfloat16, jnp.float32],
   "rounding": ["nearest", "stochastic"],
   "seed": [0, 7],
+  "min_dim_size_to_factor": [1, 2, 3, 128],
 }
 INVALID = {
   "learning_rate": [
@@ -191,6 +192,7 @@ INVALID = {
   "max_magnitude": [0.0, -1.0, float("nan")],
   "state_dtype": [jnp.int8],
   "rounding": ["up"],
+  "min_dim_size_to_factor": [0, -2, 1.5],
 }
 NUMERIC = ("learning_rate", "b2", "g_bound", "p_scale", "max_magnitude")
 
@@ -369,6 +371,60 @@ def _reference_second_moment(grads_seq, b2, dtype):
       r = np.where(finite, new_r, r)
       outs.append((u, exact))
   return outs
+
+
+def _reference_factored(grads_seq, b2, min_dim, dtype):
+  """The factored normaliser's update per step, in float64 (its docstring's
+  maths): Adafactor's row and column means of g**2 for a tensor whose two
+  largest dimensions are at least ``min_dim``, the full second moment
+  otherwise; a row or column holding a non-finite entry keeps its statistic;
+  NaN where g is; 0/0 := 0; saturated at the dtype's largest value. Per
+  step: the update and where it is exact (as _reference_second_moment)."""
+  if not grads_seq:  # apply_if_finite skipped every step
+    return []
+  shape = grads_seq[0].shape
+  axes = None
+  if len(shape) >= 2:
+    order = np.argsort(np.asarray(shape), kind="stable")
+    a, b = sorted(int(i) for i in order[-2:])
+    if min(shape[a], shape[b]) >= min_dim:
+      axes = (a, b)
+  if axes is None:
+    return _reference_second_moment(grads_seq, b2, dtype)
+  row_axis, col_axis = axes
+  rows = np.zeros(np.delete(shape, col_axis))
+  cols = np.zeros(np.delete(shape, row_axis))
+  largest = float(_finfo(dtype).max)
+  tiny = float(_finfo(_compute_dtype(dtype)).tiny)
+  outs = []
+  with np.errstate(all="ignore"):
+    for t, g in enumerate(grads_seq, start=1):
+      new_rows = b2 * rows + (1 - b2) * np.mean(g**2, axis=col_axis)
+      new_cols = b2 * cols + (1 - b2) * np.mean(g**2, axis=row_axis)
+      rows = np.where(np.isfinite(new_rows), new_rows, rows)
+      cols = np.where(np.isfinite(new_cols), new_cols, cols)
+      mean = np.mean(rows, axis=row_axis, keepdims=True)
+      r = np.expand_dims(rows, col_axis)
+      c = np.expand_dims(cols, row_axis)
+      v_hat = r / np.where(mean > 0, mean, 1) * c / (1 - b2**t)
+      u = np.where((r > 0) & (c > 0), g / np.sqrt(v_hat), 0.0)
+      u = np.clip(u, -largest, largest)
+      # Subnormal gradients or updates may be flushed to zero by XLA.
+      small = lambda x: (x != 0) & (np.abs(x) < 64 * tiny)
+      exact = ~(small(g) | small(u))
+      outs.append((np.where(np.isfinite(g), u, np.nan), exact))
+  return outs
+
+
+def _factored_u_error(dtype, hyper, count, shape):
+  """Relative error of the factored update: the full normaliser's, plus
+  the rounding of the row, column and overall means (float32 sums of at
+  most ``max(shape)`` terms) and of three statistics stored in
+  ``state_dtype``."""
+  eps32 = float(_finfo(jnp.float32).eps)
+  state_eps = float(_finfo(hyper.get("state_dtype") or dtype).eps)
+  terms = max(shape, default=1)
+  return _u_error(dtype, hyper, count) + 3 * (terms + 2) * eps32 + 3 * state_eps
 
 
 def _reference_bound(w0, p_scale, max_magnitude, dtype):
@@ -550,6 +606,11 @@ FLOAT_HYPER = {
     "state_dtype",
   ),
   "scale_by_second_moment": ("b2", "state_dtype"),
+  "scale_by_factored_second_moment": (
+    "b2",
+    "state_dtype",
+    "min_dim_size_to_factor",
+  ),
   "multiplicative_step": ("learning_rate",),
   "clip_weight_magnitude": ("p_scale", "max_magnitude"),
   "log_quantise": ("p_scale", "max_magnitude", "rounding", "seed"),
@@ -561,6 +622,9 @@ def _float_factory(name, fmt):
   return {
     "madam": madam_optax.madam,
     "scale_by_second_moment": madam_optax.scale_by_second_moment,
+    "scale_by_factored_second_moment": (
+      madam_optax.scale_by_factored_second_moment
+    ),
     "multiplicative_step": madam_optax.multiplicative_step,
     "clip_weight_magnitude": madam_optax.clip_weight_magnitude,
     "log_quantise": _log_quantise(fmt),
@@ -638,6 +702,13 @@ def _fuzz_float_example(name, draw, dtypes):
   )
   if int_leaf:
     expected.append(r"leaf .*'bad'.* int32")
+  state_dtype = None if invalid == "state_dtype" else hyper.get("state_dtype")
+  if state_dtype is not None and any(
+    _finfo(state_dtype).maxexp < _finfo(d).maxexp
+    for n, (_, d, _) in spec.items()
+    if n not in masked
+  ):
+    expected.append("cannot hold the second moment")
   if name == "log_quantise" and hyper["max_magnitude"] is None:
     expected += [
       re.escape(f"'{n}'")
@@ -673,6 +744,13 @@ def _fuzz_float_example(name, draw, dtypes):
     moments = _reference_second_moment(
       [gs[t] for t in kept], hyper.get("b2", 0.999), dtype
     )
+    if name == "scale_by_factored_second_moment":
+      factored = _reference_factored(
+        [g.reshape(shape) for g in (gs[t] for t in kept)],
+        hyper["b2"],
+        hyper["min_dim_size_to_factor"],
+        dtype,
+      )
     bound = _reference_bound(
       ws[0], hyper.get("p_scale", 3.0), hyper.get("max_magnitude"), dtype
     )
@@ -709,6 +787,14 @@ def _fuzz_float_example(name, draw, dtypes):
         tol = (
           2 * float(_finfo(dtype).eps) + _u_error(dtype, hyper, count)
         ) * np.abs(u) + 4 * float(_finfo(dtype).tiny)
+        bad = exact & finite_in & ~(np.abs(new - u) <= tol)
+        assert not bad.any(), (what, g[bad], new[bad], u[bad])
+        assert not np.isfinite(new[~np.isfinite(g)]).any(), what
+      elif name == "scale_by_factored_second_moment":
+        new = np.asarray(_flat(updates_seq[t])[leaf_name], np.float64)
+        u, exact = factored[count - 1]
+        tol = _factored_u_error(dtype, hyper, count, shape) * np.abs(u)
+        tol += 4 * float(_finfo(dtype).tiny)
         bad = exact & finite_in & ~(np.abs(new - u) <= tol)
         assert not bad.any(), (what, g[bad], new[bad], u[bad])
         assert not np.isfinite(new[~np.isfinite(g)]).any(), what

@@ -96,7 +96,8 @@ def trajectory(name):
   """
   case = BY_NAME[name]
   dtype = case.code_format.dtype if case.codes else np.float32
-  template = {"w": np.ones((N,), dtype)}  # labels for with_additive_fallback
+  shape = (3, N // 3) if case.matrix else (N,)
+  template = {"w": np.ones(shape, dtype)}  # labels for with_additive_fallback
   takes_p_scale = "p_scale" in transforms.parameters(case.factory)
 
   @jax.jit
@@ -106,11 +107,11 @@ def trajectory(name):
 
     def step(carry, g):
       params, state = carry
-      updates, state = tx.update({"w": g}, state, params)
+      updates, state = tx.update({"w": g.reshape(shape)}, state, params)
       params = optax.apply_updates(params, updates)
-      return (params, state), (params["w"], updates["w"])
+      return (params, state), (params["w"].ravel(), updates["w"].ravel())
 
-    params = {"w": w0}
+    params = {"w": w0.reshape(shape)}
     return jax.lax.scan(step, (params, tx.init(params)), grad_seq)[1]
 
   return run

@@ -630,3 +630,26 @@ def test_a_zero_weight_stays_zero_under_a_huge_step(jit):
     tx, {"w": jnp.array([8.5e37, 8.5e37, -8.5e37])}, params, jit=jit
   )
   np.testing.assert_array_equal(new["w"], [0.0, 0.0, 0.0])  # 1 * e**-inf
+
+
+@pytest.mark.parametrize(
+  "factory",
+  [
+    madam_optax.scale_by_second_moment,
+    madam_optax.scale_by_factored_second_moment,
+    madam_optax.madam,
+  ],
+)
+def test_a_state_dtype_narrower_than_a_leaf_is_refused(factory):
+  # float64 gradients of 1e300 gave an inf statistic in bfloat16 and from
+  # then on silent zero updates; float16 holds no float32 gradient > 65504.
+  with jax.enable_x64(True):
+    tx = factory(state_dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"float64 leaf \['w'\].*narrower"):
+      tx.init({"b": jnp.ones(3, jnp.float32), "w": jnp.ones(3, jnp.float64)})
+  tx = factory(state_dtype=jnp.float16)
+  with pytest.raises(ValueError, match=r"float32 leaf \['w'\]"):
+    tx.init({"w": jnp.ones(3)})
+  # bfloat16 has float32's range: allowed for float32 and float16 leaves.
+  tx = factory(state_dtype=jnp.bfloat16)
+  tx.init({"w": jnp.ones(3), "h": jnp.ones(3, jnp.float16)})

@@ -102,6 +102,8 @@ class Case:
       above).
     known_failures: contract check name -> reason, for checks this case is
       known to fail today (run as strict xfails).
+    matrix: the property tests lay their tensor out as a matrix (the
+      factored cases: a vector is never factored).
   """
 
   name: str
@@ -116,6 +118,7 @@ class Case:
   converge: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   invariants: frozenset = frozenset()
   known_failures: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  matrix: bool = False
 
   def __str__(self) -> str:
     return self.name
@@ -424,6 +427,35 @@ CASES = (
     wrap=_with_additive_fallback,
     invariants=MADAM_INVARIANTS,
     known_failures={MAP_PARAMS: FLAT_STATE, MISMATCHED_TREES: PARTITION_FIRST},
+  ),
+  Case(
+    "scale_by_factored_second_moment",
+    madam_optax.scale_by_factored_second_moment,
+    hyperparams={"b2": 0.9},
+    # The example kernel (4, 3) and the property tests' (3, 4) are factored.
+    static={"min_dim_size_to_factor": 2},
+    complete=_then_learning_rate,
+    needs_params=False,
+    matrix=True,
+    # The first step is sign(g) only where |g| is rank one (documented).
+    invariants=frozenset({FINITE}),
+  ),
+  Case(
+    "madam_factored",
+    madam_optax.madam,
+    hyperparams={
+      k: v
+      for k, v in MADAM_HYPERPARAMS.items()
+      if k != "min_dim_size_to_factor"
+    },
+    static={"factored": True, "min_dim_size_to_factor": 2},
+    matrix=True,
+    # Neither: the first step is sign(g) only where |g| is rank one, and the
+    # rank-one fit's |u| reaches g_bound from the first step (the full
+    # normaliser's is at most sqrt((1 - b2**t) / (1 - b2))), so six steps at
+    # rate 1 can shrink a weight by e**-60: a 1e-21 underflows.
+    invariants=MADAM_INVARIANTS - {SIGN_STEP, NONZERO},
+    known_failures={MAP_PARAMS: FLAT_STATE},
   ),
   Case(
     "lns_level_step",

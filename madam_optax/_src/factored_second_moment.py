@@ -204,10 +204,12 @@ def factored_leaf(
   row_axis, col_axis = axes
 
   def ema(old, now):
-    return numerics.hypot(
-      lax.mul(sqrt_b2, lax.convert_element_type(old, ct)),
-      lax.mul(sqrt_1mb2, now),
-    )
+    old = lax.convert_element_type(old, ct)
+    new = numerics.hypot(lax.mul(sqrt_b2, old), lax.mul(sqrt_1mb2, now))
+    # Non-finite only where its row (column) holds a NaN or inf gradient,
+    # since the root mean square of finite entries never overflows: that
+    # statistic stays as it was.
+    return lax.select(lax.is_finite(new), new, old)
 
   new_row = ema(row, _rms_along(g_, col_axis))  # g's shape without col_axis
   new_col = ema(col, _rms_along(g_, row_axis))  # ... without row_axis
@@ -236,6 +238,10 @@ def factored_leaf(
     _expand(e_b, col_axis, shape), _expand(e_c, row_axis, shape)
   )
   u = _times_power_of_two(mantissa, exponent, _PIECES)
+  # The rank-one fit can ask for more than the dtype holds (a lone 1 in a
+  # row and column beside a 1e38 elsewhere): it saturates, sign kept.
+  largest = np.asarray(jnp.finfo(g.dtype).max, ct)
+  u = lax.clamp(lax.neg(largest), u, largest)
   return (
     lax.convert_element_type(u, g.dtype),
     lax.convert_element_type(new_row, row.dtype),
@@ -300,9 +306,17 @@ def scale_by_factored_second_moment(
     the rounding of the means (a few ulps, not bit for bit);
   * otherwise it is the rank-one fit, and :math:`|u_{ij}|` can exceed the
     full normaliser's bound :math:`\sqrt{1/(1-\beta_2)}` (an isolated large
-    entry); Madam's ``g_bound`` clip follows it;
+    entry; beyond the largest finite value of the dtype it saturates there,
+    sign kept); Madam's ``g_bound`` clip follows it;
   * an entry with a zero gradient gets a zero update, and a row or column
-    whose gradients were always zero gets zero updates (0/0 := 0).
+    whose gradients were always zero gets zero updates (0/0 := 0);
+  * a non-finite gradient entry (NaN or inf) gets a NaN update (for
+    :func:`madam_optax.apply_if_finite` to skip the step); the row and the
+    column holding it keep their statistics as they were (a NaN would
+    otherwise reach every later step through them), the others update as
+    usual; an unfactored tensor keeps the statistic of that entry only, as
+    :func:`madam_optax.scale_by_second_moment` does. No reduction is added:
+    the row and column statistics already see the bad entry.
 
   The statistics are stored as roots (:math:`\sqrt{r_i}`, :math:`\sqrt{c_j}`)
   and updated with ``hypot``; each row's (column's) mean square is taken after
@@ -331,7 +345,8 @@ def scale_by_factored_second_moment(
   moment never needs.
 
   Args:
-    b2: decay rate of the moving averages, in ``[0, 1)``.
+    b2: decay rate of the moving averages, in ``[0, 1)``, and not so close
+      to 1 that it rounds to 1.0 in float32 (refused).
     min_dim_size_to_factor: a tensor is factored when its two largest
       dimensions both have at least this many entries (Adafactor's 128 by
       default). A positive integer, used by ``init``: which tensors are
@@ -340,6 +355,8 @@ def scale_by_factored_second_moment(
     state_dtype: dtype of the statistics (``row_rms``, ``col_rms`` and
       ``rms``). ``None`` (default) uses each parameter's dtype;
       ``jnp.bfloat16`` halves them. The maths always runs in at least float32.
+      A dtype with a narrower range than a parameter's is refused, as in
+      :func:`madam_optax.scale_by_second_moment`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -366,14 +383,13 @@ def scale_by_factored_second_moment(
     functions via multiplicative weight updates", NeurIPS 2020,
     arXiv:2006.14560.
   """
-  validation.check_hyperparameter(
-    "b2", b2, low=0.0, high=1.0, high_inclusive=False
-  )
+  validation.check_decay_rate("b2", b2)
   _check_min_dim(min_dim_size_to_factor)
   state_dtype = validation.check_state_dtype(state_dtype)
 
   def init_fn(params):
     validation.check_float_leaves(params, _NAME)
+    validation.check_state_dtype_range(params, state_dtype, _NAME)
     min_dim = _check_min_dim(min_dim_size_to_factor, at_init=True)
 
     def leaf(p):
@@ -381,7 +397,8 @@ def scale_by_factored_second_moment(
       # axis) keeps the metadata on the full statistic, which has its shape;
       # the factored statistics and placeholders are plain arrays.
       value = p.get_value() if _is_variable(p) else p
-      dtype = state_dtype or value.dtype
+      dtype = state_dtype or validation.leaf_dtype(value)
+      value = jnp.asarray(value, dtype=validation.leaf_dtype(value))
       axes = factored_axes(value.shape, min_dim)
       if axes is None:
         full = jax.tree.map(lambda x: jnp.zeros_like(x, dtype=dtype), p)
@@ -404,6 +421,7 @@ def scale_by_factored_second_moment(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args  # accepted and ignored, as optax.chain passes them
+    updates = validation.as_arrays(updates)
     validation.check_float_leaves(updates, _NAME, "updates")
     # Which tensors are factored was decided at init and is read from the
     # state's shapes: min_dim_size_to_factor may be a tracer here (under
@@ -426,14 +444,22 @@ def scale_by_factored_second_moment(
           lax.convert_element_type(r, ct),
           *coeffs,
         )
-        return (
+        u, new_r = second_moment.keep_statistic_of_non_finite(
+          g,
           lax.convert_element_type(u, g.dtype),
-          row,
-          col,
           lax.convert_element_type(new_r, r.dtype),
+          r,
         )
+        return u, row, col, new_r
       u, row, col = factored_leaf(g, row, col, axes, coeffs)
-      return u, row, col, r
+      # A non-finite entry: a NaN update there (its row's and column's
+      # statistics were kept by factored_leaf).
+      return (
+        lax.select(lax.is_finite(g), u, lax.full_like(u, np.nan)),
+        row,
+        col,
+        r,
+      )
 
     # Each tree is rebuilt with its own structure: where the parameters are
     # Flax NNX Variables, the updates and the full statistics keep them and
@@ -527,7 +553,24 @@ def _axes_from_state(
     raise ValueError(
       f"{_NAME}: leaf {tree_utils.leaf_name(path)} has update shape "
       f"{shape}, but the state holds (row_rms, col_rms, rms) of shapes "
-      f"{found}. Initialise the state with `tx.init(params)` on the same "
-      "parameters."
+      f"{found}, the statistics of a parameter of shape "
+      f"{_parameter_shape(*found)}. Initialise the state with "
+      "`tx.init(params)` on the same parameters."
     )
   return all_axes
+
+
+def _parameter_shape(
+  row: tuple[int, ...], col: tuple[int, ...], full: tuple[int, ...]
+) -> tuple[int, ...] | str:
+  """The shape of the parameter whose statistics have these shapes."""
+  if not row and not col:
+    return full
+  # row is the shape without the column axis c, col without the row axis.
+  for c in range(1, len(row) + 1):
+    shape = row[:c] + col[c - 1 : c] + row[c:]
+    axes = factored_axes(shape, 1)
+    if axes is not None and axes[1] == c:
+      if tuple(s for d, s in enumerate(shape) if d != axes[0]) == col:
+        return shape
+  return "unknown"

@@ -77,6 +77,22 @@ def normalised_gradient(
   return lax.select(lax.gt(new_r, zero), u, lax.full_like(u, zero)), new_r
 
 
+def keep_statistic_of_non_finite(
+  g: jax.Array, u: jax.Array, new: jax.Array, old: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """Where ``g`` is NaN or infinite: a NaN update and the statistic unchanged.
+
+  The NaN is set here because under jit XLA's max/min may drop it (a silent
+  zero update); the second moment stays as it was, so that later finite
+  steps are normalised as before.
+  """
+  finite = lax.is_finite(g)
+  return (
+    lax.select(finite, u, lax.full_like(u, np.nan)),
+    lax.select(finite, new, old),
+  )
+
+
 def scale_by_second_moment(
   b2: float = 0.999,
   *,
@@ -108,7 +124,9 @@ def scale_by_second_moment(
       the dtype it is computed in (``1 - 1e-8`` does: it is refused).
     state_dtype: dtype of the second-moment buffer. ``None`` (default) uses each
       parameter's dtype; ``jnp.bfloat16`` halves the state's memory. The maths
-      always runs in at least float32.
+      always runs in at least float32. A dtype with a narrower range than a
+      parameter's (float16 for float32, float32 or bfloat16 for float64) is
+      refused: the statistic would overflow or underflow there.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -130,6 +148,9 @@ def scale_by_second_moment(
 
   def init_fn(params):
     validation.check_float_leaves(params, "scale_by_second_moment")
+    validation.check_state_dtype_range(
+      params, state_dtype, "scale_by_second_moment"
+    )
     rms = jax.tree.map(
       lambda p: jnp.zeros_like(
         p, dtype=state_dtype or validation.leaf_dtype(p)
@@ -164,19 +185,8 @@ def scale_by_second_moment(
       )
 
     new_updates, new_rms = tree_utils.tree_map_unzip(leaf, updates, state.rms)
-
-    def non_finite_gradient(g, u, new, old):
-      # Its update is NaN (under jit XLA's max/min may drop a NaN, so it is
-      # set here), and its second moment stays as it was, so that later
-      # finite steps are normalised as before.
-      finite = lax.is_finite(g)
-      return (
-        lax.select(finite, u, lax.full_like(u, np.nan)),
-        lax.select(finite, new, old),
-      )
-
     new_updates, new_rms = tree_utils.tree_map_unzip(
-      non_finite_gradient, updates, new_updates, new_rms, state.rms
+      keep_statistic_of_non_finite, updates, new_updates, new_rms, state.rms
     )
     return new_updates, ScaleBySecondMomentState(count=count, rms=new_rms)
 

@@ -192,6 +192,37 @@ def check_float_leaves(tree: Any, transform: str, what: str = "params") -> None:
       )
 
 
+def check_state_dtype_range(
+  params: Any, state_dtype: np.dtype | None, transform: str
+) -> None:
+  """Raises ``ValueError`` when ``state_dtype`` has a narrower range than a
+  leaf's dtype.
+
+  A second-moment statistic has the magnitude of the gradients: stored in a
+  dtype whose largest value is smaller (float16 for float32 leaves, float32
+  or bfloat16 for float64 ones) it would become ``inf`` or 0 for gradients
+  the leaf's dtype holds, and those entries would silently stop moving.
+  """
+  if state_dtype is None:
+    return
+  state = jnp.finfo(state_dtype)
+  for path, leaf in tree_utils.leaves_with_path(params):
+    dtype = leaf_dtype(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      continue
+    # The exponent range (bfloat16's is float32's, though its largest value
+    # is a little smaller, as it has fewer mantissa bits).
+    leaf_info = jnp.finfo(dtype)
+    if state.maxexp < leaf_info.maxexp or state.minexp > leaf_info.minexp:
+      raise ValueError(
+        f"{transform}: state_dtype {np.dtype(state_dtype).name} cannot hold "
+        f"the second moment of {dtype} leaf {tree_utils.leaf_name(path)}: "
+        "its range is narrower, so gradients beyond it would give zero "
+        "updates. Use a state_dtype with the leaf's range (bfloat16 has "
+        "float32's; None uses the leaf's own dtype)."
+      )
+
+
 def require_params(params: Any, transform: str) -> None:
   """Raises ``ValueError`` when a transform that needs ``params`` gets None."""
   if params is None:
