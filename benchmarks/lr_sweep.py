@@ -65,6 +65,8 @@ from madam_examples import optimizers as optimizers_lib
 from madam_examples import tasks as tasks_lib
 
 LEARNING_RATES = (1.0, 0.1, 0.01, 0.001, 0.0001)
+# Metrics that span orders of magnitude: compared and drawn on a log scale.
+LOG_METRICS = ("perplexity", "frechet_distance")
 OPTIMIZERS = ("madam", "adam", "sgd")
 LABELS = {"madam": "Madam", "adam": "Adam", "sgd": "SGD (momentum 0.9)"}
 SHORT = {"madam": "Madam", "adam": "Adam", "sgd": "SGD"}
@@ -236,23 +238,36 @@ def best_rate(values: Any, higher_is_better: bool) -> float | None:
   return LEARNING_RATES[i]
 
 
-def overlapping_rates(values: Any, higher_is_better: bool) -> list[float]:
+def overlapping_rates(values: Any, higher_is_better: bool, *,
+                      log_scale: bool = False) -> list[float]:
   """The other rates whose mean ± std (over seeds) overlaps the best's.
 
   The best rate is chosen by the mean; a rate listed here is not clearly
-  worse with these seeds. Rates with a diverged run never overlap.
+  worse with these seeds. Rates with a diverged run never overlap. With
+  ``log_scale`` (perplexity, Fréchet distance: metrics that span orders of
+  magnitude) the means and deviations are of the logarithms, so that one
+  seed that blew up does not make a rate "overlap" by its huge deviation.
 
   Example:
     >>> overlapping_rates([[50, 60], [90, 92], [91, 97], [80, 80], [1, 2]],
     ...                   True)
     [0.1]
+    >>> bad = [[469.0, 43.0, 91.0], [27, 27, 26], [16, 17, 16], [20, 20, 20],
+    ...        [45, 40, 44]]
+    >>> overlapping_rates(bad, False), overlapping_rates(bad, False,
+    ...                                                  log_scale=True)
+    ([1.0], [])
   """
   v = np.asarray(values, np.float64)
   best = best_rate(v, higher_is_better)
   if best is None:
     return []
   finite = np.isfinite(v).all(axis=1)
-  v = np.where(finite[:, None], v, 0.0)
+  if log_scale:
+    finite &= (v > 0).all(axis=1)
+  v = np.where(finite[:, None], v, 1.0)
+  if log_scale:
+    v = np.log(v)
   means, stds = v.mean(axis=1), v.std(axis=1)
   i = LEARNING_RATES.index(best)
   return [lr for j, lr in enumerate(LEARNING_RATES) if j != i and finite[j]
@@ -293,35 +308,66 @@ def best_rates(results: dict[str, Any]) -> dict[Cell, float | None]:
           for c, r in main_cells(results).items()}
 
 
+def near_best(values: Any, task: dict[str, Any]) -> list[float]:
+  """The best rate, then those that overlap it (:func:`overlapping_rates`).
+
+  ``task`` is the JSON's entry for the task (``metric``,
+  ``higher_is_better``); empty if every run diverged.
+  """
+  hib = task["higher_is_better"]
+  best = best_rate(values, hib)
+  if best is None:
+    return []
+  return [best] + overlapping_rates(
+      values, hib, log_scale=task["metric"] in LOG_METRICS)
+
+
+def _near_best(results: dict[str, Any]) -> dict[Cell, set[float]]:
+  """Each main cell's best rate and the rates that overlap it."""
+  tasks = results["tasks"]
+  return {c: set(near_best(r["values"], tasks[c.task]))
+          for c, r in main_cells(results).items()}
+
+
 def spreads(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
   """The spread of each optimizer's best rate, in decades.
 
   ``"across_tasks"``: for each optimizer, budget and schedule measured on at
   least two tasks, the best rate per task and their spread. ``"across_budgets"``:
   for each optimizer, task and schedule measured at at least two budgets,
-  the best rate per budget and their spread. Cells where every run diverged
-  have no best rate and are left out.
+  the best rate per budget and their spread. Each also lists, under
+  ``"common"``, the rates that are the best or overlap it
+  (:func:`overlapping_rates`) in every one of those cells, largest first:
+  one rate that is not clearly worse anywhere. Cells where every run
+  diverged have no best rate and are left out.
   """
   best = {c: r for c, r in best_rates(results).items() if r is not None}
+  near = _near_best(results)
   across_tasks, across_budgets = [], []
+
+  def common(cells):
+    return sorted(set.intersection(*(near[c] for c in cells)), reverse=True)
   groups: dict[tuple, dict] = {}
-  for c, rate in best.items():
-    groups.setdefault((c.optimizer, c.budget, c.schedule), {})[c.task] = rate
+  for c in best:
+    groups.setdefault((c.optimizer, c.budget, c.schedule), {})[c.task] = c
   for (opt, budget, schedule), by_task in groups.items():
     if len(by_task) >= 2:
+      rates = {t: best[c] for t, c in by_task.items()}
       across_tasks.append({"optimizer": opt, "budget": budget,
-                           "schedule": schedule, "best": by_task,
-                           "decades": spread_decades(list(by_task.values()))})
+                           "schedule": schedule, "best": rates,
+                           "decades": spread_decades(list(rates.values())),
+                           "common": common(by_task.values())})
   groups = {}
-  for c, rate in best.items():
-    groups.setdefault((c.optimizer, c.task, c.schedule), {})[c.budget] = rate
+  for c in best:
+    groups.setdefault((c.optimizer, c.task, c.schedule), {})[c.budget] = c
   for (opt, task, schedule), by_budget in groups.items():
     if len(by_budget) >= 2:
       by_budget = dict(sorted(by_budget.items()))
+      rates = {b: best[c] for b, c in by_budget.items()}
       across_budgets.append({
           "optimizer": opt, "task": task, "schedule": schedule,
-          "best": by_budget,
-          "decades": spread_decades(list(by_budget.values()))})
+          "best": rates, "decades": spread_decades(list(rates.values())),
+          "common": common(by_budget.values())})
   order = {o: i for i, o in enumerate(OPTIMIZERS)}
   across_tasks.sort(key=lambda s: (order[s["optimizer"]], s["budget"],
                                    s["schedule"] != "step", s["schedule"]))
@@ -359,13 +405,13 @@ def _mean_std(row: np.ndarray) -> str:
       f", rest {_fmt(finite.mean())}" if len(finite) else "")
 
 
-def _mean_at_best(record: dict[str, Any], rate: float | None,
-                  higher_is_better: bool) -> str:
+def _mean_at_best(record: dict[str, Any], task: dict[str, Any]) -> str:
   """``"0.1: 97.2 ± 0.3"``, and the rates that overlap it (``≈ 0.01``)."""
-  if rate is None:
+  near = near_best(record["values"], task)
+  if not near:
     return "all diverged"
+  rate, close = near[0], near[1:]
   row = np.asarray(record["values"], np.float64)[LEARNING_RATES.index(rate)]
-  close = overlapping_rates(record["values"], higher_is_better)
   return f"{_rate(rate)}: {_mean_std(row)}" + (
       " (≈ " + ", ".join(_rate(r) for r in close) + ")" if close else "")
 
@@ -387,6 +433,14 @@ def _arms(results: dict[str, Any]) -> list[tuple[int, str]]:
                 key=lambda a: (a[0], a[1] != "step", a[1]))
 
 
+def _common(spread: dict[str, Any], *, label: bool = True) -> str:
+  rates = ", ".join(_rate(r) for r in spread["common"])
+  if not label:
+    return rates or "none"
+  return (f"within noise everywhere: {rates}" if rates
+          else "no common rate within noise")
+
+
 def _spread_section(results: dict[str, Any]) -> list[str]:
   s = spreads(results)
   lines = ["## The claim in one number: spread of the best rate", "",
@@ -394,7 +448,10 @@ def _spread_section(results: dict[str, Any]) -> list[str]:
            "task, and how far apart those rates lie in decades: "
            "log10(largest / smallest); 0 = the same rate everywhere, 2 = a "
            "factor of 100. The paper's claim is 0 for Madam (0.01 on every "
-           "task) and more for Adam and SGD.", ""]
+           "task) and more for Adam and SGD. \"Within noise everywhere\" "
+           "lists the rates that are the best or not clearly worse (mean ± "
+           "std over seeds overlapping the best's) in every cell compared.",
+           ""]
   arms = [a for a in _arms(results)
           if any(x["budget"] == a[0] and x["schedule"] == a[1]
                  for x in s["across_tasks"])]
@@ -414,32 +471,34 @@ def _spread_section(results: dict[str, Any]) -> list[str]:
       x = hit[0]
       rates = ", ".join(f"{t} {_rate(r)}" for t, r in sorted(
           x["best"].items(), key=lambda kv: _task_order(kv[0])))
-      cells.append(f"**{x['decades']:g}** ({rates})")
+      cells.append(f"**{x['decades']:g}** ({rates}; {_common(x)})")
     if any(c != "not run" for c in cells):
       lines.append(f"| {SHORT[opt]} | " + " | ".join(cells) + " |")
   lines += [""]
   if s["across_budgets"]:
     lines += ["### Across budgets, per task", "",
               "| optimizer | task | schedule | best rate by budget "
-              "(steps) | spread (decades) |", "|---|---|---|---|---|"]
+              "(steps) | spread (decades) | within noise at every budget |",
+              "|---|---|---|---|---|---|"]
     steps = {(r["task"], r["budget"]): r["steps"]
              for r in results["cells"].values()}
     for x in s["across_budgets"]:
       by = ", ".join(f"x{b} ({steps[(x['task'], b)]}): {_rate(r)}"
                      for b, r in x["best"].items())
       lines.append(f"| {SHORT[x['optimizer']]} | {x['task']} | "
-                   f"{x['schedule']} | {by} | **{x['decades']:g}** |")
+                   f"{x['schedule']} | {by} | **{x['decades']:g}** | "
+                   f"{_common(x, label=False)} |")
     lines += [""]
   return lines
 
 
 def _best_section(results: dict[str, Any]) -> list[str]:
   tasks = results["tasks"]
-  best = best_rates(results)
   lines = ["## Best rate of each optimizer, by task and budget", "",
            "Best rate, and the metric there (mean ± std over seeds); "
            "after ≈, the other rates whose mean ± std overlaps the best's "
-           "(not clearly worse with these seeds). Madam at the task's "
+           "(not clearly worse with these seeds; for perplexity and Fréchet "
+           "distance, mean ± std of the logarithms). Madam at the task's "
            "`p_scale`.", "",
            "| task (metric) | budget | steps | schedule | "
            + " | ".join(SHORT[o] for o in OPTIMIZERS) + " |",
@@ -458,8 +517,7 @@ def _best_section(results: dict[str, Any]) -> list[str]:
         cells.append("not run")
         continue
       steps = main[hit[0]]["steps"]
-      cells.append(_mean_at_best(main[hit[0]], best[hit[0]],
-                                 t["higher_is_better"]))
+      cells.append(_mean_at_best(main[hit[0]], t))
     lines.append(f"| {task} ({t['metric'].replace('_', ' ')}) | x{budget} | "
                  f"{steps} | {schedule} | " + " | ".join(cells) + " |")
   return lines + [""]
@@ -487,14 +545,12 @@ def _p_scale_section(results: dict[str, Any]) -> list[str]:
             "|---" * (3 + len(p_all)) + "|"]
   for (task, budget, schedule), by_p in sorted(
       groups.items(), key=lambda kv: (_task_order(kv[0][0]), kv[0][1])):
-    hib = tasks[task]["higher_is_better"]
     cells = []
     for p in p_all:
       if p not in by_p:
         cells.append("not run")
         continue
-      cells.append(_mean_at_best(by_p[p], best_rate(by_p[p]["values"], hib),
-                                 hib))
+      cells.append(_mean_at_best(by_p[p], tasks[task]))
     lines.append(f"| {task} | x{budget} | {schedule} | " + " | ".join(cells)
                  + " |")
   return lines + [""]
@@ -638,7 +694,7 @@ def figure(results: dict[str, Any], plt):
           ax.plot([rate], [mean[i]], marker="*", ms=13, color=COLOURS[opt],
                   markeredgecolor="black", ls="none")
       ax.set_xscale("log")
-      if t["metric"] in ("perplexity", "frechet_distance"):
+      if t["metric"] in LOG_METRICS:
         ax.set_yscale("log")
         # Runs that blew up (perplexity 1e10) would flatten the rest.
         low = min(np.nanmin(_curve(r["values"])[0]) for r in records)

@@ -109,6 +109,13 @@ def test_best_rate_and_spread_match_hand_computed_values(lr_sweep):
   assert lr_sweep.best_rate(down, False) == 0.01
   assert lr_sweep.best_rate([[nan, nan]] * 5, True) is None
   assert lr_sweep.overlapping_rates(down, False) == [0.001]
+  # One seed blew up at lr 1: by its huge deviation it "overlaps" the best,
+  # but not on the log scale perplexities are compared on.
+  blown = [[469.0, 43.0, 91.0], [27, 27, 26], [16, 17, 16], [20, 20, 20],
+           [45, 40, 44]]
+  assert lr_sweep.overlapping_rates(blown, False) == [1.0]
+  assert lr_sweep.near_best(blown, {"metric": "perplexity",
+                                    "higher_is_better": False}) == [0.01]
   cell = {"task": None, "budget": None, "schedule": "step", "steps": 1,
           "optimizer": None, "p_scale": None}
 
@@ -122,21 +129,25 @@ def test_best_rate_and_spread_match_hand_computed_values(lr_sweep):
            record("c", 1, "adam", best_at[0.0001]),
            record("a", 4, "adam", best_at[0.01]),
            record("a", 16, "adam", best_at[0.01]),
-           record("a", 1, "madam", best_at[0.1], 3.0),
-           record("b", 1, "madam", best_at[0.1], 3.0),
+           record("a", 1, "madam", best_at[0.01], 3.0),
+           # Best 0.1 (1.1 ± 0.1); 0.01 (1.0 ± 0.1) overlaps it.
+           record("b", 1, "madam", [[0, 0], [1.0, 1.2], [0.9, 1.1], [0, 0],
+                                    [0, 0]], 3.0),
            record("b", 1, "madam", best_at[1.0], 1.0),   # not the main cell
            record("c", 1, "madam", [[nan]] * 5, 3.0)]    # no best rate
-  results = {"tasks": {t: {"higher_is_better": True} for t in "abc"},
+  results = {"tasks": {t: {"metric": "accuracy", "higher_is_better": True}
+                       for t in "abc"},
              "cells": {str(i): c for i, c in enumerate(cells)}}
   s = lr_sweep.spreads(results)
   assert s["across_tasks"] == [
       {"optimizer": "madam", "budget": 1, "schedule": "step",
-       "best": {"a": 0.1, "b": 0.1}, "decades": 0.0},
+       "best": {"a": 0.01, "b": 0.1}, "decades": 1.0, "common": [0.01]},
       {"optimizer": "adam", "budget": 1, "schedule": "step",
-       "best": {"a": 0.1, "b": 0.001, "c": 0.0001}, "decades": 3.0}]
+       "best": {"a": 0.1, "b": 0.001, "c": 0.0001}, "decades": 3.0,
+       "common": []}]
   assert s["across_budgets"] == [
       {"optimizer": "adam", "task": "a", "schedule": "step",
-       "best": {1: 0.1, 4: 0.01, 16: 0.01}, "decades": 1.0}]
+       "best": {1: 0.1, 4: 0.01, 16: 0.01}, "decades": 1.0, "common": []}]
 
 
 def test_resume_runs_only_the_missing_cells(lr_sweep, fake_training,
@@ -195,10 +206,11 @@ def test_report_states_the_spread_and_replot_is_identical(
   table = written["lr_sweep.md"].decode()
   # fake_values: Madam and SGD best at 0.1 (x1) and 0.0316 -> 0.01 (x4);
   # Adam half a decade lower. Same rate on both tasks: spread 0.
-  assert "| Madam | **0** (mlp 0.1, cnn 0.1) | **0** (mlp 0.01, cnn 0.01) |" \
-      in table
-  assert "| Adam | mlp | step | x1 (10): 0.01, x4 (40): 0.001 | **1** |" \
-      in table
+  assert ("| Madam | **0** (mlp 0.1, cnn 0.1; within noise everywhere: 0.1)"
+          " | **0** (mlp 0.01, cnn 0.01; within noise everywhere: 0.01) |"
+          in table)
+  assert ("| Adam | mlp | step | x1 (10): 0.01, x4 (40): 0.001 | **1** | "
+          "none |" in table)
   assert "| mlp | x4 | step | 0.01: " in table          # the p_scale table
   assert "`gan/x1/step/madam/p3`" in table              # not measured yet
   for f in files[1:]:
