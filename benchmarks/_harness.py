@@ -46,9 +46,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import madam_optax
 from madam_examples.memory import bytes_per_device  # noqa: F401 (re-exported)
-from madam_examples.memory import tree_bytes
+from madam_examples.memory import tree_bytes  # noqa: F401 (re-exported)
+import madam_optax
 
 HERE = pathlib.Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
@@ -57,17 +57,17 @@ RESULTS_DIR = HERE / "results"
 # The machine record.
 
 MACHINE_KEYS = (
-    "command",                 # the command line, without --out's folder
-    "date_utc",                # "YYYY-MM-DD HH:MM UTC", when the run started
-    "cpu",                     # CPU model name
-    "cores",                   # logical CPU count
-    "memory_gib",              # physical memory
-    "platform",                # operating system, e.g. "Linux-6.1-x86_64-..."
-    "versions",                # {"python": ..., "jax": ..., ...}
-    "backend",                 # JAX backend, e.g. "cpu", "gpu"
-    "devices",                 # e.g. "8 x cpu"
-    "load_average_at_start",   # [1, 5, 15 min] (a shared machine slows runs)
-    "load_average_at_end",     # stamped when the results are written
+  "command",  # the command line, without --out's folder
+  "date_utc",  # "YYYY-MM-DD HH:MM UTC", when the run started
+  "cpu",  # CPU model name
+  "cores",  # logical CPU count
+  "memory_gib",  # physical memory
+  "platform",  # operating system, e.g. "Linux-6.1-x86_64-..."
+  "versions",  # {"python": ..., "jax": ..., ...}
+  "backend",  # JAX backend, e.g. "cpu", "gpu"
+  "devices",  # e.g. "8 x cpu"
+  "load_average_at_start",  # [1, 5, 15 min] (a shared machine slows runs)
+  "load_average_at_end",  # stamped when the results are written
 )
 VERSION_KEYS = ("python", "jax", "jaxlib", "optax", "flax", "madam_optax")
 
@@ -77,8 +77,14 @@ def cpu_model() -> str:
   fallback = platform.processor() or platform.machine() or "unknown"
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
-      return next((line.split(":", 1)[1].strip() for line in f
-                   if line.startswith("model name")), fallback)
+      return next(
+        (
+          line.split(":", 1)[1].strip()
+          for line in f
+          if line.startswith("model name")
+        ),
+        fallback,
+      )
   except OSError:
     return fallback
 
@@ -86,8 +92,9 @@ def cpu_model() -> str:
 def memory_gib() -> float | None:
   """Physical memory in GiB, or ``None`` where the OS does not say."""
   try:
-    return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-                 / 2**30, 1)
+    return round(
+      os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1
+    )
   except (AttributeError, OSError, ValueError):
     return None
 
@@ -142,12 +149,15 @@ def device_summary() -> dict[str, str]:
     True
   """
   kinds = collections.Counter(d.device_kind for d in jax.devices())
-  return {"backend": jax.default_backend(),
-          "devices": ", ".join(f"{n} x {kind}" for kind, n in kinds.items())}
+  return {
+    "backend": jax.default_backend(),
+    "devices": ", ".join(f"{n} x {kind}" for kind, n in kinds.items()),
+  }
 
 
-def machine_record(command: str, *, packages: Sequence[str] = (),
-                   devices: bool = True) -> dict[str, Any]:
+def machine_record(
+  command: str, *, packages: Sequence[str] = (), devices: bool = True
+) -> dict[str, Any]:
   """Where, when and how a benchmark runs: a dictionary of :data:`MACHINE_KEYS`.
 
   Args:
@@ -166,13 +176,19 @@ def machine_record(command: str, *, packages: Sequence[str] = (),
     >>> tuple(record) == MACHINE_KEYS
     True
   """
-  summary = device_summary() if devices else {"backend": None,
-                                              "devices": None}
-  return {"command": command, "date_utc": utc_now(), "cpu": cpu_model(),
-          "cores": os.cpu_count(), "memory_gib": memory_gib(),
-          "platform": platform.platform(), "versions": versions(packages),
-          **summary, "load_average_at_start": load_average(),
-          "load_average_at_end": None}
+  summary = device_summary() if devices else {"backend": None, "devices": None}
+  return {
+    "command": command,
+    "date_utc": utc_now(),
+    "cpu": cpu_model(),
+    "cores": os.cpu_count(),
+    "memory_gib": memory_gib(),
+    "platform": platform.platform(),
+    "versions": versions(packages),
+    **summary,
+    "load_average_at_start": load_average(),
+    "load_average_at_end": None,
+  }
 
 
 def upgrade_record(results: dict[str, Any]) -> dict[str, Any]:
@@ -201,22 +217,26 @@ def upgrade_record(results: dict[str, Any]) -> dict[str, Any]:
     date += " UTC"
   record = dict.fromkeys(MACHINE_KEYS)
   record.update(
-      command=results.get("command", settings.get("command")),
-      date_utc=date,
-      versions={k: old.pop(k, None) for k in VERSION_KEYS},
-      load_average_at_start=old.pop(
-          "load_average_at_start", results.get("load_before")),
-      load_average_at_end=old.pop(
-          "load_average_at_end", results.get("load_after")))
+    command=results.get("command", settings.get("command")),
+    date_utc=date,
+    versions={k: old.pop(k, None) for k in VERSION_KEYS},
+    load_average_at_start=old.pop(
+      "load_average_at_start", results.get("load_before")
+    ),
+    load_average_at_end=old.pop(
+      "load_average_at_end", results.get("load_after")
+    ),
+  )
   devices = old.pop("devices", None)
-  if isinstance(devices, list):           # device kinds, without counts
+  if isinstance(devices, list):  # device kinds, without counts
     devices = ", ".join(devices)
   record["devices"] = devices
   for key in ("cpu", "cores", "memory_gib", "platform", "backend"):
     record[key] = old.pop(key, None)
   # Whatever else the old record held (e.g. orbax_checkpoint): a version.
-  record["versions"].update({k: v for k, v in old.items()
-                             if isinstance(v, str)})
+  record["versions"].update(
+    {k: v for k, v in old.items() if isinstance(v, str)}
+  )
   return {**results, "machine": record}
 
 
@@ -227,12 +247,16 @@ def machine_markdown(record: dict[str, Any]) -> str:
     >>> print(machine_markdown(machine_record("python x.py")).splitlines()[0])
     - command: `python x.py`
   """
+
   def known(x):
     return "not recorded" if x is None else x
+
   v = record["versions"]
-  memory = ("" if record["memory_gib"] is None
-            else f", {record['memory_gib']} GiB")
-  return "\n".join([
+  memory = (
+    "" if record["memory_gib"] is None else f", {record['memory_gib']} GiB"
+  )
+  return "\n".join(
+    [
       f"- command: `{known(record['command'])}`",
       f"- date: {known(record['date_utc'])}",
       f"- machine: {known(record['cpu'])}, {known(record['cores'])} cores"
@@ -240,12 +264,13 @@ def machine_markdown(record: dict[str, Any]) -> str:
       f"- operating system: {known(record['platform'])}",
       f"- JAX backend: {known(record['backend'])}; devices: "
       f"{known(record['devices'])}",
-      "- versions: " + ", ".join(f"{k} {x}" for k, x in v.items()
-                                 if x is not None),
+      "- versions: "
+      + ", ".join(f"{k} {x}" for k, x in v.items() if x is not None),
       f"- load average (1, 5, 15 min) at start / end: "
       f"{known(record['load_average_at_start'])} / "
       f"{known(record['load_average_at_end'])}",
-  ])
+    ]
+  )
 
 
 # --------------------------------------------------------------------------
@@ -255,7 +280,6 @@ def machine_markdown(record: dict[str, Any]) -> str:
 def progress(*args: Any) -> None:
   """``print``, flushed at once: long runs' logs show where they are."""
   print(*args, flush=True)
-
 
 
 def command_line(script: str, argv: Sequence[str] | None) -> str:
@@ -276,12 +300,14 @@ def command_line(script: str, argv: Sequence[str] | None) -> str:
       skip = True
     elif not a.startswith("--out="):
       kept.append(a)
-  return shlex.join(["python", f"benchmarks/{pathlib.Path(script).name}",
-                     *kept])
+  return shlex.join(
+    ["python", f"benchmarks/{pathlib.Path(script).name}", *kept]
+  )
 
 
-def argument_parser(doc: str | None,
-                    name: str | None) -> argparse.ArgumentParser:
+def argument_parser(
+  doc: str | None, name: str | None
+) -> argparse.ArgumentParser:
   """A parser with the options every benchmark script takes.
 
   Args:
@@ -294,27 +320,37 @@ def argument_parser(doc: str | None,
     :func:`parse_args`.
   """
   parser = argparse.ArgumentParser(
-      description=(doc or "").strip().split("\n")[0])
+    description=(doc or "").strip().split("\n")[0]
+  )
   parser.add_argument(
-      "--quick", action="store_true",
-      help="a small, fast run (smoke test; also MADAM_QUICK=1); writes "
-      "results only when --out is given")
+    "--quick",
+    action="store_true",
+    help="a small, fast run (smoke test; also MADAM_QUICK=1); writes "
+    "results only when --out is given",
+  )
   parser.add_argument(
-      "--out", default=None,
-      help="results folder (default benchmarks/results; none with --quick); "
-      "'-' writes nothing")
-  parser.add_argument("--name", default=name,
-                      help="file stem of the results"
-                      + (f" (default {name})" if name else ""))
+    "--out",
+    default=None,
+    help="results folder (default benchmarks/results; none with --quick); "
+    "'-' writes nothing",
+  )
   parser.add_argument(
-      "--replot", action="store_true",
-      help="rewrite <name>.md (and the figure) from <out>/<name>.json; "
-      "measures nothing")
+    "--name",
+    default=name,
+    help="file stem of the results" + (f" (default {name})" if name else ""),
+  )
+  parser.add_argument(
+    "--replot",
+    action="store_true",
+    help="rewrite <name>.md (and the figure) from <out>/<name>.json; "
+    "measures nothing",
+  )
   return parser
 
 
-def results_dir(out: str | None, *, quick: bool,
-                replot: bool = False) -> pathlib.Path | None:
+def results_dir(
+  out: str | None, *, quick: bool, replot: bool = False
+) -> pathlib.Path | None:
   """Where results go: ``--out``, else ``benchmarks/results`` unless quick.
 
   Example:
@@ -332,8 +368,9 @@ def results_dir(out: str | None, *, quick: bool,
   return None if quick and not replot else RESULTS_DIR
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
-               script: str) -> argparse.Namespace:
+def parse_args(
+  parser: argparse.ArgumentParser, argv: Sequence[str] | None, script: str
+) -> argparse.Namespace:
   """Parses ``argv`` (``sys.argv[1:]`` if ``None``) and resolves the options.
 
   ``args.quick`` is also set by ``MADAM_QUICK=1``; ``args.out`` becomes a
@@ -351,7 +388,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
   args.quick = args.quick or os.environ.get("MADAM_QUICK") == "1"
   args.out = results_dir(args.out, quick=args.quick, replot=args.replot)
   args.command = command_line(
-      script, argv if argv is not None else sys.argv[1:])
+    script, argv if argv is not None else sys.argv[1:]
+  )
   return args
 
 
@@ -368,6 +406,7 @@ class Report(NamedTuple):
       it reads only what the JSON holds, so ``--replot`` can call it.
     figure: ``(results, pyplot) -> figure``, or ``None`` for no figure.
   """
+
   title: str
   body: Callable[[dict[str, Any]], str]
   figure: Callable[[dict[str, Any], Any], Any] | None = None
@@ -385,18 +424,21 @@ def markdown(name: str, results: dict[str, Any], report: Report) -> str:
   files = f"Raw numbers: `{name}.json`."
   if report.figure is not None:
     files += f" Figure: `{name}.png`."
-  return (f"# {report.title}\n\n{machine_markdown(results['machine'])}\n\n"
-          f"{report.body(results).rstrip()}\n\n{files}\n")
+  return (
+    f"# {report.title}\n\n{machine_markdown(results['machine'])}\n\n"
+    f"{report.body(results).rstrip()}\n\n{files}\n"
+  )
 
 
 def _json_default(x: Any) -> Any:
-  if hasattr(x, "tolist"):        # NumPy and JAX scalars and arrays
+  if hasattr(x, "tolist"):  # NumPy and JAX scalars and arrays
     return x.tolist()
   raise TypeError(f"{type(x).__name__} is not JSON serialisable: {x!r}")
 
 
-def render(out: pathlib.Path, name: str, results: dict[str, Any],
-           report: Report) -> list[pathlib.Path]:
+def render(
+  out: pathlib.Path, name: str, results: dict[str, Any], report: Report
+) -> list[pathlib.Path]:
   """Writes ``<name>.md`` (and ``<name>.png``) from ``results``; no JSON.
 
   Returns:
@@ -407,8 +449,10 @@ def render(out: pathlib.Path, name: str, results: dict[str, Any],
   paths[0].write_text(markdown(name, results, report), encoding="utf-8")
   if report.figure is not None:
     import matplotlib  # pylint: disable=import-outside-toplevel
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
     fig = report.figure(results, plt)
     fig.tight_layout()
     paths.append(out / f"{name}.png")
@@ -417,9 +461,13 @@ def render(out: pathlib.Path, name: str, results: dict[str, Any],
   return paths
 
 
-def write_results(out: pathlib.Path | None, name: str,
-                  results: dict[str, Any], report: Report,
-                  log: Callable[..., Any] = progress) -> list[pathlib.Path]:
+def write_results(
+  out: pathlib.Path | None,
+  name: str,
+  results: dict[str, Any],
+  report: Report,
+  log: Callable[..., Any] = progress,
+) -> list[pathlib.Path]:
   """Stamps the end-of-run load average and writes the results.
 
   Args:
@@ -440,8 +488,10 @@ def write_results(out: pathlib.Path | None, name: str,
     return []
   out.mkdir(parents=True, exist_ok=True)
   path = out / f"{name}.json"
-  path.write_text(json.dumps(results, indent=1, default=_json_default) + "\n",
-                  encoding="utf-8")
+  path.write_text(
+    json.dumps(results, indent=1, default=_json_default) + "\n",
+    encoding="utf-8",
+  )
   paths = [path] + render(out, name, results, report)
   log("wrote " + ", ".join(str(p) for p in paths))
   return paths
@@ -453,16 +503,21 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
     return upgrade_record(json.load(f))
 
 
-def replot(out: pathlib.Path | None, name: str, report: Report,
-           log: Callable[..., Any] = progress) -> dict[str, Any]:
+def replot(
+  out: pathlib.Path | None,
+  name: str,
+  report: Report,
+  log: Callable[..., Any] = progress,
+) -> dict[str, Any]:
   """Rewrites ``<name>.md`` (and the figure) from ``<out>/<name>.json``.
 
   The JSON itself is left as it is. Returns the results read.
   """
   out = RESULTS_DIR if out is None else out
   results = read_results(out / f"{name}.json")
-  log("rewrote " + ", ".join(str(p) for p in render(out, name, results,
-                                                     report)))
+  log(
+    "rewrote " + ", ".join(str(p) for p in render(out, name, results, report))
+  )
   return results
 
 
@@ -509,14 +564,19 @@ def mlp_params(dims: Sequence[int], seed: int = 0) -> dict[str, Any]:
   params = {}
   keys = jax.random.split(jax.random.key(seed), len(dims) - 1)
   for i, (a, b, k) in enumerate(zip(dims[:-1], dims[1:], keys)):
-    params[f"dense{i}"] = {"kernel": jax.random.normal(k, (a, b)) / np.sqrt(a),
-                           "bias": jnp.zeros(b)}
+    params[f"dense{i}"] = {
+      "kernel": jax.random.normal(k, (a, b)) / np.sqrt(a),
+      "bias": jnp.zeros(b),
+    }
   return params
 
 
 def stored_for_training(
-    params: Any, tx: optax.GradientTransformation,
-    fmt: madam_optax.LNSFormat | None = None, *, additive: bool = True,
+  params: Any,
+  tx: optax.GradientTransformation,
+  fmt: madam_optax.LNSFormat | None = None,
+  *,
+  additive: bool = True,
 ) -> tuple[dict[str, Any], optax.GradientTransformation]:
   """The weights as a training run stores them, and the optimizer for them.
 
@@ -546,16 +606,19 @@ def stored_for_training(
   """
   stored = {"params": params}
   if fmt is not None:
-    stored["params"], stored["scales"] = madam_optax.lns_encode_tree(params,
-                                                                     fmt)
+    stored["params"], stored["scales"] = madam_optax.lns_encode_tree(
+      params, fmt
+    )
   if additive:
-    tx = madam_optax.with_additive_fallback(stored["params"], tx,
-                                            optax.adam(1e-3))
+    tx = madam_optax.with_additive_fallback(
+      stored["params"], tx, optax.adam(1e-3)
+    )
   return stored, tx
 
 
-def update_and_apply(tx: optax.GradientTransformation, grads: Any,
-                     state: Any, params: Any) -> tuple[Any, Any]:
+def update_and_apply(
+  tx: optax.GradientTransformation, grads: Any, state: Any, params: Any
+) -> tuple[Any, Any]:
   """One optimizer step: ``tx.update`` then ``optax.apply_updates``.
 
   Returns:

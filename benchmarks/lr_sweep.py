@@ -73,17 +73,17 @@ SHORT = {"madam": "Madam", "adam": "Adam", "sgd": "SGD"}
 # "step": the paper's step decay; "cosine": decay to 0 over the run;
 # "constant": no decay (the examples' default).
 SCHEDULES = ("step", "cosine", "constant")
-DECAY_AT = (1 / 3, 2 / 3)      # fractions of the run where the rate drops
+DECAY_AT = (1 / 3, 2 / 3)  # fractions of the run where the rate drops
 DECAY_FACTOR = 0.1
 # The budget x1: each task's training steps (sized so that the x1 arm runs in
 # about half an hour on a shared 2-core CPU). Quick runs use QUICK_STEPS.
 BASE_STEPS = {"mlp": 500, "cnn": 200, "transformer": 300, "gan": 1000}
 QUICK_STEPS = 10
 BUDGETS = (1, 4, 16)
-MAX_BUDGET = {"gan": 4}        # the GAN is not run at x16
-COSINE_BUDGETS = (4,)          # the cosine arm
+MAX_BUDGET = {"gan": 4}  # the GAN is not run at x16
+COSINE_BUDGETS = (4,)  # the cosine arm
 P_SCALES = (1.0, 2.0, 3.0)
-P_SCALE_BUDGETS = (4,)         # where Madam's p_scale is swept (step decay)
+P_SCALE_BUDGETS = (4,)  # where Madam's p_scale is swept (step decay)
 
 
 # --------------------------------------------------------------------------
@@ -95,6 +95,7 @@ class Cell(NamedTuple):
 
   ``p_scale`` is Madam's (``None`` for Adam and SGD).
   """
+
   task: str
   budget: int
   schedule: str
@@ -113,13 +114,16 @@ def default_p_scale(task: str) -> float:
   return 2.0 if task == "transformer" else 3.0
 
 
-def plan(tasks: Sequence[str] = tasks_lib.TASKS,
-         budgets: Sequence[int] = BUDGETS,
-         schedules: Sequence[str] = ("step", "cosine"),
-         optimizers: Sequence[str] = OPTIMIZERS,
-         p_scales: Sequence[float] = P_SCALES, *,
-         cosine_budgets: Sequence[int] = COSINE_BUDGETS,
-         p_scale_budgets: Sequence[int] = P_SCALE_BUDGETS) -> list[Cell]:
+def plan(
+  tasks: Sequence[str] = tasks_lib.TASKS,
+  budgets: Sequence[int] = BUDGETS,
+  schedules: Sequence[str] = ("step", "cosine"),
+  optimizers: Sequence[str] = OPTIMIZERS,
+  p_scales: Sequence[float] = P_SCALES,
+  *,
+  cosine_budgets: Sequence[int] = COSINE_BUDGETS,
+  p_scale_budgets: Sequence[int] = P_SCALE_BUDGETS,
+) -> list[Cell]:
   """The cells of the study, in the order they run.
 
   Budget by budget; within a budget, the step-decay arm before the others,
@@ -142,12 +146,20 @@ def plan(tasks: Sequence[str] = tasks_lib.TASKS,
         if budget > MAX_BUDGET.get(task, budget):
           continue
         p0 = default_p_scale(task)
-        cells += [Cell(task, budget, schedule, o,
-                       p0 if o == "madam" else None) for o in optimizers]
-        if ("madam" in optimizers and schedule == "step"
-            and budget in p_scale_budgets):
-          cells += [Cell(task, budget, schedule, "madam", float(p))
-                    for p in p_scales if float(p) != p0]
+        cells += [
+          Cell(task, budget, schedule, o, p0 if o == "madam" else None)
+          for o in optimizers
+        ]
+        if (
+          "madam" in optimizers
+          and schedule == "step"
+          and budget in p_scale_budgets
+        ):
+          cells += [
+            Cell(task, budget, schedule, "madam", float(p))
+            for p in p_scales
+            if float(p) != p0
+          ]
   return cells
 
 
@@ -155,8 +167,9 @@ def plan(tasks: Sequence[str] = tasks_lib.TASKS,
 # Running one cell.
 
 
-def learning_rate_schedule(learning_rate: Any, schedule: str,
-                           steps: int) -> Any:
+def learning_rate_schedule(
+  learning_rate: Any, schedule: str, steps: int
+) -> Any:
   """The (peak) ``learning_rate`` under ``schedule`` over a run of ``steps``.
 
   ``"step"`` is the paper's decay: the rate times ``DECAY_FACTOR`` (0.1) from
@@ -169,13 +182,13 @@ def learning_rate_schedule(learning_rate: Any, schedule: str,
     [0.5, 0.5, 0.05, 0.05, 0.005, 0.005]
   """
   if schedule != "step":
-    return optimizers_lib.learning_rate_schedule(learning_rate, schedule,
-                                                 steps)
+    return optimizers_lib.learning_rate_schedule(learning_rate, schedule, steps)
   boundaries = [int(steps * f) for f in DECAY_AT]
   if len(set(boundaries)) < len(boundaries) or boundaries[0] < 1:
     raise ValueError(f"step decay needs at least 3 steps, not {steps}.")
   return optax.piecewise_constant_schedule(
-      learning_rate, dict.fromkeys(boundaries, DECAY_FACTOR))
+    learning_rate, dict.fromkeys(boundaries, DECAY_FACTOR)
+  )
 
 
 def optimizer_factory(cell: Cell, steps: int) -> Callable[[Any, Any], Any]:
@@ -189,8 +202,10 @@ def optimizer_factory(cell: Cell, steps: int) -> Callable[[Any, Any], Any]:
 
   def make(learning_rate, params):
     lr = learning_rate_schedule(learning_rate, cell.schedule, steps)
-    return optimizers_lib.make_optimizer(cell.optimizer, lr, params,
-                                         p_scale=p_scale)
+    return optimizers_lib.make_optimizer(
+      cell.optimizer, lr, params, p_scale=p_scale
+    )
+
   return make
 
 
@@ -200,14 +215,23 @@ def run_cell(task, cell: Cell, seeds: int, steps: int) -> np.ndarray:
   One jitted program: the rates and seeds are one ``vmap`` axis; the model
   is evaluated once, after the last step.
   """
-  run = loop.make_run_fn(task, optimizer_factory(cell, steps), steps, steps,
-                         schedule="constant")
+  run = loop.make_run_fn(
+    task, optimizer_factory(cell, steps), steps, steps, schedule="constant"
+  )
   lrs = jnp.repeat(jnp.asarray(LEARNING_RATES, jnp.float32), seeds)
-  keys = jnp.stack([jax.random.key_data(jax.random.key(s))
-                    for _ in LEARNING_RATES for s in range(seeds)])
-  fn = jax.jit(jax.vmap(
+  keys = jnp.stack(
+    [
+      jax.random.key_data(jax.random.key(s))
+      for _ in LEARNING_RATES
+      for s in range(seeds)
+    ]
+  )
+  fn = jax.jit(
+    jax.vmap(
       lambda k, lr, d: run(jax.random.wrap_key_data(k), lr, d),
-      in_axes=(0, 0, None)))
+      in_axes=(0, 0, None),
+    )
+  )
   history = jax.device_get(fn(keys, lrs, task.data))
   final = np.asarray(history[task.metric][:, -1], np.float64)
   return final.reshape(len(LEARNING_RATES), seeds)
@@ -238,8 +262,9 @@ def best_rate(values: Any, higher_is_better: bool) -> float | None:
   return LEARNING_RATES[i]
 
 
-def overlapping_rates(values: Any, higher_is_better: bool, *,
-                      log_scale: bool = False) -> list[float]:
+def overlapping_rates(
+  values: Any, higher_is_better: bool, *, log_scale: bool = False
+) -> list[float]:
   """The other rates whose mean ± std (over seeds) overlaps the best's.
 
   The best rate is chosen by the mean; a rate listed here is not clearly
@@ -270,8 +295,11 @@ def overlapping_rates(values: Any, higher_is_better: bool, *,
     v = np.log(v)
   means, stds = v.mean(axis=1), v.std(axis=1)
   i = LEARNING_RATES.index(best)
-  return [lr for j, lr in enumerate(LEARNING_RATES) if j != i and finite[j]
-          and abs(means[j] - means[i]) <= stds[j] + stds[i]]
+  return [
+    lr
+    for j, lr in enumerate(LEARNING_RATES)
+    if j != i and finite[j] and abs(means[j] - means[i]) <= stds[j] + stds[i]
+  ]
 
 
 def spread_decades(rates: Sequence[float]) -> float:
@@ -287,8 +315,13 @@ def spread_decades(rates: Sequence[float]) -> float:
 
 
 def cell_from_record(record: dict[str, Any]) -> Cell:
-  return Cell(record["task"], record["budget"], record["schedule"],
-              record["optimizer"], record["p_scale"])
+  return Cell(
+    record["task"],
+    record["budget"],
+    record["schedule"],
+    record["optimizer"],
+    record["p_scale"],
+  )
 
 
 def main_cells(results: dict[str, Any]) -> dict[Cell, dict[str, Any]]:
@@ -304,8 +337,10 @@ def main_cells(results: dict[str, Any]) -> dict[Cell, dict[str, Any]]:
 def best_rates(results: dict[str, Any]) -> dict[Cell, float | None]:
   """Each main cell's best rate (mean over seeds; diverged runs worst)."""
   tasks = results["tasks"]
-  return {c: best_rate(r["values"], tasks[c.task]["higher_is_better"])
-          for c, r in main_cells(results).items()}
+  return {
+    c: best_rate(r["values"], tasks[c.task]["higher_is_better"])
+    for c, r in main_cells(results).items()
+  }
 
 
 def near_best(values: Any, task: dict[str, Any]) -> list[float]:
@@ -319,14 +354,17 @@ def near_best(values: Any, task: dict[str, Any]) -> list[float]:
   if best is None:
     return []
   return [best] + overlapping_rates(
-      values, hib, log_scale=task["metric"] in LOG_METRICS)
+    values, hib, log_scale=task["metric"] in LOG_METRICS
+  )
 
 
 def _near_best(results: dict[str, Any]) -> dict[Cell, set[float]]:
   """Each main cell's best rate and the rates that overlap it."""
   tasks = results["tasks"]
-  return {c: set(near_best(r["values"], tasks[c.task]))
-          for c, r in main_cells(results).items()}
+  return {
+    c: set(near_best(r["values"], tasks[c.task]))
+    for c, r in main_cells(results).items()
+  }
 
 
 def spreads(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
@@ -347,16 +385,23 @@ def spreads(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
   def common(cells):
     return sorted(set.intersection(*(near[c] for c in cells)), reverse=True)
+
   groups: dict[tuple, dict] = {}
   for c in best:
     groups.setdefault((c.optimizer, c.budget, c.schedule), {})[c.task] = c
   for (opt, budget, schedule), by_task in groups.items():
     if len(by_task) >= 2:
       rates = {t: best[c] for t, c in by_task.items()}
-      across_tasks.append({"optimizer": opt, "budget": budget,
-                           "schedule": schedule, "best": rates,
-                           "decades": spread_decades(list(rates.values())),
-                           "common": common(by_task.values())})
+      across_tasks.append(
+        {
+          "optimizer": opt,
+          "budget": budget,
+          "schedule": schedule,
+          "best": rates,
+          "decades": spread_decades(list(rates.values())),
+          "common": common(by_task.values()),
+        }
+      )
   groups = {}
   for c in best:
     groups.setdefault((c.optimizer, c.task, c.schedule), {})[c.budget] = c
@@ -364,22 +409,41 @@ def spreads(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     if len(by_budget) >= 2:
       by_budget = dict(sorted(by_budget.items()))
       rates = {b: best[c] for b, c in by_budget.items()}
-      across_budgets.append({
-          "optimizer": opt, "task": task, "schedule": schedule,
-          "best": rates, "decades": spread_decades(list(rates.values())),
-          "common": common(by_budget.values())})
+      across_budgets.append(
+        {
+          "optimizer": opt,
+          "task": task,
+          "schedule": schedule,
+          "best": rates,
+          "decades": spread_decades(list(rates.values())),
+          "common": common(by_budget.values()),
+        }
+      )
   order = {o: i for i, o in enumerate(OPTIMIZERS)}
-  across_tasks.sort(key=lambda s: (order[s["optimizer"]], s["budget"],
-                                   s["schedule"] != "step", s["schedule"]))
-  across_budgets.sort(key=lambda s: (order[s["optimizer"]],
-                                     _task_order(s["task"]),
-                                     s["schedule"] != "step"))
+  across_tasks.sort(
+    key=lambda s: (
+      order[s["optimizer"]],
+      s["budget"],
+      s["schedule"] != "step",
+      s["schedule"],
+    )
+  )
+  across_budgets.sort(
+    key=lambda s: (
+      order[s["optimizer"]],
+      _task_order(s["task"]),
+      s["schedule"] != "step",
+    )
+  )
   return {"across_tasks": across_tasks, "across_budgets": across_budgets}
 
 
 def _task_order(task: str) -> int:
-  return (tasks_lib.TASKS.index(task) if task in tasks_lib.TASKS
-          else len(tasks_lib.TASKS))
+  return (
+    tasks_lib.TASKS.index(task)
+    if task in tasks_lib.TASKS
+    else len(tasks_lib.TASKS)
+  )
 
 
 # --------------------------------------------------------------------------
@@ -402,7 +466,8 @@ def _mean_std(row: np.ndarray) -> str:
   bad = int(np.sum(~np.isfinite(row)))
   finite = row[np.isfinite(row)]
   return f"{bad}/{len(row)} diverged" + (
-      f", rest {_fmt(finite.mean())}" if len(finite) else "")
+    f", rest {_fmt(finite.mean())}" if len(finite) else ""
+  )
 
 
 def _mean_at_best(record: dict[str, Any], task: dict[str, Any]) -> str:
@@ -413,176 +478,245 @@ def _mean_at_best(record: dict[str, Any], task: dict[str, Any]) -> str:
   rate, close = near[0], near[1:]
   row = np.asarray(record["values"], np.float64)[LEARNING_RATES.index(rate)]
   return f"{_rate(rate)}: {_mean_std(row)}" + (
-      " (≈ " + ", ".join(_rate(r) for r in close) + ")" if close else "")
+    " (≈ " + ", ".join(_rate(r) for r in close) + ")" if close else ""
+  )
 
 
 def _sorted_cells(results: dict[str, Any]) -> list[dict[str, Any]]:
   """The cells in plan order (budget, step decay first, task, optimizer)."""
+
   def key(r):
-    return (r["budget"], r["schedule"] != "step", r["schedule"],
-            _task_order(r["task"]), r["p_scale"] is not None
-            and r["p_scale"] != default_p_scale(r["task"]),
-            OPTIMIZERS.index(r["optimizer"]), r["p_scale"] or 0.0)
+    return (
+      r["budget"],
+      r["schedule"] != "step",
+      r["schedule"],
+      _task_order(r["task"]),
+      r["p_scale"] is not None and r["p_scale"] != default_p_scale(r["task"]),
+      OPTIMIZERS.index(r["optimizer"]),
+      r["p_scale"] or 0.0,
+    )
+
   return sorted(results["cells"].values(), key=key)
 
 
 def _arms(results: dict[str, Any]) -> list[tuple[int, str]]:
   """The (budget, schedule) pairs measured, in plan order."""
-  return sorted({(r["budget"], r["schedule"])
-                 for r in results["cells"].values()},
-                key=lambda a: (a[0], a[1] != "step", a[1]))
+  return sorted(
+    {(r["budget"], r["schedule"]) for r in results["cells"].values()},
+    key=lambda a: (a[0], a[1] != "step", a[1]),
+  )
 
 
 def _common(spread: dict[str, Any], *, label: bool = True) -> str:
   rates = ", ".join(_rate(r) for r in spread["common"])
   if not label:
     return rates or "none"
-  return (f"within noise everywhere: {rates}" if rates
-          else "no common rate within noise")
+  return (
+    f"within noise everywhere: {rates}"
+    if rates
+    else "no common rate within noise"
+  )
 
 
 def _spread_section(results: dict[str, Any]) -> list[str]:
   s = spreads(results)
-  lines = ["## The claim in one number: spread of the best rate", "",
-           "For each optimizer, the best rate (by mean over seeds) on each "
-           "task, and how far apart those rates lie in decades: "
-           "log10(largest / smallest); 0 = the same rate everywhere, 2 = a "
-           "factor of 100. The paper's claim is 0 for Madam (0.01 on every "
-           "task) and more for Adam and SGD. \"Within noise everywhere\" "
-           "lists the rates that are the best or not clearly worse (mean ± "
-           "std over seeds overlapping the best's) in every cell compared.",
-           ""]
-  arms = [a for a in _arms(results)
-          if any(x["budget"] == a[0] and x["schedule"] == a[1]
-                 for x in s["across_tasks"])]
+  lines = [
+    "## The claim in one number: spread of the best rate",
+    "",
+    "For each optimizer, the best rate (by mean over seeds) on each "
+    "task, and how far apart those rates lie in decades: "
+    "log10(largest / smallest); 0 = the same rate everywhere, 2 = a "
+    "factor of 100. The paper's claim is 0 for Madam (0.01 on every "
+    'task) and more for Adam and SGD. "Within noise everywhere" '
+    "lists the rates that are the best or not clearly worse (mean ± "
+    "std over seeds overlapping the best's) in every cell compared.",
+    "",
+  ]
+  arms = [
+    a
+    for a in _arms(results)
+    if any(
+      x["budget"] == a[0] and x["schedule"] == a[1] for x in s["across_tasks"]
+    )
+  ]
   if not arms:
     return lines + ["No budget has been measured on two tasks yet.", ""]
-  lines += ["### Across tasks, at each budget", "",
-            "| optimizer | " + " | ".join(f"x{b} {sch}" for b, sch in arms)
-            + " |", "|---" * (len(arms) + 1) + "|"]
+  lines += [
+    "### Across tasks, at each budget",
+    "",
+    "| optimizer | " + " | ".join(f"x{b} {sch}" for b, sch in arms) + " |",
+    "|---" * (len(arms) + 1) + "|",
+  ]
   for opt in OPTIMIZERS:
     cells = []
     for b, sch in arms:
-      hit = [x for x in s["across_tasks"] if x["optimizer"] == opt
-             and x["budget"] == b and x["schedule"] == sch]
+      hit = [
+        x
+        for x in s["across_tasks"]
+        if x["optimizer"] == opt and x["budget"] == b and x["schedule"] == sch
+      ]
       if not hit:
         cells.append("not run")
         continue
       x = hit[0]
-      rates = ", ".join(f"{t} {_rate(r)}" for t, r in sorted(
-          x["best"].items(), key=lambda kv: _task_order(kv[0])))
+      rates = ", ".join(
+        f"{t} {_rate(r)}"
+        for t, r in sorted(x["best"].items(), key=lambda kv: _task_order(kv[0]))
+      )
       cells.append(f"**{x['decades']:g}** ({rates}; {_common(x)})")
     if any(c != "not run" for c in cells):
       lines.append(f"| {SHORT[opt]} | " + " | ".join(cells) + " |")
   lines += [""]
   if s["across_budgets"]:
-    lines += ["### Across budgets, per task", "",
-              "| optimizer | task | schedule | best rate by budget "
-              "(steps) | spread (decades) | within noise at every budget |",
-              "|---|---|---|---|---|---|"]
-    steps = {(r["task"], r["budget"]): r["steps"]
-             for r in results["cells"].values()}
+    lines += [
+      "### Across budgets, per task",
+      "",
+      "| optimizer | task | schedule | best rate by budget "
+      "(steps) | spread (decades) | within noise at every budget |",
+      "|---|---|---|---|---|---|",
+    ]
+    steps = {
+      (r["task"], r["budget"]): r["steps"] for r in results["cells"].values()
+    }
     for x in s["across_budgets"]:
-      by = ", ".join(f"x{b} ({steps[(x['task'], b)]}): {_rate(r)}"
-                     for b, r in x["best"].items())
-      lines.append(f"| {SHORT[x['optimizer']]} | {x['task']} | "
-                   f"{x['schedule']} | {by} | **{x['decades']:g}** | "
-                   f"{_common(x, label=False)} |")
+      by = ", ".join(
+        f"x{b} ({steps[(x['task'], b)]}): {_rate(r)}"
+        for b, r in x["best"].items()
+      )
+      lines.append(
+        f"| {SHORT[x['optimizer']]} | {x['task']} | "
+        f"{x['schedule']} | {by} | **{x['decades']:g}** | "
+        f"{_common(x, label=False)} |"
+      )
     lines += [""]
   return lines
 
 
 def _best_section(results: dict[str, Any]) -> list[str]:
   tasks = results["tasks"]
-  lines = ["## Best rate of each optimizer, by task and budget", "",
-           "Best rate, and the metric there (mean ± std over seeds); "
-           "after ≈, the other rates whose mean ± std overlaps the best's "
-           "(not clearly worse with these seeds; for perplexity and Fréchet "
-           "distance, mean ± std of the logarithms). Madam at the task's "
-           "`p_scale`.", "",
-           "| task (metric) | budget | steps | schedule | "
-           + " | ".join(SHORT[o] for o in OPTIMIZERS) + " |",
-           "|---" * (4 + len(OPTIMIZERS)) + "|"]
+  lines = [
+    "## Best rate of each optimizer, by task and budget",
+    "",
+    "Best rate, and the metric there (mean ± std over seeds); "
+    "after ≈, the other rates whose mean ± std overlaps the best's "
+    "(not clearly worse with these seeds; for perplexity and Fréchet "
+    "distance, mean ± std of the logarithms). Madam at the task's "
+    "`p_scale`.",
+    "",
+    "| task (metric) | budget | steps | schedule | "
+    + " | ".join(SHORT[o] for o in OPTIMIZERS)
+    + " |",
+    "|---" * (4 + len(OPTIMIZERS)) + "|",
+  ]
   main = main_cells(results)
-  rows = sorted({(c.task, c.budget, c.schedule) for c in main},
-                key=lambda r: (_task_order(r[0]), r[1], r[2] != "step"))
+  rows = sorted(
+    {(c.task, c.budget, c.schedule) for c in main},
+    key=lambda r: (_task_order(r[0]), r[1], r[2] != "step"),
+  )
   for task, budget, schedule in rows:
     t = tasks[task]
     cells = []
     steps = None
     for opt in OPTIMIZERS:
-      hit = [c for c in main if (c.task, c.budget, c.schedule, c.optimizer)
-             == (task, budget, schedule, opt)]
+      hit = [
+        c
+        for c in main
+        if (c.task, c.budget, c.schedule, c.optimizer)
+        == (task, budget, schedule, opt)
+      ]
       if not hit:
         cells.append("not run")
         continue
       steps = main[hit[0]]["steps"]
       cells.append(_mean_at_best(main[hit[0]], t))
-    lines.append(f"| {task} ({t['metric'].replace('_', ' ')}) | x{budget} | "
-                 f"{steps} | {schedule} | " + " | ".join(cells) + " |")
+    lines.append(
+      f"| {task} ({t['metric'].replace('_', ' ')}) | x{budget} | "
+      f"{steps} | {schedule} | " + " | ".join(cells) + " |"
+    )
   return lines + [""]
 
 
 def _p_scale_section(results: dict[str, Any]) -> list[str]:
   tasks = results["tasks"]
-  records = [r for r in results["cells"].values()
-             if r["optimizer"] == "madam"]
+  records = [r for r in results["cells"].values() if r["optimizer"] == "madam"]
   groups: dict[tuple, dict] = {}
   for r in records:
-    groups.setdefault((r["task"], r["budget"], r["schedule"]),
-                      {})[r["p_scale"]] = r
+    groups.setdefault((r["task"], r["budget"], r["schedule"]), {})[
+      r["p_scale"]
+    ] = r
   groups = {k: v for k, v in groups.items() if len(v) >= 2}
   lines = ["## Madam's `p_scale`", ""]
   if not groups:
-    return lines + ["Not measured yet: no task has Madam cells at two "
-                    "`p_scale` values.", ""]
+    return lines + [
+      "Not measured yet: no task has Madam cells at two `p_scale` values.",
+      "",
+    ]
   p_all = sorted({p for v in groups.values() for p in v})
-  lines += ["Madam's best rate and the metric there, by `p_scale` (the "
-            "weight bound as a multiple of each tensor's initial RMS); ≈ as "
-            "above.", "",
-            "| task | budget | schedule | " + " | ".join(
-                f"p_scale {p:g}" for p in p_all) + " |",
-            "|---" * (3 + len(p_all)) + "|"]
+  lines += [
+    "Madam's best rate and the metric there, by `p_scale` (the "
+    "weight bound as a multiple of each tensor's initial RMS); ≈ as "
+    "above.",
+    "",
+    "| task | budget | schedule | "
+    + " | ".join(f"p_scale {p:g}" for p in p_all)
+    + " |",
+    "|---" * (3 + len(p_all)) + "|",
+  ]
   for (task, budget, schedule), by_p in sorted(
-      groups.items(), key=lambda kv: (_task_order(kv[0][0]), kv[0][1])):
+    groups.items(), key=lambda kv: (_task_order(kv[0][0]), kv[0][1])
+  ):
     cells = []
     for p in p_all:
       if p not in by_p:
         cells.append("not run")
         continue
       cells.append(_mean_at_best(by_p[p], tasks[task]))
-    lines.append(f"| {task} | x{budget} | {schedule} | " + " | ".join(cells)
-                 + " |")
+    lines.append(
+      f"| {task} | x{budget} | {schedule} | " + " | ".join(cells) + " |"
+    )
   return lines + [""]
 
 
 def _tables_section(results: dict[str, Any]) -> list[str]:
   tasks = results["tasks"]
-  lines = ["## Every cell", "",
-           "Mean ± standard deviation (over seeds, ddof=0) of the final "
-           "held-out metric after the last step. A cell with diverged runs "
-           "(non-finite metric) says how many; for choosing the best rate "
-           "they count as the worst possible value.", ""]
+  lines = [
+    "## Every cell",
+    "",
+    "Mean ± standard deviation (over seeds, ddof=0) of the final "
+    "held-out metric after the last step. A cell with diverged runs "
+    "(non-finite metric) says how many; for choosing the best rate "
+    "they count as the worst possible value.",
+    "",
+  ]
   groups: dict[tuple, list] = {}
   for r in _sorted_cells(results):
     groups.setdefault((r["task"], r["budget"], r["schedule"]), []).append(r)
   for (task, budget, schedule), records in sorted(
-      groups.items(), key=lambda kv: (_task_order(kv[0][0]), kv[0][1],
-                                      kv[0][2] != "step")):
+    groups.items(),
+    key=lambda kv: (_task_order(kv[0][0]), kv[0][1], kv[0][2] != "step"),
+  ):
     t = tasks[task]
     arrow = "higher is better" if t["higher_is_better"] else "lower is better"
-    lines += [f"### {task} x{budget}, {schedule}: {t['description']}", "",
-              f"{t['metric']} ({arrow}), {records[0]['steps']} steps", "",
-              "| optimizer | " + " | ".join(f"lr={lr:g}"
-                                          for lr in LEARNING_RATES)
-              + " | best |", "|---" * (len(LEARNING_RATES) + 2) + "|"]
+    lines += [
+      f"### {task} x{budget}, {schedule}: {t['description']}",
+      "",
+      f"{t['metric']} ({arrow}), {records[0]['steps']} steps",
+      "",
+      "| optimizer | "
+      + " | ".join(f"lr={lr:g}" for lr in LEARNING_RATES)
+      + " | best |",
+      "|---" * (len(LEARNING_RATES) + 2) + "|",
+    ]
     for r in records:
       label = LABELS[r["optimizer"]]
       if r["p_scale"] is not None:
         label += f", p_scale {r['p_scale']:g}"
       v = np.asarray(r["values"], np.float64)
-      lines.append(f"| {label} | " + " | ".join(_mean_std(row) for row in v)
-                   + f" | {_rate(best_rate(v, t['higher_is_better']))} |")
+      lines.append(
+        f"| {label} | "
+        + " | ".join(_mean_std(row) for row in v)
+        + f" | {_rate(best_rate(v, t['higher_is_better']))} |"
+      )
     lines.append("")
   return lines
 
@@ -593,22 +727,30 @@ def _remaining_section(results: dict[str, Any]) -> list[str]:
   lines = ["## Cells of the full study not measured yet", ""]
   if not todo:
     return lines + ["None: every cell of the full study is measured.", ""]
-  return lines + [f"{len(todo)} of {len(plan())}: " + ", ".join(
-      f"`{k}`" for k in todo) + ".", "",
-      "Resume with `nice python benchmarks/lr_sweep.py --resume`.", ""]
+  return lines + [
+    f"{len(todo)} of {len(plan())}: " + ", ".join(f"`{k}`" for k in todo) + ".",
+    "",
+    "Resume with `nice python benchmarks/lr_sweep.py --resume`.",
+    "",
+  ]
 
 
 def _where_section(results: dict[str, Any]) -> list[str]:
-  lines = ["## Where each cell ran", "",
-           "| cell | steps | seconds | date | command | machine | backend "
-           "| load at start |", "|---|---|---|---|---|---|---|---|"]
+  lines = [
+    "## Where each cell ran",
+    "",
+    "| cell | steps | seconds | date | command | machine | backend "
+    "| load at start |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
   for r in _sorted_cells(results):
     m = r["machine"]
     lines.append(
-        f"| `{cell_from_record(r).key}` | {r['steps']} | {r['seconds']:.0f} "
-        f"| {m['date_utc']} | `{m['command']}` | {m['cpu']}, {m['cores']} "
-        f"cores | {m['backend']}: {m['devices']} | "
-        f"{m['load_average_at_start']} |")
+      f"| `{cell_from_record(r).key}` | {r['steps']} | {r['seconds']:.0f} "
+      f"| {m['date_utc']} | `{m['command']}` | {m['cpu']}, {m['cores']} "
+      f"cores | {m['backend']}: {m['devices']} | "
+      f"{m['load_average_at_start']} |"
+    )
   return lines + [""]
 
 
@@ -616,15 +758,19 @@ def markdown_body(results: dict[str, Any]) -> str:
   """The report below the machine record (read from the JSON only)."""
   settings = results["settings"]
   lines = [
-      f"Settings: {json.dumps(settings)}", "",
-      "Protocol: every optimizer under the same schedule, the rate swept "
-      "over " + ", ".join(f"{lr:g}" for lr in LEARNING_RATES) + "; `step` is "
-      "the paper's step decay (the rate x0.1 at 1/3 and at 2/3 of the run), "
-      "`cosine` decays it to 0. A budget xN is N times the task's base "
-      "steps. The machine above is the last sitting's; each cell's own is "
-      "in the last table.", "",
-      "Reproduce or continue: `nice python benchmarks/lr_sweep.py --resume` "
-      "(`--replot` rewrites this report and the figures from the JSON).", ""]
+    f"Settings: {json.dumps(settings)}",
+    "",
+    "Protocol: every optimizer under the same schedule, the rate swept "
+    "over " + ", ".join(f"{lr:g}" for lr in LEARNING_RATES) + "; `step` is "
+    "the paper's step decay (the rate x0.1 at 1/3 and at 2/3 of the run), "
+    "`cosine` decays it to 0. A budget xN is N times the task's base "
+    "steps. The machine above is the last sitting's; each cell's own is "
+    "in the last table.",
+    "",
+    "Reproduce or continue: `nice python benchmarks/lr_sweep.py --resume` "
+    "(`--replot` rewrites this report and the figures from the JSON).",
+    "",
+  ]
   if not results["cells"]:
     return "\n".join(lines + ["No cell has been measured yet.", ""])
   lines += _spread_section(results)
@@ -645,7 +791,7 @@ P_STYLES = {1.0: ":", 2.0: "-.", 3.0: "--"}
 def _curve(values: Any) -> tuple[np.ndarray, np.ndarray]:
   v = np.asarray(values, np.float64)
   finite = np.where(np.isfinite(v), v, np.nan)
-  with warnings.catch_warnings():   # all-diverged rows: NaN, not plotted
+  with warnings.catch_warnings():  # all-diverged rows: NaN, not plotted
     warnings.simplefilter("ignore", RuntimeWarning)
     return np.nanmean(finite, axis=1), np.nanstd(finite, axis=1)
 
@@ -663,36 +809,68 @@ def figure(results: dict[str, Any], plt):
     fig.text(0.5, 0.5, "No cell measured yet", ha="center")
     return fig
   arms = _arms(results)
-  fig, axes = plt.subplots(len(arms), len(names),
-                           figsize=(3.6 * len(names), 2.9 * len(arms)),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    len(arms),
+    len(names),
+    figsize=(3.6 * len(names), 2.9 * len(arms)),
+    squeeze=False,
+  )
   for row, (budget, schedule) in zip(axes, arms):
     for ax, name in zip(row, names):
       t = tasks[name]
-      records = [r for r in _sorted_cells(results) if r["task"] == name
-                 and r["budget"] == budget and r["schedule"] == schedule]
+      records = [
+        r
+        for r in _sorted_cells(results)
+        if r["task"] == name
+        and r["budget"] == budget
+        and r["schedule"] == schedule
+      ]
       if not records:
         ax.set_axis_off()
-        ax.text(0.5, 0.5, f"{name} x{budget} {schedule}:\nnot run",
-                ha="center", va="center", fontsize=9, color="grey")
+        ax.text(
+          0.5,
+          0.5,
+          f"{name} x{budget} {schedule}:\nnot run",
+          ha="center",
+          va="center",
+          fontsize=9,
+          color="grey",
+        )
         continue
-      ax.set_title(f"{name} x{budget} ({records[0]['steps']} steps), "
-                   f"{schedule}", fontsize=9)
+      ax.set_title(
+        f"{name} x{budget} ({records[0]['steps']} steps), {schedule}",
+        fontsize=9,
+      )
       for r in records:
         opt, p = r["optimizer"], r["p_scale"]
         mean, std = _curve(r["values"])
         main = p in (None, default_p_scale(name))
         label = SHORT[opt] if main else f"Madam p_scale {p:g}"
-        ax.errorbar(LEARNING_RATES, mean, yerr=std if main else None,
-                    marker="o" if main else None, ms=3, capsize=2,
-                    color=COLOURS[opt], lw=1.5 if main else 1.0,
-                    ls="-" if main else P_STYLES.get(p, "--"),
-                    alpha=1.0 if main else 0.7, label=label)
+        ax.errorbar(
+          LEARNING_RATES,
+          mean,
+          yerr=std if main else None,
+          marker="o" if main else None,
+          ms=3,
+          capsize=2,
+          color=COLOURS[opt],
+          lw=1.5 if main else 1.0,
+          ls="-" if main else P_STYLES.get(p, "--"),
+          alpha=1.0 if main else 0.7,
+          label=label,
+        )
         rate = best_rate(r["values"], t["higher_is_better"])
         if main and rate is not None:
           i = LEARNING_RATES.index(rate)
-          ax.plot([rate], [mean[i]], marker="*", ms=13, color=COLOURS[opt],
-                  markeredgecolor="black", ls="none")
+          ax.plot(
+            [rate],
+            [mean[i]],
+            marker="*",
+            ms=13,
+            color=COLOURS[opt],
+            markeredgecolor="black",
+            ls="none",
+          )
       ax.set_xscale("log")
       if t["metric"] in LOG_METRICS:
         ax.set_yscale("log")
@@ -706,9 +884,12 @@ def figure(results: dict[str, Any], plt):
       ax.tick_params(labelsize=7)
       ax.grid(alpha=0.3)
       ax.legend(fontsize=6)
-  fig.suptitle("Final held-out metric against learning rate\n(mean ± std "
-               "over seeds; star: best rate; diverged runs omitted; log "
-               f"axes show up to {CLIP:g}x the best)", fontsize=10)
+  fig.suptitle(
+    "Final held-out metric against learning rate\n(mean ± std "
+    "over seeds; star: best rate; diverged runs omitted; log "
+    f"axes show up to {CLIP:g}x the best)",
+    fontsize=10,
+  )
   return fig
 
 
@@ -724,8 +905,9 @@ def best_rate_figure(results: dict[str, Any], plt):
     fig = plt.figure(figsize=(4, 2))
     fig.text(0.5, 0.5, "No cell measured yet", ha="center")
     return fig
-  fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 3.2),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    1, len(names), figsize=(3.4 * len(names), 3.2), squeeze=False
+  )
   best = best_rates(results)
   steps = {c.key: r["steps"] for c, r in main_cells(results).items()}
   for ax, name in zip(axes[0], names):
@@ -733,20 +915,32 @@ def best_rate_figure(results: dict[str, Any], plt):
       # A small vertical offset per optimizer keeps equal rates visible.
       nudge = 10 ** (0.06 * (k - 1))
       for schedule, filled in (("step", True), ("cosine", False)):
-        points = sorted((steps[c.key], rate) for c, rate in best.items()
-                        if c.task == name and c.optimizer == opt
-                        and c.schedule == schedule and rate is not None)
+        points = sorted(
+          (steps[c.key], rate)
+          for c, rate in best.items()
+          if c.task == name
+          and c.optimizer == opt
+          and c.schedule == schedule
+          and rate is not None
+        )
         if not points:
           continue
         x, y = zip(*points)
         x = np.asarray(x, np.float64) * (1.0 if filled else 1.12)
-        ax.plot(x, np.asarray(y) * nudge, marker="o", color=COLOURS[opt],
-                ls="-" if filled else "none",
-                mfc=COLOURS[opt] if filled else "none", ms=6,
-                label=SHORT[opt] + ("" if filled else ", cosine"))
+        ax.plot(
+          x,
+          np.asarray(y) * nudge,
+          marker="o",
+          color=COLOURS[opt],
+          ls="-" if filled else "none",
+          mfc=COLOURS[opt] if filled else "none",
+          ms=6,
+          label=SHORT[opt] + ("" if filled else ", cosine"),
+        )
     ax.set_xscale("log")
-    ticks = sorted({r["steps"] for c, r in main_cells(results).items()
-                    if c.task == name})
+    ticks = sorted(
+      {r["steps"] for c, r in main_cells(results).items() if c.task == name}
+    )
     if ticks:
       ax.set_xlim(ticks[0] / 1.6, ticks[-1] * 1.6)
       ax.set_xticks(ticks)
@@ -757,8 +951,9 @@ def best_rate_figure(results: dict[str, Any], plt):
     ax.set_yticklabels([f"{lr:g}" for lr in LEARNING_RATES], fontsize=7)
     ax.minorticks_off()
     ax.tick_params(labelsize=7)
-    ax.set_title(f"{name}: {tasks[name]['metric'].replace('_', ' ')}",
-                 fontsize=9)
+    ax.set_title(
+      f"{name}: {tasks[name]['metric'].replace('_', ' ')}", fontsize=9
+    )
     ax.set_xlabel("training steps", fontsize=8)
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel("best learning rate", fontsize=8)
@@ -766,22 +961,30 @@ def best_rate_figure(results: dict[str, Any], plt):
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=6)
       break
-  fig.suptitle("Best learning rate against training steps\n(step decay; "
-               "hollow: cosine)", fontsize=10)
+  fig.suptitle(
+    "Best learning rate against training steps\n(step decay; hollow: cosine)",
+    fontsize=10,
+  )
   return fig
 
 
 REPORT = harness.Report(
-    "Which learning rate? The robustness study (arXiv:2006.14560, Figure 1) "
-    "by budget", markdown_body, figure)
+  "Which learning rate? The robustness study (arXiv:2006.14560, Figure 1) "
+  "by budget",
+  markdown_body,
+  figure,
+)
 
 
-def write_best_rate_figure(out: pathlib.Path, name: str,
-                           results: dict[str, Any]) -> pathlib.Path:
+def write_best_rate_figure(
+  out: pathlib.Path, name: str, results: dict[str, Any]
+) -> pathlib.Path:
   """Writes ``<name>_best.png`` (:func:`best_rate_figure`)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
   fig = best_rate_figure(results, plt)
   fig.tight_layout()
   path = out / f"{name}_best.png"
@@ -790,8 +993,14 @@ def write_best_rate_figure(out: pathlib.Path, name: str,
   return path
 
 
-def save(out: pathlib.Path | None, name: str, results: dict[str, Any],
-         log: Callable[..., Any], *, figures: bool = True) -> None:
+def save(
+  out: pathlib.Path | None,
+  name: str,
+  results: dict[str, Any],
+  log: Callable[..., Any],
+  *,
+  figures: bool = True,
+) -> None:
   """Writes the JSON and the report (and the figures).
 
   The JSON is replaced atomically, so a run stopped at any moment leaves the
@@ -812,13 +1021,15 @@ def save(out: pathlib.Path | None, name: str, results: dict[str, Any],
     paths.append(write_best_rate_figure(out, name, results))
   else:
     paths.append(out / f"{name}.md")
-    paths[-1].write_text(harness.markdown(name, results, REPORT),
-                         encoding="utf-8")
+    paths[-1].write_text(
+      harness.markdown(name, results, REPORT), encoding="utf-8"
+    )
   log("wrote " + ", ".join(str(p) for p in paths))
 
 
-def replot(out: pathlib.Path | None, name: str,
-           log: Callable[..., Any]) -> dict[str, Any]:
+def replot(
+  out: pathlib.Path | None, name: str, log: Callable[..., Any]
+) -> dict[str, Any]:
   """Rewrites the report and both figures from ``<out>/<name>.json``."""
   out = harness.RESULTS_DIR if out is None else out
   results = harness.replot(out, name, REPORT, log)
@@ -836,40 +1047,65 @@ def _csv(kind: Callable[[str], Any], choices: Sequence[Any] | None = None):
     bad = [v for v in values if choices is not None and v not in choices]
     if bad or not values:
       raise argparse.ArgumentTypeError(
-          f"{text!r}: give a comma-separated list"
-          + (f" from {', '.join(map(str, choices))}" if choices else ""))
+        f"{text!r}: give a comma-separated list"
+        + (f" from {', '.join(map(str, choices))}" if choices else "")
+      )
     return values
+
   return parse
 
 
 def parse_args(argv=None):
   parser = harness.argument_parser(__doc__, "lr_sweep")
-  parser.add_argument("--tasks", type=_csv(str, tasks_lib.TASKS),
-                      default=list(tasks_lib.TASKS))
-  parser.add_argument("--optimizers", type=_csv(str, OPTIMIZERS),
-                      default=list(OPTIMIZERS))
-  parser.add_argument("--budgets", type=_csv(int), default=list(BUDGETS),
-                      help="multiples of each task's base steps (default "
-                           "1,4,16; the GAN stops at 4)")
-  parser.add_argument("--schedules", type=_csv(str, SCHEDULES),
-                      default=["step", "cosine"],
-                      help="step decay at every budget; the others only at "
-                           "--cosine-budgets")
-  parser.add_argument("--cosine-budgets", type=_csv(int),
-                      default=list(COSINE_BUDGETS))
-  parser.add_argument("--p-scales", type=_csv(float), default=list(P_SCALES),
-                      help="Madam's p_scale values swept at --p-scale-budgets "
-                           "(step decay)")
-  parser.add_argument("--p-scale-budgets", type=_csv(int),
-                      default=list(P_SCALE_BUDGETS))
-  parser.add_argument("--seeds", type=int, default=None,
-                      help="seeds per rate (default 3; 2 with --quick)")
-  parser.add_argument("--steps", type=int, default=None,
-                      help="base steps for every task (default BASE_STEPS; "
-                           "QUICK_STEPS with --quick)")
-  parser.add_argument("--resume", action="store_true",
-                      help="keep the cells of <out>/<name>.json and run only "
-                           "the others")
+  parser.add_argument(
+    "--tasks", type=_csv(str, tasks_lib.TASKS), default=list(tasks_lib.TASKS)
+  )
+  parser.add_argument(
+    "--optimizers", type=_csv(str, OPTIMIZERS), default=list(OPTIMIZERS)
+  )
+  parser.add_argument(
+    "--budgets",
+    type=_csv(int),
+    default=list(BUDGETS),
+    help="multiples of each task's base steps (default "
+    "1,4,16; the GAN stops at 4)",
+  )
+  parser.add_argument(
+    "--schedules",
+    type=_csv(str, SCHEDULES),
+    default=["step", "cosine"],
+    help="step decay at every budget; the others only at --cosine-budgets",
+  )
+  parser.add_argument(
+    "--cosine-budgets", type=_csv(int), default=list(COSINE_BUDGETS)
+  )
+  parser.add_argument(
+    "--p-scales",
+    type=_csv(float),
+    default=list(P_SCALES),
+    help="Madam's p_scale values swept at --p-scale-budgets (step decay)",
+  )
+  parser.add_argument(
+    "--p-scale-budgets", type=_csv(int), default=list(P_SCALE_BUDGETS)
+  )
+  parser.add_argument(
+    "--seeds",
+    type=int,
+    default=None,
+    help="seeds per rate (default 3; 2 with --quick)",
+  )
+  parser.add_argument(
+    "--steps",
+    type=int,
+    default=None,
+    help="base steps for every task (default BASE_STEPS; "
+    "QUICK_STEPS with --quick)",
+  )
+  parser.add_argument(
+    "--resume",
+    action="store_true",
+    help="keep the cells of <out>/<name>.json and run only the others",
+  )
   args = harness.parse_args(parser, argv, __file__)
   if any(b < 1 for b in args.budgets):
     parser.error("--budgets must be positive integers")
@@ -877,33 +1113,45 @@ def parse_args(argv=None):
 
 
 def _study_settings(seeds: int, quick: bool) -> dict[str, Any]:
-  return {"seeds": seeds, "learning_rates": list(LEARNING_RATES),
-          "quick": quick,
-          "step_decay": {"at_fractions": [round(f, 6) for f in DECAY_AT],
-                         "factor": DECAY_FACTOR},
-          "madam_additive_fallback": (
-              f"zero-initialised leaves (biases, norm offsets) trained by "
-              f"Adam({optimizers_lib.ADDITIVE_FALLBACK_LR:g}), unscheduled, "
-              "via madam_optax.with_additive_fallback")}
+  return {
+    "seeds": seeds,
+    "learning_rates": list(LEARNING_RATES),
+    "quick": quick,
+    "step_decay": {
+      "at_fractions": [round(f, 6) for f in DECAY_AT],
+      "factor": DECAY_FACTOR,
+    },
+    "madam_additive_fallback": (
+      f"zero-initialised leaves (biases, norm offsets) trained by "
+      f"Adam({optimizers_lib.ADDITIVE_FALLBACK_LR:g}), unscheduled, "
+      "via madam_optax.with_additive_fallback"
+    ),
+  }
 
 
 def _start(args, seeds: int, log) -> dict[str, Any]:
   """The results to add cells to: the saved ones with ``--resume``, or new."""
-  results = {"machine": harness.machine_record(args.command),
-             "settings": _study_settings(seeds, bool(args.quick)),
-             "tasks": {}, "cells": {}}
+  results = {
+    "machine": harness.machine_record(args.command),
+    "settings": _study_settings(seeds, bool(args.quick)),
+    "tasks": {},
+    "cells": {},
+  }
   path = None if args.out is None else args.out / f"{args.name}.json"
   if not args.resume or path is None or not path.exists():
     return results
   saved = harness.read_results(path)
   if "cells" not in saved:
-    raise SystemExit(f"{path} holds results in an earlier format (no "
-                     "cells); move it away, or run without --resume.")
+    raise SystemExit(
+      f"{path} holds results in an earlier format (no "
+      "cells); move it away, or run without --resume."
+    )
   if saved["settings"] != results["settings"]:
     raise SystemExit(
-        f"{path} was measured with other settings: "
-        f"{json.dumps(saved['settings'])}; this run has "
-        f"{json.dumps(results['settings'])}. Use another --name or --out.")
+      f"{path} was measured with other settings: "
+      f"{json.dumps(saved['settings'])}; this run has "
+      f"{json.dumps(results['settings'])}. Use another --name or --out."
+    )
   log(f"resuming: {len(saved['cells'])} cells already in {path}")
   return {**saved, "machine": results["machine"]}
 
@@ -914,24 +1162,36 @@ def main(argv=None, log=harness.progress) -> dict:
     return replot(args.out, args.name, log)
   seeds = args.seeds or (2 if args.quick else 3)
   results = _start(args, seeds, log)
-  cells = plan(args.tasks, args.budgets, args.schedules, args.optimizers,
-               args.p_scales, cosine_budgets=args.cosine_budgets,
-               p_scale_budgets=args.p_scale_budgets)
+  cells = plan(
+    args.tasks,
+    args.budgets,
+    args.schedules,
+    args.optimizers,
+    args.p_scales,
+    cosine_budgets=args.cosine_budgets,
+    p_scale_budgets=args.p_scale_budgets,
+  )
   todo = [c for c in cells if c.key not in results["cells"]]
-  log(f"{len(cells) - len(todo)} of {len(cells)} cells done; running "
-      f"{len(todo)}")
+  log(
+    f"{len(cells) - len(todo)} of {len(cells)} cells done; running {len(todo)}"
+  )
   start, built = time.perf_counter(), {}
   for cell in todo:
     if cell.task not in built:
       built[cell.task] = tasks_lib.build_task(cell.task, quick=args.quick)
     task = built[cell.task]
     base = QUICK_STEPS if args.quick else args.steps or BASE_STEPS[cell.task]
-    info = {"description": task.description, "metric": task.metric,
-            "higher_is_better": task.higher_is_better, "base_steps": base}
+    info = {
+      "description": task.description,
+      "metric": task.metric,
+      "higher_is_better": task.higher_is_better,
+      "base_steps": base,
+    }
     known = results["tasks"].setdefault(cell.task, info)
     if known != info:
-      raise SystemExit(f"task {cell.task} differs from the saved one: "
-                       f"{known} against {info}.")
+      raise SystemExit(
+        f"task {cell.task} differs from the saved one: {known} against {info}."
+      )
     steps = cell.budget * base
     record = harness.machine_record(args.command)
     t0 = time.perf_counter()
@@ -939,13 +1199,19 @@ def main(argv=None, log=harness.progress) -> dict:
     seconds = time.perf_counter() - t0
     record["load_average_at_end"] = harness.load_average()
     results["cells"][cell.key] = {
-        **cell._asdict(), "steps": steps, "values": values.tolist(),
-        "seconds": round(seconds, 1), "machine": record}
+      **cell._asdict(),
+      "steps": steps,
+      "values": values.tolist(),
+      "seconds": round(seconds, 1),
+      "machine": record,
+    }
     means, _ = _curve(values)
-    log(f"[{time.perf_counter() - start:7.1f}s] {cell.key:<28} "
-        f"({seconds:6.1f}s) {task.metric} by lr: "
-        + " ".join(_fmt(m) for m in means))
-    if args.out is not None:      # every finished cell is kept at once
+    log(
+      f"[{time.perf_counter() - start:7.1f}s] {cell.key:<28} "
+      f"({seconds:6.1f}s) {task.metric} by lr: "
+      + " ".join(_fmt(m) for m in means)
+    )
+    if args.out is not None:  # every finished cell is kept at once
       save(args.out, args.name, results, log, figures=False)
   if todo or args.out is None:
     save(args.out, args.name, results, log)

@@ -47,12 +47,12 @@ import statistics
 import time
 from typing import Any, Callable
 
+import _harness as harness
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-import _harness as harness
 import madam_optax
 
 F32 = 4
@@ -72,16 +72,22 @@ def mlp_shapes(dims=(784, 2048, 2048, 2048, 10)) -> dict[str, tuple]:
 
 def resnet50_shapes() -> dict[str, tuple]:
   """ResNet-50's layers (HWIO kernels, batch-norm scale and bias): 25.6M."""
-  shapes = {"stem/conv": (7, 7, 3, 64), "stem/bn/scale": (64,),
-            "stem/bn/bias": (64,)}
+  shapes = {
+    "stem/conv": (7, 7, 3, 64),
+    "stem/bn/scale": (64,),
+    "stem/bn/bias": (64,),
+  }
   c_in = 64
-  for stage, (blocks, width) in enumerate(zip((3, 4, 6, 3),
-                                              (64, 128, 256, 512))):
+  for stage, (blocks, width) in enumerate(
+    zip((3, 4, 6, 3), (64, 128, 256, 512))
+  ):
     for block in range(blocks):
       name = f"stage{stage}/block{block}"
-      layers = [("conv1", (1, 1, c_in, width)),
-                ("conv2", (3, 3, width, width)),
-                ("conv3", (1, 1, width, 4 * width))]
+      layers = [
+        ("conv1", (1, 1, c_in, width)),
+        ("conv2", (3, 3, width, width)),
+        ("conv3", (1, 1, width, 4 * width)),
+      ]
       if block == 0:
         layers.append(("proj", (1, 1, c_in, 4 * width)))
       for lname, shape in layers:
@@ -99,14 +105,22 @@ def gpt2_small_shapes(vocab=50257, ctx=1024, d=768, layers=12) -> dict:
   shapes = {"wte": (vocab, d), "wpe": (ctx, d)}
   for i in range(layers):
     b = f"h{i}"
-    shapes.update({
-        f"{b}/ln_1/scale": (d,), f"{b}/ln_1/bias": (d,),
-        f"{b}/attn/c_attn/kernel": (d, 3 * d), f"{b}/attn/c_attn/bias": (3 * d,),
-        f"{b}/attn/c_proj/kernel": (d, d), f"{b}/attn/c_proj/bias": (d,),
-        f"{b}/ln_2/scale": (d,), f"{b}/ln_2/bias": (d,),
-        f"{b}/mlp/c_fc/kernel": (d, 4 * d), f"{b}/mlp/c_fc/bias": (4 * d,),
-        f"{b}/mlp/c_proj/kernel": (4 * d, d), f"{b}/mlp/c_proj/bias": (d,),
-    })
+    shapes.update(
+      {
+        f"{b}/ln_1/scale": (d,),
+        f"{b}/ln_1/bias": (d,),
+        f"{b}/attn/c_attn/kernel": (d, 3 * d),
+        f"{b}/attn/c_attn/bias": (3 * d,),
+        f"{b}/attn/c_proj/kernel": (d, d),
+        f"{b}/attn/c_proj/bias": (d,),
+        f"{b}/ln_2/scale": (d,),
+        f"{b}/ln_2/bias": (d,),
+        f"{b}/mlp/c_fc/kernel": (d, 4 * d),
+        f"{b}/mlp/c_fc/bias": (4 * d,),
+        f"{b}/mlp/c_proj/kernel": (4 * d, d),
+        f"{b}/mlp/c_proj/bias": (d,),
+      }
+    )
   shapes.update({"ln_f/scale": (d,), "ln_f/bias": (d,)})
   return shapes
 
@@ -117,9 +131,9 @@ def flat_shapes(n: int) -> dict[str, tuple]:
 
 
 TREES: dict[str, Callable[[], dict]] = {
-    "mlp": mlp_shapes,
-    "resnet50": resnet50_shapes,
-    "gpt2_small": gpt2_small_shapes,
+  "mlp": mlp_shapes,
+  "resnet50": resnet50_shapes,
+  "gpt2_small": gpt2_small_shapes,
 }
 
 
@@ -139,24 +153,25 @@ def random_tree(shapes: dict[str, tuple], seed: int, scale=0.02) -> dict:
 def optimizers() -> dict[str, Callable[[], optax.GradientTransformation]]:
   """Name -> factory of each optimizer benchmarked (all float32 params)."""
   opts = {
-      "madam": lambda: madam_optax.madam(),
-      "madam_bf16": lambda: madam_optax.madam(state_dtype=jnp.bfloat16),
-      "adam": lambda: optax.adam(1e-3),
-      "sgd": lambda: optax.sgd(1e-2),
-      "lion": lambda: optax.lion(1e-4),
-      "fromage": lambda: optax.fromage(1e-2),
+    "madam": lambda: madam_optax.madam(),
+    "madam_bf16": lambda: madam_optax.madam(state_dtype=jnp.bfloat16),
+    "adam": lambda: optax.adam(1e-3),
+    "sgd": lambda: optax.sgd(1e-2),
+    "lion": lambda: optax.lion(1e-4),
+    "fromage": lambda: optax.fromage(1e-2),
   }
   if hasattr(madam_optax, "lns_madam"):
     # Stochastic rounding (the default) draws threefry random bits per weight;
     # nearest rounding shows the cost of the LNS step without them.
     opts["lns_madam"] = lambda: madam_optax.lns_madam(_lns_format())
     opts["lns_madam_nearest"] = lambda: madam_optax.lns_madam(
-        _lns_format(), rounding="nearest")
+      _lns_format(), rounding="nearest"
+    )
   return opts
 
 
 def _lns_format():
-  return madam_optax.LNSFormat.spanning(127)   # int8 codes
+  return madam_optax.LNSFormat.spanning(127)  # int8 codes
 
 
 def param_encoders() -> dict[str, Callable[[Any], Any]]:
@@ -167,8 +182,9 @@ def param_encoders() -> dict[str, Callable[[Any], Any]]:
   return {"lns_madam": encode, "lns_madam_nearest": encode}
 
 
-def bytes_per_param(name: str, state_bytes_per_param: float,
-                    param_bytes: float = F32) -> float:
+def bytes_per_param(
+  name: str, state_bytes_per_param: float, param_bytes: float = F32
+) -> float:
   """Bytes an optimizer must move per parameter per step (module docstring).
 
   ``state_bytes_per_param``: its full-size state buffers' bytes per param.
@@ -201,16 +217,19 @@ def full_buffer_bytes(state: Any, params: Any) -> int:
 
 def make_step(tx: optax.GradientTransformation):
   """The jitted step ``(params, state, grads) -> (params, state)``, donated."""
+
   def step(params, state, grads):
     return harness.update_and_apply(tx, grads, state, params)
+
   return jax.jit(step, donate_argnums=(0, 1))
 
 
 def count_fusions(hlo_text: str) -> int:
   """Number of fused kernels launched by the entry computation."""
-  entry = hlo_text[hlo_text.find("ENTRY"):]
-  return sum(1 for line in entry.splitlines()
-             if " fusion(" in line or "= fusion" in line)
+  entry = hlo_text[hlo_text.find("ENTRY") :]
+  return sum(
+    1 for line in entry.splitlines() if " fusion(" in line or "= fusion" in line
+  )
 
 
 def compile_step(make_tx, params_spec, grads_spec):
@@ -239,9 +258,18 @@ def bandwidth_kernels(n: int):
 # The measurement.
 
 
-def bench_tree(tree_name: str, shapes: dict, *, repeats: int,
-               compile_repeats: int, bw_n: int, target_s: float,
-               opt_names=None, skipped=None, log=harness.progress) -> dict:
+def bench_tree(
+  tree_name: str,
+  shapes: dict,
+  *,
+  repeats: int,
+  compile_repeats: int,
+  bw_n: int,
+  target_s: float,
+  opt_names=None,
+  skipped=None,
+  log=harness.progress,
+) -> dict:
   """Measures every optimizer (and bandwidth) on one tree, interleaved."""
   skipped = [] if skipped is None else skipped
   params0 = random_tree(shapes, seed=0)
@@ -284,11 +312,14 @@ def bench_tree(tree_name: str, shapes: dict, *, repeats: int,
     tx = all_opts[n]()
     params = jax.tree.map(jnp.copy, start[n])
     state = tx.init(params)
-    live[n] = dict(params=params, state=state,
-                   state_bytes=harness.tree_bytes(state),
-                   param_bytes=harness.tree_bytes(params) / n_params,
-                   state_leaves=harness.array_count(state),
-                   state_full_bytes=full_buffer_bytes(state, params))
+    live[n] = dict(
+      params=params,
+      state=state,
+      state_bytes=harness.tree_bytes(state),
+      param_bytes=harness.tree_bytes(params) / n_params,
+      state_leaves=harness.array_count(state),
+      state_full_bytes=full_buffer_bytes(state, params),
+    )
   del params0, start
 
   kernels = bandwidth_kernels(bw_n)
@@ -297,8 +328,9 @@ def bench_tree(tree_name: str, shapes: dict, *, repeats: int,
   def run_opt(n, k):
     d = live[n]
     for i in range(k):
-      d["params"], d["state"] = compiled[n](d["params"], d["state"],
-                                            grads[i % 2])
+      d["params"], d["state"] = compiled[n](
+        d["params"], d["state"], grads[i % 2]
+      )
     jax.block_until_ready(d["params"])
 
   def run_bw(kname, fn, k):
@@ -308,8 +340,10 @@ def bench_tree(tree_name: str, shapes: dict, *, repeats: int,
     jax.block_until_ready(args[0])
 
   tasks = [(n, lambda k, n=n: run_opt(n, k)) for n in names]
-  tasks += [(f"bw_{kn}", lambda k, kn=kn, fn=fn: run_bw(kn, fn, k))
-            for kn, fn, _, _ in kernels]
+  tasks += [
+    (f"bw_{kn}", lambda k, kn=kn, fn=fn: run_bw(kn, fn, k))
+    for kn, fn, _, _ in kernels
+  ]
 
   # Warm-up (excluded), then calls per sample so one sample is >= target_s.
   inner = {}
@@ -321,7 +355,7 @@ def bench_tree(tree_name: str, shapes: dict, *, repeats: int,
     inner[tname] = int(min(50, max(1, round(target_s / dt))))
   samples = {tname: [] for tname, _ in tasks}
   for r in range(repeats):
-    order = tasks[r % len(tasks):] + tasks[:r % len(tasks)]
+    order = tasks[r % len(tasks) :] + tasks[: r % len(tasks)]
     for tname, fn in order:
       k = inner[tname]
       t0 = time.perf_counter()
@@ -331,8 +365,12 @@ def bench_tree(tree_name: str, shapes: dict, *, repeats: int,
   bw = {}
   for kn, _, _, nbytes in kernels:
     q1, med, q3 = harness.quartiles(samples[f"bw_{kn}"])
-    bw[kn] = dict(gbps=nbytes / med / 1e9, ms=med * 1e3, iqr_ms=(q3 - q1) * 1e3,
-                  bytes=nbytes)
+    bw[kn] = dict(
+      gbps=nbytes / med / 1e9,
+      ms=med * 1e3,
+      iqr_ms=(q3 - q1) * 1e3,
+      bytes=nbytes,
+    )
   best_bw = max(v["gbps"] for v in bw.values()) * 1e9
 
   rows = []
@@ -342,32 +380,49 @@ def bench_tree(tree_name: str, shapes: dict, *, repeats: int,
     full_bpp = d["state_full_bytes"] / n_params
     moved = bytes_per_param(n, full_bpp, d["param_bytes"])
     floor = moved * n_params / best_bw
-    rows.append(dict(
-        tree=tree_name, params=n_params, leaves=n_leaves, optimizer=n,
-        step_ms=med * 1e3, iqr_ms=(q3 - q1) * 1e3, samples=len(samples[n]),
+    rows.append(
+      dict(
+        tree=tree_name,
+        params=n_params,
+        leaves=n_leaves,
+        optimizer=n,
+        step_ms=med * 1e3,
+        iqr_ms=(q3 - q1) * 1e3,
+        samples=len(samples[n]),
         calls_per_sample=inner[n],
-        bytes_per_param_moved=moved, floor_ms=floor * 1e3,
+        bytes_per_param_moved=moved,
+        floor_ms=floor * 1e3,
         x_floor=med / floor,
         lower_s=statistics.median(lower_s[n]),
         compile_s=statistics.median(compile_s[n]),
         fusions=fusions[n],
-        state_bytes=d["state_bytes"], state_leaves=d["state_leaves"],
+        state_bytes=d["state_bytes"],
+        state_leaves=d["state_leaves"],
         state_bytes_per_param=d["state_bytes"] / n_params,
         state_full_bytes_per_param=full_bpp,
-    ))
+      )
+    )
   ref = {r["optimizer"]: r for r in rows}.get("adam")
   for r in rows:
     r["x_adam_step"] = r["step_ms"] / ref["step_ms"] if ref else None
-    r["x_adam_compile"] = ((r["lower_s"] + r["compile_s"]) /
-                           (ref["lower_s"] + ref["compile_s"]) if ref else None)
+    r["x_adam_compile"] = (
+      (r["lower_s"] + r["compile_s"]) / (ref["lower_s"] + ref["compile_s"])
+      if ref
+      else None
+    )
   for r in rows:
-    log(f"  {r['optimizer']:>11s} {r['step_ms']:9.3f} ms (IQR {r['iqr_ms']:.3f})"
-        f"  x_floor {r['x_floor']:.2f}  compile {r['compile_s']:.2f}s"
-        f"  state {r['state_bytes_per_param']:.3f} B/param")
-  log(f"  bandwidth: copy {bw['copy']['gbps']:.2f} GB/s, "
-      f"triad {bw['triad']['gbps']:.2f} GB/s")
-  return dict(tree=tree_name, params=n_params, leaves=n_leaves, rows=rows,
-              bandwidth=bw)
+    log(
+      f"  {r['optimizer']:>11s} {r['step_ms']:9.3f} ms (IQR {r['iqr_ms']:.3f})"
+      f"  x_floor {r['x_floor']:.2f}  compile {r['compile_s']:.2f}s"
+      f"  state {r['state_bytes_per_param']:.3f} B/param"
+    )
+  log(
+    f"  bandwidth: copy {bw['copy']['gbps']:.2f} GB/s, "
+    f"triad {bw['triad']['gbps']:.2f} GB/s"
+  )
+  return dict(
+    tree=tree_name, params=n_params, leaves=n_leaves, rows=rows, bandwidth=bw
+  )
 
 
 # --------------------------------------------------------------------------
@@ -381,42 +436,43 @@ def _fmt(x, spec):
 def markdown_body(results: dict) -> str:
   """The tables below the machine record (from the JSON's contents)."""
   lines = [
-      f"{results['repeats']} interleaved rounds per tree after warm-up; "
-      "step = `tx.update` + `optax.apply_updates`, params and state donated.",
-      "",
-      "Columns: median step time and its inter-quartile range; the ratio to "
-      "`optax.adam` on the same tree; bytes the optimizer must move per "
-      "parameter; the bandwidth floor (those bytes over the best streaming "
-      "bandwidth measured in the same rounds) and the ratio to it; "
-      "lowering + XLA compile time and the ratio to Adam's; fused kernels in "
-      "the compiled step; optimizer-state bytes per parameter, measured from "
-      "the state arrays (full-size buffers, and all leaves including per-leaf "
-      "scalars and counters).",
-      "",
+    f"{results['repeats']} interleaved rounds per tree after warm-up; "
+    "step = `tx.update` + `optax.apply_updates`, params and state donated.",
+    "",
+    "Columns: median step time and its inter-quartile range; the ratio to "
+    "`optax.adam` on the same tree; bytes the optimizer must move per "
+    "parameter; the bandwidth floor (those bytes over the best streaming "
+    "bandwidth measured in the same rounds) and the ratio to it; "
+    "lowering + XLA compile time and the ratio to Adam's; fused kernels in "
+    "the compiled step; optimizer-state bytes per parameter, measured from "
+    "the state arrays (full-size buffers, and all leaves including per-leaf "
+    "scalars and counters).",
+    "",
   ]
   for tr in results["trees"]:
     bw = tr["bandwidth"]
     lines += [
-        f"## {tr['tree']}: {tr['params'] / 1e6:.2f}M parameters, "
-        f"{tr['leaves']} leaves",
-        "",
-        f"Bandwidth in the same rounds: copy {bw['copy']['gbps']:.2f} GB/s, "
-        f"triad {bw['triad']['gbps']:.2f} GB/s.",
-        "",
-        "| optimizer | step ms | IQR ms | x adam | B/param moved | floor ms | "
-        "x floor | lower+compile s | x adam | fusions | state B/param "
-        "(buffers / all) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+      f"## {tr['tree']}: {tr['params'] / 1e6:.2f}M parameters, "
+      f"{tr['leaves']} leaves",
+      "",
+      f"Bandwidth in the same rounds: copy {bw['copy']['gbps']:.2f} GB/s, "
+      f"triad {bw['triad']['gbps']:.2f} GB/s.",
+      "",
+      "| optimizer | step ms | IQR ms | x adam | B/param moved | floor ms | "
+      "x floor | lower+compile s | x adam | fusions | state B/param "
+      "(buffers / all) |",
+      "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in tr["rows"]:
       lines.append(
-          f"| {r['optimizer']} | {r['step_ms']:.3f} | {r['iqr_ms']:.3f} | "
-          f"{_fmt(r['x_adam_step'], '.2f')} | {r['bytes_per_param_moved']:g} | "
-          f"{r['floor_ms']:.3f} | {r['x_floor']:.2f} | "
-          f"{r['lower_s'] + r['compile_s']:.2f} | "
-          f"{_fmt(r['x_adam_compile'], '.2f')} | {r['fusions']} | "
-          f"{r['state_full_bytes_per_param']:.2f} / "
-          f"{r['state_bytes_per_param']:.4f} |")
+        f"| {r['optimizer']} | {r['step_ms']:.3f} | {r['iqr_ms']:.3f} | "
+        f"{_fmt(r['x_adam_step'], '.2f')} | {r['bytes_per_param_moved']:g} | "
+        f"{r['floor_ms']:.3f} | {r['x_floor']:.2f} | "
+        f"{r['lower_s'] + r['compile_s']:.2f} | "
+        f"{_fmt(r['x_adam_compile'], '.2f')} | {r['fusions']} | "
+        f"{r['state_full_bytes_per_param']:.2f} / "
+        f"{r['state_bytes_per_param']:.4f} |"
+      )
     lines.append("")
   if results.get("skipped"):
     lines += ["Not measured: " + "; ".join(results["skipped"]), ""]
@@ -427,20 +483,35 @@ REPORT = harness.Report("Optimizer step time: Madam vs Optax", markdown_body)
 
 
 def parse_args(argv=None):
-  ap = harness.argument_parser(__doc__,
-                               name=f"step_time_{jax.default_backend()}")
-  ap.add_argument("--sizes", default="1,10,30,100",
-                  help="flat tree sizes in millions of parameters, "
-                  "comma-separated ('' for none)")
-  ap.add_argument("--trees", default="mlp,resnet50,gpt2_small",
-                  help=f"model-shaped trees, comma-separated, of {list(TREES)}")
-  ap.add_argument("--optimizers", default=None,
-                  help="subset of optimizers, comma-separated")
-  ap.add_argument("--repeats", type=int, default=None,
-                  help="interleaved timing rounds per tree (default 21; "
-                  "quick: 3)")
-  ap.add_argument("--compile-repeats", type=int, default=None,
-                  help="fresh compilations per optimizer (default 3; quick: 1)")
+  ap = harness.argument_parser(
+    __doc__, name=f"step_time_{jax.default_backend()}"
+  )
+  ap.add_argument(
+    "--sizes",
+    default="1,10,30,100",
+    help="flat tree sizes in millions of parameters, "
+    "comma-separated ('' for none)",
+  )
+  ap.add_argument(
+    "--trees",
+    default="mlp,resnet50,gpt2_small",
+    help=f"model-shaped trees, comma-separated, of {list(TREES)}",
+  )
+  ap.add_argument(
+    "--optimizers", default=None, help="subset of optimizers, comma-separated"
+  )
+  ap.add_argument(
+    "--repeats",
+    type=int,
+    default=None,
+    help="interleaved timing rounds per tree (default 21; quick: 3)",
+  )
+  ap.add_argument(
+    "--compile-repeats",
+    type=int,
+    default=None,
+    help="fresh compilations per optimizer (default 3; quick: 1)",
+  )
   return harness.parse_args(ap, argv, __file__)
 
 
@@ -451,7 +522,7 @@ def main(argv=None, log=harness.progress) -> dict:
   quick = args.quick
   repeats = args.repeats or (3 if quick else 21)
   compile_repeats = args.compile_repeats or (1 if quick else 3)
-  bw_n = 2**20 if quick else 2**26     # 4 MiB or 256 MiB per buffer
+  bw_n = 2**20 if quick else 2**26  # 4 MiB or 256 MiB per buffer
   target_s = 0.002 if quick else 0.05
   opt_names = args.optimizers.split(",") if args.optimizers else None
 
@@ -470,14 +541,27 @@ def main(argv=None, log=harness.progress) -> dict:
   skipped = []
   if not hasattr(madam_optax, "lns_madam"):
     skipped.append("madam_optax.lns_madam (not in the package at run time)")
-  results = dict(machine=harness.machine_record(args.command),
-                 repeats=repeats, compile_repeats=compile_repeats,
-                 trees=[], skipped=skipped)
+  results = dict(
+    machine=harness.machine_record(args.command),
+    repeats=repeats,
+    compile_repeats=compile_repeats,
+    trees=[],
+    skipped=skipped,
+  )
   for name, shapes in jobs:
-    results["trees"].append(bench_tree(
-        name, shapes, repeats=repeats, compile_repeats=compile_repeats,
-        bw_n=bw_n, target_s=target_s, opt_names=opt_names, skipped=skipped,
-        log=log))
+    results["trees"].append(
+      bench_tree(
+        name,
+        shapes,
+        repeats=repeats,
+        compile_repeats=compile_repeats,
+        bw_n=bw_n,
+        target_s=target_s,
+        opt_names=opt_names,
+        skipped=skipped,
+        log=log,
+      )
+    )
   harness.write_results(args.out, args.name, results, REPORT, log)
   return results
 

@@ -39,20 +39,28 @@ REPOSITORY = "https://github.com/madam-optax/madam-optax"
 # -- Extensions -----------------------------------------------------------------
 
 extensions = [
-    "sphinx.ext.autodoc",
-    "sphinx.ext.autosummary",
-    "sphinx.ext.mathjax",
-    "sphinx.ext.napoleon",
-    "myst_nb",
-    "coverage_check",
+  "sphinx.ext.autodoc",
+  "sphinx.ext.autosummary",
+  "sphinx.ext.mathjax",
+  "sphinx.ext.napoleon",
+  "myst_nb",
+  "coverage_check",
 ]
 
 templates_path = ["_templates"]
 # jupyter_execute: myst-nb writes executed notebooks beside the output folder.
-exclude_patterns = ["_build", "jupyter_execute", "Thumbs.db", ".DS_Store",
-                    "**.ipynb_checkpoints"]
-source_suffix = {".rst": "restructuredtext", ".md": "myst-nb",
-                 ".ipynb": "myst-nb"}
+exclude_patterns = [
+  "_build",
+  "jupyter_execute",
+  "Thumbs.db",
+  ".DS_Store",
+  "**.ipynb_checkpoints",
+]
+source_suffix = {
+  ".rst": "restructuredtext",
+  ".md": "myst-nb",
+  ".ipynb": "myst-nb",
+}
 
 autosummary_generate = True
 # Generated afresh by every build: a stale page of a name that left the tables
@@ -92,7 +100,7 @@ def _copy_notebooks() -> None:
 _copy_notebooks()
 
 nb_execution_mode = os.environ.get("MADAM_DOCS_EXECUTE", "cache")
-nb_execution_timeout = 900          # seconds per cell
+nb_execution_timeout = 900  # seconds per cell
 nb_execution_raise_on_error = True  # a failing cell fails the build
 nb_execution_show_tb = True
 nb_merge_streams = True
@@ -100,8 +108,9 @@ nb_merge_streams = True
 # the kernel imports this checkout (PYTHONPATH) and runs in quick mode.
 os.environ.setdefault("MADAM_QUICK", "1")
 os.environ["PYTHONPATH"] = os.pathsep.join(
-    [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                   if p])
+  [str(ROOT)]
+  + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+)
 
 # -- Docstrings of module-level constants ---------------------------------------
 
@@ -109,10 +118,9 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 # What each public constant is (a constant has no docstring of its own; autodoc
 # would show its type's).
 CONSTANTS = {
-    "madam_optax.REFERENCE_FORMAT":
-        "The paper's integer LNS format: natural-log base ``e**0.001`` and "
-        "4096 levels (int16 codes), used by "
-        ":func:`~madam_optax.lns_madam_reference`.",
+  "madam_optax.REFERENCE_FORMAT": "The paper's integer LNS format: natural-log base ``e**0.001`` and "
+  "4096 levels (int16 codes), used by "
+  ":func:`~madam_optax.lns_madam_reference`.",
 }
 
 
@@ -120,8 +128,12 @@ def _describe_constant(app, what, name, obj, options, lines):
   """Replaces a constant's inherited type docstring by what it is."""
   del app, options
   if what == "data" and getattr(type(obj), "__doc__", None) == obj.__doc__:
-    lines[:] = [CONSTANTS.get(
-        name, f"A constant :class:`~madam_optax.{type(obj).__name__}`."), ""]
+    lines[:] = [
+      CONSTANTS.get(
+        name, f"A constant :class:`~madam_optax.{type(obj).__name__}`."
+      ),
+      "",
+    ]
 
 
 def _skip_namedtuple_fields(app, what, name, obj, skip, options):
@@ -136,7 +148,8 @@ def _skip_namedtuple_fields(app, what, name, obj, skip, options):
 def _cache_in_output_folder(app, config):
   """Keeps myst-nb's execution cache inside the build's output folder."""
   config.nb_execution_cache_path = str(
-      pathlib.Path(app.outdir) / ".jupyter_cache")
+    pathlib.Path(app.outdir) / ".jupyter_cache"
+  )
 
 
 def setup(app):
@@ -150,8 +163,8 @@ def setup(app):
 html_theme = "sphinx_book_theme"
 html_title = "madam-optax"
 html_theme_options = {
-    "repository_url": REPOSITORY,
-    "use_repository_button": True,
-    "path_to_docs": "docs",
-    "show_toc_level": 2,
+  "repository_url": REPOSITORY,
+  "use_repository_button": True,
+  "path_to_docs": "docs",
+  "show_toc_level": 2,
 }

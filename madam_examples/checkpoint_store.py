@@ -21,7 +21,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-
 # ------------------------------------------------------- PRNG keys, targets
 
 
@@ -40,7 +39,8 @@ def _key_impl(key_like: Any) -> Any:
 def storable(state: Any) -> Any:
   """``state`` with typed PRNG keys replaced by their raw ``uint32`` data."""
   return jax.tree.map(
-      lambda x: jax.random.key_data(x) if is_typed_key(x) else x, state)
+    lambda x: jax.random.key_data(x) if is_typed_key(x) else x, state
+  )
 
 
 def _default_sharding() -> jax.sharding.Sharding:
@@ -49,8 +49,9 @@ def _default_sharding() -> jax.sharding.Sharding:
 
 def _replicated_like(sharding: Any) -> jax.sharding.Sharding:
   if isinstance(sharding, jax.sharding.NamedSharding):
-    return jax.sharding.NamedSharding(sharding.mesh,
-                                      jax.sharding.PartitionSpec())
+    return jax.sharding.NamedSharding(
+      sharding.mesh, jax.sharding.PartitionSpec()
+    )
   return sharding if sharding is not None else _default_sharding()
 
 
@@ -58,15 +59,19 @@ def abstract_leaf(x: Any) -> Any:
   """What Orbax restores a leaf of the target as (shape, dtype, sharding)."""
   if is_typed_key(x):
     data = jax.eval_shape(jax.random.key_data, x)
-    sharding = (jax.random.key_data(x).sharding if isinstance(x, jax.Array)
-                else _replicated_like(getattr(x, "sharding", None)))
+    sharding = (
+      jax.random.key_data(x).sharding
+      if isinstance(x, jax.Array)
+      else _replicated_like(getattr(x, "sharding", None))
+    )
     return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
   if isinstance(x, jax.Array):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
   if isinstance(x, jax.ShapeDtypeStruct):
-    return jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                sharding=x.sharding or _default_sharding())
-  return x   # NumPy arrays and Python scalars are restored as such.
+    return jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=x.sharding or _default_sharding()
+    )
+  return x  # NumPy arrays and Python scalars are restored as such.
 
 
 def abstract_state(state: Any, shardings: Any = None) -> Any:
@@ -92,10 +97,14 @@ def abstract_state(state: Any, shardings: Any = None) -> Any:
     targets = [getattr(x, "sharding", None) for x in leaves]
   else:
     targets = treedef.flatten_up_to(shardings)
-  return treedef.unflatten([
+  return treedef.unflatten(
+    [
       jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-      if hasattr(x, "shape") and hasattr(x, "dtype") else x
-      for x, s in zip(leaves, targets)])
+      if hasattr(x, "shape") and hasattr(x, "dtype")
+      else x
+      for x, s in zip(leaves, targets)
+    ]
+  )
 
 
 def normalise_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -108,8 +117,9 @@ def normalise_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
     return json.loads(json.dumps(config, sort_keys=True))
   except TypeError as e:
     raise ValueError(
-        f"config must be JSON-able (numbers, strings, lists, dicts): {e}. "
-        "Convert other values with str() first.") from e
+      f"config must be JSON-able (numbers, strings, lists, dicts): {e}. "
+      "Convert other values with str() first."
+    ) from e
 
 
 # ----------------------------------------------------------------- checks
@@ -127,8 +137,10 @@ def _leaf_signature(x: Any) -> tuple[tuple[int, ...], np.dtype]:
 
 
 def _flat(tree: Any) -> dict[str, Any]:
-  return {".".join(ocp.tree.str_keypath(path)): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    ".".join(ocp.tree.str_keypath(path)): leaf
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def check_compatible(saved_tree: Any, target: Any, where: str) -> None:
@@ -150,35 +162,41 @@ def check_compatible(saved_tree: Any, target: Any, where: str) -> None:
   """
   saved = _flat(saved_tree)
   wanted = _flat(jax.tree.map(abstract_leaf, target))
-  hint = ("The checkpoint was written by a different model or optimizer "
-          "configuration (optimizer, layer sizes, LNS format, state dtype). "
-          "Resume with the configuration that wrote it, or use a new "
-          "checkpoint folder.")
+  hint = (
+    "The checkpoint was written by a different model or optimizer "
+    "configuration (optimizer, layer sizes, LNS format, state dtype). "
+    "Resume with the configuration that wrote it, or use a new "
+    "checkpoint folder."
+  )
   for name, leaf in wanted.items():
     if name not in saved:
       raise ValueError(
-          f"{where} does not match the target state: the target's leaf "
-          f"'{name}' ({_describe(*_leaf_signature(leaf))}) is not in the "
-          f"checkpoint. {hint}")
+        f"{where} does not match the target state: the target's leaf "
+        f"'{name}' ({_describe(*_leaf_signature(leaf))}) is not in the "
+        f"checkpoint. {hint}"
+      )
     got, want = _leaf_signature(saved[name]), _leaf_signature(leaf)
     if got != want:
       raise ValueError(
-          f"{where} does not match the target state at '{name}': the "
-          f"checkpoint holds {_describe(*got)}, the target expects "
-          f"{_describe(*want)}. {hint}")
+        f"{where} does not match the target state at '{name}': the "
+        f"checkpoint holds {_describe(*got)}, the target expects "
+        f"{_describe(*want)}. {hint}"
+      )
   for name, leaf in saved.items():
     if name not in wanted:
       raise ValueError(
-          f"{where} does not match the target state: the checkpoint's leaf "
-          f"'{name}' ({_describe(*_leaf_signature(leaf))}) is not in the "
-          f"target. {hint}")
+        f"{where} does not match the target state: the checkpoint's leaf "
+        f"'{name}' ({_describe(*_leaf_signature(leaf))}) is not in the "
+        f"target. {hint}"
+      )
 
 
 _MISSING = object()
 
 
-def check_config(saved: dict[str, Any] | None, wanted: dict[str, Any],
-                 where: str) -> None:
+def check_config(
+  saved: dict[str, Any] | None, wanted: dict[str, Any], where: str
+) -> None:
   """Raises ``ValueError`` naming every setting where two configs differ.
 
   Args:
@@ -205,52 +223,71 @@ def check_config(saved: dict[str, Any] | None, wanted: dict[str, Any],
       diffs.append(f"{name}: checkpoint {fmt(got)}, this run {fmt(want)}")
   if diffs:
     raise ValueError(
-        f"{where} was written with another configuration ("
-        + "; ".join(diffs) + "). Resume with the configuration that wrote "
-        "it, or use a new checkpoint folder.")
-
+      f"{where} was written with another configuration ("
+      + "; ".join(diffs)
+      + "). Resume with the configuration that wrote "
+      "it, or use a new checkpoint folder."
+    )
 
 
 def rewrap_keys(target: Any, restored: Any) -> Any:
   """``restored`` with the raw data of ``target``'s typed PRNG keys rewrapped
   as keys of the same implementation and sharding."""
+
   def rewrap(t, r):
     if not is_typed_key(t):
       return r
     key = jax.random.wrap_key_data(r, impl=_key_impl(t))
     sharding = getattr(t, "sharding", None)
     return jax.device_put(key, sharding) if sharding is not None else key
+
   return jax.tree.map(rewrap, target, restored)
 
 
 # ----------------------------------------------------------------- Orbax
 
 
-def open_manager(directory: str | os.PathLike, *,
-                 max_to_keep: int | None = None, every: int = 1,
-                 read_only: bool = False,
-                 asynchronous: bool = False) -> ocp.CheckpointManager:
+def open_manager(
+  directory: str | os.PathLike,
+  *,
+  max_to_keep: int | None = None,
+  every: int = 1,
+  read_only: bool = False,
+  asynchronous: bool = False,
+) -> ocp.CheckpointManager:
   """An Orbax manager of ``directory``: one state tree per step."""
   # Readers do not create the folder. (Orbax's own ``read_only`` mode would
   # also do, but it logs two warnings per call.)
   # Writers remove the temporary folders of saves cut short by a crash
   # (readers never take them for steps, see ``all_steps``).
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, save_interval_steps=every,
-      create=not read_only, enable_async_checkpointing=asynchronous,
-      cleanup_tmp_directories=not read_only)
+    max_to_keep=max_to_keep,
+    save_interval_steps=every,
+    create=not read_only,
+    enable_async_checkpointing=asynchronous,
+    cleanup_tmp_directories=not read_only,
+  )
   return ocp.CheckpointManager(
-      os.path.abspath(os.fspath(directory)),
-      item_handlers=ocp.StandardCheckpointHandler(), options=options)
+    os.path.abspath(os.fspath(directory)),
+    item_handlers=ocp.StandardCheckpointHandler(),
+    options=options,
+  )
 
 
-def write_step(manager: ocp.CheckpointManager, step: int, state: Any,
-               config: dict[str, Any] | None) -> None:
+def write_step(
+  manager: ocp.CheckpointManager,
+  step: int,
+  state: Any,
+  config: dict[str, Any] | None,
+) -> None:
   """Starts saving ``state`` (keys as raw data) and ``config`` as ``step``."""
   config = normalise_config(config)
-  manager.save(int(step), args=ocp.args.StandardSave(storable(state)),
-               force=True,
-               custom_metadata=None if config is None else {"config": config})
+  manager.save(
+    int(step),
+    args=ocp.args.StandardSave(storable(state)),
+    force=True,
+    custom_metadata=None if config is None else {"config": config},
+  )
 
 
 def _saved_config(manager: ocp.CheckpointManager, step: int) -> Any:
@@ -258,8 +295,13 @@ def _saved_config(manager: ocp.CheckpointManager, step: int) -> Any:
   return custom.get("config")
 
 
-def read_step(manager: ocp.CheckpointManager, directory, step: int,
-              target: Any, config: dict[str, Any] | None = None) -> Any:
+def read_step(
+  manager: ocp.CheckpointManager,
+  directory,
+  step: int,
+  target: Any,
+  config: dict[str, Any] | None = None,
+) -> Any:
   """Checks step ``step`` against ``config`` and ``target``, then reads it
   into the target's shapes, dtypes and shardings."""
   where = f"checkpoint step {step} in {os.fspath(directory)}"

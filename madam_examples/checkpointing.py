@@ -56,6 +56,7 @@ from typing import Any
 import jax
 
 from madam_examples import checkpoint_store as store
+
 # Part of this module's interface: the restore targets.
 from madam_examples.checkpoint_store import abstract_state  # noqa: F401
 
@@ -105,9 +106,14 @@ def latest_step(directory: str | os.PathLike) -> int | None:
   return steps[-1] if steps else None
 
 
-def save(directory: str | os.PathLike, step: int, state: Any, *,
-         max_to_keep: int | None = DEFAULT_MAX_TO_KEEP,
-         config: dict[str, Any] | None = None) -> str:
+def save(
+  directory: str | os.PathLike,
+  step: int,
+  state: Any,
+  *,
+  max_to_keep: int | None = DEFAULT_MAX_TO_KEEP,
+  config: dict[str, Any] | None = None,
+) -> str:
   """Saves ``state`` as checkpoint ``step`` of ``directory`` and waits for it.
 
   The save is atomic (see the module docstring): until it returns, ``step``
@@ -143,8 +149,9 @@ def save(directory: str | os.PathLike, step: int, state: Any, *,
   try:
     if step in manager.all_steps():
       raise ValueError(
-          f"step {step} is already saved in {os.fspath(directory)}; restore "
-          "it with `maybe_restore`, or save under a new step number.")
+        f"step {step} is already saved in {os.fspath(directory)}; restore "
+        "it with `maybe_restore`, or save under a new step number."
+      )
     store.write_step(manager, step, state, config)
     manager.wait_until_finished()
   finally:
@@ -152,9 +159,13 @@ def save(directory: str | os.PathLike, step: int, state: Any, *,
   return os.path.join(os.fspath(directory), str(step))
 
 
-def restore(directory: str | os.PathLike, target: Any,
-            step: int | None = None, *,
-            config: dict[str, Any] | None = None) -> Any:
+def restore(
+  directory: str | os.PathLike,
+  target: Any,
+  step: int | None = None,
+  *,
+  config: dict[str, Any] | None = None,
+) -> Any:
   """Restores checkpoint ``step`` (default: the latest complete one).
 
   Args:
@@ -180,8 +191,9 @@ def restore(directory: str | os.PathLike, target: Any,
     step = steps[-1] if steps else None
   if step is None or step not in steps:
     raise ValueError(
-        f"no complete checkpoint {'' if step is None else f'step {step} '}in "
-        f"{os.fspath(directory)} (complete steps: {steps}).")
+      f"no complete checkpoint {'' if step is None else f'step {step} '}in "
+      f"{os.fspath(directory)} (complete steps: {steps})."
+    )
   manager = store.open_manager(directory, read_only=True)
   try:
     return store.read_step(manager, directory, step, target, config)
@@ -189,9 +201,13 @@ def restore(directory: str | os.PathLike, target: Any,
     manager.close()
 
 
-def maybe_restore(checkpoint_dir: str | os.PathLike | None, target: Any, *,
-                  verbose: bool = True,
-                  config: dict[str, Any] | None = None) -> tuple[Any, int]:
+def maybe_restore(
+  checkpoint_dir: str | os.PathLike | None,
+  target: Any,
+  *,
+  verbose: bool = True,
+  config: dict[str, Any] | None = None,
+) -> tuple[Any, int]:
   """Resumes from the latest complete checkpoint, or starts from ``target``.
 
   Args:
@@ -219,18 +235,22 @@ def maybe_restore(checkpoint_dir: str | os.PathLike | None, target: Any, *,
   """
   step = latest_step(checkpoint_dir) if checkpoint_dir is not None else None
   if step is None:
-    abstract = [jax.tree_util.keystr(path) for path, x in
-                jax.tree_util.tree_flatten_with_path(target)[0]
-                if isinstance(x, jax.ShapeDtypeStruct)]
+    abstract = [
+      jax.tree_util.keystr(path)
+      for path, x in jax.tree_util.tree_flatten_with_path(target)[0]
+      if isinstance(x, jax.ShapeDtypeStruct)
+    ]
     if abstract:
       raise ValueError(
-          f"no complete checkpoint in {checkpoint_dir} to fill the abstract "
-          f"target (leaf {abstract[0]} is a jax.ShapeDtypeStruct); pass a "
-          "freshly initialised state to start from step 0 when there is no "
-          "checkpoint.")
+        f"no complete checkpoint in {checkpoint_dir} to fill the abstract "
+        f"target (leaf {abstract[0]} is a jax.ShapeDtypeStruct); pass a "
+        "freshly initialised state to start from step 0 when there is no "
+        "checkpoint."
+      )
     if verbose and checkpoint_dir is not None:
-      print(f"No checkpoint in {os.fspath(checkpoint_dir)}, "
-            "starting from step 0")
+      print(
+        f"No checkpoint in {os.fspath(checkpoint_dir)}, starting from step 0"
+      )
     return target, 0
   state = restore(checkpoint_dir, target, step, config=config)
   if verbose:
@@ -269,16 +289,22 @@ class Checkpointer:
     [2, 4, 5]
   """
 
-  def __init__(self, directory: str | os.PathLike, every: int = DEFAULT_EVERY,
-               *, max_to_keep: int | None = DEFAULT_MAX_TO_KEEP,
-               config: dict[str, Any] | None = None):
+  def __init__(
+    self,
+    directory: str | os.PathLike,
+    every: int = DEFAULT_EVERY,
+    *,
+    max_to_keep: int | None = DEFAULT_MAX_TO_KEEP,
+    config: dict[str, Any] | None = None,
+  ):
     if every < 1:
       raise ValueError(f"--checkpoint-every must be >= 1, got {every}.")
     self.directory = os.fspath(directory)
     self.every = int(every)
     self.config = store.normalise_config(config)
-    self._manager = store.open_manager(directory, max_to_keep=max_to_keep,
-                                       asynchronous=True)
+    self._manager = store.open_manager(
+      directory, max_to_keep=max_to_keep, asynchronous=True
+    )
 
   def maybe_save(self, step: int, state: Any, *, force: bool = False) -> bool:
     """Saves when ``step`` is a multiple of ``every`` (or ``force``) and new."""
@@ -300,7 +326,7 @@ class Checkpointer:
     self._manager.wait_until_finished()
     self._manager.close()
 
-  def __enter__(self) -> "Checkpointer":
+  def __enter__(self) -> Checkpointer:
     return self
 
   def __exit__(self, *exc_info) -> None:
@@ -320,10 +346,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   """
   group = parser.add_argument_group("checkpointing (Orbax)")
   group.add_argument(
-      "--checkpoint-dir", default=None,
-      help="save checkpoints here, and resume from the latest complete one "
-           "when there is one")
+    "--checkpoint-dir",
+    default=None,
+    help="save checkpoints here, and resume from the latest complete one "
+    "when there is one",
+  )
   group.add_argument(
-      "--checkpoint-every", type=int, default=DEFAULT_EVERY,
-      help=f"steps between checkpoints (default {DEFAULT_EVERY}); the last "
-           "step is always saved")
+    "--checkpoint-every",
+    type=int,
+    default=DEFAULT_EVERY,
+    help=f"steps between checkpoints (default {DEFAULT_EVERY}); the last "
+    "step is always saved",
+  )

@@ -17,35 +17,104 @@ import importlib
 import inspect
 import os
 import pickle
-import warnings
 from typing import NamedTuple, Sequence
+import warnings
 
 import numpy as np
+
+from madam_examples.cli import InputError
 
 # The printable ASCII range plus newline: the char-level LM's vocabulary.
 # Anything else maps to UNKNOWN_CHAR.
 VOCAB = "\n" + "".join(chr(c) for c in range(32, 127))
 UNKNOWN_CHAR = "?"
+# User text with a larger share of characters outside VOCAB is refused
+# (random bytes, another script, UTF-16): it would train on '?'s.
+MAX_UNKNOWN_FRACTION = 0.05
+CIFAR10_FIX = (
+  "pass the cifar-10-batches-py folder of the 'CIFAR-10 python "
+  "version' (data_batch_1 ... data_batch_5 and test_batch)"
+)
 
 # Standard-library modules whose docstrings make the built-in corpus. Fixed and
 # sorted so the corpus is the same on every run of a given Python version.
 STDLIB_CORPUS_MODULES = (
-    "argparse", "ast", "asyncio", "base64", "bisect", "calendar", "collections",
-    "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal",
-    "difflib", "email", "enum", "fractions", "ftplib", "functools", "getopt",
-    "gettext", "glob", "gzip", "heapq", "hmac", "html", "http.client",
-    "imaplib", "inspect", "ipaddress", "json", "locale", "logging", "mailbox",
-    "math", "mimetypes", "numbers", "operator", "optparse", "os", "pathlib",
-    "pickle", "pprint", "pydoc", "queue", "random", "re", "sched", "shlex",
-    "shutil", "smtplib", "socket", "statistics", "string", "subprocess",
-    "tarfile", "tempfile", "textwrap", "threading", "timeit", "tokenize",
-    "trace", "traceback", "typing", "unittest", "urllib.parse",
-    "uuid", "warnings", "weakref", "zipfile",
+  "argparse",
+  "ast",
+  "asyncio",
+  "base64",
+  "bisect",
+  "calendar",
+  "collections",
+  "contextlib",
+  "copy",
+  "csv",
+  "dataclasses",
+  "datetime",
+  "decimal",
+  "difflib",
+  "email",
+  "enum",
+  "fractions",
+  "ftplib",
+  "functools",
+  "getopt",
+  "gettext",
+  "glob",
+  "gzip",
+  "heapq",
+  "hmac",
+  "html",
+  "http.client",
+  "imaplib",
+  "inspect",
+  "ipaddress",
+  "json",
+  "locale",
+  "logging",
+  "mailbox",
+  "math",
+  "mimetypes",
+  "numbers",
+  "operator",
+  "optparse",
+  "os",
+  "pathlib",
+  "pickle",
+  "pprint",
+  "pydoc",
+  "queue",
+  "random",
+  "re",
+  "sched",
+  "shlex",
+  "shutil",
+  "smtplib",
+  "socket",
+  "statistics",
+  "string",
+  "subprocess",
+  "tarfile",
+  "tempfile",
+  "textwrap",
+  "threading",
+  "timeit",
+  "tokenize",
+  "trace",
+  "traceback",
+  "typing",
+  "unittest",
+  "urllib.parse",
+  "uuid",
+  "warnings",
+  "weakref",
+  "zipfile",
 )
 
 
 class ImageData(NamedTuple):
   """Train/test images (N, H, W, C) float32 in [0, 1] and int32 labels."""
+
   x_train: np.ndarray
   y_train: np.ndarray
   x_test: np.ndarray
@@ -54,14 +123,26 @@ class ImageData(NamedTuple):
 
 
 class TextData(NamedTuple):
-  """Train/validation token ids (int32) over ``vocab``."""
+  """Train/validation token ids (int32) over ``vocab``.
+
+  ``unknown`` counts the characters of the text outside ``vocab`` (encoded
+  as ``UNKNOWN_CHAR``).
+  """
+
   train: np.ndarray
   valid: np.ndarray
   vocab: str
+  unknown: int = 0
+
+  @property
+  def num_chars(self) -> int:
+    """The characters of the text, train and validation."""
+    return len(self.train) + len(self.valid)
 
 
-def load_digits(test_fraction: float = 0.25, seed: int = 0, *,
-                standardise: bool = True) -> ImageData:
+def load_digits(
+  test_fraction: float = 0.25, seed: int = 0, *, standardise: bool = True
+) -> ImageData:
   """scikit-learn's bundled 8x8 digits, split once, stratified by class.
 
   Pixels are scaled to [0, 1] (``/ 16``); with ``standardise`` the images are
@@ -88,11 +169,13 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0, *,
   """
   from sklearn import datasets  # pylint: disable=import-outside-toplevel
   from sklearn import model_selection  # pylint: disable=import-outside-toplevel
+
   digits = datasets.load_digits()
   x = (digits.images.astype(np.float32) / 16.0)[..., None]
   y = digits.target.astype(np.int32)
   x_train, x_test, y_train, y_test = model_selection.train_test_split(
-      x, y, test_size=test_fraction, random_state=seed, stratify=y)
+    x, y, test_size=test_fraction, random_state=seed, stratify=y
+  )
   if standardise:
     mean, std = x_train.mean(), x_train.std()
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
@@ -100,22 +183,44 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0, *,
 
 
 def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
-  with open(path, "rb") as f:
-    batch = pickle.load(f, encoding="bytes")
+  try:
+    with open(path, "rb") as f:
+      batch = pickle.load(f, encoding="bytes")
+  except OSError as e:
+    raise InputError(f"cannot read {path}: {e.strerror}.") from e
+  except Exception as e:  # pylint: disable=broad-except
+    # Junk fails to unpickle in many ways (UnpicklingError, EOFError,
+    # ValueError, KeyError, ...): all mean the same to the user.
+    raise InputError(
+      f"{path} is not a CIFAR-10 python batch (it does not unpickle: "
+      f"{type(e).__name__}); {CIFAR10_FIX}."
+    ) from e
+  if not isinstance(batch, dict):
+    raise InputError(
+      f"{path} is not a CIFAR-10 python batch (it holds a "
+      f"{type(batch).__name__}, not a dict); {CIFAR10_FIX}."
+    )
   data = batch.get(b"data", batch.get("data"))
   labels = batch.get(b"labels", batch.get("labels"))
   if data is None or labels is None:
-    raise ValueError(
-        f"{path} is not a CIFAR-10 python batch: it needs the keys "
-        "b'data' (N x 3072 uint8) and b'labels'. Download the "
-        "'CIFAR-10 python version' and pass its cifar-10-batches-py folder.")
+    raise InputError(
+      f"{path} is not a CIFAR-10 python batch: it needs the keys "
+      f"b'data' (N x 3072 uint8) and b'labels'; {CIFAR10_FIX}."
+    )
   data = np.asarray(data, dtype=np.uint8)
   if data.ndim != 2 or data.shape[1] != 3072:
-    raise ValueError(
-        f"{path}: b'data' has shape {data.shape}; CIFAR-10 batches hold rows "
-        "of 3072 bytes (3 x 32 x 32, channel-major).")
+    raise InputError(
+      f"{path}: b'data' has shape {data.shape}; CIFAR-10 batches hold rows "
+      "of 3072 bytes (3 x 32 x 32, channel-major)."
+    )
+  labels = np.asarray(labels, np.int32)
+  if labels.shape != (len(data),):
+    raise InputError(
+      f"{path}: {len(data)} images but labels of shape {labels.shape}; a "
+      "CIFAR-10 batch has one label per image."
+    )
   images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-  return images.astype(np.float32) / 255.0, np.asarray(labels, np.int32)
+  return images.astype(np.float32) / 255.0, labels
 
 
 def load_cifar10(directory: str | os.PathLike) -> ImageData:
@@ -127,13 +232,18 @@ def load_cifar10(directory: str | os.PathLike) -> ImageData:
 
   Returns:
     ``ImageData`` with images of shape (N, 32, 32, 3) in [0, 1].
+
+  Raises:
+    InputError: (a ``ValueError``) if ``directory`` is missing, not a folder,
+      or holds no readable CIFAR-10 batches.
   """
   directory = os.fspath(directory)
+  if not os.path.isdir(directory):
+    what = "is not a folder" if os.path.exists(directory) else "does not exist"
+    raise InputError(f"{directory!r} {what}; {CIFAR10_FIX}.")
   names = sorted(n for n in os.listdir(directory) if n.startswith("data_batch"))
   if not names or not os.path.exists(os.path.join(directory, "test_batch")):
-    raise ValueError(
-        f"{directory!r} holds no CIFAR-10 batches: expected data_batch_1 ... "
-        "data_batch_5 and test_batch (the python-pickle version).")
+    raise InputError(f"{directory!r} holds no CIFAR-10 batches; {CIFAR10_FIX}.")
   parts = [_read_cifar_batch(os.path.join(directory, n)) for n in names]
   x_train = np.concatenate([p[0] for p in parts])
   y_train = np.concatenate([p[1] for p in parts])
@@ -178,7 +288,7 @@ def _stdlib_docstrings() -> str:
       seen.add(doc)
       pieces.append(doc.strip() + "\n\n")
 
-  with warnings.catch_warnings():   # deprecated aliases (typing.io) warn
+  with warnings.catch_warnings():  # deprecated aliases (typing.io) warn
     warnings.simplefilter("ignore")
     for name in STDLIB_CORPUS_MODULES:
       try:
@@ -196,48 +306,114 @@ def _stdlib_docstrings() -> str:
           add(obj)
         if inspect.isclass(obj):
           for member in sorted(vars(obj)):
-            if not member.startswith("_") and inspect.isfunction(vars(obj)[member]):
+            if not member.startswith("_") and inspect.isfunction(
+              vars(obj)[member]
+            ):
               add(vars(obj)[member])
   return "".join(pieces)
+
+
+def unknown_count(text: str, vocab: str = VOCAB) -> int:
+  """The characters of ``text`` outside ``vocab``.
+
+  Example:
+    >>> unknown_count("caf\u00e9 \u2014 ok")
+    2
+  """
+  codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+  return int(np.count_nonzero(~np.isin(codes, [ord(c) for c in vocab])))
 
 
 def _split_text(text: str, valid_fraction: float) -> TextData:
   ids = encode_text(text)
   n_valid = max(int(len(ids) * valid_fraction), 1)
-  return TextData(ids[:-n_valid], ids[-n_valid:], VOCAB)
+  return TextData(ids[:-n_valid], ids[-n_valid:], VOCAB, unknown_count(text))
 
 
-def load_stdlib_text(max_chars: int | None = 400_000,
-                     valid_fraction: float = 0.1) -> TextData:
+def load_stdlib_text(
+  max_chars: int | None = 400_000, valid_fraction: float = 0.1
+) -> TextData:
   """The built-in corpus, encoded; the last ``valid_fraction`` is held out."""
   return _split_text(stdlib_docstring_corpus(max_chars), valid_fraction)
 
 
-def load_text_files(paths: str | os.PathLike | Sequence[str | os.PathLike],
-                    valid_fraction: float = 0.1) -> TextData:
+def _text_file_list(path: str) -> list[str]:
+  if not os.path.exists(path):
+    raise InputError(
+      f"{path!r} does not exist; expected a text file or a "
+      "folder of .txt files."
+    )
+  if not os.path.isdir(path):
+    return [path]
+  files = sorted(
+    os.path.join(path, n)
+    for n in os.listdir(path)
+    if n.endswith(".txt") and os.path.isfile(os.path.join(path, n))
+  )
+  if not files:
+    raise InputError(
+      f"folder {path!r} holds no .txt files; put UTF-8 text in files ending "
+      "in .txt there (other files are ignored), or give one text file."
+    )
+  return files
+
+
+def load_text_files(
+  paths: str | os.PathLike | Sequence[str | os.PathLike],
+  valid_fraction: float = 0.1,
+  *,
+  max_unknown_fraction: float = MAX_UNKNOWN_FRACTION,
+) -> TextData:
   """A user's own text: one file, a folder of ``.txt`` files, or a list.
 
   Files are read as UTF-8 (undecodable bytes replaced) and concatenated in
   sorted order; the last ``valid_fraction`` of the characters is held out.
+  Characters outside ``VOCAB`` (printable ASCII and newline) are encoded as
+  ``UNKNOWN_CHAR``; the result's ``unknown`` counts them.
+
+  Args:
+    paths: a text file, a folder (its ``.txt`` files), or a list of files.
+    valid_fraction: the share of the characters held out for validation.
+    max_unknown_fraction: the largest share of characters outside ``VOCAB``
+      accepted; 1 accepts anything.
+
+  Returns:
+    ``TextData`` over ``VOCAB``.
+
+  Raises:
+    InputError: (a ``ValueError``) if a path is missing or unreadable, a
+      folder holds no ``.txt`` file, the text is shorter than 100
+      characters, or more than ``max_unknown_fraction`` of it is unknown
+      (random bytes, UTF-16, another script).
   """
   if isinstance(paths, (str, os.PathLike)):
-    path = os.fspath(paths)
-    if os.path.isdir(path):
-      files = sorted(os.path.join(path, n) for n in os.listdir(path)
-                     if n.endswith(".txt"))
-    else:
-      files = [path]
+    files = _text_file_list(os.fspath(paths))
   else:
     files = [os.fspath(p) for p in paths]
   if not files:
-    raise ValueError(f"no .txt files found in {paths!r}.")
+    raise InputError("no text files given.")
   texts = []
   for f in files:
-    with open(f, encoding="utf-8", errors="replace") as fh:
-      texts.append(fh.read())
+    try:
+      with open(f, encoding="utf-8", errors="replace") as fh:
+        texts.append(fh.read())
+    except OSError as e:
+      raise InputError(f"cannot read {f}: {e.strerror}.") from e
   text = "\n".join(texts)
+  where = files[0] if len(files) == 1 else f"{len(files)} files"
   if len(text) < 100:
-    raise ValueError(
-        f"the text in {files} has {len(text)} characters; the language model "
-        "needs at least 100 (and many thousands to learn anything).")
-  return _split_text(text, valid_fraction)
+    raise InputError(
+      f"the text in {where} has {len(text)} characters; the language model "
+      "needs at least 100 (and many thousands to learn anything)."
+    )
+  data = _split_text(text, valid_fraction)
+  if data.unknown > max_unknown_fraction * len(text):
+    raise InputError(
+      f"{data.unknown:,} of the {len(text):,} characters read from {where} "
+      f"({data.unknown / len(text):.0%}) are outside the model's "
+      f"vocabulary (printable ASCII and newline) and would train as "
+      f"{UNKNOWN_CHAR!r}; is it UTF-8 text? At most "
+      f"{max_unknown_fraction:.0%} is accepted: raise max_unknown_fraction "
+      "(--max-unknown-fraction) to train on it anyway."
+    )
+  return data

@@ -15,7 +15,7 @@ the activation function). The usual Equinox pattern applies unchanged:
   relative to the weights), and ``eqx.apply_updates`` skips the ``None``\\ s.
 
 Run it with ``python -m madam_examples.equinox_mlp`` (``--quick`` or
-``MADAM_QUICK=1`` for a short run); the data ship with scikit-learn.
+``MADAM_QUICK=1`` for a 20-step smoke test); the data ship with scikit-learn.
 
 Reference: Bernstein et al., "Learning compositional functions via
 multiplicative weight updates", NeurIPS 2020, arXiv:2006.14560.
@@ -24,9 +24,9 @@ multiplicative weight updates", NeurIPS 2020, arXiv:2006.14560.
 from __future__ import annotations
 
 import argparse
-import os
+from collections.abc import Callable
+from collections.abc import Sequence
 import time
-from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import equinox as eqx
@@ -35,11 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import madam_optax
+from madam_examples import cli
 from madam_examples import data
+import madam_optax
 
 DEFAULT_STEPS = 1000
-QUICK_STEPS = 20
 DEFAULT_LR = 0.01
 ADDITIVE_LR = 1e-3
 
@@ -74,12 +74,13 @@ def trainable(model: eqx.Module) -> Any:
   return eqx.filter(model, eqx.is_inexact_array)
 
 
-def make_optimizer(model: eqx.Module, learning_rate: float = DEFAULT_LR
-                   ) -> optax.GradientTransformation:
+def make_optimizer(
+  model: eqx.Module, learning_rate: float = DEFAULT_LR
+) -> optax.GradientTransformation:
   """Madam for the weights, Adam(1e-3) for the zero-initialised leaves."""
   return madam_optax.with_additive_fallback(
-      trainable(model), madam_optax.madam(learning_rate),
-      optax.adam(ADDITIVE_LR))
+    trainable(model), madam_optax.madam(learning_rate), optax.adam(ADDITIVE_LR)
+  )
 
 
 def loss_fn(model: MLP, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -106,14 +107,20 @@ def accuracy(model: MLP, x: jax.Array, y: jax.Array) -> jax.Array:
 
 class Result(NamedTuple):
   model: MLP
-  labels: Any           # "multiplicative" / "additive" / None per leaf
-  losses: np.ndarray    # training loss per step
+  labels: Any  # "multiplicative" / "additive" / None per leaf
+  losses: np.ndarray  # training loss per step
   test_accuracy: float  # in [0, 1]
-  seconds: float        # wall-clock, compilation included
+  seconds: float  # wall-clock, compilation included
 
 
-def train(steps: int = DEFAULT_STEPS, learning_rate: float = DEFAULT_LR, *,
-          batch_size: int = 64, hidden: int = 128, seed: int = 0) -> Result:
+def train(
+  steps: int = DEFAULT_STEPS,
+  learning_rate: float = DEFAULT_LR,
+  *,
+  batch_size: int = 64,
+  hidden: int = 128,
+  seed: int = 0,
+) -> Result:
   """Trains :class:`MLP` on the digits with Madam and the additive fallback.
 
   Args:
@@ -147,63 +154,83 @@ def train(steps: int = DEFAULT_STEPS, learning_rate: float = DEFAULT_LR, *,
     model, opt_state, loss = step(model, opt_state, x_train[idx], y_train[idx])
     losses.append(loss)
   test_accuracy = float(accuracy(model, x_test, y_test))
-  return Result(model, labels, np.asarray(jax.device_get(losses)),
-                test_accuracy, time.perf_counter() - start)
+  return Result(
+    model,
+    labels,
+    np.asarray(jax.device_get(losses)),
+    test_accuracy,
+    time.perf_counter() - start,
+  )
 
 
 def describe_labels(labels: Any) -> str:
   """One line: which leaves each optimizer trains, and the ``None`` leaves."""
   leaves = jax.tree_util.tree_flatten_with_path(
-      labels, is_leaf=lambda x: x is None)[0]
+    labels, is_leaf=lambda x: x is None
+  )[0]
   names: dict[Any, list[str]] = {"multiplicative": [], "additive": [], None: []}
   for path, label in leaves:
     names[label].append(jax.tree_util.keystr(path).lstrip("."))
-  return (f"Madam: {', '.join(names['multiplicative'])}; "
-          f"Adam({ADDITIVE_LR:g}): {', '.join(names['additive'])}; "
-          f"None (not trained): {', '.join(names[None])}")
+  return (
+    f"Madam: {', '.join(names['multiplicative'])}; "
+    f"Adam({ADDITIVE_LR:g}): {', '.join(names['additive'])}; "
+    f"None (not trained): {', '.join(names[None])}"
+  )
+
+
+PROG = "python -m madam_examples.equinox_mlp"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog="python -m madam_examples.equinox_mlp",
-      description="Train an Equinox MLP on scikit-learn's digits with Madam "
-                  "(Adam for the zero-initialised LayerNorm offset).")
+  parser = cli.ArgumentParser(
+    prog=PROG,
+    description="Train an Equinox MLP on scikit-learn's digits with Madam "
+    "(Adam for the zero-initialised LayerNorm offset).",
+  )
   parser.add_argument(
-      "--steps", type=int, default=None,
-      help=f"training steps (default {DEFAULT_STEPS}; {QUICK_STEPS} with "
-           "--quick)")
-  parser.add_argument("--lr", type=float, default=DEFAULT_LR,
-                      help=f"Madam's learning rate (default {DEFAULT_LR})")
-  parser.add_argument("--batch-size", type=int, default=64,
-                      help="images per step (default 64)")
-  parser.add_argument("--seed", type=int, default=0,
-                      help="seed of the weights and batches (default 0)")
+    "--steps",
+    type=cli.positive_int,
+    default=None,
+    help=f"training steps (default {DEFAULT_STEPS}; {cli.QUICK_STEPS} with "
+    "--quick)",
+  )
   parser.add_argument(
-      "--quick", action="store_true",
-      help=f"{QUICK_STEPS} steps, for a smoke test (also MADAM_QUICK=1)")
+    "--lr",
+    type=cli.positive_float,
+    default=DEFAULT_LR,
+    help=f"Madam's learning rate (default {DEFAULT_LR})",
+  )
+  parser.add_argument(
+    "--batch-size",
+    type=cli.positive_int,
+    default=64,
+    help="images per step (default 64)",
+  )
+  parser.add_argument(
+    "--seed",
+    type=cli.nonnegative_int,
+    default=0,
+    help="seed of the weights and batches (default 0)",
+  )
+  cli.add_quick_flag(parser)
   args = parser.parse_args(argv)
-  if args.steps is not None and args.steps < 1:
-    parser.error(f"--steps must be at least 1, got {args.steps}")
-  if not args.lr > 0:
-    parser.error(f"--lr must be positive, got {args.lr}")
-  if args.batch_size < 1:
-    parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
-  if os.environ.get("MADAM_QUICK") == "1":
-    args.quick = True
-  if args.steps is None:
-    args.steps = QUICK_STEPS if args.quick else DEFAULT_STEPS
+  args.steps = cli.resolve_steps(args, DEFAULT_STEPS)
   return args
 
 
+@cli.one_line_errors(PROG)
 def main(argv: Sequence[str] | None = None) -> Result:
   args = parse_args(argv)
-  result = train(args.steps, args.lr, batch_size=args.batch_size,
-                 seed=args.seed)
+  result = train(
+    args.steps, args.lr, batch_size=args.batch_size, seed=args.seed
+  )
   print(describe_labels(result.labels))
-  print(f"Equinox MLP, Madam lr={args.lr:g}, {args.steps} steps: "
-        f"loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}, "
-        f"test accuracy {100 * result.test_accuracy:.2f} % "
-        f"({result.seconds:.1f} s)")
+  print(
+    f"Equinox MLP, Madam lr={args.lr:g}, {args.steps} steps: "
+    f"loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}, "
+    f"test accuracy {100 * result.test_accuracy:.2f} % "
+    f"({result.seconds:.1f} s)"
+  )
   return result
 
 

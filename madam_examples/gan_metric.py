@@ -19,18 +19,19 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 
 class FeatureReference(NamedTuple):
   """A frozen feature extractor and the real data's feature statistics."""
+
   graphdef: Any
   params: Any
   real_mean: np.ndarray
-  real_cov_sqrt: np.ndarray   # symmetric square root of the real covariance
+  real_cov_sqrt: np.ndarray  # symmetric square root of the real covariance
   real_cov_trace: float
   classifier_accuracy: float  # on the held-out digits
 
@@ -47,9 +48,13 @@ def mean_and_cov(features: jax.Array) -> tuple[jax.Array, jax.Array]:
   return mean, centred.T @ centred / (features.shape[0] - 1)
 
 
-def frechet_distance(mean: jax.Array, cov: jax.Array, ref_mean: jax.Array,
-                     ref_cov_sqrt: jax.Array, ref_cov_trace: jax.Array
-                     ) -> jax.Array:
+def frechet_distance(
+  mean: jax.Array,
+  cov: jax.Array,
+  ref_mean: jax.Array,
+  ref_cov_sqrt: jax.Array,
+  ref_cov_trace: jax.Array,
+) -> jax.Array:
   """Fréchet distance between N(mean, cov) and the reference Gaussian.
 
   Pure ``jnp`` (jit- and vmap-friendly); ``tr((S_r S_g)^{1/2})`` comes from the
@@ -59,8 +64,12 @@ def frechet_distance(mean: jax.Array, cov: jax.Array, ref_mean: jax.Array,
   middle = (middle + middle.T) / 2
   eig = jnp.linalg.eigvalsh(middle)
   cross = jnp.sum(jnp.sqrt(jnp.clip(eig, 0.0, None)))
-  return (jnp.sum((mean - ref_mean) ** 2) + jnp.trace(cov) + ref_cov_trace
-          - 2.0 * cross)
+  return (
+    jnp.sum((mean - ref_mean) ** 2)
+    + jnp.trace(cov)
+    + ref_cov_trace
+    - 2.0 * cross
+  )
 
 
 def features(graphdef: Any, params: Any, images: jax.Array) -> jax.Array:
@@ -68,8 +77,12 @@ def features(graphdef: Any, params: Any, images: jax.Array) -> jax.Array:
   return nnx.merge(graphdef, params).features(images)
 
 
-def fit_reference(graphdef: Any, params: Any, real_images: np.ndarray,
-                  classifier_accuracy: float) -> FeatureReference:
+def fit_reference(
+  graphdef: Any,
+  params: Any,
+  real_images: np.ndarray,
+  classifier_accuracy: float,
+) -> FeatureReference:
   """Freezes a trained classifier and fits the real images' features.
 
   Args:
@@ -83,18 +96,31 @@ def fit_reference(graphdef: Any, params: Any, real_images: np.ndarray,
     The :class:`FeatureReference`: feature mean, covariance square root and
     trace of the real images (in float64, then stored as float32).
   """
-  feats = np.asarray(features(graphdef, params, jnp.asarray(real_images)),
-                     np.float64)
+  feats = np.asarray(
+    features(graphdef, params, jnp.asarray(real_images)), np.float64
+  )
   cov = np.cov(feats, rowvar=False)
-  return FeatureReference(graphdef, params, feats.mean(axis=0).astype(
-      np.float32), _sym_sqrt(cov).astype(np.float32), float(np.trace(cov)),
-                          classifier_accuracy)
+  return FeatureReference(
+    graphdef,
+    params,
+    feats.mean(axis=0).astype(np.float32),
+    _sym_sqrt(cov).astype(np.float32),
+    float(np.trace(cov)),
+    classifier_accuracy,
+  )
 
 
-def reference_frechet_distance(images: jax.Array,
-                               reference: FeatureReference) -> jax.Array:
+def reference_frechet_distance(
+  images: jax.Array, reference: FeatureReference
+) -> jax.Array:
   """FD between generated images and the real ones of ``reference``."""
-  mean, cov = mean_and_cov(features(reference.graphdef, reference.params,
-                                    images))
-  return frechet_distance(mean, cov, reference.real_mean,
-                          reference.real_cov_sqrt, reference.real_cov_trace)
+  mean, cov = mean_and_cov(
+    features(reference.graphdef, reference.params, images)
+  )
+  return frechet_distance(
+    mean,
+    cov,
+    reference.real_mean,
+    reference.real_cov_sqrt,
+    reference.real_cov_trace,
+  )

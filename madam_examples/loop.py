@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from typing import Any, Callable, Mapping
 
 import jax
@@ -27,10 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import madam_optax
 from madam_examples import optimizers as optimizers_lib
 from madam_examples import step as step_lib
-from madam_examples.step import Loss, Params, TrainState
+from madam_examples.step import Loss
+from madam_examples.step import Params
+from madam_examples.step import TrainState
+import madam_optax
 
 # A name from ``optimizers`` or a factory ``(learning_rate, params) -> tx``.
 Optimizer = str | Callable[[Any, Any], optax.GradientTransformation]
@@ -59,6 +62,7 @@ class Task:
     evaluate: ``(weights, data) -> {metric: value, ...}``, jittable.
     data: the arrays the losses and the evaluation read.
   """
+
   name: str
   description: str
   metric: str
@@ -84,29 +88,38 @@ def reference_params(task: Task) -> Params:
   """
   key = id(task)
   if key not in _REFERENCE_CACHE:
-    with jax.ensure_compile_time_eval():   # concrete even inside a trace
+    with jax.ensure_compile_time_eval():  # concrete even inside a trace
       params = jax.device_get(task.init(jax.random.key(0)))
     _REFERENCE_CACHE[key] = (task, params)
   return _REFERENCE_CACHE[key][1]
 
 
-def init_task_state(task: Task,
-                    txs: Mapping[str, optax.GradientTransformation],
-                    key: jax.Array, *,
-                    lns_format: madam_optax.LNSFormat | None = None
-                    ) -> TrainState:
+def init_task_state(
+  task: Task,
+  txs: Mapping[str, optax.GradientTransformation],
+  key: jax.Array,
+  *,
+  lns_format: madam_optax.LNSFormat | None = None,
+) -> TrainState:
   """Fresh parameters (encoded with ``lns_format``) and optimizer states."""
   init_key, train_key = jax.random.split(key)
   params, max_magnitudes = task.init(init_key), None
   if lns_format is not None:
     params, max_magnitudes = step_lib.encode_lns(
-        params, reference_params(task), lns_format, p_scale=task.p_scale)
+      params, reference_params(task), lns_format, p_scale=task.p_scale
+    )
   return step_lib.init_state(params, txs, train_key, max_magnitudes)
 
 
-def task_optimizers(task: Task, optimizer: Optimizer, learning_rate: Any, *,
-                    schedule: str = "constant", steps: int = 1,
-                    **options: Any) -> dict[str, optax.GradientTransformation]:
+def task_optimizers(
+  task: Task,
+  optimizer: Optimizer,
+  learning_rate: Any,
+  *,
+  schedule: str = "constant",
+  steps: int = 1,
+  **options: Any,
+) -> dict[str, optax.GradientTransformation]:
   """One optimizer per component of ``task``, by name or factory.
 
   A name goes to ``optimizers.make_optimizers`` with the task's ``p_scale``
@@ -119,14 +132,26 @@ def task_optimizers(task: Task, optimizer: Optimizer, learning_rate: Any, *,
     lr = optimizers_lib.learning_rate_schedule(learning_rate, schedule, steps)
     return {c: optimizer(lr, p) for c, p in reference.items()}
   return optimizers_lib.make_optimizers(
-      reference, optimizer, learning_rate, schedule=schedule, steps=steps,
-      p_scale=task.p_scale, **options)
+    reference,
+    optimizer,
+    learning_rate,
+    schedule=schedule,
+    steps=steps,
+    p_scale=task.p_scale,
+    **options,
+  )
 
 
-def make_run_fn(task: Task, optimizer: Optimizer, steps: int, eval_every: int,
-                *, schedule: str = "cosine",
-                lns_format: madam_optax.LNSFormat | None = None,
-                **options: Any) -> Callable[[jax.Array, jax.Array, Any], dict]:
+def make_run_fn(
+  task: Task,
+  optimizer: Optimizer,
+  steps: int,
+  eval_every: int,
+  *,
+  schedule: str = "cosine",
+  lns_format: madam_optax.LNSFormat | None = None,
+  **options: Any,
+) -> Callable[[jax.Array, jax.Array, Any], dict]:
   """A pure ``run(key, learning_rate, data) -> history`` for ``jax.vmap``.
 
   The history holds, for each of the ``steps // eval_every`` evaluations, the
@@ -147,19 +172,31 @@ def make_run_fn(task: Task, optimizer: Optimizer, steps: int, eval_every: int,
 
   def run(key, learning_rate, data):
     seed = jax.random.randint(jax.random.fold_in(key, 1), (), 0, 2**31 - 1)
-    txs = task_optimizers(task, optimizer, learning_rate, schedule=schedule,
-                          steps=steps, lns_format=lns_format, seed=seed,
-                          **options)
+    txs = task_optimizers(
+      task,
+      optimizer,
+      learning_rate,
+      schedule=schedule,
+      steps=steps,
+      lns_format=lns_format,
+      seed=seed,
+      **options,
+    )
     state = init_task_state(task, txs, key, lns_format=lns_format)
 
     def chunk(s, _):
-      s, sums = step_lib.train_chunk(task.losses, txs, s, data, eval_every,
-                            lns_format=lns_format)
+      s, sums = step_lib.train_chunk(
+        task.losses, txs, s, data, eval_every, lns_format=lns_format
+      )
       mean_losses = jax.tree.map(lambda x: x / eval_every, sums)
-      return s, {**mean_losses,
-                 **task.evaluate(step_lib.weights(s, lns_format), data)}
+      return s, {
+        **mean_losses,
+        **task.evaluate(step_lib.weights(s, lns_format), data),
+      }
+
     _, history = jax.lax.scan(chunk, state, None, length=num_evals)
     return history
+
   return run
 
 
@@ -195,37 +232,57 @@ def _import_checkpointing():
     from madam_examples import checkpointing  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise RuntimeError(
-        "checkpointing needs madam_examples.checkpointing (Orbax); it could "
-        f"not be imported ({e}). Install the examples extra: "
-        "pip install 'madam-optax[examples]'.") from e
+      "checkpointing needs madam_examples.checkpointing (Orbax); it could "
+      f"not be imported ({e}). Install the examples extra: "
+      "pip install 'madam-optax[examples]'."
+    ) from e
   return checkpointing
 
 
-def _run_config(task: Task, optimizer: Optimizer, learning_rate: float,
-                seed: int, steps: int, schedule: str,
-                lns_format: madam_optax.LNSFormat | None,
-                options: Mapping[str, Any]) -> dict[str, Any]:
+def _run_config(
+  task: Task,
+  optimizer: Optimizer,
+  learning_rate: float,
+  seed: int,
+  steps: int,
+  schedule: str,
+  lns_format: madam_optax.LNSFormat | None,
+  options: Mapping[str, Any],
+) -> dict[str, Any]:
   """The settings saved with every checkpoint and compared on resume."""
-  config = {"task": task.name,
-            "optimizer": getattr(optimizer, "__name__", optimizer),
-            "learning_rate": float(learning_rate), "seed": int(seed),
-            "steps": int(steps), "schedule": schedule}
+  config = {
+    "task": task.name,
+    "optimizer": getattr(optimizer, "__name__", optimizer),
+    "learning_rate": float(learning_rate),
+    "seed": int(seed),
+    "steps": int(steps),
+    "schedule": schedule,
+  }
   if lns_format is not None:
-    config["lns_format"] = {"levels": int(lns_format.levels),
-                            "base": float(lns_format.base)}
+    config["lns_format"] = {
+      "levels": int(lns_format.levels),
+      "base": float(lns_format.base),
+    }
   if options:
     config["options"] = {k: str(v) for k, v in sorted(options.items())}
   return config
 
 
-def train(task: Task, optimizer: Optimizer, learning_rate: float, *,
-          seed: int = 0, steps: int | None = None,
-          eval_every: int | None = None, schedule: str = "cosine",
-          lns_format: madam_optax.LNSFormat | None = None,
-          optimizer_options: Mapping[str, Any] | None = None,
-          callback: Callable[[int, dict, TrainState], None] | None = None,
-          checkpoint_dir: str | None = None, checkpoint_every: int = 100,
-          ) -> tuple[TrainState, dict[str, np.ndarray]]:
+def train(
+  task: Task,
+  optimizer: Optimizer,
+  learning_rate: float,
+  *,
+  seed: int = 0,
+  steps: int | None = None,
+  eval_every: int | None = None,
+  schedule: str = "cosine",
+  lns_format: madam_optax.LNSFormat | None = None,
+  optimizer_options: Mapping[str, Any] | None = None,
+  callback: Callable[[int, dict, TrainState], None] | None = None,
+  checkpoint_dir: str | None = None,
+  checkpoint_every: int = 100,
+) -> tuple[TrainState, dict[str, np.ndarray]]:
   """Trains ``task`` with one optimizer; a Python loop over jitted chunks.
 
   With ``checkpoint_dir``, the :class:`~madam_examples.step.TrainState` (a
@@ -258,44 +315,75 @@ def train(task: Task, optimizer: Optimizer, learning_rate: float, *,
 
   Returns:
     The final state and the history: ``{"step": ..., name: values}`` with
-    one entry per evaluation, plus ``"resumed_from"`` (the step training
-    resumed from, 0 on a fresh start).
+    one entry per evaluation, plus three scalars: ``"resumed_from"`` (the
+    step training resumed from, 0 on a fresh start), ``"compile_seconds"``
+    (compiling the initialisation, the training chunk and the evaluation)
+    and ``"train_seconds"`` (the steps, evaluations and checkpoints,
+    compilation excluded: the steady-state time).
   """
   steps = task.steps if steps is None else steps
   eval_every = min(task.eval_every if eval_every is None else eval_every, steps)
   options = dict(optimizer_options or {})
-  txs = task_optimizers(task, optimizer, learning_rate, schedule=schedule,
-                        steps=steps, lns_format=lns_format, seed=seed,
-                        **options)
-  state = jax.jit(lambda k: init_task_state(task, txs, k,
-                                            lns_format=lns_format))(
-                                                jax.random.key(seed))
-  chunk = jax.jit(lambda s, d, n: step_lib.train_chunk(
-      task.losses, txs, s, d, n, lns_format=lns_format))
-  evaluate = jax.jit(lambda s, d: task.evaluate(
-      step_lib.weights(s, lns_format), d))
+  txs = task_optimizers(
+    task,
+    optimizer,
+    learning_rate,
+    schedule=schedule,
+    steps=steps,
+    lns_format=lns_format,
+    seed=seed,
+    **options,
+  )
+  compile_start = time.perf_counter()
+  state = jax.jit(
+    lambda k: init_task_state(task, txs, k, lns_format=lns_format)
+  )(jax.random.key(seed))
+  compile_seconds = time.perf_counter() - compile_start
   start, ckpt = 0, None
   if checkpoint_dir is not None:
     checkpointing = _import_checkpointing()
-    config = _run_config(task, optimizer, learning_rate, seed, steps,
-                         schedule, lns_format, options)
-    state, start = checkpointing.maybe_restore(checkpoint_dir, state,
-                                               verbose=False, config=config)
+    config = _run_config(
+      task, optimizer, learning_rate, seed, steps, schedule, lns_format, options
+    )
+    state, start = checkpointing.maybe_restore(
+      checkpoint_dir, state, verbose=False, config=config
+    )
     start = min(int(start), steps)
-    ckpt = checkpointing.Checkpointer(checkpoint_dir, checkpoint_every,
-                                      config=config)
+    ckpt = checkpointing.Checkpointer(
+      checkpoint_dir, checkpoint_every, config=config
+    )
   history = _load_history(checkpoint_dir, start)
+  if start < steps:
+    # Compiled ahead of the loop, so that its time is not the first chunk's.
+    compile_start = time.perf_counter()
+    chunk = (
+      jax.jit(
+        lambda s, d, n: step_lib.train_chunk(
+          task.losses, txs, s, d, n, lns_format=lns_format
+        )
+      )
+      .lower(state, task.data, jnp.int32(1))
+      .compile()
+    )
+    evaluate = (
+      jax.jit(lambda s, d: task.evaluate(step_lib.weights(s, lns_format), d))
+      .lower(state, task.data)
+      .compile()
+    )
+    compile_seconds += time.perf_counter() - compile_start
   if callback is not None:
     callback(start, {}, state)
   done, since_eval, sums = start, 0, None
+  train_start = time.perf_counter()
   try:
     while done < steps:
       n = min(eval_every - done % eval_every, steps - done)
       if ckpt is not None:
         n = min(n, checkpoint_every - done % checkpoint_every)
       state, chunk_sums = chunk(state, task.data, jnp.int32(n))
-      sums = chunk_sums if sums is None else jax.tree.map(
-          jnp.add, sums, chunk_sums)
+      sums = (
+        chunk_sums if sums is None else jax.tree.map(jnp.add, sums, chunk_sums)
+      )
       done += n
       since_eval += n
       if done % eval_every == 0 or done == steps:
@@ -308,12 +396,14 @@ def train(task: Task, optimizer: Optimizer, learning_rate: float, *,
         sums, since_eval = None, 0
         if callback is not None:
           callback(done, metrics, state)
-      if ckpt is not None and ckpt.maybe_save(done, state,
-                                              force=done == steps):
+      if ckpt is not None and ckpt.maybe_save(done, state, force=done == steps):
         _save_history(checkpoint_dir, history)
   finally:
     if ckpt is not None:
       ckpt.close()
+  train_seconds = time.perf_counter() - train_start
   out = {k: np.asarray(v) for k, v in history.items()}
   out["resumed_from"] = np.asarray(start)
+  out["compile_seconds"] = np.asarray(compile_seconds)
+  out["train_seconds"] = np.asarray(train_seconds)
   return state, out

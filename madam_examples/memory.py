@@ -15,13 +15,14 @@ import numpy as np
 
 
 def _leaf_bytes(x: Any) -> int:
-  if isinstance(x, jax.ShapeDtypeStruct):   # abstract: what it would hold
+  if isinstance(x, jax.ShapeDtypeStruct):  # abstract: what it would hold
     return math.prod(x.shape) * np.dtype(x.dtype).itemsize
   if isinstance(x, jax.Array) and jax.dtypes.issubdtype(
-      x.dtype, jax.dtypes.prng_key):
-    x = jax.random.key_data(x)          # typed PRNG keys: their raw data
+    x.dtype, jax.dtypes.prng_key
+  ):
+    x = jax.random.key_data(x)  # typed PRNG keys: their raw data
   nbytes = getattr(x, "nbytes", None)
-  return int(nbytes) if nbytes is not None else 0   # no storage: a number
+  return int(nbytes) if nbytes is not None else 0  # no storage: a number
 
 
 def tree_bytes(tree: Any, where: Callable[[Any], bool] | None = None) -> int:
@@ -43,8 +44,9 @@ def tree_bytes(tree: Any, where: Callable[[Any], bool] | None = None) -> int:
     >>> tree_bytes({'codes': jnp.zeros((4, 8), jnp.int8), 'w': jnp.ones(3)})
     44
   """
-  return sum(_leaf_bytes(x) for x in jax.tree.leaves(tree)
-             if where is None or where(x))
+  return sum(
+    _leaf_bytes(x) for x in jax.tree.leaves(tree) if where is None or where(x)
+  )
 
 
 def bytes_per_device(tree: Any) -> dict[Any, int]:
@@ -69,5 +71,6 @@ def bytes_per_device(tree: Any) -> dict[Any, int]:
   for leaf in jax.tree.leaves(tree):
     for shard in getattr(leaf, "addressable_shards", ()):
       totals[shard.device] = totals.get(shard.device, 0) + _leaf_bytes(
-          shard.data)
+        shard.data
+      )
   return totals

@@ -14,21 +14,31 @@ import re
 from typing import Any, Sequence
 
 import jax
-import numpy as np
 from jax.sharding import NamedSharding
+import numpy as np
+
+from madam_examples.cli import InputError
 
 MESH_AXES = ("data", "fsdp")
-BATCH_AXES = ("data", "fsdp")      # the batch is split over every device
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter",
-               "collective-permute", "all-to-all")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over every device
+COLLECTIVES = (
+  "all-reduce",
+  "all-gather",
+  "reduce-scatter",
+  "collective-permute",
+  "all-to-all",
+)
 
 
-def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
+def parse_mesh(
+  spec: str, num_devices: int, *, hint: str = ""
+) -> dict[str, int]:
   """``"data=2,fsdp=4"`` -> ``{"data": 2, "fsdp": 4}`` (a missing axis is 1).
 
   One size may be ``-1``: it takes the devices the others leave. Raises
-  ``ValueError`` for unknown axes, bad sizes, or a product that is not
-  ``num_devices``.
+  ``InputError`` (a ``ValueError``) for unknown axes, bad sizes, or a product
+  that is not ``num_devices``; ``hint`` ends the message of the last (e.g.
+  how to get more devices).
 
   Example:
     >>> parse_mesh("data=-1,fsdp=2", 8)
@@ -39,51 +49,65 @@ def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
   for item in filter(None, (s.strip() for s in spec.split(","))):
     match = re.fullmatch(r"(\w+)\s*=\s*(-?\d+)", item)
     if not match or match[1] not in MESH_AXES or match[1] in seen:
-      raise ValueError(
-          f"--mesh {spec!r}: expected comma-separated AXIS=SIZE with AXIS in "
-          f"{MESH_AXES}, each at most once, e.g. 'data=2,fsdp=4'.")
+      raise InputError(
+        f"--mesh {spec!r}: expected comma-separated AXIS=SIZE with AXIS in "
+        f"{MESH_AXES}, each at most once, e.g. 'data=2,fsdp=4'."
+      )
     seen.add(match[1])
     sizes[match[1]] = int(match[2])
   free = [a for a, n in sizes.items() if n == -1]
   if len(free) > 1 or any(n == 0 or n < -1 for n in sizes.values()):
-    raise ValueError(f"--mesh {spec!r}: sizes must be positive (one may be -1).")
+    raise InputError(
+      f"--mesh {spec!r}: sizes must be positive (one may be -1)."
+    )
   known = math.prod(n for n in sizes.values() if n != -1)
   if free:
     if num_devices % known:
-      raise ValueError(f"--mesh {spec!r}: {num_devices} devices are not a "
-                       f"multiple of {known}.")
+      raise InputError(
+        f"--mesh {spec!r}: {num_devices} devices are not a "
+        f"multiple of {known}{hint}."
+      )
     sizes[free[0]] = num_devices // known
   if math.prod(sizes.values()) != num_devices:
-    raise ValueError(
-        f"--mesh {spec!r} has {math.prod(sizes.values())} devices but JAX "
-        f"sees {num_devices}; make the sizes multiply to {num_devices} (or use "
-        "-1 for one axis), or pass --simulate-devices on a CPU host.")
+    raise InputError(
+      f"--mesh {spec!r} has {math.prod(sizes.values())} devices but JAX "
+      f"sees {num_devices}; make the sizes multiply to {num_devices} (or use "
+      f"-1 for one axis){hint}."
+    )
   return sizes
 
 
-def make_mesh(spec: str, devices: Sequence[Any] | None = None
-              ) -> jax.sharding.Mesh:
+def make_mesh(
+  spec: str, devices: Sequence[Any] | None = None
+) -> jax.sharding.Mesh:
   """A ``(data, fsdp)`` mesh over ``devices`` (default: all, all hosts)."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = parse_mesh(spec, len(devices))
   auto = jax.sharding.AxisType.Auto
-  return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
-                       devices=devices, axis_types=(auto,) * len(MESH_AXES))
+  return jax.make_mesh(
+    tuple(sizes[a] for a in MESH_AXES),
+    MESH_AXES,
+    devices=devices,
+    axis_types=(auto,) * len(MESH_AXES),
+  )
 
 
-def local_rows(sharding: NamedSharding, global_shape: tuple[int, ...]
-               ) -> slice:
+def local_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> slice:
   """The rows of a global batch that this process's devices hold."""
-  spans = [idx[0] for idx in
-           sharding.addressable_devices_indices_map(global_shape).values()]
-  rows = {(s.start or 0, global_shape[0] if s.stop is None else s.stop)
-          for s in spans}
+  spans = [
+    idx[0]
+    for idx in sharding.addressable_devices_indices_map(global_shape).values()
+  ]
+  rows = {
+    (s.start or 0, global_shape[0] if s.stop is None else s.stop) for s in spans
+  }
   lo, hi = min(a for a, _ in rows), max(b for _, b in rows)
   if sum(b - a for a, b in rows) != hi - lo:
     raise ValueError(
-        f"this process's devices hold rows {sorted(rows)} of the batch, which "
-        "are not contiguous; build the mesh with jax.make_mesh (it keeps each "
-        "host's devices together).")
+      f"this process's devices hold rows {sorted(rows)} of the batch, which "
+      "are not contiguous; build the mesh with jax.make_mesh (it keeps each "
+      "host's devices together)."
+    )
   return slice(lo, hi)
 
 
@@ -100,5 +124,6 @@ def collectives_in_hlo(hlo_text: str) -> list[str]:
     >>> collectives_in_hlo("%x = f32[8]{0} all-reduce(f32[8]{0} %y)")
     ['all-reduce']
   """
-  return sorted({op for op in COLLECTIVES
-                 if re.search(rf"\b{op}(-start)?\(", hlo_text)})
+  return sorted(
+    {op for op in COLLECTIVES if re.search(rf"\b{op}(-start)?\(", hlo_text)}
+  )

@@ -17,19 +17,26 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Sequence
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 
 class MLP(nnx.Module):
   """ReLU multilayer perceptron; flattens its input (N, ...) to (N, D)."""
 
-  def __init__(self, in_features: int, hidden: Sequence[int], out_features: int,
-               *, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_features: int,
+    hidden: Sequence[int],
+    out_features: int,
+    *,
+    rngs: nnx.Rngs,
+  ):
     sizes = [in_features, *hidden]
-    self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs)
-                            for a, b in zip(sizes[:-1], sizes[1:])])
+    self.hidden = nnx.List(
+      [nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])]
+    )
     self.out = nnx.Linear(sizes[-1], out_features, rngs=rngs)
 
   def features(self, x: jax.Array) -> jax.Array:
@@ -56,15 +63,25 @@ class CNN(nnx.Module):
   Input (N, H, W, C) with ``image_shape == (H, W, C)``.
   """
 
-  def __init__(self, image_shape: Sequence[int], num_classes: int,
-               widths: Sequence[int] = (8, 16), *, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    image_shape: Sequence[int],
+    num_classes: int,
+    widths: Sequence[int] = (8, 16),
+    *,
+    rngs: nnx.Rngs,
+  ):
     height, width, channels = image_shape
     sizes = [channels, *widths]
-    self.convs = nnx.List([nnx.Conv(a, b, (3, 3), rngs=rngs)
-                           for a, b in zip(sizes[:-1], sizes[1:])])
+    self.convs = nnx.List(
+      [nnx.Conv(a, b, (3, 3), rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])]
+    )
     pooled = 2 ** (len(widths) - 1)
-    self.head = nnx.Linear((height // pooled) * (width // pooled) * widths[-1],
-                           num_classes, rngs=rngs)
+    self.head = nnx.Linear(
+      (height // pooled) * (width // pooled) * widths[-1],
+      num_classes,
+      rngs=rngs,
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     for i, conv in enumerate(self.convs):
@@ -87,12 +104,13 @@ class Partitioning(NamedTuple):
       (4 dim,).
     embedding: the token and position tables, shape (rows, dim).
   """
+
   kernel: tuple[str | None, ...]
   vector: tuple[str | None, ...]
   embedding: tuple[str | None, ...]
 
   @classmethod
-  def fsdp(cls, axis: str = "fsdp") -> "Partitioning":
+  def fsdp(cls, axis: str = "fsdp") -> Partitioning:
     """Fully sharded: every tensor split once over ``axis``.
 
     Kernels along their input dimension, vectors along their only one, the
@@ -115,19 +133,23 @@ class _Layers:
 
   def dense(self, din: int, dout: int, *, bias: bool = True) -> nnx.Linear:
     return nnx.Linear(
-        din, dout, use_bias=bias, rngs=self.rngs,
-        kernel_init=_initializer(nnx.initializers.lecun_normal(),
-                                 self.specs.kernel),
-        bias_init=_initializer(nnx.initializers.zeros_init(),
-                               self.specs.vector))
+      din,
+      dout,
+      use_bias=bias,
+      rngs=self.rngs,
+      kernel_init=_initializer(
+        nnx.initializers.lecun_normal(), self.specs.kernel
+      ),
+      bias_init=_initializer(nnx.initializers.zeros_init(), self.specs.vector),
+    )
 
   def layer_norm(self, dim: int) -> nnx.LayerNorm:
     return nnx.LayerNorm(
-        dim, rngs=self.rngs,
-        scale_init=_initializer(nnx.initializers.ones_init(),
-                                self.specs.vector),
-        bias_init=_initializer(nnx.initializers.zeros_init(),
-                               self.specs.vector))
+      dim,
+      rngs=self.rngs,
+      scale_init=_initializer(nnx.initializers.ones_init(), self.specs.vector),
+      bias_init=_initializer(nnx.initializers.zeros_init(), self.specs.vector),
+    )
 
 
 class TransformerBlock(nnx.Module):
@@ -148,8 +170,9 @@ class TransformerBlock(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     b, t, d = x.shape
     q, k, v = jnp.split(self.qkv(self.norm1(x)), 3, axis=-1)
-    q, k, v = (y.reshape(b, t, self.num_heads, d // self.num_heads)
-               for y in (q, k, v))
+    q, k, v = (
+      y.reshape(b, t, self.num_heads, d // self.num_heads) for y in (q, k, v)
+    )
     attended = jax.nn.dot_product_attention(q, k, v, is_causal=True)
     x = x + self.out(attended.reshape(b, t, d))
     return x + self.down(jax.nn.gelu(self.up(self.norm2(x))))
@@ -174,25 +197,38 @@ class CharTransformer(nnx.Module):
     rngs: the parameters' random streams.
   """
 
-  def __init__(self, vocab_size: int, context: int, dim: int = 64,
-               depth: int = 2, num_heads: int = 4, *,
-               partitioning: Partitioning | None = None, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    vocab_size: int,
+    context: int,
+    dim: int = 64,
+    depth: int = 2,
+    num_heads: int = 4,
+    *,
+    partitioning: Partitioning | None = None,
+    rngs: nnx.Rngs,
+  ):
     if dim % num_heads:
-      raise ValueError(f"the model width {dim} is not a multiple of the "
-                       f"number of heads {num_heads}.")
+      raise ValueError(
+        f"the model width {dim} is not a multiple of the "
+        f"number of heads {num_heads}."
+      )
     layers = _Layers(partitioning, rngs)
-    table_init = _initializer(nnx.initializers.normal(0.02),
-                              layers.specs.embedding)
-    self.embed = nnx.Embed(vocab_size, dim, embedding_init=table_init,
-                           rngs=rngs)
+    table_init = _initializer(
+      nnx.initializers.normal(0.02), layers.specs.embedding
+    )
+    self.embed = nnx.Embed(
+      vocab_size, dim, embedding_init=table_init, rngs=rngs
+    )
     self.position = nnx.Param(table_init(rngs.params(), (context, dim)))
-    self.blocks = nnx.List([TransformerBlock(dim, num_heads, layers)
-                            for _ in range(depth)])
+    self.blocks = nnx.List(
+      [TransformerBlock(dim, num_heads, layers) for _ in range(depth)]
+    )
     self.norm = layers.layer_norm(dim)
     self.head = layers.dense(dim, vocab_size, bias=False)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    x = self.embed(tokens) + self.position[:tokens.shape[-1]]
+    x = self.embed(tokens) + self.position[: tokens.shape[-1]]
     for block in self.blocks:
       x = block(x)
     return self.head(self.norm(x))
@@ -201,8 +237,14 @@ class CharTransformer(nnx.Module):
 class Generator(nnx.Module):
   """Noise (N, latent) to images (N, H, W, C) in [-1, 1] through an MLP."""
 
-  def __init__(self, latent: int, image_shape: Sequence[int],
-               hidden: int = 128, *, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    latent: int,
+    image_shape: Sequence[int],
+    hidden: int = 128,
+    *,
+    rngs: nnx.Rngs,
+  ):
     self.image_shape = tuple(image_shape)
     out = 1
     for s in self.image_shape:

@@ -32,8 +32,9 @@ DEFAULT_LEARNING_RATES = {"madam": 0.01, "adam": 1e-3, "sgd": 0.1}
 ADDITIVE_FALLBACK_LR = 1e-3
 
 
-def learning_rate_schedule(learning_rate: Any, schedule: str,
-                           steps: int) -> Any:
+def learning_rate_schedule(
+  learning_rate: Any, schedule: str, steps: int
+) -> Any:
   """``learning_rate`` held constant, or cosine-decayed to 0 over ``steps``.
 
   The same shape serves every optimizer, so a sweep compares peak rates.
@@ -49,13 +50,20 @@ def learning_rate_schedule(learning_rate: Any, schedule: str,
   raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}.")
 
 
-def make_optimizer(name: str, learning_rate: Any, params: Any, *,
-                   p_scale: float = 3.0,
-                   lns_format: madam_optax.LNSFormat | None = None,
-                   rounding: str = "stochastic", seed: Any = 0,
-                   state_dtype: Any = None,
-                   additive_learning_rate: float = ADDITIVE_FALLBACK_LR
-                   ) -> optax.GradientTransformation:
+def make_optimizer(
+  name: str,
+  learning_rate: Any,
+  params: Any,
+  *,
+  p_scale: float = 3.0,
+  lns_format: madam_optax.LNSFormat | None = None,
+  rounding: str = "stochastic",
+  seed: Any = 0,
+  state_dtype: Any = None,
+  factored: bool = False,
+  min_dim_size_to_factor: int = 128,
+  additive_learning_rate: float = ADDITIVE_FALLBACK_LR,
+) -> optax.GradientTransformation:
   """One optimizer for ``params``' structure, by name.
 
   Args:
@@ -71,6 +79,10 @@ def make_optimizer(name: str, learning_rate: Any, params: Any, *,
       ``"nearest"``.
     seed: LNS-Madam's stochastic-rounding seed (may be traced).
     state_dtype: the Madam variants' second-moment dtype (default float32).
+    factored: the Madam variants' factored second moment (a statistic per
+      row and per column of each matrix whose two largest dimensions are at
+      least ``min_dim_size_to_factor``; ``madam_optax.madam(factored=True)``).
+    min_dim_size_to_factor: see ``factored``.
     additive_learning_rate: Adam's rate for the leaves Madam cannot move.
 
   Returns:
@@ -85,31 +97,51 @@ def make_optimizer(name: str, learning_rate: Any, params: Any, *,
   if name in ("madam", LNS_OPTIMIZER):
     if name == "madam":
       multiplicative = madam_optax.madam(
-          learning_rate=learning_rate, p_scale=p_scale,
-          state_dtype=state_dtype)
+        learning_rate=learning_rate,
+        p_scale=p_scale,
+        state_dtype=state_dtype,
+        factored=factored,
+        min_dim_size_to_factor=min_dim_size_to_factor,
+      )
     else:
       if lns_format is None:
-        raise ValueError("lns_madam trains LNS codes: pass lns_format, e.g. "
-                         "madam_optax.LNSFormat.spanning(127).")
+        raise ValueError(
+          "lns_madam trains LNS codes: pass lns_format, e.g. "
+          "madam_optax.LNSFormat.spanning(127)."
+        )
       multiplicative = madam_optax.lns_madam(
-          lns_format, learning_rate=learning_rate, rounding=rounding,
-          seed=seed, state_dtype=state_dtype)
+        lns_format,
+        learning_rate=learning_rate,
+        rounding=rounding,
+        seed=seed,
+        state_dtype=state_dtype,
+        factored=factored,
+        min_dim_size_to_factor=min_dim_size_to_factor,
+      )
     # The zero-leaf recipe: Madam multiplies weights, so the zero-initialised
     # leaves (Flax's biases and norm offsets) would never move; they go to Adam.
     return madam_optax.with_additive_fallback(
-        params, multiplicative, optax.adam(additive_learning_rate))
+      params, multiplicative, optax.adam(additive_learning_rate)
+    )
   if name == "adam":
     return optax.adam(learning_rate)
   if name == "sgd":
     return optax.sgd(learning_rate, momentum=0.9)
-  raise ValueError(f"unknown optimizer {name!r}; choose one of "
-                   f"{OPTIMIZERS + (LNS_OPTIMIZER,)}.")
+  raise ValueError(
+    f"unknown optimizer {name!r}; choose one of "
+    f"{OPTIMIZERS + (LNS_OPTIMIZER,)}."
+  )
 
 
-def make_optimizers(reference: Mapping[str, Any], name: str,
-                    learning_rate: Any, *, schedule: str = "constant",
-                    steps: int = 1, **options: Any
-                    ) -> dict[str, optax.GradientTransformation]:
+def make_optimizers(
+  reference: Mapping[str, Any],
+  name: str,
+  learning_rate: Any,
+  *,
+  schedule: str = "constant",
+  steps: int = 1,
+  **options: Any,
+) -> dict[str, optax.GradientTransformation]:
   """One optimizer per component (same kind, same learning rate).
 
   Args:
@@ -123,5 +155,7 @@ def make_optimizers(reference: Mapping[str, Any], name: str,
     component name -> ``optax.GradientTransformation``.
   """
   lr = learning_rate_schedule(learning_rate, schedule, steps)
-  return {c: make_optimizer(name, lr, params, **options)
-          for c, params in reference.items()}
+  return {
+    c: make_optimizer(name, lr, params, **options)
+    for c, params in reference.items()
+  }

@@ -29,7 +29,7 @@ import optax
 
 import madam_optax
 
-Params = dict[str, Any]   # component name -> parameters (a pure nnx.State)
+Params = dict[str, Any]  # component name -> parameters (a pure nnx.State)
 Loss = Callable[[Params, Any, jax.Array], jax.Array]
 
 
@@ -47,6 +47,7 @@ class TrainState(NamedTuple):
     max_magnitudes: for LNS codes, component name -> per-tensor scales
       (``None`` for leaves kept in float); ``None`` for float training.
   """
+
   params: Params
   opt_state: dict[str, Any]
   key: jax.Array
@@ -57,8 +58,13 @@ class TrainState(NamedTuple):
 # ----------------------------------------------------------------- LNS codes
 
 
-def encode_lns(params: Any, reference: Any, fmt: madam_optax.LNSFormat, *,
-               p_scale: float = 3.0) -> tuple[Any, Any]:
+def encode_lns(
+  params: Any,
+  reference: Any,
+  fmt: madam_optax.LNSFormat,
+  *,
+  p_scale: float = 3.0,
+) -> tuple[Any, Any]:
   """LNS codes of the leaves Madam can move; the others stay float.
 
   Like ``madam_optax.lns_encode_tree``, but the leaves to encode are chosen
@@ -85,44 +91,55 @@ def encode_lns(params: Any, reference: Any, fmt: madam_optax.LNSFormat, *,
 
   pairs = jax.tree.map(leaf, params, labels)
   is_pair = lambda x: isinstance(x, tuple)
-  return (jax.tree.map(lambda x: x[0], pairs, is_leaf=is_pair),
-          jax.tree.map(lambda x: x[1], pairs, is_leaf=is_pair))
+  return (
+    jax.tree.map(lambda x: x[0], pairs, is_leaf=is_pair),
+    jax.tree.map(lambda x: x[1], pairs, is_leaf=is_pair),
+  )
 
 
-def weights(state: TrainState,
-            lns_format: madam_optax.LNSFormat | None = None) -> Params:
+def weights(
+  state: TrainState, lns_format: madam_optax.LNSFormat | None = None
+) -> Params:
   """The float weights the models run at: the params, or decoded codes."""
   if lns_format is None:
     return state.params
-  return madam_optax.lns_decode_tree(state.params, state.max_magnitudes,
-                                     lns_format)
+  return madam_optax.lns_decode_tree(
+    state.params, state.max_magnitudes, lns_format
+  )
 
 
 # ----------------------------------------------------------------- steps
 
 
-def init_state(params: Params,
-               txs: Mapping[str, optax.GradientTransformation],
-               key: jax.Array, max_magnitudes: Params | None = None
-               ) -> TrainState:
+def init_state(
+  params: Params,
+  txs: Mapping[str, optax.GradientTransformation],
+  key: jax.Array,
+  max_magnitudes: Params | None = None,
+) -> TrainState:
   """A fresh :class:`TrainState` for ``params`` (jittable)."""
   opt_state = {c: tx.init(params[c]) for c, tx in txs.items()}
-  return TrainState(params, opt_state, key, jnp.zeros((), jnp.int32),
-                    max_magnitudes)
+  return TrainState(
+    params, opt_state, key, jnp.zeros((), jnp.int32), max_magnitudes
+  )
 
 
-def apply_gradients(tx: optax.GradientTransformation, grads: Any,
-                    opt_state: Any, params: Any) -> tuple[Any, Any]:
+def apply_gradients(
+  tx: optax.GradientTransformation, grads: Any, opt_state: Any, params: Any
+) -> tuple[Any, Any]:
   """``tx``'s update applied: the new parameters and optimizer state."""
   updates, opt_state = tx.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state
 
 
-def train_step(losses: Mapping[str, Loss],
-               txs: Mapping[str, optax.GradientTransformation],
-               state: TrainState, data: Any, *,
-               lns_format: madam_optax.LNSFormat | None = None
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+  losses: Mapping[str, Loss],
+  txs: Mapping[str, optax.GradientTransformation],
+  state: TrainState,
+  data: Any,
+  *,
+  lns_format: madam_optax.LNSFormat | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One update of every component; returns the new state and the losses.
 
   Args:
@@ -148,20 +165,27 @@ def train_step(losses: Mapping[str, Loss],
       value_and_grad = jax.value_and_grad(loss_of)
     else:
       value_and_grad = madam_optax.lns_value_and_grad(
-          loss_of, state.max_magnitudes[component], lns_format)
+        loss_of, state.max_magnitudes[component], lns_format
+      )
     loss, grads = value_and_grad(params[component])
     params[component], opt_state[component] = apply_gradients(
-        txs[component], grads, opt_state[component], params[component])
+      txs[component], grads, opt_state[component], params[component]
+    )
     metrics[f"{component}_loss"] = loss
-  return state._replace(params=params, opt_state=opt_state, key=key,
-                        step=state.step + 1), metrics
+  return state._replace(
+    params=params, opt_state=opt_state, key=key, step=state.step + 1
+  ), metrics
 
 
-def train_chunk(losses: Mapping[str, Loss],
-                txs: Mapping[str, optax.GradientTransformation],
-                state: TrainState, data: Any, num_steps: Any, *,
-                lns_format: madam_optax.LNSFormat | None = None
-                ) -> tuple[TrainState, dict]:
+def train_chunk(
+  losses: Mapping[str, Loss],
+  txs: Mapping[str, optax.GradientTransformation],
+  state: TrainState,
+  data: Any,
+  num_steps: Any,
+  *,
+  lns_format: madam_optax.LNSFormat | None = None,
+) -> tuple[TrainState, dict]:
   """``num_steps`` train steps in a loop; returns the summed losses.
 
   ``num_steps`` may be traced (a ``fori_loop`` bound), so one compiled chunk
@@ -172,6 +196,8 @@ def train_chunk(losses: Mapping[str, Loss],
   def body(_, carry):
     s, sums = carry
     s, step_losses = train_step(losses, txs, s, data, lns_format=lns_format)
-    return s, jax.tree.map(lambda a, b: a + b.astype(jnp.float32), sums,
-                           step_losses)
+    return s, jax.tree.map(
+      lambda a, b: a + b.astype(jnp.float32), sums, step_losses
+    )
+
   return jax.lax.fori_loop(0, num_steps, body, (state, zeros))

@@ -19,18 +19,22 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from madam_examples import data as data_lib
 from madam_examples import gan_metric
 from madam_examples import loop
 from madam_examples import models
+from madam_examples.cli import QUICK_STEPS
+from madam_examples.cli import InputError
 
 TASKS = ("mlp", "cnn", "transformer", "gan")
+# Each task's training steps by default (quick: ``cli.QUICK_STEPS``).
+DEFAULT_STEPS = {"mlp": 600, "cnn": 300, "transformer": 400, "gan": 1000}
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -38,8 +42,9 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def next_char_loss(model: Callable[[jax.Array], jax.Array],
-                   windows: jax.Array) -> jax.Array:
+def next_char_loss(
+  model: Callable[[jax.Array], jax.Array], windows: jax.Array
+) -> jax.Array:
   """Mean next-character cross-entropy of windows (N, T + 1) of token ids."""
   return cross_entropy(model(windows[:, :-1]), windows[:, 1:])
 
@@ -50,11 +55,13 @@ def _init_fn(make: Callable[[nnx.Rngs], nnx.Module]) -> tuple[Any, Callable]:
 
   def init(key):
     return nnx.as_pure(nnx.split(make(nnx.Rngs(key)))[1])
+
   return graphdef, init
 
 
-def _batched(fn: Callable[[jax.Array], jax.Array], x: jax.Array,
-             chunk: int = 500) -> jax.Array:
+def _batched(
+  fn: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int = 500
+) -> jax.Array:
   """``fn`` over ``x`` in chunks (``lax.map``) to bound memory."""
   n = x.shape[0]
   if n <= chunk:
@@ -64,11 +71,17 @@ def _batched(fn: Callable[[jax.Array], jax.Array], x: jax.Array,
   return out.reshape(n, *out.shape[2:])
 
 
-def classification_task(name: str, description: str,
-                        images: data_lib.ImageData,
-                        make: Callable[[nnx.Rngs], nnx.Module], *,
-                        batch_size: int, steps: int, eval_every: int,
-                        max_eval: int = 2000) -> loop.Task:
+def classification_task(
+  name: str,
+  description: str,
+  images: data_lib.ImageData,
+  make: Callable[[nnx.Rngs], nnx.Module],
+  *,
+  batch_size: int,
+  steps: int,
+  eval_every: int,
+  max_eval: int = 2000,
+) -> loop.Task:
   """An image classifier: random minibatches, test accuracy (%) and loss.
 
   Args:
@@ -83,9 +96,12 @@ def classification_task(name: str, description: str,
     A :class:`madam_examples.loop.Task` with one component, ``"model"``.
   """
   graphdef, init_model = _init_fn(make)
-  data = {"x": jnp.asarray(images.x_train), "y": jnp.asarray(images.y_train),
-          "x_test": jnp.asarray(images.x_test[:max_eval]),
-          "y_test": jnp.asarray(images.y_test[:max_eval])}
+  data = {
+    "x": jnp.asarray(images.x_train),
+    "y": jnp.asarray(images.y_train),
+    "x_test": jnp.asarray(images.x_test[:max_eval]),
+    "y_test": jnp.asarray(images.y_test[:max_eval]),
+  }
 
   def loss(weights, data, key):
     idx = jax.random.randint(key, (batch_size,), 0, data["x"].shape[0])
@@ -94,68 +110,111 @@ def classification_task(name: str, description: str,
 
   def evaluate(weights, data):
     logits = _batched(nnx.merge(graphdef, weights["model"]), data["x_test"])
-    y = data["y_test"][:logits.shape[0]]
-    return {"accuracy": 100.0 * jnp.mean(jnp.argmax(logits, -1) == y),
-            "test_loss": cross_entropy(logits, y)}
+    y = data["y_test"][: logits.shape[0]]
+    return {
+      "accuracy": 100.0 * jnp.mean(jnp.argmax(logits, -1) == y),
+      "test_loss": cross_entropy(logits, y),
+    }
 
-  return loop.Task(name, description, "accuracy", True, 3.0, steps,
-                   eval_every, {"model": graphdef},
-                   lambda k: {"model": init_model(k)}, {"model": loss},
-                   evaluate, data)
+  return loop.Task(
+    name,
+    description,
+    "accuracy",
+    True,
+    3.0,
+    steps,
+    eval_every,
+    {"model": graphdef},
+    lambda k: {"model": init_model(k)},
+    {"model": loss},
+    evaluate,
+    data,
+  )
 
 
 def _windows(tokens: np.ndarray, length: int, count: int) -> np.ndarray:
   count = min(count, len(tokens) // length)
-  return tokens[:count * length].reshape(count, length)
+  return tokens[: count * length].reshape(count, length)
 
 
-def language_model_task(text: data_lib.TextData, *, context: int, dim: int,
-                        depth: int, batch_size: int, steps: int,
-                        eval_every: int, eval_windows: int = 256
-                        ) -> loop.Task:
+def language_model_task(
+  text: data_lib.TextData,
+  *,
+  context: int,
+  dim: int,
+  depth: int,
+  batch_size: int,
+  steps: int,
+  eval_every: int,
+  eval_windows: int = 256,
+  source: str | None = None,
+) -> loop.Task:
   """A :class:`models.CharTransformer` (4 heads) learning ``text``.
 
   Training windows of ``context + 1`` characters start at random offsets;
   the metric is the perplexity on up to ``eval_windows`` consecutive
-  validation windows.
+  validation windows. ``source`` (where the text came from) ends the
+  description.
   """
   if len(text.train) <= context + 1 or len(text.valid) < context + 1:
-    raise ValueError(
-        f"the text is too short for context {context}: give at least "
-        f"{10 * (context + 1)} characters.")
-  graphdef, init_model = _init_fn(lambda r: models.CharTransformer(
-      len(text.vocab), context, dim, depth, 4, rngs=r))
-  data = {"tokens": jnp.asarray(text.train),
-          "valid": jnp.asarray(_windows(text.valid, context + 1, eval_windows))}
+    raise InputError(
+      f"the text is too short for context {context}: give at least "
+      f"{10 * (context + 1)} characters."
+    )
+  graphdef, init_model = _init_fn(
+    lambda r: models.CharTransformer(
+      len(text.vocab), context, dim, depth, 4, rngs=r
+    )
+  )
+  data = {
+    "tokens": jnp.asarray(text.train),
+    "valid": jnp.asarray(_windows(text.valid, context + 1, eval_windows)),
+  }
 
   def loss(weights, data, key):
-    starts = jax.random.randint(key, (batch_size,), 0,
-                                data["tokens"].shape[0] - context - 1)
-    windows = jax.vmap(lambda s: jax.lax.dynamic_slice(
-        data["tokens"], (s,), (context + 1,)))(starts)
+    starts = jax.random.randint(
+      key, (batch_size,), 0, data["tokens"].shape[0] - context - 1
+    )
+    windows = jax.vmap(
+      lambda s: jax.lax.dynamic_slice(data["tokens"], (s,), (context + 1,))
+    )(starts)
     return next_char_loss(nnx.merge(graphdef, weights["model"]), windows)
 
   def evaluate(weights, data):
     nll = next_char_loss(nnx.merge(graphdef, weights["model"]), data["valid"])
     return {"perplexity": jnp.exp(nll), "test_loss": nll}
 
+  description = (
+    f"Transformer char LM ({depth} layers, d={dim}, context {context})"
+  )
   return loop.Task(
-      "transformer",
-      f"Transformer char LM ({depth} layers, d={dim}, context {context})",
-      "perplexity", False, 2.0, steps, eval_every, {"model": graphdef},
-      lambda k: {"model": init_model(k)}, {"model": loss}, evaluate, data)
+    "transformer",
+    description + (f" on {source}" if source else ""),
+    "perplexity",
+    False,
+    2.0,
+    steps,
+    eval_every,
+    {"model": graphdef},
+    lambda k: {"model": init_model(k)},
+    {"model": loss},
+    evaluate,
+    data,
+  )
 
 
 def _digits_in_unit_range() -> data_lib.ImageData:
   """The digits scaled to [-1, 1] (the generator's tanh range)."""
   digits = data_lib.load_digits(standardise=False)
-  return digits._replace(x_train=digits.x_train * 2 - 1,
-                         x_test=digits.x_test * 2 - 1)
+  return digits._replace(
+    x_train=digits.x_train * 2 - 1, x_test=digits.x_test * 2 - 1
+  )
 
 
 @functools.lru_cache(maxsize=1)
-def digits_feature_reference(steps: int = 600, seed: int = 0
-                             ) -> gan_metric.FeatureReference:
+def digits_feature_reference(
+  steps: int = 600, seed: int = 0
+) -> gan_metric.FeatureReference:
   """The GAN metric's feature classifier, trained once (cached).
 
   An MLP 64-128-64-10 trained with Adam(1e-3), batch 128, on the digits'
@@ -163,19 +222,34 @@ def digits_feature_reference(steps: int = 600, seed: int = 0
   """
   digits = _digits_in_unit_range()
   task = classification_task(
-      "digits_features", "digits classifier for the GAN metric", digits,
-      lambda r: models.MLP(64, (128, 64), 10, rngs=r), batch_size=128,
-      steps=steps, eval_every=steps)
-  state, history = loop.train(task, "adam", 1e-3, seed=seed,
-                              schedule="constant")
+    "digits_features",
+    "digits classifier for the GAN metric",
+    digits,
+    lambda r: models.MLP(64, (128, 64), 10, rngs=r),
+    batch_size=128,
+    steps=steps,
+    eval_every=steps,
+  )
+  state, history = loop.train(
+    task, "adam", 1e-3, seed=seed, schedule="constant"
+  )
   real = np.concatenate([digits.x_train, digits.x_test])
-  return gan_metric.fit_reference(task.graphdefs["model"],
-                                  state.params["model"], real,
-                                  float(history["accuracy"][-1]) / 100.0)
+  return gan_metric.fit_reference(
+    task.graphdefs["model"],
+    state.params["model"],
+    real,
+    float(history["accuracy"][-1]) / 100.0,
+  )
 
 
-def gan_task(*, latent: int, batch_size: int, steps: int, eval_every: int,
-             eval_samples: int = 1000) -> loop.Task:
+def gan_task(
+  *,
+  latent: int,
+  batch_size: int,
+  steps: int,
+  eval_every: int,
+  eval_samples: int = 1000,
+) -> loop.Task:
   """An MLP GAN on the digits with non-saturating losses.
 
   Metric: the Fréchet distance of ``eval_samples`` generated digits to the
@@ -185,14 +259,19 @@ def gan_task(*, latent: int, batch_size: int, steps: int, eval_every: int,
   shape = digits.x_train.shape[1:]
   g_def, g_init = _init_fn(lambda r: models.Generator(latent, shape, rngs=r))
   d_def, d_init = _init_fn(
-      lambda r: models.Discriminator(int(np.prod(shape)), rngs=r))
+    lambda r: models.Discriminator(int(np.prod(shape)), rngs=r)
+  )
   ref = digits_feature_reference()
-  data = {"real": jnp.asarray(digits.x_train),
-          "z_eval": jax.random.normal(jax.random.key(1234),
-                                      (eval_samples, latent)),
-          "fd": {"params": ref.params, "mean": jnp.asarray(ref.real_mean),
-                 "cov_sqrt": jnp.asarray(ref.real_cov_sqrt),
-                 "cov_trace": jnp.asarray(ref.real_cov_trace)}}
+  data = {
+    "real": jnp.asarray(digits.x_train),
+    "z_eval": jax.random.normal(jax.random.key(1234), (eval_samples, latent)),
+    "fd": {
+      "params": ref.params,
+      "mean": jnp.asarray(ref.real_mean),
+      "cov_sqrt": jnp.asarray(ref.real_cov_sqrt),
+      "cov_trace": jnp.asarray(ref.real_cov_trace),
+    },
+  }
 
   def fake(weights, key):
     z = jax.random.normal(key, (batch_size, latent))
@@ -204,8 +283,10 @@ def gan_task(*, latent: int, batch_size: int, steps: int, eval_every: int,
     idx = jax.random.randint(k_real, (batch_size,), 0, data["real"].shape[0])
     disc = nnx.merge(d_def, weights["discriminator"])
     fakes = jax.lax.stop_gradient(fake(weights, k_fake))
-    return (jax.nn.softplus(-disc(data["real"][idx])).mean()
-            + jax.nn.softplus(disc(fakes)).mean())
+    return (
+      jax.nn.softplus(-disc(data["real"][idx])).mean()
+      + jax.nn.softplus(disc(fakes)).mean()
+    )
 
   def g_loss(weights, data, key):
     disc = nnx.merge(d_def, weights["discriminator"])
@@ -213,26 +294,46 @@ def gan_task(*, latent: int, batch_size: int, steps: int, eval_every: int,
 
   def evaluate(weights, data):
     images = nnx.merge(g_def, weights["generator"])(data["z_eval"])
-    fd = data["fd"]      # the reference's arrays, passed in like all data
-    reference = ref._replace(params=fd["params"], real_mean=fd["mean"],
-                             real_cov_sqrt=fd["cov_sqrt"],
-                             real_cov_trace=fd["cov_trace"])
-    return {"frechet_distance": gan_metric.reference_frechet_distance(
-        images, reference)}
+    fd = data["fd"]  # the reference's arrays, passed in like all data
+    reference = ref._replace(
+      params=fd["params"],
+      real_mean=fd["mean"],
+      real_cov_sqrt=fd["cov_sqrt"],
+      real_cov_trace=fd["cov_trace"],
+    )
+    return {
+      "frechet_distance": gan_metric.reference_frechet_distance(
+        images, reference
+      )
+    }
 
   def init(key):
     kg, kd = jax.random.split(key)
     return {"discriminator": d_init(kd), "generator": g_init(kg)}
 
   return loop.Task(
-      "gan", "MLP GAN on digits (Frechet distance, classifier features)",
-      "frechet_distance", False, 3.0, steps, eval_every,
-      {"discriminator": d_def, "generator": g_def}, init,
-      {"discriminator": d_loss, "generator": g_loss}, evaluate, data)
+    "gan",
+    "MLP GAN on digits (Frechet distance, classifier features)",
+    "frechet_distance",
+    False,
+    3.0,
+    steps,
+    eval_every,
+    {"discriminator": d_def, "generator": g_def},
+    init,
+    {"discriminator": d_loss, "generator": g_loss},
+    evaluate,
+    data,
+  )
 
 
-def build_task(name: str, *, data_path: str | None = None,
-               quick: bool = False) -> loop.Task:
+def build_task(
+  name: str,
+  *,
+  data_path: str | None = None,
+  quick: bool = False,
+  max_unknown_fraction: float = data_lib.MAX_UNKNOWN_FRACTION,
+) -> loop.Task:
   """Builds one of ``TASKS`` on offline data (or the user's data).
 
   The models are small on purpose: the demo and the learning-rate study run
@@ -246,10 +347,21 @@ def build_task(name: str, *, data_path: str | None = None,
       files instead of the standard-library docstrings.
     quick: a smaller configuration (fewer steps, a shorter corpus, fewer
       evaluation samples) for tests.
+    max_unknown_fraction: for ``transformer`` with ``data_path``, the largest
+      share of the text's characters outside the vocabulary that is accepted
+      (:func:`madam_examples.data.load_text_files`).
 
   Returns:
-    A :class:`madam_examples.loop.Task`.
+    A :class:`madam_examples.loop.Task`; with a text ``data_path``, its
+    description says how many characters were read and the share unknown.
+
+  Raises:
+    InputError: (a ``ValueError``) for an unknown task, or data that cannot
+      be used (see the loaders).
   """
+  if name not in TASKS:
+    raise InputError(f"unknown task {name!r}; choose one of {TASKS}.")
+  steps = QUICK_STEPS if quick else DEFAULT_STEPS[name]
   if name in ("mlp", "cnn"):
     if data_path:
       images, source = data_lib.load_cifar10(data_path), "CIFAR-10"
@@ -260,24 +372,52 @@ def build_task(name: str, *, data_path: str | None = None,
     if name == "mlp":
       size = int(np.prod(shape))
       return classification_task(
-          "mlp", f"MLP {size}-256-256-{classes} on {source}", images,
-          lambda r: models.MLP(size, (256, 256), classes, rngs=r),
-          batch_size=64, steps=20 if quick else 600, eval_every=50)
+        "mlp",
+        f"MLP {size}-256-256-{classes} on {source}",
+        images,
+        lambda r: models.MLP(size, (256, 256), classes, rngs=r),
+        batch_size=64,
+        steps=steps,
+        eval_every=50,
+      )
     return classification_task(
-        "cnn", f"CNN (convs 8-16, average pooling) on {source}", images,
-        lambda r: models.CNN(shape, classes, (8, 16), rngs=r),
-        batch_size=32, steps=20 if quick else 300, eval_every=25)
+      "cnn",
+      f"CNN (convs 8-16, average pooling) on {source}",
+      images,
+      lambda r: models.CNN(shape, classes, (8, 16), rngs=r),
+      batch_size=32,
+      steps=steps,
+      eval_every=25,
+    )
   if name == "transformer":
+    source = None
     if data_path:
-      text = data_lib.load_text_files(data_path)
+      text = data_lib.load_text_files(
+        data_path, max_unknown_fraction=max_unknown_fraction
+      )
+      source = (
+        f"{data_path} ({text.num_chars:,} characters, "
+        f"{text.unknown / text.num_chars:.1%} unknown, read as "
+        f"{data_lib.UNKNOWN_CHAR!r})"
+      )
     else:
       text = data_lib.load_stdlib_text(60_000 if quick else 400_000)
-    return language_model_task(text, context=32, dim=32, depth=2,
-                               batch_size=16, steps=20 if quick else 400,
-                               eval_every=50)
-  if name == "gan":
-    if data_path:
-      raise ValueError("the gan task trains on the digits only; drop --data.")
-    return gan_task(latent=16, batch_size=64, steps=20 if quick else 1000,
-                    eval_every=100, eval_samples=300 if quick else 1000)
-  raise ValueError(f"unknown task {name!r}; choose one of {TASKS}.")
+    return language_model_task(
+      text,
+      context=32,
+      dim=32,
+      depth=2,
+      batch_size=16,
+      steps=steps,
+      eval_every=50,
+      source=source,
+    )
+  if data_path:  # the gan
+    raise InputError("the gan task trains on the digits only; drop --data.")
+  return gan_task(
+    latent=16,
+    batch_size=64,
+    steps=steps,
+    eval_every=100,
+    eval_samples=300 if quick else 1000,
+  )

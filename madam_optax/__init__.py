@@ -8,8 +8,15 @@ multiplicative weight updates", NeurIPS 2020, arXiv:2006.14560.
 from madam_optax._src.alias import lns_madam
 from madam_optax._src.alias import lns_madam_reference
 from madam_optax._src.alias import madam
-from madam_optax._src.lns import LNSFormat
+from madam_optax._src.factored_second_moment import (
+  ScaleByFactoredSecondMomentState,
+)
+from madam_optax._src.factored_second_moment import (
+  scale_by_factored_second_moment,
+)
+from madam_optax._src.finite_guard import apply_if_finite
 from madam_optax._src.lns import REFERENCE_FORMAT
+from madam_optax._src.lns import LNSFormat
 from madam_optax._src.lns import lns_decode
 from madam_optax._src.lns import lns_encode
 from madam_optax._src.lns import lns_scale
@@ -36,37 +43,43 @@ __version__ = "0.2.0.dev0"
 def initial_rms_bound(params, p_scale=3.0):
   """Deprecated alias of :func:`initial_max_magnitude` (one release)."""
   import warnings  # pylint: disable=g-import-not-at-top
+
   warnings.warn(
-      "madam_optax.initial_rms_bound is deprecated; use "
-      "madam_optax.initial_max_magnitude (the same w_max).",
-      DeprecationWarning, stacklevel=2)
+    "madam_optax.initial_rms_bound is deprecated; use "
+    "madam_optax.initial_max_magnitude (the same w_max).",
+    DeprecationWarning,
+    stacklevel=2,
+  )
   return initial_max_magnitude(params, p_scale)
 
 
 __all__ = (
-    "ClipWeightMagnitudeState",
-    "LNSFormat",
-    "LNSLevelStepState",
-    "LogQuantiseState",
-    "MultiplicativeStepState",
-    "REFERENCE_FORMAT",
-    "ScaleBySecondMomentState",
-    "clip_weight_magnitude",
-    "initial_max_magnitude",
-    "initial_rms_bound",
-    "lns_decode",
-    "lns_decode_tree",
-    "lns_encode",
-    "lns_encode_tree",
-    "lns_level_step",
-    "lns_madam",
-    "lns_madam_reference",
-    "lns_scale",
-    "lns_value_and_grad",
-    "log_quantise",
-    "madam",
-    "multiplicative_labels",
-    "multiplicative_step",
-    "scale_by_second_moment",
-    "with_additive_fallback",
+  "ClipWeightMagnitudeState",
+  "LNSFormat",
+  "LNSLevelStepState",
+  "LogQuantiseState",
+  "MultiplicativeStepState",
+  "REFERENCE_FORMAT",
+  "ScaleByFactoredSecondMomentState",
+  "ScaleBySecondMomentState",
+  "apply_if_finite",
+  "clip_weight_magnitude",
+  "initial_max_magnitude",
+  "initial_rms_bound",
+  "lns_decode",
+  "lns_decode_tree",
+  "lns_encode",
+  "lns_encode_tree",
+  "lns_level_step",
+  "lns_madam",
+  "lns_madam_reference",
+  "lns_scale",
+  "lns_value_and_grad",
+  "log_quantise",
+  "madam",
+  "multiplicative_labels",
+  "multiplicative_step",
+  "scale_by_factored_second_moment",
+  "scale_by_second_moment",
+  "with_additive_fallback",
 )

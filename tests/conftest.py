@@ -13,9 +13,9 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("MADAM_QUICK", "1")  # notebooks and examples: quick mode
 
+from hypothesis import settings  # noqa: E402
 import jax  # noqa: E402  (after XLA_FLAGS on purpose)
 import pytest  # noqa: E402
-from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", max_examples=40, deadline=None)
 settings.load_profile("ci")

@@ -35,7 +35,9 @@ def test_implementation_modules_are_private():
   assert callable(madam_optax.lns_madam)
 
 
-@pytest.mark.parametrize("factory, first", [
+@pytest.mark.parametrize(
+  "factory, first",
+  [
     (madam_optax.madam, "learning_rate"),
     (madam_optax.lns_madam, "learning_rate"),
     (madam_optax.lns_level_step, "learning_rate"),
@@ -43,12 +45,14 @@ def test_implementation_modules_are_private():
     (madam_optax.scale_by_second_moment, "b2"),
     (madam_optax.clip_weight_magnitude, "p_scale"),
     (madam_optax.log_quantise, "fmt"),
-])
+  ],
+)
 def test_everything_after_the_first_hyperparameter_is_keyword_only(
-    factory, first):
+  factory, first
+):
   params = list(inspect.signature(factory).parameters.values())
   names = [p.name for p in params]
-  after = params[names.index(first) + 1:]
+  after = params[names.index(first) + 1 :]
   assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in after), names
 
 
@@ -59,12 +63,16 @@ def test_positional_p_scale_is_refused():
 
 def test_every_factory_returns_extra_args_transforms():
   fmt = LNSFormat.spanning(127)
-  for tx in (madam_optax.madam(), madam_optax.lns_madam(fmt),
-             madam_optax.lns_madam_reference(),
-             madam_optax.lns_level_step(fmt), madam_optax.log_quantise(fmt),
-             madam_optax.scale_by_second_moment(),
-             madam_optax.multiplicative_step(),
-             madam_optax.clip_weight_magnitude()):
+  for tx in (
+    madam_optax.madam(),
+    madam_optax.lns_madam(fmt),
+    madam_optax.lns_madam_reference(),
+    madam_optax.lns_level_step(fmt),
+    madam_optax.log_quantise(fmt),
+    madam_optax.scale_by_second_moment(),
+    madam_optax.multiplicative_step(),
+    madam_optax.clip_weight_magnitude(),
+  ):
     assert isinstance(tx, optax.GradientTransformationExtraArgs)
 
 
@@ -81,13 +89,15 @@ def test_log_quantise_and_level_step_accept_extra_kwargs():
 
 # --- the one w_max function -------------------------------------------------
 
+
 def _reference_w_max(w, p_scale=3.0):
   w = np.asarray(w, np.float64)
   return p_scale * np.sqrt(np.mean(np.square(w)))
 
 
-@pytest.mark.parametrize("magnitude", [1e-30, 1e-20, 1.0, 1e20, 1e30, 8.6e37,
-                                       3e38])
+@pytest.mark.parametrize(
+  "magnitude", [1e-30, 1e-20, 1.0, 1e20, 1e30, 8.6e37, 3e38]
+)
 def test_initial_max_magnitude_float32_extremes(magnitude):
   w = np.array([1.0, -0.5, 0.25, -0.125], np.float32) * np.float32(magnitude)
   got = float(madam_optax.initial_max_magnitude(jnp.asarray(w)))
@@ -121,16 +131,18 @@ def test_lns_encode_handles_extreme_tensors(magnitude):
   fmt = LNSFormat.spanning(127)
   w = jnp.array([1.0, -0.5, 0.25], jnp.float32) * magnitude
   codes, w_max = madam_optax.lns_encode(w, fmt)
-  assert float(w_max) == pytest.approx(_reference_w_max(np.asarray(w)),
-                                       rel=1e-6)
+  assert float(w_max) == pytest.approx(
+    _reference_w_max(np.asarray(w)), rel=1e-6
+  )
   back = madam_optax.lns_decode(codes, w_max, fmt)
   np.testing.assert_allclose(back, w, rtol=fmt.base - 1)
 
 
 def test_lns_encode_float16_scale_within_float16():
   fmt = LNSFormat.spanning(127)
-  _, w_max = madam_optax.lns_encode(jnp.array([60000.0, -1.0], jnp.float16),
-                                    fmt)
+  _, w_max = madam_optax.lns_encode(
+    jnp.array([60000.0, -1.0], jnp.float16), fmt
+  )
   assert float(w_max) <= float(np.finfo(np.float16).max)
 
 
@@ -144,6 +156,7 @@ def test_lns_scale_is_the_same_number_as_the_bound():
 
 
 # --- deprecated aliases (one release) ----------------------------------------
+
 
 def test_deprecated_aliases_warn_and_agree():
   w = jnp.array([0.3, -1.2, 2.0])
@@ -162,6 +175,7 @@ def test_deprecated_aliases_warn_and_agree():
 
 # --- LNSFormat as a value ----------------------------------------------------
 
+
 def test_lns_format_is_frozen_and_hashable():
   a, b = LNSFormat(127, 1.03), LNSFormat(127, 1.03)
   assert a == b and hash(a) == hash(b) and len({a, b}) == 1
@@ -178,13 +192,22 @@ def test_lns_format_as_jit_argument_static_or_not():
   decode = lambda c, f: madam_optax.lns_decode(c, 1.0, f)
   np.testing.assert_array_equal(jax.jit(decode)(codes, fmt), want)
   np.testing.assert_array_equal(
-      jax.jit(decode, static_argnums=1)(codes, fmt), want)
+    jax.jit(decode, static_argnums=1)(codes, fmt), want
+  )
   assert jax.tree.leaves(fmt) == []
 
 
-@pytest.mark.parametrize("levels, base", [(1, 2.0), (40000, 2.0), (8, 1.0),
-                                          (8, float("nan")), (8.0, 2.0),
-                                          (True, 2.0)])
+@pytest.mark.parametrize(
+  "levels, base",
+  [
+    (1, 2.0),
+    (40000, 2.0),
+    (8, 1.0),
+    (8, float("nan")),
+    (8.0, 2.0),
+    (True, 2.0),
+  ],
+)
 def test_invalid_format_refused_when_built(levels, base):
   with pytest.raises(ValueError, match="LNSFormat"):
     LNSFormat(levels, base)

@@ -36,14 +36,30 @@ def test_docs_build_with_warnings_as_errors(tmp_path):
   env = dict(os.environ)
   env.setdefault("MADAM_DOCS_EXECUTE", "off")
   env["PYTHONPATH"] = os.pathsep.join(
-      [str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
-                     if p])
+    [str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+  )
   out = tmp_path / "html"
   proc = subprocess.run(
-      [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-E", "-q",
-       "-b", "html", str(DOCS), str(out)],
-      capture_output=True, text=True, timeout=1500, check=False, env=env,
-      cwd=ROOT)
+    [
+      sys.executable,
+      "-m",
+      "sphinx",
+      "-W",
+      "--keep-going",
+      "-E",
+      "-q",
+      "-b",
+      "html",
+      str(DOCS),
+      str(out),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=1500,
+    check=False,
+    env=env,
+    cwd=ROOT,
+  )
   assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
   for name in madam_optax.__all__:
     page = out / "_autosummary" / f"madam_optax.{name}.html"
@@ -55,12 +71,14 @@ def test_docs_build_with_warnings_as_errors(tmp_path):
 
 
 def test_coverage_check_finds_a_name_without_a_page():
-  objects = {"madam_optax.madam": _page("madam"),
-             # Described, but on a hand-written page, not a page of its own.
-             "madam_optax.lns_madam": Entry("lns", "", "function", False)}
+  objects = {
+    "madam_optax.madam": _page("madam"),
+    # Described, but on a hand-written page, not a page of its own.
+    "madam_optax.lns_madam": Entry("lns", "", "function", False),
+  }
   assert coverage_check.undocumented(
-      ["madam", "lns_madam", "log_quantise"], objects) == [
-          "lns_madam", "log_quantise"]
+    ["madam", "lns_madam", "log_quantise"], objects
+  ) == ["lns_madam", "log_quantise"]
   assert coverage_check.undocumented(["madam"], objects) == []
 
 
@@ -70,15 +88,19 @@ def test_coverage_check_fails_the_build_naming_the_missing_name():
   objects = {f"madam_optax.{n}": _page(n) for n in names}
   domain = type("Domain", (), {"objects": objects})
   env = type("Env", (), {"get_domain": staticmethod(lambda name: domain)})
-  coverage_check.check_coverage(None, env)          # all documented: passes
+  coverage_check.check_coverage(None, env)  # all documented: passes
   del objects["madam_optax.with_additive_fallback"]
-  with pytest.raises(coverage_check.CoverageError,
-                     match=r"1 public name\(s\).*: with_additive_fallback\."):
+  with pytest.raises(
+    coverage_check.CoverageError,
+    match=r"1 public name\(s\).*: with_additive_fallback\.",
+  ):
     coverage_check.check_coverage(None, env)
 
 
 def test_api_page_lists_every_public_name_once():
-  listed = re.findall(r"^   (\w+)$", (DOCS / "api.rst").read_text(), re.MULTILINE)
+  listed = re.findall(
+    r"^   (\w+)$", (DOCS / "api.rst").read_text(), re.MULTILINE
+  )
   assert sorted(listed) == sorted(madam_optax.__all__)
   assert len(listed) == len(set(listed))
 
@@ -86,16 +108,18 @@ def test_api_page_lists_every_public_name_once():
 def python_blocks() -> list:
   params = []
   for page in sorted(DOCS.glob("*.md")):
-    blocks = re.findall(r"^```python\n(.*?)^```", page.read_text(),
-                        re.DOTALL | re.MULTILINE)
+    blocks = re.findall(
+      r"^```python\n(.*?)^```", page.read_text(), re.DOTALL | re.MULTILINE
+    )
     for i, code in enumerate(blocks):
       params.append(pytest.param(code, id=f"{page.name}[{i}]"))
   return params
 
 
 @pytest.mark.parametrize("code", python_blocks())
-def test_docs_python_block_runs_as_written(code, tmp_path, monkeypatch,
-                                           eight_devices):
+def test_docs_python_block_runs_as_written(
+  code, tmp_path, monkeypatch, eight_devices
+):
   """Each page's snippets are complete programs (8 devices: conftest.py)."""
   del eight_devices
   monkeypatch.chdir(tmp_path)

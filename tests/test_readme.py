@@ -22,17 +22,23 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 PYPROJECT = (ROOT / "pyproject.toml").read_text()
 REPOSITORY = "https://github.com/madam-optax/madam-optax"
-TEST_COMMAND = ('python3 -m venv .venv && .venv/bin/pip install ".[test]" && '
-                '.venv/bin/python -m pytest')
+TEST_COMMAND = (
+  'python3 -m venv .venv && .venv/bin/pip install ".[test]" && '
+  ".venv/bin/python -m pytest"
+)
 
 
 def code_blocks(language: str) -> list[str]:
-  return re.findall(rf"^```{language}\n(.*?)^```", README, re.DOTALL | re.MULTILINE)
+  return re.findall(
+    rf"^```{language}\n(.*?)^```", README, re.DOTALL | re.MULTILINE
+  )
 
 
 def python_block_params() -> list:
-  return [pytest.param(code, id=f"block{i}")
-          for i, code in enumerate(code_blocks("python"))]
+  return [
+    pytest.param(code, id=f"block{i}")
+    for i, code in enumerate(code_blocks("python"))
+  ]
 
 
 def test_readme_has_the_expected_python_blocks():
@@ -56,13 +62,20 @@ def test_readme_python_block_runs_as_written(code, tmp_path):
   name, value = simulated_devices_command()
   assert value == "--xla_force_host_platform_device_count=8"
   script = tmp_path / "snippet.py"
-  script.write_text(code + "\nprint(jax.device_count(), "
-                    "params['w'].sharding == sharding)\n")
+  script.write_text(
+    code + "\nprint(jax.device_count(), params['w'].sharding == sharding)\n"
+  )
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env[name] = value
-  proc = subprocess.run([sys.executable, str(script)], capture_output=True,
-                        text=True, timeout=300, check=False, env=env,
-                        cwd=tmp_path)
+  proc = subprocess.run(
+    [sys.executable, str(script)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+    env=env,
+    cwd=tmp_path,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.split() == ["8", "True"]
 
@@ -70,13 +83,15 @@ def test_readme_python_block_runs_as_written(code, tmp_path):
 def test_test_command_block_is_what_ci_reads():
   lines = README.splitlines()
   at = lines.index("<!-- test-command -->")
-  assert lines[at + 1:at + 4] == ["```bash", TEST_COMMAND, "```"]
+  assert lines[at + 1 : at + 4] == ["```bash", TEST_COMMAND, "```"]
 
 
 def test_quick_start_commands_name_real_entry_points():
   bash = "\n".join(code_blocks("bash"))
-  assert ('python3 -m venv .venv && .venv/bin/pip install ".[examples]" && '
-          '.venv/bin/madam-demo') in bash
+  assert (
+    'python3 -m venv .venv && .venv/bin/pip install ".[examples]" && '
+    ".venv/bin/madam-demo"
+  ) in bash
   assert 'madam-demo = "madam_examples.demo:main"' in PYPROJECT
   for extra in ("examples", "docs", "test"):
     assert re.search(rf"^{extra} = \[$", PYPROJECT, re.MULTILINE), extra
@@ -94,8 +109,9 @@ def test_install_lines_use_the_repository_url():
   assert '"jax[cuda12]"' in README and '"jax[tpu]"' in README
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+  "path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name
+)
 def test_notebooks_install_from_the_repository_url(path):
   install = "".join(json.loads(path.read_text())["cells"][1]["source"])
   assert f'REPO = "{REPOSITORY}"' in install
@@ -111,14 +127,20 @@ def test_relative_links_point_at_files():
 
 def test_first_screen_answers_should_i_use_this():
   first_screen = README.split("## Install", 1)[0]
-  for phrase in ("Learning-rate robustness", "One state buffer",
-                 "int8 training", "Which learning rate?",
-                 "0.01 for long runs", "0.1"):
+  for phrase in (
+    "Learning-rate robustness",
+    "One state buffer",
+    "int8 training",
+    "Which learning rate?",
+    "0.01 for long runs",
+    "0.1",
+  ):
     assert phrase in first_screen, phrase
 
 
 def test_citation_file_describes_the_software_and_cites_the_paper():
   import yaml  # pylint: disable=import-outside-toplevel  (docs extra: PyYAML)
+
   cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
   assert cff["cff-version"] == "1.2.0" and cff["type"] == "software"
   assert cff["repository-code"] == REPOSITORY

@@ -7,24 +7,28 @@ tensor.
 
 What is proved here (issue: pod-scale training):
 
-* the optimizer state of ``madam`` and of each of its parts carries the same
-  sharding as the parameters it belongs to (eager ``init`` on sharded params,
-  ``jax.jit(init)`` with and without ``out_shardings``, and after steps);
+* for every transform in the registry (``transforms.py``; the sharding part
+  of the Optax contract, as in Optax contrib's ``_sharding_test.py``): the
+  optimizer state carries the same sharding as the parameters it belongs to
+  (eager ``init``), ``jax.jit(init)`` gives it the same types, ``update``
+  keeps the state's and the params' sharded types, and the compiled update
+  contains no collective (all-reduce, all-gather, reduce-scatter,
+  collective-permute, all-to-all);
+* ``jax.jit(init)`` with and without ``out_shardings`` keeps the shardings;
 * a sharded run of 20 steps equals the single-device run to 1e-6 relative
   (the per-tensor bound at ``init`` is a sum whose order depends on the
   layout), and from the same initial state the 20 steps are bitwise equal;
-* the compiled update step contains no collective (all-reduce, all-gather,
-  reduce-scatter, collective-permute, all-to-all), while the same check finds
-  them in ``optax.lamb`` (so the check can fail), and in ``init`` (the one-off
-  per-tensor bound is a global reduction);
+* the collective check finds them in ``optax.lamb`` (so it can fail), and in
+  ``init`` (the one-off per-tensor bound is a global reduction);
 * per-device bytes of params plus state are total / 8, up to the replicated
   per-tensor scalars;
-* the same holds for ``log_quantise`` after ``madam``, for ``lns_madam`` on
-  int8 codes (stochastic rounding included), for ``nnx.Optimizer`` on
-  variables annotated with ``nnx.with_partitioning``, and, by hypothesis, for
-  tensors of any rank sharded along any one dimension.
+* the same holds for ``lns_madam`` on int8 codes over 5 steps with stochastic
+  rounding, for ``nnx.Optimizer`` on variables annotated with
+  ``nnx.with_partitioning``, and, by hypothesis, for tensors of any rank
+  sharded along any one dimension.
 """
 
+import functools
 import re
 
 import chex
@@ -32,66 +36,59 @@ import hypothesis
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+import transforms
+from transforms import BY_NAME
 
 import madam_optax
 
 STEPS = 20
-LNS_FORMAT = madam_optax.LNSFormat.spanning(127)   # int8 codes
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter",
-               "collective-permute", "all-to-all")
+COLLECTIVES = (
+  "all-reduce",
+  "all-gather",
+  "reduce-scatter",
+  "collective-permute",
+  "all-to-all",
+)
 
 # name: (shape, spec); every spec splits the tensor over all 8 devices.
 PARAM_LAYOUT = {
-    "dense": ((64, 32), P("data", "fsdp")),
-    "embed": ((96, 16), P(("data", "fsdp"), None)),
-    "conv": ((3, 3, 8, 16), P(None, None, "data", "fsdp")),
-    "scale": ((32,), P(("data", "fsdp"))),
-}
-
-TRANSFORMS = {
-    "madam": lambda params: madam_optax.madam(learning_rate=0.05, p_scale=1.5),
-    "madam_bf16_state": lambda params: madam_optax.madam(
-        state_dtype=jnp.bfloat16),
-    "madam_with_additive_fallback": lambda params: (
-        madam_optax.with_additive_fallback(
-            params, madam_optax.madam(), optax.adam(1e-3), min_ndim=2)),
-    "scale_by_second_moment": lambda params: (
-        madam_optax.scale_by_second_moment(b2=0.99)),
-    "multiplicative_step": lambda params: madam_optax.multiplicative_step(0.05),
-    "clip_weight_magnitude": lambda params: (
-        madam_optax.clip_weight_magnitude(p_scale=1.2)),
-    # (Stochastic rounding is checked on lns_madam below: it compiles slowly.)
-    "madam_then_log_quantise": lambda params: optax.chain(
-        madam_optax.madam(learning_rate=0.05),
-        madam_optax.log_quantise(LNS_FORMAT)),
+  "dense": ((64, 32), P("data", "fsdp")),
+  "embed": ((96, 16), P(("data", "fsdp"), None)),
+  "conv": ((3, 3, 8, 16), P(None, None, "data", "fsdp")),
+  "scale": ((32,), P(("data", "fsdp"))),
 }
 
 
 def make_mesh(devices, axis_type=jax.sharding.AxisType.Explicit):
-  return jax.make_mesh((2, 4), ("data", "fsdp"), devices=devices,
-                       axis_types=(axis_type, axis_type))
+  return jax.make_mesh(
+    (2, 4), ("data", "fsdp"), devices=devices, axis_types=(axis_type, axis_type)
+  )
 
 
 def host_params():
   keys = jax.random.split(jax.random.key(0), len(PARAM_LAYOUT))
-  return {name: np.asarray(jax.random.normal(key, shape, jnp.float32))
-          for key, (name, (shape, _)) in zip(keys, sorted(PARAM_LAYOUT.items()))}
+  return {
+    name: np.asarray(jax.random.normal(key, shape, jnp.float32))
+    for key, (name, (shape, _)) in zip(keys, sorted(PARAM_LAYOUT.items()))
+  }
 
 
 def param_shardings(mesh):
-  return {name: NamedSharding(mesh, spec)
-          for name, (_, spec) in PARAM_LAYOUT.items()}
+  return {
+    name: NamedSharding(mesh, spec) for name, (_, spec) in PARAM_LAYOUT.items()
+  }
 
 
 def fake_grads(params, t):
   """An elementwise, step-dependent 'gradient': identical bits on any layout."""
   return jax.tree.map(
-      lambda w: 0.1 * jnp.cos(w + 0.1 * t) * (1.0 + 0.5 * jnp.sin(t)), params)
+    lambda w: 0.1 * jnp.cos(w + 0.1 * t) * (1.0 + 0.5 * jnp.sin(t)), params
+  )
 
 
 def owning_param(path):
@@ -102,18 +99,19 @@ def owning_param(path):
 
 def owned_by_param(path, leaf, params):
   name = owning_param(path)
-  return (leaf.ndim > 0 and name in params
-          and leaf.shape == params[name].shape)
+  return leaf.ndim > 0 and name in params and leaf.shape == params[name].shape
 
 
 def state_shardings(state, params, mesh):
   """The FSDP rule: a per-parameter state leaf is sharded like its parameter;
   the rest (step counts, per-tensor bounds, PRNG keys) is replicated."""
+
   def rule(path, leaf):
     if owned_by_param(path, leaf, params):
       return params[owning_param(path)].sharding
     assert leaf.size <= 2, f"unexpected large state leaf {path}"
     return NamedSharding(mesh, P())
+
   return jax.tree_util.tree_map_with_path(rule, state)
 
 
@@ -128,8 +126,9 @@ def assert_state_sharded_like_params(state, params):
     param = params[owning_param(path)]
     chex.assert_equal_shape([leaf, param])
     assert leaf.sharding.is_equivalent_to(param.sharding, param.ndim), (
-        f"{keystr}: state sharding {leaf.sharding} != param sharding "
-        f"{param.sharding}")
+      f"{keystr}: state sharding {leaf.sharding} != param sharding "
+      f"{param.sharding}"
+    )
     n_array_leaves += 1
   return n_array_leaves
 
@@ -138,29 +137,88 @@ def sharded_params(mesh):
   return jax.device_put(host_params(), param_shardings(mesh))
 
 
+@functools.cache
+def host_codes(fmt):
+  """``host_params()`` encoded with ``fmt`` (under one jit: the eager encoding
+  is many small ops)."""
+  return jax.tree.map(
+    np.asarray,
+    jax.jit(
+      lambda params: {
+        name: madam_optax.lns_encode(w, fmt)[0] for name, w in params.items()
+      }
+    )(host_params()),
+  )
+
+
+# The contract runs on one tensor split over both axes (the others' layouts
+# are in the tests below).
+CONTRACT_TENSORS = ("dense",)
+
+
+def case_params(case, mesh):
+  """The case's params on the mesh (floats, or codes of its format), for the
+  CONTRACT_TENSORS."""
+  params = host_codes(case.code_format) if case.codes else host_params()
+  shardings = param_shardings(mesh)
+  return {
+    name: jax.device_put(params[name], shardings[name])
+    for name in CONTRACT_TENSORS
+  }
+
+
+def sharded_grads(params):
+  """Float gradients with the params' shapes and shardings."""
+  return fake_grads(jax.tree.map(lambda p: p.astype(jnp.float32), params), 1.0)
+
+
 def update_step(tx):
   def step(params, grads, state):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
+
   return step
 
 
 def collectives_in(compiled_text):
-  return sorted({op for op in COLLECTIVES
-                 if re.search(rf"\b{op}(-start)?\(", compiled_text)})
+  return sorted(
+    {
+      op
+      for op in COLLECTIVES
+      if re.search(rf"\b{op}(-start)?\(", compiled_text)
+    }
+  )
 
 
 # ---------------------------------------------------------------- shardings
 
 
-@pytest.mark.parametrize("name", sorted(TRANSFORMS))
-def test_eager_init_keeps_param_shardings(eight_devices, name):
-  params = sharded_params(make_mesh(eight_devices))
-  state = TRANSFORMS[name](params).init(params)
-  n = assert_state_sharded_like_params(state, params)
-  expect_per_param_state = name not in ("multiplicative_step",
-                                        "clip_weight_magnitude")
-  assert (n > 0) == expect_per_param_state
+def sharding_types(tree):
+  return jax.tree.map(jax.typeof, tree)
+
+
+@pytest.mark.parametrize("case", transforms.cases())
+def test_state_follows_params_and_update_keeps_shardings(eight_devices, case):
+  """Optax contrib's sharding checks, and no communication in the update.
+
+  The eager ``init`` shards each per-parameter state leaf like its
+  parameter; ``jax.jit(init)`` gives the same types; the compiled update
+  (its shardings left to the types of its inputs) contains no collective and
+  returns params and state of the types it was given.
+  """
+  mesh = make_mesh(eight_devices)
+  with jax.set_mesh(mesh):
+    params = case_params(case, mesh)
+    tx = case.optimizer(params)
+    state = tx.init(params)
+    assert assert_state_sharded_like_params(state, params) > 0
+    assert sharding_types(jax.jit(tx.init)(params)) == sharding_types(state)
+    grads = sharded_grads(params)
+    compiled = jax.jit(update_step(tx)).lower(params, grads, state).compile()
+    assert collectives_in(compiled.as_text()) == []
+    new_params, new_state = compiled(params, grads, state)
+    assert sharding_types(new_state) == sharding_types(state)
+    assert sharding_types(new_params) == sharding_types(params)
 
 
 @pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
@@ -168,7 +226,7 @@ def test_eager_init_keeps_param_shardings(eight_devices, name):
 def test_jit_init_keeps_param_shardings(eight_devices, name, axis_type):
   mesh = make_mesh(eight_devices, getattr(jax.sharding.AxisType, axis_type))
   params = sharded_params(mesh)
-  tx = TRANSFORMS[name](params)
+  tx = BY_NAME[name].optimizer(params)
   if axis_type == "Explicit":
     # Shardings are part of the types: even without out_shardings the state
     # follows the params. (With Auto axes XLA is free to replicate a buffer
@@ -191,18 +249,34 @@ def run_steps(step, params, state, steps=STEPS):
 
 def assert_close_to_scale(actual, desired, rtol):
   """|actual - desired| <= rtol * max|desired|, leaf by leaf."""
-  for path, a, d in zip(*(
+  for path, a, d in zip(
+    *(
       [p for p, _ in jax.tree_util.tree_flatten_with_path(desired)[0]],
-      jax.tree.leaves(actual), jax.tree.leaves(desired))):
+      jax.tree.leaves(actual),
+      jax.tree.leaves(desired),
+    )
+  ):
     a, d = np.asarray(a, np.float64), np.asarray(d, np.float64)
     scale = np.max(np.abs(d)) if d.size else 0.0
-    np.testing.assert_array_less(np.abs(a - d), rtol * scale + 1e-30,
-                                 err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_array_less(
+      np.abs(a - d), rtol * scale + 1e-30, err_msg=jax.tree_util.keystr(path)
+    )
 
 
 # The parts of madam run inside it; bf16 state is covered by the other tests.
-RUN_TRANSFORMS = ["madam", "madam_then_log_quantise",
-                  "madam_with_additive_fallback"]
+# log_quantise runs after madam (the registry's completion), on the int8
+# grid (0.03 in log|w| between levels) with a rate that crosses levels. The
+# layouts' w_max differ by an ulp, which moves a weight at a rounding boundary
+# to the next level: on the registry's fine grid (0.001 apart) that happens
+# to a few of the 2048 weights in 20 steps.
+RUN_TRANSFORMS = [
+  "madam",
+  "log_quantise_nearest",
+  "madam_with_additive_fallback",
+]
+RUN_OPTIONS = {
+  "log_quantise_nearest": {"fmt": transforms.INT8_FORMAT, "learning_rate": 0.05}
+}
 
 
 @pytest.mark.parametrize("name", RUN_TRANSFORMS)
@@ -218,7 +292,7 @@ def test_sharded_run_matches_single_device_run(eight_devices, name):
   mesh = make_mesh(eight_devices)
   single = jax.device_put(host_params(), eight_devices[0])
   sharded = sharded_params(mesh)
-  tx = TRANSFORMS[name](single)
+  tx = BY_NAME[name].optimizer(single, **RUN_OPTIONS.get(name, {}))
 
   @jax.jit
   def step(params, state, t):
@@ -251,17 +325,12 @@ def compiled_update_text(tx, mesh, params):
   state_sh = state_shardings(state, params, mesh)
   state = jax.device_put(state, state_sh)
   grads = jax.device_put(fake_grads(params, 1.0), shardings)
-  step = jax.jit(update_step(tx), in_shardings=(shardings, shardings, state_sh),
-                 out_shardings=(shardings, state_sh))
+  step = jax.jit(
+    update_step(tx),
+    in_shardings=(shardings, shardings, state_sh),
+    out_shardings=(shardings, state_sh),
+  )
   return step.lower(params, grads, state).compile().as_text()
-
-
-@pytest.mark.parametrize("name", sorted(TRANSFORMS))
-def test_compiled_update_has_no_collectives(eight_devices, name):
-  mesh = make_mesh(eight_devices)
-  params = sharded_params(mesh)
-  text = compiled_update_text(TRANSFORMS[name](params), mesh, params)
-  assert collectives_in(text) == [], collectives_in(text)
 
 
 def test_collective_check_finds_lamb_all_reduce(eight_devices):
@@ -278,14 +347,18 @@ def test_init_bound_is_the_only_reduction(eight_devices):
   params = sharded_params(mesh)
   tx = madam_optax.madam()
   out_sh = state_shardings(jax.eval_shape(tx.init, params), params, mesh)
-  init_text = jax.jit(tx.init, out_shardings=out_sh).lower(
-      params).compile().as_text()
+  init_text = (
+    jax.jit(tx.init, out_shardings=out_sh).lower(params).compile().as_text()
+  )
   assert "all-reduce" in collectives_in(init_text)
 
 
 @hypothesis.settings(max_examples=4)
-@hypothesis.given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=3),
-                  split_dim=st.integers(0, 2), seed=st.integers(0, 2**16))
+@hypothesis.given(
+  shape=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+  split_dim=st.integers(0, 2),
+  seed=st.integers(0, 2**16),
+)
 def test_any_tensor_split_any_way(eight_devices, shape, split_dim, seed):
   """A tensor split 8 ways along one of its dimensions: Madam's state
   follows it, every device holds 1/8 of it and of its state, and from the
@@ -323,12 +396,13 @@ def bytes_per_device(trees):
   return array_bytes, scalar_bytes
 
 
-@pytest.mark.parametrize("name", ["madam", "madam_bf16_state",
-                                  "madam_with_additive_fallback"])
+@pytest.mark.parametrize(
+  "name", ["madam", "madam_bf16_state", "madam_with_additive_fallback"]
+)
 def test_per_device_bytes_are_one_eighth(eight_devices, name):
   mesh = make_mesh(eight_devices)
   params = sharded_params(mesh)
-  state = TRANSFORMS[name](params).init(params)
+  state = BY_NAME[name].optimizer(params).init(params)
   leaves = jax.tree.leaves((params, state))
   total_arrays = sum(x.nbytes for x in leaves if x.ndim)
   total_scalars = sum(x.nbytes for x in leaves if not x.ndim)
@@ -360,16 +434,23 @@ def test_nnx_optimizer_state_follows_sharded_variables(eight_devices, recipe):
   init = nnx.initializers.lecun_normal()
 
   class Model(nnx.Module):
-
     def __init__(self, rngs):
       self.l1 = nnx.Linear(
-          16, 32, rngs=rngs,
-          kernel_init=nnx.with_partitioning(init, (None, "fsdp")),
-          bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(),
-                                          ("fsdp",)))
+        16,
+        32,
+        rngs=rngs,
+        kernel_init=nnx.with_partitioning(init, (None, "fsdp")),
+        bias_init=nnx.with_partitioning(
+          nnx.initializers.zeros_init(), ("fsdp",)
+        ),
+      )
       self.l2 = nnx.Linear(
-          32, 8, use_bias=False, rngs=rngs,
-          kernel_init=nnx.with_partitioning(init, ("fsdp", None)))
+        32,
+        8,
+        use_bias=False,
+        rngs=rngs,
+        kernel_init=nnx.with_partitioning(init, ("fsdp", None)),
+      )
 
     def __call__(self, x):
       return self.l2(jax.nn.relu(self.l1(x)))
@@ -384,8 +465,13 @@ def test_nnx_optimizer_state_follows_sharded_variables(eight_devices, recipe):
 
     def check():
       def flat(tree):
-        return [(jax.tree_util.keystr(path), x) for path, x in
-                jax.tree_util.tree_flatten_with_path(nnx.as_pure(tree))[0]]
+        return [
+          (jax.tree_util.keystr(path), x)
+          for path, x in jax.tree_util.tree_flatten_with_path(
+            nnx.as_pure(tree)
+          )[0]
+        ]
+
       flat_params = flat(nnx.state(model, nnx.Param))
       # The annotations took effect: no parameter is replicated.
       for path, p in flat_params:
@@ -397,7 +483,10 @@ def test_nnx_optimizer_state_follows_sharded_variables(eight_devices, recipe):
           continue
         owner = next(p for k, p in flat_params if path.endswith(k))
         assert value.sharding.is_equivalent_to(owner.sharding, value.ndim), (
-            path, value.sharding, owner.sharding)
+          path,
+          value.sharding,
+          owner.sharding,
+        )
         n += 1
       # Madam's rms of both kernels, and either Madam's rms of the (zero)
       # bias or Adam's mu and nu of it.
@@ -423,33 +512,45 @@ def test_lns_madam_on_sharded_codes(eight_devices):
   the codes, the update has no collective, and 5 steps with stochastic
   rounding are bitwise equal to the single-device steps."""
   mesh = make_mesh(eight_devices)
+  case = BY_NAME["lns_madam_stochastic"]
+  fmt = case.code_format
+  assert fmt.dtype == np.int8
   # Two of the tensors (stochastic rounding is slow to compile), encoded
   # under one jit (the eager encoding is many small ops).
-  encoded = jax.jit(lambda params: {
-      name: madam_optax.lns_encode(params[name], LNS_FORMAT)
-      for name in ("conv", "dense")})(host_params())
+  encoded = jax.jit(
+    lambda params: {
+      name: madam_optax.lns_encode(params[name], fmt)
+      for name in ("conv", "dense")
+    }
+  )(host_params())
   codes = {name: np.asarray(c) for name, (c, _) in encoded.items()}
-  scales = {name: s for name, (_, s) in encoded.items()}
-  tx = madam_optax.lns_madam(LNS_FORMAT, rounding="stochastic")
+  max_magnitudes = {name: m for name, (_, m) in encoded.items()}
+  tx = case.optimizer(codes)
   single = jax.device_put(codes, eight_devices[0])
   shardings = {name: param_shardings(mesh)[name] for name in codes}
   sharded = jax.device_put(codes, shardings)
   # The eager init keeps the codes' shardings; so does a jitted one given
   # out_shardings.
   assert assert_state_sharded_like_params(tx.init(sharded), sharded) == len(
-      codes)
+    codes
+  )
   state_sh = state_shardings(jax.eval_shape(tx.init, sharded), sharded, mesh)
   state = jax.jit(tx.init, out_shardings=state_sh)(sharded)
   assert assert_state_sharded_like_params(state, sharded) == len(codes)
 
   def grads_of(codes, t):
-    return fake_grads(madam_optax.lns_decode_tree(codes, scales, LNS_FORMAT), t)
+    return fake_grads(
+      madam_optax.lns_decode_tree(codes, max_magnitudes, fmt), t
+    )
 
   def step(codes, state, t):
     return update_step(tx)(codes, grads_of(codes, t), state)
 
-  sharded_step = jax.jit(step, in_shardings=(shardings, state_sh, None),
-                         out_shardings=(shardings, state_sh))
+  sharded_step = jax.jit(
+    step,
+    in_shardings=(shardings, state_sh, None),
+    out_shardings=(shardings, state_sh),
+  )
   compiled = sharded_step.lower(sharded, state, jnp.float32(0)).compile()
   assert collectives_in(compiled.as_text()) == []
 
@@ -458,8 +559,7 @@ def test_lns_madam_on_sharded_codes(eight_devices):
   assert result[0]["dense"].dtype == jnp.int8
   assert not np.array_equal(np.asarray(result[0]["dense"]), codes["dense"])
   assert_state_sharded_like_params(result[1], result[0])
-  chex.assert_trees_all_equal(jax.device_get(result),
-                              jax.device_get(reference))
+  chex.assert_trees_all_equal(jax.device_get(result), jax.device_get(reference))
 
 
 # ------------------------------------------------------------------ README
@@ -468,7 +568,10 @@ def test_lns_madam_on_sharded_codes(eight_devices):
 def test_readme_distributed_example_runs(eight_devices):
   """The code block of the README's distributed-training section."""
   import pathlib  # pylint: disable=import-outside-toplevel
-  readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+  readme = (
+    pathlib.Path(__file__).resolve().parents[1] / "README.md"
+  ).read_text()
   section = readme.split("<!-- section:distributed -->", 1)[1]
   section = section.split("<!-- section:", 1)[0]
   code = section.split("```python\n", 1)[1].split("```", 1)[0]

@@ -10,7 +10,8 @@ page stops the build with one error that lists every undocumented name.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
+from collections.abc import Mapping
 from typing import Any
 
 from sphinx.application import Sphinx
@@ -30,12 +31,16 @@ class CoverageError(SphinxError):
 def public_names(module: str = MODULE) -> list[str]:
   """``module.__all__``, the names that must each have a page."""
   import importlib  # pylint: disable=import-outside-toplevel
+
   return list(importlib.import_module(module).__all__)
 
 
-def undocumented(names: Iterable[str], py_objects: Mapping[str, Any],
-                 module: str = MODULE,
-                 page_folder: str = PAGE_FOLDER) -> list[str]:
+def undocumented(
+  names: Iterable[str],
+  py_objects: Mapping[str, Any],
+  module: str = MODULE,
+  page_folder: str = PAGE_FOLDER,
+) -> list[str]:
   """The names in ``names`` without a page of their own.
 
   Args:
@@ -66,14 +71,18 @@ def check_coverage(app: Sphinx, env: Any) -> None:
   missing = undocumented(public_names(), env.get_domain("py").objects)
   if missing:
     message = (
-        f"{len(missing)} public name(s) of {MODULE}.__all__ have no API page: "
-        f"{', '.join(missing)}. Add each to an autosummary table (with "
-        f":toctree: {PAGE_FOLDER.rstrip('/')}) in docs/api.rst.")
-    logger.error(message)   # the readable line; the error stops the build
+      f"{len(missing)} public name(s) of {MODULE}.__all__ have no API page: "
+      f"{', '.join(missing)}. Add each to an autosummary table (with "
+      f":toctree: {PAGE_FOLDER.rstrip('/')}) in docs/api.rst."
+    )
+    logger.error(message)  # the readable line; the error stops the build
     raise CoverageError(message)
 
 
 def setup(app: Sphinx) -> dict[str, Any]:
   app.connect("env-check-consistency", check_coverage)
-  return {"version": "1", "parallel_read_safe": True,
-          "parallel_write_safe": True}
+  return {
+    "version": "1",
+    "parallel_read_safe": True,
+    "parallel_write_safe": True,
+  }

@@ -4,27 +4,31 @@ from __future__ import annotations
 
 from typing import Any
 
-import optax
-
 import jax
 import jax.numpy as jnp
+import optax
 
 from madam_optax._src import lns
 from madam_optax._src import lns_level_step as lns_level_step_lib
 from madam_optax._src import validation
+from madam_optax._src.factored_second_moment import (
+  scale_by_factored_second_moment,
+)
 from madam_optax._src.magnitude_bound import clip_weight_magnitude
 from madam_optax._src.multiplicative_step import multiplicative_step
 from madam_optax._src.second_moment import scale_by_second_moment
 
 
 def madam(
-    learning_rate: optax.ScalarOrSchedule = 0.01,
-    *,
-    p_scale: float = 3.0,
-    g_bound: float = 10.0,
-    b2: float = 0.999,
-    state_dtype: Any = None,
-    max_magnitude: float | None = None,
+  learning_rate: optax.ScalarOrSchedule = 0.01,
+  *,
+  p_scale: float = 3.0,
+  g_bound: float = 10.0,
+  b2: float = 0.999,
+  state_dtype: Any = None,
+  max_magnitude: float | None = None,
+  factored: bool = False,
+  min_dim_size_to_factor: int = 128,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Madam: the multiplicative version of Adam.
 
@@ -42,11 +46,29 @@ def madam(
       -w_{max}, w_{max})
 
   It is ``optax.chain(scale_by_second_moment(b2), optax.clip(g_bound),
-  multiplicative_step(learning_rate), clip_weight_magnitude(p_scale))``. The
-  default learning rate 0.01 is meant to work across architectures. Weights
-  never change sign and zero weights never move: route zero-initialised leaves
-  (e.g. Flax's default biases) to an additive optimizer with
+  multiplicative_step(learning_rate), clip_weight_magnitude(p_scale))``,
+  (with ``factored=True``,
+  :func:`madam_optax.scale_by_factored_second_moment` takes the first part's
+  place). The default learning rate 0.01 is
+  meant to work across architectures. Weights never change sign and zero
+  weights never move: route zero-initialised leaves (e.g. Flax's default
+  biases) to an additive optimizer with
   :func:`madam_optax.with_additive_fallback`.
+
+  Bad steps: a NaN or infinite gradient makes its weight NaN (visible in the
+  loss) and leaves its second-moment entry unchanged. To skip such steps
+  instead, wrap the optimizer: ``madam_optax.apply_if_finite(madam(), 5)``
+  (``optax.apply_if_finite`` works too for float parameters).
+
+  Hyperparameters: every argument works with ``optax.inject_hyperparams``.
+  Optax casts injected values to the parameters' dtype, so for ``bfloat16``
+  or ``float16`` parameters pass ``hyperparam_dtype=jnp.float32`` (without it
+  the transforms refuse the rounded values with a ``ValueError``: ``b2 =
+  0.999`` is 1.0 in ``bfloat16``). ``p_scale`` only acts at ``init`` (it fixes
+  the bound from the initial weights): changing it afterwards has no effect
+  until the state is re-initialised; an injected ``max_magnitude`` change
+  takes effect at the next step. Limits of low precision and tiny weights
+  are listed in :func:`madam_optax.multiplicative_step`.
 
   Args:
     learning_rate: :math:`\eta`, a float or an optax schedule.
@@ -57,6 +79,11 @@ def madam(
       dtype; ``jnp.bfloat16`` halves the state).
     max_magnitude: a fixed weight bound for every tensor instead of
       ``p_scale`` times the initial RMS.
+    factored: use :func:`madam_optax.scale_by_factored_second_moment`
+      (Adafactor's row and column statistics for matrices whose two largest
+      dimensions have at least ``min_dim_size_to_factor`` entries) instead of
+      the full second moment.
+    min_dim_size_to_factor: see ``factored``; ignored without it.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``.
@@ -79,35 +106,54 @@ def madam(
     functions via multiplicative weight updates", NeurIPS 2020,
     arXiv:2006.14560.
   """
-  validation.check_hyperparameter("g_bound", g_bound, low=0.0, low_inclusive=False)
+  validation.check_hyperparameter(
+    "g_bound", g_bound, low=0.0, low_inclusive=False
+  )
   return optax.chain(
-      scale_by_second_moment(b2, state_dtype=state_dtype),
-      optax.clip(g_bound),
-      multiplicative_step(learning_rate),
-      clip_weight_magnitude(p_scale, max_magnitude=max_magnitude),
+    _normaliser(b2, state_dtype, factored, min_dim_size_to_factor),
+    optax.clip(g_bound),
+    multiplicative_step(learning_rate),
+    clip_weight_magnitude(p_scale, max_magnitude=max_magnitude),
   )
 
 
-def _second_moment_for_codes(b2, state_dtype) -> optax.GradientTransformationExtraArgs:
-  """``scale_by_second_moment`` whose ``init`` accepts integer codes."""
-  inner = scale_by_second_moment(b2, state_dtype=state_dtype)
+def _normaliser(
+  b2, state_dtype, factored, min_dim_size_to_factor
+) -> optax.GradientTransformationExtraArgs:
+  """Steps 2-4: the full or the factored second moment."""
+  if factored:
+    return scale_by_factored_second_moment(
+      b2, min_dim_size_to_factor=min_dim_size_to_factor, state_dtype=state_dtype
+    )
+  return scale_by_second_moment(b2, state_dtype=state_dtype)
+
+
+def _second_moment_for_codes(
+  b2, state_dtype, factored=False, min_dim_size_to_factor=128
+) -> optax.GradientTransformationExtraArgs:
+  """The normaliser (full or factored) whose ``init`` accepts integer codes."""
+  inner = _normaliser(b2, state_dtype, factored, min_dim_size_to_factor)
 
   def init_fn(params):
-    return inner.init(jax.tree.map(
-        lambda c: jnp.zeros_like(c, dtype=jnp.float32), params))
+    return inner.init(
+      jax.tree.map(lambda c: jnp.zeros_like(c, dtype=jnp.float32), params)
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, inner.update)
 
 
 def lns_madam(
-    fmt: lns.LNSFormat,
-    learning_rate: optax.ScalarOrSchedule = 0.01,
-    *,
-    g_bound: float = 10.0,
-    b2: float = 0.999,
-    rounding: str = "stochastic",
-    seed: int = 0,
-    state_dtype: Any = None,
+  fmt: lns.LNSFormat,
+  learning_rate: optax.ScalarOrSchedule = 0.01,
+  *,
+  g_bound: float = 10.0,
+  b2: float = 0.999,
+  rounding: str = "stochastic",
+  seed: int = 0,
+  state_dtype: Any = None,
+  rng: str = "hash",
+  factored: bool = False,
+  min_dim_size_to_factor: int = 128,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Madam whose parameters are integer LNS codes (natively compressed).
 
@@ -134,6 +180,24 @@ def lns_madam(
 
   Memory: 1 byte per weight (``int8`` codes) plus the second moment (2 bytes
   with ``state_dtype=jnp.bfloat16``), against Adam's 12 bytes in float32.
+  With ``factored=True`` a large matrix keeps one statistic per row and per
+  column instead (:func:`madam_optax.scale_by_factored_second_moment`):
+  about 1 byte per weight in all.
+
+  Bad steps: a NaN or infinite gradient entry (or a NaN learning rate) leaves
+  its code and its second-moment entry unchanged; to skip the whole step and
+  count such steps, wrap it in ``madam_optax.apply_if_finite(lns_madam(fmt),
+  5)``. ``optax.apply_if_finite`` cannot wrap it (its skipped step returns
+  float zeros where this returns integer code changes).
+
+  Hyperparameters: under ``optax.inject_hyperparams`` pass
+  ``hyperparam_dtype=jnp.float32``: Optax casts injected values to the
+  parameters' dtype, which for ``int8`` codes turns a learning rate of 0.01
+  into 0 (refused with a ``ValueError``).
+  The updates are integer code changes: do not scale them afterwards
+  (``optax.scale``, ``optax.contrib.reduce_on_plateau``, which also fails on
+  integer parameters); scale the learning rate instead, e.g. by feeding
+  ``reduce_on_plateau``'s ``scale`` into an injected ``learning_rate``.
 
   Args:
     fmt: the codes' :class:`madam_optax.LNSFormat`.
@@ -144,6 +208,12 @@ def lns_madam(
     seed: seed of the PRNG key (in the state) for stochastic rounding.
     state_dtype: dtype of the second moment (default float32;
       ``jnp.bfloat16`` halves it).
+    rng: random bits for stochastic rounding: ``"hash"`` (default; cheap,
+      counter-based, the same however the codes are sharded) or
+      ``"threefry"`` (``jax.random``); see :func:`lns_level_step`.
+    factored: Adafactor's row and column statistics for large matrices
+      instead of the full second moment (see :func:`madam`).
+    min_dim_size_to_factor: see :func:`madam`; ignored without ``factored``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` over the codes; ``update`` requires
@@ -171,12 +241,15 @@ def lns_madam(
     functions via multiplicative weight updates", NeurIPS 2020,
     arXiv:2006.14560.
   """
-  validation.check_hyperparameter("g_bound", g_bound, low=0.0, low_inclusive=False)
+  validation.check_hyperparameter(
+    "g_bound", g_bound, low=0.0, low_inclusive=False
+  )
   return optax.chain(
-      _second_moment_for_codes(b2, state_dtype),
-      optax.clip(g_bound),
-      lns_level_step_lib.lns_level_step(fmt, learning_rate, rounding=rounding,
-                                        seed=seed),
+    _second_moment_for_codes(b2, state_dtype, factored, min_dim_size_to_factor),
+    optax.clip(g_bound),
+    lns_level_step_lib.lns_level_step(
+      fmt, learning_rate, rounding=rounding, seed=seed, rng=rng
+    ),
   )
 
 
@@ -204,5 +277,4 @@ def lns_madam_reference() -> optax.GradientTransformationExtraArgs:
     Bernstein et al., "Learning compositional functions via multiplicative
     weight updates", NeurIPS 2020, arXiv:2006.14560.
   """
-  return lns_madam(lns.REFERENCE_FORMAT, learning_rate=0.01,
-                   rounding="nearest")
+  return lns_madam(lns.REFERENCE_FORMAT, learning_rate=0.01, rounding="nearest")

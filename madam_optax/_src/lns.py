@@ -26,6 +26,7 @@ from typing import Any, Callable, TypeVar
 import warnings
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
@@ -64,23 +65,29 @@ class LNSFormat:
     >>> madam_optax.LNSFormat.spanning(levels=4096, log_range=4.095).dtype
     dtype('int16')
   """
+
   levels: int
   base: float
 
   def __post_init__(self):
     levels, base = self.levels, self.base
-    if (not isinstance(levels, (int, np.integer))
-        or isinstance(levels, (bool, np.bool_))):
-      raise ValueError(f"LNSFormat.levels must be a Python int, got {levels!r}.")
+    if not isinstance(levels, (int, np.integer)) or isinstance(
+      levels, (bool, np.bool_)
+    ):
+      raise ValueError(
+        f"LNSFormat.levels must be a Python int, got {levels!r}."
+      )
     if levels < 2 or levels > INT16_MAX_LEVELS:
       raise ValueError(
-          f"LNSFormat.levels={levels} is out of range: codes are int8 for up "
-          f"to {INT8_MAX_LEVELS} levels and int16 for up to "
-          f"{INT16_MAX_LEVELS}; choose 2 <= levels <= {INT16_MAX_LEVELS}.")
+        f"LNSFormat.levels={levels} is out of range: codes are int8 for up "
+        f"to {INT8_MAX_LEVELS} levels and int16 for up to "
+        f"{INT16_MAX_LEVELS}; choose 2 <= levels <= {INT16_MAX_LEVELS}."
+      )
     b = validation.concrete_value(base)
     if b is None or not math.isfinite(b) or b <= 1.0:
       raise ValueError(
-          f"LNSFormat.base must be a finite number > 1, got {base!r}.")
+        f"LNSFormat.base must be a finite number > 1, got {base!r}."
+      )
     object.__setattr__(self, "levels", int(levels))
     object.__setattr__(self, "base", float(b))
 
@@ -108,15 +115,17 @@ class LNSFormat:
     """
     if not isinstance(levels, (int, np.integer)) or levels < 2:
       raise ValueError(f"levels must be an integer >= 2, got {levels!r}.")
-    validation.check_hyperparameter("log_range", log_range, low=0.0,
-                                    low_inclusive=False)
+    validation.check_hyperparameter(
+      "log_range", log_range, low=0.0, low_inclusive=False
+    )
     return cls(int(levels), math.exp(log_range / (levels - 1)))
 
 
 jax.tree_util.register_pytree_node(
-    LNSFormat,
-    lambda fmt: ((), (fmt.levels, fmt.base)),
-    lambda aux, _: LNSFormat(*aux))
+  LNSFormat,
+  lambda fmt: ((), (fmt.levels, fmt.base)),
+  lambda aux, _: LNSFormat(*aux),
+)
 
 # The paper's integer variant: natural-log base e**0.001 and 4096 levels.
 REFERENCE_FORMAT = LNSFormat(levels=4096, base=math.exp(0.001))
@@ -126,15 +135,15 @@ def check_format(fmt: Any) -> None:
   """Raises ``ValueError`` unless ``fmt`` is an :class:`LNSFormat`."""
   if not isinstance(fmt, LNSFormat):
     raise ValueError(
-        f"expected an LNSFormat, got {type(fmt).__name__}; build one with "
-        "`madam_optax.LNSFormat(levels, base)` or `LNSFormat.spanning(levels)`.")
+      f"expected an LNSFormat, got {type(fmt).__name__}; build one with "
+      "`madam_optax.LNSFormat(levels, base)` or `LNSFormat.spanning(levels)`."
+    )
 
 
 def check_rounding(rounding: str) -> None:
   """Raises ``ValueError`` unless ``rounding`` is ``nearest`` or ``stochastic``."""
   if rounding not in ROUNDINGS:
-    raise ValueError(
-        f"rounding must be one of {ROUNDINGS}, got {rounding!r}.")
+    raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}.")
 
 
 def check_code_leaves(codes: Any, fmt: LNSFormat, transform: str) -> None:
@@ -144,39 +153,51 @@ def check_code_leaves(codes: Any, fmt: LNSFormat, transform: str) -> None:
     dtype = validation.leaf_dtype(c)
     if not jnp.issubdtype(dtype, jnp.integer):
       raise ValueError(
-          f"{transform}: params leaf {name} has dtype {dtype}, but this "
-          "transform updates integer LNS codes. Encode the weights with "
-          "`madam_optax.lns_encode_tree`, and send float leaves (e.g. "
-          "zero-initialised biases) to an additive optimizer with "
-          "`madam_optax.with_additive_fallback(codes, lns_madam(fmt))`.")
+        f"{transform}: params leaf {name} has dtype {dtype}, but this "
+        "transform updates integer LNS codes. Encode the weights with "
+        "`madam_optax.lns_encode_tree`, and send float leaves (e.g. "
+        "zero-initialised biases) to an additive optimizer with "
+        "`madam_optax.with_additive_fallback(codes, lns_madam(fmt))`."
+      )
     if fmt.levels > np.iinfo(dtype).max:
       raise ValueError(
-          f"{transform}: params leaf {name} is {dtype}, which cannot hold "
-          f"codes up to +-{fmt.levels} (LNSFormat.levels={fmt.levels}); "
-          f"encode with this format (it uses {fmt.dtype}).")
+        f"{transform}: params leaf {name} is {dtype}, which cannot hold "
+        f"codes up to +-{fmt.levels} (LNSFormat.levels={fmt.levels}); "
+        f"encode with this format (it uses {fmt.dtype})."
+      )
 
 
 def renamed_keyword(old: str, new: str) -> Callable[[_F], _F]:
   """Accepts keyword ``old`` as a deprecated spelling of ``new`` for a release."""
+
   def decorator(fn: _F) -> _F:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
       if old in kwargs:
         warnings.warn(
-            f"{fn.__name__}({old}=...) is deprecated; use {new}=... (the same "
-            "value under the name used across madam_optax).",
-            DeprecationWarning, stacklevel=2)
+          f"{fn.__name__}({old}=...) is deprecated; use {new}=... (the same "
+          "value under the name used across madam_optax).",
+          DeprecationWarning,
+          stacklevel=2,
+        )
         if new in kwargs:
-          raise TypeError(f"{fn.__name__}: pass {new}, not both {old} and {new}.")
+          raise TypeError(
+            f"{fn.__name__}: pass {new}, not both {old} and {new}."
+          )
         kwargs[new] = kwargs.pop(old)
       return fn(*args, **kwargs)
+
     return wrapper  # type: ignore[return-value]
+
   return decorator
 
 
 # Codes <-> levels <-> values. ``k`` is the level (0 = the largest magnitude).
 
-def codes_from_levels(sign: jax.Array, k: jax.Array, fmt: LNSFormat) -> jax.Array:
+
+def codes_from_levels(
+  sign: jax.Array, k: jax.Array, fmt: LNSFormat
+) -> jax.Array:
   """Integer codes ``sign * (levels - k)`` (int32) for integral levels ``k``."""
   return (sign * (fmt.levels - k)).astype(jnp.int32)
 
@@ -186,47 +207,168 @@ def levels_from_codes(codes: jax.Array, fmt: LNSFormat) -> jax.Array:
   return fmt.levels - jnp.abs(codes.astype(jnp.int32))
 
 
-def level_of_value(w: jax.Array, max_magnitude: Any, fmt: LNSFormat) -> jax.Array:
+def level_of_value(
+  w: jax.Array, max_magnitude: Any, fmt: LNSFormat
+) -> jax.Array:
   r"""Continuous level :math:`\log(w_{max}/|w|) / \log(base)` (``inf`` at 0)."""
   w = jnp.asarray(w)
   w = w.astype(numerics.compute_dtype(w.dtype))
-  return (jnp.log(jnp.asarray(max_magnitude, w.dtype)) - jnp.log(jnp.abs(w))
-          ) / fmt.log_base
+  return (
+    jnp.log(jnp.asarray(max_magnitude, w.dtype)) - jnp.log(jnp.abs(w))
+  ) / fmt.log_base
 
 
-def values_from_codes(codes: jax.Array, max_magnitude: Any, fmt: LNSFormat,
-                      dtype: Any) -> jax.Array:
+def values_from_codes(
+  codes: jax.Array, max_magnitude: Any, fmt: LNSFormat, dtype: Any
+) -> jax.Array:
   r"""Weights :math:`\mathrm{sign}(c)\, w_{max}\, base^{|c| - levels}` (0 at 0)."""
   ct = numerics.compute_dtype(dtype)
   mag = jnp.abs(codes).astype(ct)
-  w = jnp.sign(codes).astype(ct) * jnp.asarray(max_magnitude, ct) * jnp.exp(
-      (mag - fmt.levels) * jnp.asarray(fmt.log_base, ct))
+  w = (
+    jnp.sign(codes).astype(ct)
+    * jnp.asarray(max_magnitude, ct)
+    * jnp.exp((mag - fmt.levels) * jnp.asarray(fmt.log_base, ct))
+  )
   return w.astype(dtype)
 
 
-def round_levels(x: jax.Array, rounding: str, key: jax.Array | None) -> jax.Array:
+# Random bits for stochastic rounding. ``"hash"`` (the default) derives them
+# from a counter: an integer hash of (seed, step, tensor, element index), a
+# few integer operations per weight, reproducible, and the same however the
+# tensor is sharded (the element index is the global one). ``"threefry"``
+# draws them with ``jax.random`` (several times the cost of the whole step on
+# CPU), splitting the state's key every step.
+RANDOM_BITS = ("hash", "threefry")
+
+_U32 = np.uint32
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+  """A bijective 32-bit integer hash ("lowbias32", C. Wellons): xor-shift,
+  multiply, xor-shift, multiply, xor-shift; every input bit reaches every
+  output bit."""
+  x = lax.bitwise_xor(x, lax.shift_right_logical(x, _U32(16)))
+  x = lax.mul(x, _U32(0x21F0AAAD))
+  x = lax.bitwise_xor(x, lax.shift_right_logical(x, _U32(15)))
+  x = lax.mul(x, _U32(0x735A2D97))
+  return lax.bitwise_xor(x, lax.shift_right_logical(x, _U32(15)))
+
+
+def check_random_bits(rng: str) -> None:
+  """Raises ``ValueError`` unless ``rng`` is ``hash`` or ``threefry``."""
+  if rng not in RANDOM_BITS:
+    raise ValueError(f"rng must be one of {RANDOM_BITS}, got {rng!r}.")
+
+
+def initial_key(seed: Any, rng: str) -> jax.Array:
+  """The ``uint32[2]`` key a state starts from.
+
+  ``threefry``: ``jax.random.PRNGKey(seed)``. ``hash``: a 32-bit word hashed
+  from the seed, and a step counter starting at 0.
+  """
+  key = jax.random.PRNGKey(seed)
+  if rng == "threefry":
+    return key
+  word = _mix32(lax.bitwise_xor(key[1], _mix32(key[0])))
+  return jnp.stack([word, jnp.zeros([], jnp.uint32)])
+
+
+def split_key(
+  key: jax.Array, n: int, rng: str = "hash"
+) -> tuple[jax.Array, jax.Array]:
+  """The carried key and ``n`` per-tensor keys (``uint32[n, 2]``).
+
+  ``threefry`` splits ``key``. ``hash`` advances the step counter
+  ``key[1]`` and hashes (seed word, step, tensor index) into two words per
+  tensor.
+  """
+  if rng == "threefry":
+    keys = jax.random.split(key, n + 1)
+    return keys[0], keys[1:]
+  word, step = key[0], key[1]
+  base = _mix32(lax.bitwise_xor(word, _mix32(lax.add(step, _U32(0x9E3779B9)))))
+  tensor = lax.iota(np.uint32, n)
+  first = _mix32(
+    lax.bitwise_xor(base, _mix32(lax.add(lax.mul(tensor, _U32(2)), _U32(1))))
+  )
+  second = _mix32(
+    lax.add(base, _mix32(lax.add(lax.mul(tensor, _U32(2)), _U32(2))))
+  )
+  carried = jnp.stack([word, lax.add(step, _U32(1))])
+  return carried, jnp.stack([first, second], axis=1)
+
+
+def _flat_index(x: jax.Array) -> jax.Array:
+  """Each element's row-major index in ``x`` (``uint32``, modulo 2**32),
+  laid out (and, under explicit sharding, sharded) like ``x``."""
+  shape = jnp.shape(x)
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  if not getattr(getattr(sharding, "mesh", None), "explicit_axes", ()):
+    sharding = None
+  index = None
+  stride = 1
+  for dim in range(len(shape) - 1, -1, -1):
+    term = lax.broadcasted_iota(np.uint32, shape, dim, out_sharding=sharding)
+    if stride != 1:
+      term = lax.mul(term, _U32(stride % 2**32))
+    index = term if index is None else lax.add(index, term)
+    stride *= shape[dim]
+  if index is None:  # a scalar
+    index = jnp.zeros(shape, np.uint32)
+  return index
+
+
+def uniform_from_hash(key: jax.Array, x: jax.Array) -> jax.Array:
+  """Uniform ``[0, 1)`` numbers, one per element of ``x`` (24 random bits
+  each, in ``x``'s dtype), from the tensor's key ``uint32[2]``.
+
+  With ``i`` the element's index, ``y = (i ^ key[1]) * 0x9E3779B9 + key[0]``
+  (a bijection of ``i``) and the bits are the top 24 of
+  ``(y ^ (y >> 16)) * 0x21F0AAAD``: two multiplications, which carry every
+  bit of the index into the top bits, and six more integer operations.
+  """
+  y = lax.add(
+    lax.mul(lax.bitwise_xor(_flat_index(x), key[1]), _U32(0x9E3779B9)), key[0]
+  )
+  y = lax.mul(
+    lax.bitwise_xor(y, lax.shift_right_logical(y, _U32(16))), _U32(0x21F0AAAD)
+  )
+  top = lax.convert_element_type(lax.shift_right_logical(y, _U32(8)), np.int32)
+  return lax.mul(
+    lax.convert_element_type(top, x.dtype), np.asarray(2.0**-24, x.dtype)
+  )
+
+
+def round_levels(
+  x: jax.Array, rounding: str, key: jax.Array | None, rng: str = "hash"
+) -> jax.Array:
   r"""Rounds fractional level counts to integers (still float dtype).
 
   ``nearest`` rounds half to even; ``stochastic`` returns
-  :math:`\lfloor x + U \rfloor` with :math:`U \sim \mathrm{Uniform}[0, 1)`,
-  which equals :math:`\lceil x \rceil` with probability
-  :math:`x - \lfloor x \rfloor`, so its expectation is exactly :math:`x`.
+  :math:`\lfloor x + U \rfloor` with :math:`U` uniform on ``[0, 1)``, which
+  is :math:`\lceil x \rceil` with probability :math:`x - \lfloor x
+  \rfloor`, so its expectation is :math:`x` (up to the resolution of
+  :math:`U`, :math:`2^{-24}`, and the rounding of :math:`x + U`, half an ulp
+  of :math:`x`). :math:`U` comes from :func:`uniform_from_hash`
+  (``rng="hash"``) or ``jax.random.uniform`` (``"threefry"``); ``key`` is
+  the tensor's key from :func:`split_key`.
   """
   if rounding == "nearest":
     return jnp.round(x)
   assert key is not None
-  return jnp.floor(x + jax.random.uniform(key, jnp.shape(x), x.dtype))
+  if rng == "threefry":
+    return jnp.floor(x + jax.random.uniform(key, jnp.shape(x), x.dtype))
+  return lax.floor(lax.add(x, uniform_from_hash(key, x)))
 
 
-def split_key(key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
-  """Splits ``key`` into a carried key and ``n`` keys, one per tensor."""
-  keys = jax.random.split(key, n + 1)
-  return keys[0], keys[1:]
-
-
-def project_to_grid(x: jax.Array, max_magnitude: Any, fmt: LNSFormat,
-                    rounding: str = "nearest",
-                    key: jax.Array | None = None) -> jax.Array:
+def project_to_grid(
+  x: jax.Array,
+  max_magnitude: Any,
+  fmt: LNSFormat,
+  rounding: str = "nearest",
+  key: jax.Array | None = None,
+  rng: str = "hash",
+) -> jax.Array:
   r"""The LNS grid point for each entry of ``x`` (same dtype; 0 stays 0).
 
   The level :math:`\log(w_{max}/|x|)/\log(base)` is rounded (to nearest, or
@@ -234,8 +376,8 @@ def project_to_grid(x: jax.Array, max_magnitude: Any, fmt: LNSFormat,
   ``0 .. levels-1``; the sign of ``x`` is kept.
   """
   level = level_of_value(x, max_magnitude, fmt)
-  level = jnp.where(x == 0, fmt.levels - 1, level)   # finite for the rounding
-  k = jnp.clip(round_levels(level, rounding, key), 0, fmt.levels - 1)
+  level = jnp.where(x == 0, fmt.levels - 1, level)  # finite for the rounding
+  k = jnp.clip(round_levels(level, rounding, key, rng), 0, fmt.levels - 1)
   codes = codes_from_levels(jnp.sign(x), k, fmt)
   return values_from_codes(codes, max_magnitude, fmt, x.dtype)
 
@@ -244,14 +386,21 @@ def _check_max_magnitude(max_magnitude: Any, where: str) -> None:
   s = validation.concrete_value(max_magnitude)
   if s is not None and (not math.isfinite(s) or s <= 0.0):
     raise ValueError(
-        f"{where}: the LNS max_magnitude must be finite and > 0, got {s}. An "
-        "all-zero tensor has none: keep it in float and train it additively "
-        "(`madam_optax.with_additive_fallback`), or pass `max_magnitude=`.")
+      f"{where}: the LNS max_magnitude must be finite and > 0, got {s}. An "
+      "all-zero (or empty) tensor has none: keep it in float and train it "
+      "additively (`madam_optax.with_additive_fallback`), or pass "
+      "`max_magnitude=`."
+    )
 
 
 @renamed_keyword("scale", "max_magnitude")
-def lns_encode(w: jax.Array, fmt: LNSFormat, max_magnitude: Any = None, *,
-               p_scale: float = 3.0) -> tuple[jax.Array, jax.Array]:
+def lns_encode(
+  w: jax.Array,
+  fmt: LNSFormat,
+  max_magnitude: Any = None,
+  *,
+  p_scale: float = 3.0,
+) -> tuple[jax.Array, jax.Array]:
   r"""Encodes float weights as LNS integer codes (nearest level in log space).
 
   .. math::
@@ -262,6 +411,13 @@ def lns_encode(w: jax.Array, fmt: LNSFormat, max_magnitude: Any = None, *,
   with :math:`c = 0` for :math:`w = 0`. Magnitudes above :math:`w_{max}` are
   clamped to it and magnitudes below the smallest level are raised to it; in
   between, :math:`|\log|\hat w| - \log|w|| \le \log(base)/2` (half a level).
+  :math:`w_{max}` is computed without overflow or underflow for any finite
+  tensor in any float dtype (:func:`madam_optax.initial_max_magnitude`).
+
+  Non-finite weights are refused (``ValueError``) when ``w`` is concrete.
+  Under ``jax.jit``, where nothing can be raised, the mapping is fixed: a NaN
+  weight (or a NaN ``max_magnitude``) gives code 0, an exact zero, and an
+  infinite weight the largest magnitude of its sign.
 
   Args:
     w: a floating-point array.
@@ -289,27 +445,38 @@ def lns_encode(w: jax.Array, fmt: LNSFormat, max_magnitude: Any = None, *,
     weight updates", NeurIPS 2020, arXiv:2006.14560.
   """
   check_format(fmt)
+  if max_magnitude is None:
+    validation.check_hyperparameter(
+      "p_scale", p_scale, low=0.0, low_inclusive=False
+    )
   dtype = validation.leaf_dtype(w)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(
-        f"lns_encode needs floating-point weights, got dtype {dtype}. Integer "
-        "arrays may already be codes: decode them with `lns_decode`, or cast "
-        "real weights with `.astype(jnp.float32)`.")
+      f"lns_encode needs floating-point weights, got dtype {dtype}. Integer "
+      "arrays may already be codes: decode them with `lns_decode`, or cast "
+      "real weights with `.astype(jnp.float32)`."
+    )
   w = jnp.asarray(w)
+  validation.check_finite_if_concrete(w, "lns_encode: the weight array")
   ct = numerics.compute_dtype(w.dtype)
-  max_magnitude = (magnitude_bound.initial_max_magnitude(w, p_scale)
-                   if max_magnitude is None
-                   else jnp.asarray(max_magnitude, ct))
+  max_magnitude = (
+    magnitude_bound.initial_max_magnitude(w, p_scale)
+    if max_magnitude is None
+    else jnp.asarray(max_magnitude, ct)
+  )
   _check_max_magnitude(max_magnitude, "lns_encode")
-  k = jnp.clip(jnp.round(level_of_value(w, max_magnitude, fmt)), 0,
-               fmt.levels - 1)
-  codes = codes_from_levels(jnp.sign(w), k, fmt).astype(fmt.dtype)
-  return codes, max_magnitude
+  level = level_of_value(w, max_magnitude, fmt)
+  k = jnp.clip(jnp.round(level), 0, fmt.levels - 1)
+  codes = codes_from_levels(jnp.sign(w), k, fmt)
+  # NaN (traced input only) maps to the zero code, never to a cast of NaN.
+  codes = jnp.where(jnp.isnan(level), 0, codes)
+  return codes.astype(fmt.dtype), max_magnitude
 
 
 @renamed_keyword("scale", "max_magnitude")
-def lns_decode(codes: jax.Array, max_magnitude: Any, fmt: LNSFormat,
-               dtype: Any = jnp.float32) -> jax.Array:
+def lns_decode(
+  codes: jax.Array, max_magnitude: Any, fmt: LNSFormat, dtype: Any = jnp.float32
+) -> jax.Array:
   r"""Decodes LNS integer codes: :math:`w = \mathrm{sign}(c)\, w_{max}\,
   base^{|c| - levels}`, and 0 for :math:`c = 0`.
 
@@ -333,8 +500,9 @@ def lns_decode(codes: jax.Array, max_magnitude: Any, fmt: LNSFormat,
   codes = jnp.asarray(codes)
   if not jnp.issubdtype(codes.dtype, jnp.integer):
     raise ValueError(
-        f"lns_decode needs integer codes, got dtype {codes.dtype}; encode "
-        "float weights with `lns_encode` first.")
+      f"lns_decode needs integer codes, got dtype {codes.dtype}; encode "
+      "float weights with `lns_encode` first."
+    )
   return values_from_codes(codes, max_magnitude, fmt, dtype)
 
 
@@ -344,7 +512,9 @@ def lns_scale(w: jax.Array, p_scale: float = 3.0) -> jax.Array:
   Kept for one release; it returns the same value (in ``w``'s compute dtype).
   """
   warnings.warn(
-      "madam_optax.lns_scale is deprecated; use "
-      "madam_optax.initial_max_magnitude (the same w_max).",
-      DeprecationWarning, stacklevel=2)
+    "madam_optax.lns_scale is deprecated; use "
+    "madam_optax.initial_max_magnitude (the same w_max).",
+    DeprecationWarning,
+    stacklevel=2,
+  )
   return magnitude_bound.initial_max_magnitude(jnp.asarray(w), p_scale)

@@ -17,8 +17,9 @@ def _is_none(x: Any) -> bool:
   return x is None
 
 
-def lns_encode_tree(params: Any, fmt: lns.LNSFormat, *, p_scale: float = 3.0,
-                    min_ndim: int = 0) -> tuple[Any, Any]:
+def lns_encode_tree(
+  params: Any, fmt: lns.LNSFormat, *, p_scale: float = 3.0, min_ndim: int = 0
+) -> tuple[Any, Any]:
   """Encodes every multiplicatively trained leaf of a tree as LNS codes.
 
   Leaves that :func:`madam_optax.multiplicative_labels` labels
@@ -29,8 +30,9 @@ def lns_encode_tree(params: Any, fmt: lns.LNSFormat, *, p_scale: float = 3.0,
   (:func:`madam_optax.with_additive_fallback`).
 
   Args:
-    params: a pytree of floating-point arrays (concrete; e.g. a Flax NNX
-      ``nnx.State``).
+    params: a pytree of finite floating-point arrays (concrete; e.g. a Flax
+      NNX ``nnx.State``); a NaN or infinite entry is a ``ValueError`` naming
+      its leaf.
     fmt: the :class:`madam_optax.LNSFormat`.
     p_scale: multiple of each tensor's RMS used as its :math:`w_{max}`.
     min_ndim: see :func:`madam_optax.multiplicative_labels`.
@@ -54,18 +56,24 @@ def lns_encode_tree(params: Any, fmt: lns.LNSFormat, *, p_scale: float = 3.0,
   """
   lns.check_format(fmt)
   validation.check_float_leaves(params, "lns_encode_tree")
+  for path, p in tree_utils.leaves_with_path(params):
+    validation.check_finite_if_concrete(
+      p, f"lns_encode_tree: leaf {tree_utils.leaf_name(path)}"
+    )
 
   def leaf(p):
     if partition.multiplicative_labels(p, min_ndim=min_ndim) != (
-        partition.MULTIPLICATIVE):
+      partition.MULTIPLICATIVE
+    ):
       return p, None
     return lns.lns_encode(p, fmt, p_scale=p_scale)
 
   return tree_utils.tree_map_unzip(leaf, params)
 
 
-def lns_decode_tree(codes: Any, max_magnitudes: Any, fmt: lns.LNSFormat,
-                    dtype: Any = jnp.float32) -> Any:
+def lns_decode_tree(
+  codes: Any, max_magnitudes: Any, fmt: lns.LNSFormat, dtype: Any = jnp.float32
+) -> Any:
   """Decodes the integer leaves of a tree from :func:`lns_encode_tree`.
 
   Leaves whose ``max_magnitude`` is ``None`` pass through unchanged.
@@ -88,19 +96,21 @@ def lns_decode_tree(codes: Any, max_magnitudes: Any, fmt: lns.LNSFormat,
     ...     {'w': jnp.float32(1.0), 'b': None}, fmt)
     {'b': Array([1.], dtype=float32), 'w': Array([ 1.   , -0.125], dtype=float32)}
   """
+
   def leaf(max_magnitude, c):
     if max_magnitude is None:
       return c
     return lns.lns_decode(c, max_magnitude, fmt, dtype)
+
   return jax.tree.map(leaf, max_magnitudes, codes, is_leaf=_is_none)
 
 
 def lns_value_and_grad(
-    fun: Callable[..., Any],
-    max_magnitudes: Any,
-    fmt: lns.LNSFormat,
-    *,
-    has_aux: bool = False,
+  fun: Callable[..., Any],
+  max_magnitudes: Any,
+  fmt: lns.LNSFormat,
+  *,
+  has_aux: bool = False,
 ) -> Callable[..., Any]:
   """``jax.value_and_grad`` of ``fun`` at the decoded weights of LNS codes.
 
@@ -134,6 +144,7 @@ def lns_value_and_grad(
   def wrapped(codes, *args, **kwargs):
     weights = lns_decode_tree(codes, max_magnitudes, fmt)
     return jax.value_and_grad(
-        lambda w: fun(w, *args, **kwargs), has_aux=has_aux)(weights)
+      lambda w: fun(w, *args, **kwargs), has_aux=has_aux
+    )(weights)
 
   return wrapped

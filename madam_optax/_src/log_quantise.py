@@ -11,6 +11,7 @@ import optax
 
 from madam_optax._src import lns
 from madam_optax._src import magnitude_bound
+from madam_optax._src import numerics
 from madam_optax._src import tree_utils
 from madam_optax._src import validation
 
@@ -25,17 +26,19 @@ class LogQuantiseState(NamedTuple):
       :class:`madam_optax.ClipWeightMagnitudeState`).
     key: the PRNG key for stochastic rounding (carried, unused, by ``nearest``).
   """
+
   max_magnitude: Any
   key: jax.Array
 
 
 def log_quantise(
-    fmt: lns.LNSFormat,
-    *,
-    rounding: str = "nearest",
-    seed: int = 0,
-    p_scale: float = 3.0,
-    max_magnitude: float | None = None,
+  fmt: lns.LNSFormat,
+  *,
+  rounding: str = "nearest",
+  seed: int = 0,
+  p_scale: float = 3.0,
+  max_magnitude: float | None = None,
+  rng: str = "hash",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Projects ``w + u`` onto the LNS grid: float params that live on the grid.
 
@@ -57,6 +60,14 @@ def log_quantise(
   project another optimizer's weights onto the same grid. Stochastic rounding
   keeps its PRNG key in the state. Float round-off in ``optax.apply_updates``
   (``w + (w' - w)``) can leave the result a few ulps from the grid point.
+  Where :math:`w + u` is not finite (a NaN or infinite update) the weight is
+  left as it is. A weight more than its dtype's precision above the grid
+  (a factor :math:`2^8` in ``bfloat16``) cannot reach it in one additive
+  step: it lands one ulp of :math:`w` from zero, with the grid point's sign
+  (never on 0, from which it could not move), and each such step divides
+  :math:`|w|` by at least :math:`2^7` in ``bfloat16`` until it reaches the
+  grid. ``p_scale`` is read at ``init`` only; a ``max_magnitude``
+  changed later (e.g. under ``optax.inject_hyperparams``) takes effect.
 
   Args:
     fmt: the :class:`madam_optax.LNSFormat` (levels and base).
@@ -64,6 +75,9 @@ def log_quantise(
     seed: seed of the PRNG key kept in the state.
     p_scale: each tensor's :math:`w_{max}` as a multiple of its initial RMS.
     max_magnitude: a fixed :math:`w_{max}` for every tensor instead.
+    rng: random bits for stochastic rounding: ``"hash"`` (default; cheap,
+      counter-based, the same however the weights are sharded) or
+      ``"threefry"`` (``jax.random``); see :func:`lns_level_step`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``.
@@ -83,49 +97,85 @@ def log_quantise(
   """
   lns.check_format(fmt)
   lns.check_rounding(rounding)
-  validation.check_hyperparameter("p_scale", p_scale, low=0.0,
-                                  low_inclusive=False)
-  validation.check_hyperparameter("max_magnitude", max_magnitude, low=0.0,
-                                  low_inclusive=False, allow_none=True)
+  lns.check_random_bits(rng)
+  validation.check_hyperparameter(
+    "p_scale", p_scale, low=0.0, low_inclusive=False
+  )
+  validation.check_hyperparameter(
+    "max_magnitude",
+    max_magnitude,
+    low=0.0,
+    low_inclusive=False,
+    allow_none=True,
+  )
 
   def init_fn(params):
     validation.check_float_leaves(params, "log_quantise")
     bounds = []
     for path, p in jax.tree_util.tree_flatten_with_path(
-        params, is_leaf=tree_utils.is_masked)[0]:
+      params, is_leaf=tree_utils.is_masked
+    )[0]:
       if tree_utils.is_masked(p):
         bounds.append(p)
         continue
-      bound = (magnitude_bound.initial_max_magnitude(p, p_scale)
-               if max_magnitude is None else jnp.asarray(max_magnitude,
-                                                         jnp.float32))
+      bound = (
+        magnitude_bound.initial_max_magnitude(p, p_scale)
+        if max_magnitude is None
+        else fixed_bound()
+      )
       v = validation.concrete_value(bound)
       if v is not None and (not math.isfinite(v) or v <= 0):
         raise ValueError(
-            f"log_quantise: leaf {tree_utils.leaf_name(path)} has "
-            f"max_magnitude {v} (an all-zero tensor?); it would stay zero "
-            "forever. Exclude it with `optax.masked` or train it additively "
-            "(`madam_optax.with_additive_fallback`).")
+          f"log_quantise: leaf {tree_utils.leaf_name(path)} has "
+          f"max_magnitude {v} (an all-zero or empty tensor, or one with "
+          "NaN or inf entries?); the grid needs a finite bound > 0. Exclude "
+          "it with `optax.masked` or train it additively "
+          "(`madam_optax.with_additive_fallback`)."
+        )
       bounds.append(bound)
-    return LogQuantiseState(max_magnitude=tuple(bounds),
-                            key=jax.random.PRNGKey(seed))
+    return LogQuantiseState(
+      max_magnitude=tuple(bounds), key=lns.initial_key(seed, rng)
+    )
+
+  def fixed_bound():
+    return jnp.asarray(max_magnitude, jnp.float32)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args  # accepted and ignored, as optax.chain passes them on
     validation.require_params(params, "log_quantise")
+    updates, params = validation.as_arrays((updates, params))
     validation.check_same_structure(updates, params, "log_quantise")
     validation.check_float_leaves(params, "log_quantise")
     bounds = tuple(state.max_magnitude)
-    key, keys = lns.split_key(state.key, len(bounds))
+    key, keys = lns.split_key(state.key, len(bounds), rng)
+    if max_magnitude is not None:
+      # The current value, so that a change under optax.inject_hyperparams
+      # takes effect (p_scale's bound is fixed from the initial weights).
+      bounds = tuple(
+        b if tree_utils.is_masked(b) else fixed_bound() for b in bounds
+      )
 
     def leaf(u, w, bound, k):
       x = w + u.astype(w.dtype)
-      return lns.project_to_grid(x, bound, fmt, rounding, k) - w
+      target = lns.project_to_grid(x, bound, fmt, rounding, k, rng)
+      # w + delta lands on the grid, never one ulp above its top (inf when
+      # the top is the dtype's largest value), and a weight far above the
+      # grid (by more than its dtype's precision) does not land on 0.
+      delta = numerics.update_reaching(w, target)
+      # A non-finite w + u (NaN or infinite update) leaves the weight as is.
+      return jnp.where(jnp.isfinite(x), delta, jnp.zeros_like(delta))
 
     new_updates = tree_utils.map_per_tensor(
-        leaf, updates, params, bounds, keys, transform="log_quantise",
-        what="bounds")
+      leaf,
+      updates,
+      params,
+      bounds,
+      keys,
+      transform="log_quantise",
+      what="bounds",
+    )
     return new_updates, LogQuantiseState(
-        max_magnitude=state.max_magnitude, key=key)
+      max_magnitude=state.max_magnitude, key=key
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

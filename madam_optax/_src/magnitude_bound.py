@@ -10,9 +10,8 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 from jax import lax
-import numpy as np
+import jax.numpy as jnp
 import optax
 
 from madam_optax._src import numerics
@@ -31,6 +30,7 @@ class ClipWeightMagnitudeState(NamedTuple):
       per-tensor metadata to the parameter tree (Flax NNX's sharding
       annotations on ``nnx.Param``) do not give a scalar its tensor's sharding.
   """
+
   max_magnitude: Any
 
 
@@ -69,18 +69,34 @@ def initial_max_magnitude(params: Any, p_scale: Any = 3.0) -> Any:
     Bernstein et al., "Learning compositional functions via multiplicative
     weight updates", NeurIPS 2020, arXiv:2006.14560.
   """
+
   def leaf(p):
     p = jnp.asarray(p)
     ct = numerics.compute_dtype(p.dtype)
     bound = numerics.scaled_root_mean_square(p.astype(ct), p_scale)
     return jnp.minimum(bound, jnp.finfo(p.dtype).max).astype(ct)
+
   return jax.tree.map(leaf, params)
 
 
+def _round_down(bound: jax.Array, dtype: Any) -> jax.Array:
+  """The scalar ``bound`` in ``dtype``, rounded towards zero (not to nearest).
+
+  A float32 bound is not always representable in ``bfloat16``; rounding it
+  up would let ``|w|`` exceed the bound by up to half an ulp.
+  """
+  bound = jnp.asarray(bound)
+  rounded = lax.convert_element_type(bound, dtype)
+  up = lax.gt(
+    lax.abs(lax.convert_element_type(rounded, bound.dtype)), lax.abs(bound)
+  )
+  return lax.select(up, numerics.step_away_from(rounded, rounded), rounded)
+
+
 def clip_weight_magnitude(
-    p_scale: float = 3.0,
-    *,
-    max_magnitude: float | None = None,
+  p_scale: float = 3.0,
+  *,
+  max_magnitude: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Keeps every weight within a per-tensor magnitude bound.
 
@@ -92,7 +108,16 @@ def clip_weight_magnitude(
 
   or ``max_magnitude`` for every tensor if given. Each ``update`` then returns
   :math:`\mathrm{clip}(w + u, -w_{max}, w_{max}) - w`, so that after
-  ``optax.apply_updates`` :math:`|w| \le w_{max}`. These are steps 1 and 7 of
+  ``optax.apply_updates`` :math:`|w| \le w_{max}` exactly, with one exception
+  that keeps a weight alive: when :math:`|w|` exceeds the bound by more than
+  the dtype's precision (a factor :math:`2^8` in ``bfloat16``, :math:`2^{24}`
+  in float32), the only in-bound value ``w + delta`` can reach is 0, and a
+  weight that the incoming step left on its side of zero lands one ulp of
+  :math:`w` from zero instead (a zeroed weight would never move again); each
+  such step divides :math:`|w|` by at least :math:`2^7` in ``bfloat16``
+  (:math:`2^{23}` in float32) until the bound is reached. ``max_magnitude`` changed under
+  ``optax.inject_hyperparams`` takes effect at the next step; ``p_scale``
+  acts at ``init`` only. These are steps 1 and 7 of
   Madam (Algorithm 1 of the paper; the README's maths table). Computing the
   bound is a reduction (a collective when the tensor is
   sharded) done once at ``init``; the update itself is elementwise.
@@ -118,44 +143,63 @@ def clip_weight_magnitude(
     Bernstein et al., "Learning compositional functions via multiplicative
     weight updates", NeurIPS 2020, arXiv:2006.14560.
   """
-  validation.check_hyperparameter("p_scale", p_scale, low=0.0, low_inclusive=False)
-  validation.check_hyperparameter("max_magnitude", max_magnitude, low=0.0,
-                               low_inclusive=False, allow_none=True)
+  validation.check_hyperparameter(
+    "p_scale", p_scale, low=0.0, low_inclusive=False
+  )
+  validation.check_hyperparameter(
+    "max_magnitude",
+    max_magnitude,
+    low=0.0,
+    low_inclusive=False,
+    allow_none=True,
+  )
 
   def init_fn(params):
     validation.check_float_leaves(params, "clip_weight_magnitude")
     if max_magnitude is None:
       bounds = initial_max_magnitude(params, p_scale)
     else:
-      bounds = jax.tree.map(
-          lambda p: jnp.asarray(max_magnitude, numerics.compute_dtype(p.dtype)),
-          params)
+      bounds = jax.tree.map(fixed_bound, params)
     return ClipWeightMagnitudeState(
-        max_magnitude=tree_utils.per_tensor_tuple(bounds))
+      max_magnitude=tree_utils.per_tensor_tuple(bounds)
+    )
+
+  def fixed_bound(p):
+    return jnp.asarray(
+      max_magnitude, numerics.compute_dtype(validation.leaf_dtype(p))
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args  # accepted and ignored, as optax.chain passes them on
     validation.require_params(params, "clip_weight_magnitude")
+    updates, params = validation.as_arrays((updates, params))
     validation.check_same_structure(updates, params, "clip_weight_magnitude")
+    bounds = state.max_magnitude
+    if max_magnitude is not None:
+      # The current value, so that a change under optax.inject_hyperparams
+      # takes effect (p_scale's bound is fixed from the initial weights).
+      bounds = tree_utils.per_tensor_tuple(jax.tree.map(fixed_bound, params))
 
     def leaf(u, w, bound):
       dtype = jnp.result_type(w, u)
       w_ = lax.convert_element_type(w, dtype)
-      bound = lax.convert_element_type(bound, dtype)
-      delta = lax.sub(
-          lax.clamp(lax.neg(bound),
-                    lax.add(w_, lax.convert_element_type(u, dtype)), bound),
-          w_)
-      # ``optax.apply_updates`` computes ``w + delta`` in w's dtype. When |w| is
-      # more than twice the bound, ``bound - w`` is rounded and the sum can
-      # land one ulp outside the bound: nudge delta by one ulp towards zero
-      # magnitude in that case, so that |w + delta| <= bound holds exactly.
-      realised = lax.add(w_, delta)
-      over = lax.gt(lax.abs(realised), bound)
-      return lax.select(over, numerics.step_away_from(delta, realised), delta)
+      # A scalar bound broadcast to the array's shape: lax.clamp accepts a
+      # scalar, but its derivative rule (jax.grad through init and update)
+      # does not.
+      bound = lax.broadcast_in_dim(_round_down(bound, dtype), jnp.shape(w_), ())
+      u_ = lax.convert_element_type(u, dtype)
+      target = lax.clamp(lax.neg(bound), lax.add(w_, u_), bound)
+      # |w + delta| <= bound holds exactly, and a weight far above the bound
+      # lands one ulp of w from zero rather than on it (numerics).
+      return numerics.update_reaching(w_, target)
 
     return tree_utils.map_per_tensor(
-        leaf, updates, params, state.max_magnitude,
-        transform="clip_weight_magnitude", what="bounds"), state
+      leaf,
+      updates,
+      params,
+      bounds,
+      transform="clip_weight_magnitude",
+      what="bounds",
+    ), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

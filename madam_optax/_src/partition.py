@@ -26,7 +26,10 @@ def multiplicative_labels(params: Any, *, min_ndim: int = 0) -> Any:
   default biases and normalisation offsets) is labelled ``"additive"``; so is
   any leaf with fewer than ``min_ndim`` dimensions (``min_ndim=2`` sends every
   bias and norm scale to the additive optimizer, which also lets them change
-  sign). Everything else is ``"multiplicative"``.
+  sign). Everything else is ``"multiplicative"``, and so is every integer
+  leaf (LNS codes for :func:`madam_optax.lns_madam`, whatever their values or
+  ``ndim``): an additive optimizer's float updates to integer parameters
+  would be truncated by ``optax.apply_updates`` without a word.
 
   The labels are computed once from concrete initial parameters, outside
   ``jit``; pass the resulting tree to ``optax.partition``. A Flax NNX state
@@ -47,25 +50,31 @@ def multiplicative_labels(params: Any, *, min_ndim: int = 0) -> Any:
     ...     {'w': jnp.ones((2, 2)), 'b': jnp.zeros(2)})
     {'b': 'additive', 'w': 'multiplicative'}
   """
+
   def label(p):
     if _is_variable(p):
       p = p.get_value()
     if isinstance(p, jax.core.Tracer):
       raise ValueError(
-          "multiplicative_labels needs concrete initial parameters; call it "
-          "outside jax.jit, once, before building the optimizer.")
+        "multiplicative_labels needs concrete initial parameters; call it "
+        "outside jax.jit, once, before building the optimizer."
+      )
+    if jnp.issubdtype(jnp.result_type(p), jnp.integer):
+      # LNS codes: an additive optimizer's float updates would be truncated.
+      return MULTIPLICATIVE
     if jnp.ndim(p) < min_ndim or not np.any(np.asarray(p)):
       return ADDITIVE
     return MULTIPLICATIVE
+
   return jax.tree.map(label, params, is_leaf=_is_variable)
 
 
 def with_additive_fallback(
-    params: Any,
-    multiplicative_tx: optax.GradientTransformation,
-    additive_tx: optax.GradientTransformation | None = None,
-    *,
-    min_ndim: int = 0,
+  params: Any,
+  multiplicative_tx: optax.GradientTransformation,
+  additive_tx: optax.GradientTransformation | None = None,
+  *,
+  min_ndim: int = 0,
 ) -> optax.GradientTransformation:
   """Trains Madam-movable leaves multiplicatively and the rest additively.
 
@@ -95,5 +104,5 @@ def with_additive_fallback(
   # Passed as a function: ``optax.partition`` calls a callable labels tree,
   # and an Equinox model (so its tree of labels) is callable.
   return optax.partition(
-      {MULTIPLICATIVE: multiplicative_tx, ADDITIVE: additive_tx},
-      lambda _: labels)
+    {MULTIPLICATIVE: multiplicative_tx, ADDITIVE: additive_tx}, lambda _: labels
+  )

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -25,14 +25,62 @@ class ScaleBySecondMomentState(NamedTuple):
       the gradients' own range, so gradients as small as 1e-20 do not underflow
       to zero when squared in float32 or bfloat16.
   """
-  count: jax.Array
+
+  count: jax.Array  # type: ignore[assignment]
   rms: Any
 
 
+def moment_scalars(
+  b2: Any, count: jax.Array, dtype: Any
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  r"""``(sqrt(b2), sqrt(1 - b2), sqrt(1 - b2**t))`` in ``dtype``, at step ``t``.
+
+  The last is the bias correction applied to the root. At :math:`t = 1` it is
+  the very same float as ``sqrt(1 - b2)``, which makes the first update
+  exactly ``sign(g)`` (numerator and denominator then round alike). Computed
+  in the parameters' compute dtype, so that float64 parameters get a float64
+  correction.
+  """
+  b2_ = jnp.asarray(b2, dtype)
+  sqrt_b2 = jnp.sqrt(b2_)
+  sqrt_1mb2 = jnp.sqrt(1.0 - b2_)
+  correction = jnp.where(
+    count == 1, sqrt_1mb2, jnp.sqrt(1.0 - b2_ ** count.astype(dtype))
+  )
+  return sqrt_b2, sqrt_1mb2, correction
+
+
+def normalised_gradient(
+  g: jax.Array,
+  rms: jax.Array,
+  sqrt_b2: jax.Array,
+  sqrt_1mb2: jax.Array,
+  correction: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+  r"""One element-wise step of :func:`scale_by_second_moment`, in ``g``'s dtype.
+
+  Returns ``(u, rms_t)``: :math:`rms_t = \sqrt{\beta_2 rms^2 + (1 - \beta_2)
+  g^2}` and :math:`u = g \sqrt{1 - \beta_2^t} / rms_t` with :math:`0/0 := 0`.
+  ``g`` and ``rms`` are of one float32/float64 dtype; the scalars are from
+  :func:`moment_scalars` in that dtype.
+  """
+  ct = g.dtype
+  # rms_t by a power-of-two-scaled root of squares (numerics.hypot), so that
+  # tiny and huge gradients neither underflow nor overflow.
+  new_r = numerics.hypot(
+    lax.mul(lax.convert_element_type(sqrt_b2, ct), rms),
+    lax.mul(lax.convert_element_type(sqrt_1mb2, ct), g),
+  )
+  # g / sqrt(v_hat) = g * sqrt(1 - b2**t) / rms_t, and 0/0 := 0.
+  u = lax.div(lax.mul(g, lax.convert_element_type(correction, ct)), new_r)
+  zero = np.asarray(0, ct)
+  return lax.select(lax.gt(new_r, zero), u, lax.full_like(u, zero)), new_r
+
+
 def scale_by_second_moment(
-    b2: float = 0.999,
-    *,
-    state_dtype: Any = None,
+  b2: float = 0.999,
+  *,
+  state_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Divides gradients by the root of their bias-corrected second moment.
 
@@ -49,11 +97,15 @@ def scale_by_second_moment(
   exactly. These are steps 2-4 of Madam
   (Bernstein et al., 2020, Algorithm 1; the README's maths table); unlike
   ``optax.scale_by_rms`` there is no epsilon, which Madam relies on for its
-  scale invariance.
+  scale invariance. A non-finite gradient entry (NaN or inf) gives a NaN
+  update and leaves that entry's second moment unchanged, so one bad step
+  does not poison the later ones (to skip such steps altogether, wrap the
+  optimizer in :func:`madam_optax.apply_if_finite`).
 
   Args:
     b2: decay rate of the exponential moving average of squared gradients, in
-      ``[0, 1)``.
+      ``[0, 1)``, and not so close to 1 that it rounds to 1.0 in float32,
+      the dtype it is computed in (``1 - 1e-8`` does: it is refused).
     state_dtype: dtype of the second-moment buffer. ``None`` (default) uses each
       parameter's dtype; ``jnp.bfloat16`` halves the state's memory. The maths
       always runs in at least float32.
@@ -73,52 +125,59 @@ def scale_by_second_moment(
     Bernstein et al., "Learning compositional functions via multiplicative
     weight updates", NeurIPS 2020, arXiv:2006.14560.
   """
-  validation.check_hyperparameter("b2", b2, low=0.0, high=1.0, high_inclusive=False)
+  validation.check_decay_rate("b2", b2)
   state_dtype = validation.check_state_dtype(state_dtype)
 
   def init_fn(params):
     validation.check_float_leaves(params, "scale_by_second_moment")
     rms = jax.tree.map(
-        lambda p: jnp.zeros_like(p, dtype=state_dtype or p.dtype), params)
-    return ScaleBySecondMomentState(
-        count=jnp.zeros([], jnp.int32), rms=rms)
+      lambda p: jnp.zeros_like(
+        p, dtype=state_dtype or validation.leaf_dtype(p)
+      ),
+      params,
+    )
+    return ScaleBySecondMomentState(count=jnp.zeros([], jnp.int32), rms=rms)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args  # accepted and ignored, as optax.chain passes them on
     del params
+    updates = validation.as_arrays(updates)
     validation.check_float_leaves(updates, "scale_by_second_moment", "updates")
-    validation.check_same_structure(updates, state.rms, "scale_by_second_moment",
-                                 "optimizer-state")
+    validation.check_same_structure(
+      updates, state.rms, "scale_by_second_moment", "optimizer-state"
+    )
     count = optax.safe_increment(state.count)
-    b2_ = jnp.asarray(b2, jnp.float32)
-    sqrt_b2 = jnp.sqrt(b2_)
-    sqrt_1mb2 = jnp.sqrt(1.0 - b2_)
-    # Bias correction applied to the root: sqrt(1 - b2**t). At t = 1 it is
-    # taken as the very same float as sqrt(1 - b2), which makes the first
-    # update exactly sign(g) (the numerator and denominator then round alike).
-    correction = jnp.where(
-        count == 1, sqrt_1mb2, jnp.sqrt(1.0 - b2_ ** count.astype(jnp.float32)))
+    scalars = {}  # moment_scalars per compute dtype, traced once each
 
     def leaf(g, r):
       ct = numerics.compute_dtype(g.dtype)
-      g_ = lax.convert_element_type(g, ct)
-      # rms_t = sqrt(b2 * rms**2 + (1 - b2) * g**2), computed without squaring
-      # (hypot), so that tiny and huge gradients neither underflow nor overflow.
-      new_r = numerics.hypot(lax.mul(lax.convert_element_type(sqrt_b2, ct),
-                             lax.convert_element_type(r, ct)),
-                     lax.mul(lax.convert_element_type(sqrt_1mb2, ct), g_))
-      # g / sqrt(v_hat) = g * sqrt(1 - b2**t) / rms_t, and 0/0 := 0.
-      tiny = np.asarray(np.finfo(ct).tiny, ct)
-      positive = lax.convert_element_type(
-          lax.gt(new_r, np.asarray(0, ct)), ct)
-      u = lax.mul(
-          lax.div(lax.mul(g_, lax.convert_element_type(correction, ct)),
-                  lax.max(new_r, tiny)),
-          positive)
-      return (lax.convert_element_type(u, g.dtype),
-              lax.convert_element_type(new_r, r.dtype))
+      if ct not in scalars:
+        scalars[ct] = moment_scalars(b2, count, ct)
+      u, new_r = normalised_gradient(
+        lax.convert_element_type(g, ct),
+        lax.convert_element_type(r, ct),
+        *scalars[ct],
+      )
+      return (
+        lax.convert_element_type(u, g.dtype),
+        lax.convert_element_type(new_r, r.dtype),
+      )
 
     new_updates, new_rms = tree_utils.tree_map_unzip(leaf, updates, state.rms)
+
+    def non_finite_gradient(g, u, new, old):
+      # Its update is NaN (under jit XLA's max/min may drop a NaN, so it is
+      # set here), and its second moment stays as it was, so that later
+      # finite steps are normalised as before.
+      finite = lax.is_finite(g)
+      return (
+        lax.select(finite, u, lax.full_like(u, np.nan)),
+        lax.select(finite, new, old),
+      )
+
+    new_updates, new_rms = tree_utils.tree_map_unzip(
+      non_finite_gradient, updates, new_updates, new_rms, state.rms
+    )
     return new_updates, ScaleBySecondMomentState(count=count, rms=new_rms)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -23,17 +23,18 @@ def is_masked(x: Any) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
-def tree_map_unzip(fn: Callable[..., Sequence[Any]], tree: Any, *rest: Any,
-                   n_out: int = 2) -> tuple[Any, ...]:
+def tree_map_unzip(
+  fn: Callable[..., Sequence[Any]], tree: Any, *rest: Any, n_out: int = 2
+) -> tuple[Any, ...]:
   """Maps ``fn`` (returning an ``n_out``-tuple) over leaves; returns n_out trees.
 
   ``None`` and ``optax.MaskedNode`` carry no leaves and pass through untouched.
   """
   leaves, treedef = jax.tree.flatten(tree)
-  rest_leaves = [treedef.flatten_up_to(r) for r in rest]
+  rest_leaves = [treedef.flatten_up_to(r) for r in rest]  # type: ignore[attr-defined]
   outs = [fn(*args) for args in zip(leaves, *rest_leaves)]
-  cols = list(zip(*outs)) if outs else [[] for _ in range(n_out)]
-  return tuple(treedef.unflatten(list(col)) for col in cols)
+  cols = list(zip(*outs)) if outs else [[] for _ in range(n_out)]  # type: ignore[misc]
+  return tuple(treedef.unflatten(list(col)) for col in cols)  # type: ignore[attr-defined]
 
 
 def per_tensor_tuple(tree: Any) -> tuple[Any, ...]:
@@ -47,9 +48,15 @@ def per_tensor_tuple(tree: Any) -> tuple[Any, ...]:
   return tuple(jax.tree.leaves(tree, is_leaf=is_masked))
 
 
-def map_per_tensor(fn: Callable[..., Any], updates: Any, params: Any,
-                   scalars: Sequence[Any], *per_tensor: Sequence[Any],
-                   transform: str, what: str) -> Any:
+def map_per_tensor(
+  fn: Callable[..., Any],
+  updates: Any,
+  params: Any,
+  scalars: Sequence[Any],
+  *per_tensor: Sequence[Any],
+  transform: str,
+  what: str,
+) -> Any:
   """``fn(u, w, scalar, *extras)`` for each tensor of ``params``.
 
   ``scalars`` is a state's flat tuple of per-tensor values, in
@@ -62,11 +69,15 @@ def map_per_tensor(fn: Callable[..., Any], updates: Any, params: Any,
   scalars = tuple(scalars)
   if len(scalars) != len(params_leaves):
     raise ValueError(
-        f"{transform}: the state holds {len(scalars)} {what} but params "
-        f"have {len(params_leaves)} tensors. Initialise the state with "
-        "`tx.init(params)` on the same parameter tree.")
-  rows = zip(treedef.flatten_up_to(updates), params_leaves, scalars,
-             *per_tensor)
-  new_updates = [u if is_masked(u) else fn(u, w, *rest)
-                 for u, w, *rest in rows]
-  return treedef.unflatten(new_updates)
+      f"{transform}: the state holds {len(scalars)} {what} but params "
+      f"have {len(params_leaves)} tensors. Initialise the state with "
+      "`tx.init(params)` on the same parameter tree."
+    )
+  rows = zip(
+    treedef.flatten_up_to(updates),  # type: ignore[attr-defined]
+    params_leaves,
+    scalars,
+    *per_tensor,
+  )
+  new_updates = [u if is_masked(u) else fn(u, w, *rest) for u, w, *rest in rows]
+  return treedef.unflatten(new_updates)  # type: ignore[attr-defined]

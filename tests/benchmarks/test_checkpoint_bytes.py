@@ -12,9 +12,10 @@ def checkpoint_bytes(benchmark):
 
 
 def test_measures_int8_codes_on_disk(checkpoint_bytes, harness, tmp_path):
-  params = harness.mlp_params((8, 4))      # the model as small as it gets
-  row = checkpoint_bytes.measure("lns_madam_int8", params, 2, tmp_path,
-                                 log=lambda *_: None)
+  params = harness.mlp_params((8, 4))  # the model as small as it gets
+  row = checkpoint_bytes.measure(
+    "lns_madam_int8", params, 2, tmp_path, log=lambda *_: None
+  )
   assert row["n_params"] == 8 * 4 + 4
   assert row["kernel_dtype_on_disk"] == "int8"
   # Parameters only: int8 kernel codes (1 B each), float32 biases (zero, so
@@ -24,9 +25,9 @@ def test_measures_int8_codes_on_disk(checkpoint_bytes, harness, tmp_path):
   for part in ("full", "params"):
     assert row[part]["disk_bytes"] > 0 and row[part]["files"] >= 5
   size, _, files = checkpoint_bytes.folder_bytes(
-      tmp_path / "lns_madam_int8" / "params")
-  assert (size, files) == (row["params"]["disk_bytes"],
-                           row["params"]["files"])
+    tmp_path / "lns_madam_int8" / "params"
+  )
+  assert (size, files) == (row["params"]["disk_bytes"], row["params"]["files"])
 
 
 def test_trained_state_is_not_the_initial_one(checkpoint_bytes, harness):
@@ -34,14 +35,15 @@ def test_trained_state_is_not_the_initial_one(checkpoint_bytes, harness):
   state = checkpoint_bytes.train_state("adam", params, 2)
   mu = state["opt_state"][0].mu
   assert int(state["opt_state"][0].count) == 2
-  assert all(bool((m != 0).all()) for m in jax.tree.leaves(mu))   # dense
+  assert all(bool((m != 0).all()) for m in jax.tree.leaves(mu))  # dense
   assert bool((state["params"]["dense0"]["bias"] != 0).all())
 
 
 def test_quick_main_writes_the_table(checkpoint_bytes, harness, tmp_path):
   results = checkpoint_bytes.main(
-      ["--quick", "--steps", "2", "--optimizers", "adam", "--out",
-       str(tmp_path)], log=lambda *_: None)
+    ["--quick", "--steps", "2", "--optimizers", "adam", "--out", str(tmp_path)],
+    log=lambda *_: None,
+  )
   assert results["dims"] == [32, 64, 10] and results["steps"] == 2
   saved = json.loads((tmp_path / "checkpoint_bytes.json").read_text())
   assert tuple(saved["machine"]) == harness.MACHINE_KEYS

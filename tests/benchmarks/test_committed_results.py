@@ -11,12 +11,13 @@ import pytest
 
 # Results file stem -> the script that wrote it.
 SCRIPTS = {
-    "checkpoint_bytes": "checkpoint_bytes",
-    "lns_bits": "lns_bits",
-    "lns_memory": "lns_memory",
-    "lr_sweep": "lr_sweep",
-    "scaling_cpu": "scaling",
-    "step_time_cpu": "step_time",
+  "checkpoint_bytes": "checkpoint_bytes",
+  "factored_accuracy": "factored_accuracy",
+  "lns_bits": "lns_bits",
+  "lns_memory": "lns_memory",
+  "lr_sweep": "lr_sweep",
+  "scaling_cpu": "scaling",
+  "step_time_cpu": "step_time",
 }
 
 
@@ -30,17 +31,20 @@ def test_every_committed_result_is_listed(harness):
 
 
 @pytest.mark.parametrize("stem", sorted(SCRIPTS))
-def test_replot_renders_the_committed_tables(benchmark, harness, stem,
-                                             tmp_path):
+def test_replot_renders_the_committed_tables(
+  benchmark, harness, stem, tmp_path
+):
   script = benchmark(SCRIPTS[stem])
   shutil.copy(harness.RESULTS_DIR / f"{stem}.json", tmp_path)
-  results = script.main(["--replot", "--out", str(tmp_path), "--name", stem],
-                        log=lambda *_: None)
+  results = script.main(
+    ["--replot", "--out", str(tmp_path), "--name", stem], log=lambda *_: None
+  )
   assert tuple(results["machine"]) == harness.MACHINE_KEYS
   committed = (harness.RESULTS_DIR / f"{stem}.md").read_text()
   rendered = (tmp_path / f"{stem}.md").read_text()
   assert rendered.startswith(committed.splitlines()[0] + "\n\n- command: ")
-  assert _table_lines(committed) and (_table_lines(rendered)
-                                      == _table_lines(committed))
+  assert _table_lines(committed) and (
+    _table_lines(rendered) == _table_lines(committed)
+  )
   if script.REPORT.figure is not None:
     assert (tmp_path / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"

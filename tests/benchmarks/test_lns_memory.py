@@ -20,11 +20,13 @@ def test_bytes_per_weight_are_exact(lns_memory, harness):
   params = harness.mlp_params((64, 128, 10))
   rows = {r["config"]: r for r in lns_memory.measure(params)}
   # code + state entries of each weight-matrix element.
-  expected = {"lns_madam int8 + bf16 v": (3.0, ["bfloat16", "int8"]),
-              "lns_madam int8 + fp32 v": (5.0, ["float32", "int8"]),
-              "lns_madam int16 + fp32 v": (6.0, ["float32", "int16"]),
-              "madam fp32": (8.0, ["float32"]),
-              "adam fp32": (12.0, ["float32"])}
+  expected = {
+    "lns_madam int8 + bf16 v": (3.0, ["bfloat16", "int8"]),
+    "lns_madam int8 + fp32 v": (5.0, ["float32", "int8"]),
+    "lns_madam int16 + fp32 v": (6.0, ["float32", "int16"]),
+    "madam fp32": (8.0, ["float32"]),
+    "adam fp32": (12.0, ["float32"]),
+  }
   for name, (per_weight, dtypes) in expected.items():
     assert rows[name]["bytes_per_weight"] == per_weight, rows[name]
     assert rows[name]["weight_dtypes"] == dtypes, rows[name]
@@ -34,7 +36,7 @@ def test_bytes_per_weight_are_exact(lns_memory, harness):
   n_b = 128 + 10
   lns8 = rows["lns_madam int8 + bf16 v"]
   overhead = lns8["weights"] + lns8["state"] - 3 * (n - n_b) - 12 * n_b
-  assert 0 < overhead <= 64, overhead     # scales, counts and the PRNG key
+  assert 0 < overhead <= 64, overhead  # scales, counts and the PRNG key
   assert lns8["bytes_per_param"] <= 3.2
 
 
@@ -48,8 +50,9 @@ def test_large_model_meets_three_bytes(lns_memory):
 
 
 def test_quick_main_writes_tables(lns_memory, harness, tmp_path):
-  results = lns_memory.main(["--quick", "--out", str(tmp_path)],
-                            log=lambda *_: None)
+  results = lns_memory.main(
+    ["--quick", "--out", str(tmp_path)], log=lambda *_: None
+  )
   md = (tmp_path / "lns_memory.md").read_text()
   assert "| lns_madam int8 + bf16 v |" in md and "| adam fp32 |" in md
   assert "## digits MLP 64-128-10 (9610 parameters)" in md

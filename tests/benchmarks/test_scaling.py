@@ -14,8 +14,9 @@ def scaling(benchmark):
 
 @pytest.fixture(scope="module")
 def fsdp_row(scaling, eight_devices):
-  return scaling.measure("fsdp", 2, dict(scaling.QUICK, steps=1),
-                         devices=eight_devices)
+  return scaling.measure(
+    "fsdp", 2, dict(scaling.QUICK, steps=1), devices=eight_devices
+  )
 
 
 def test_fsdp_row_halves_memory(fsdp_row):
@@ -30,15 +31,20 @@ def test_fsdp_row_halves_memory(fsdp_row):
   assert row["train_step"]["median_ms"] > 0
 
 
-def test_driver_writes_and_replots(scaling, harness, fsdp_row, monkeypatch,
-                                   tmp_path):
+def test_driver_writes_and_replots(
+  scaling, harness, fsdp_row, monkeypatch, tmp_path
+):
   def fake_worker(n, platform, quick):
     assert (n, platform, quick) == (2, "cpu", True)
-    return {"devices": {"backend": "cpu", "devices": "2 x cpu"},
-            "rows": [fsdp_row]}
+    return {
+      "devices": {"backend": "cpu", "devices": "2 x cpu"},
+      "rows": [fsdp_row],
+    }
+
   monkeypatch.setattr(scaling, "run_worker", fake_worker)
-  scaling.main(["--quick", "--devices", "2", "--out", str(tmp_path)],
-               log=lambda *_: None)
+  scaling.main(
+    ["--quick", "--devices", "2", "--out", str(tmp_path)], log=lambda *_: None
+  )
   saved = json.loads((tmp_path / "scaling_cpu.json").read_text())
   record = saved["machine"]
   assert tuple(record) == harness.MACHINE_KEYS
@@ -53,12 +59,15 @@ def test_driver_writes_and_replots(scaling, harness, fsdp_row, monkeypatch,
 
 
 def test_worker_reports_its_devices_and_rows(scaling, monkeypatch, capsys):
-  monkeypatch.setattr(scaling, "measure",
-                      lambda layout, n, sizes: {"layout": layout, "n": n})
+  monkeypatch.setattr(
+    scaling, "measure", lambda layout, n, sizes: {"layout": layout, "n": n}
+  )
   scaling.main(["--worker", "2", "--quick"])
   result = scaling.worker_result(capsys.readouterr().out)
-  assert result["rows"] == [{"layout": "fsdp", "n": 2},
-                            {"layout": "data", "n": 2}]
+  assert result["rows"] == [
+    {"layout": "fsdp", "n": 2},
+    {"layout": "data", "n": 2},
+  ]
   assert set(result["devices"]) == {"backend", "devices"}
 
 

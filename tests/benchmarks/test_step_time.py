@@ -27,8 +27,9 @@ def test_quick_run_writes_table_and_json(quick_results, harness):
   results, out = quick_results
   md = (out / f"step_time_{jax.default_backend()}.md").read_text()
   assert "| madam |" in md and "| adam |" in md
-  saved = json.loads((out / f"step_time_{jax.default_backend()}.json")
-                     .read_text())
+  saved = json.loads(
+    (out / f"step_time_{jax.default_backend()}.json").read_text()
+  )
   assert tuple(saved["machine"]) == harness.MACHINE_KEYS
   assert saved["machine"]["command"] == "python benchmarks/step_time.py --quick"
   assert saved["trees"] == json.loads(json.dumps(results["trees"]))
@@ -48,8 +49,12 @@ def _expected_madam_state_bytes(params, state_bytes_per_param):
   return state_bytes_per_param * n + 4 * n_leaves + 2 * 4
 
 
-@pytest.mark.parametrize("state_dtype, per_param", [(None, 4), (jnp.bfloat16, 2)])
-def test_madam_state_is_one_buffer_plus_scalars(step_time, state_dtype, per_param):
+@pytest.mark.parametrize(
+  "state_dtype, per_param", [(None, 4), (jnp.bfloat16, 2)]
+)
+def test_madam_state_is_one_buffer_plus_scalars(
+  step_time, state_dtype, per_param
+):
   params = step_time.random_tree(step_time.mlp_shapes((8, 16, 3)), seed=0)
   state = madam_optax.madam(state_dtype=state_dtype).init(params)
   total = step_time.harness.tree_bytes(state)
@@ -66,7 +71,9 @@ def test_quick_run_reports_measured_state_bytes(quick_results):
     assert rows["madam_bf16"]["state_full_bytes_per_param"] == 2
     assert rows["adam"]["state_full_bytes_per_param"] == 8
     assert rows["sgd"]["state_full_bytes_per_param"] == 0
-    assert rows["madam"]["state_bytes"] == 4 * tr["params"] + 4 * tr["leaves"] + 8
+    assert (
+      rows["madam"]["state_bytes"] == 4 * tr["params"] + 4 * tr["leaves"] + 8
+    )
     assert rows["madam"]["bytes_per_param_moved"] == 20
     assert rows["madam_bf16"]["bytes_per_param_moved"] == 16
     assert rows["adam"]["bytes_per_param_moved"] == 28

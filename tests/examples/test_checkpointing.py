@@ -32,18 +32,22 @@ import numpy as np
 import optax
 import pytest
 
+from madam_examples import checkpoint_store
+from madam_examples import checkpointing
 import madam_optax
-from madam_examples import checkpoint_store, checkpointing
 
 N_STEPS, M_STEPS = 3, 4
 CRASH_EXIT_CODE = 17
 IN, OUT, BATCH = 16, 8, 32
-FMT = madam_optax.LNSFormat.spanning(127)        # int8 codes
+FMT = madam_optax.LNSFormat.spanning(127)  # int8 codes
 
 
 def _config(kind):
-  return {"problem": kind, "schedule": [0.05, 0.01, N_STEPS + M_STEPS],
-          "lns": [FMT.levels, FMT.base] if kind == "lns" else None}
+  return {
+    "problem": kind,
+    "schedule": [0.05, 0.01, N_STEPS + M_STEPS],
+    "lns": [FMT.levels, FMT.base] if kind == "lns" else None,
+  }
 
 
 # ---------------------------------------------------------------- the problem
@@ -65,40 +69,52 @@ def make_problem(kind, mesh=None):
   w_true = jax.random.normal(k_true, (IN, OUT)) / 4
   if kind == "madam":
     tx = madam_optax.with_additive_fallback(
-        params, madam_optax.madam(_schedule()), optax.adam(1e-2))
+      params, madam_optax.madam(_schedule()), optax.adam(1e-2)
+    )
     state = {"params": params}
     value_and_grad = lambda st, x, y: jax.value_and_grad(_loss)(
-        st["params"], x, y)
+      st["params"], x, y
+    )
   else:
     codes, scales = madam_optax.lns_encode_tree(params, FMT)
     tx = madam_optax.with_additive_fallback(
-        codes, madam_optax.lns_madam(FMT, _schedule(), rounding="stochastic",
-                                     seed=1), optax.adam(1e-2))
+      codes,
+      madam_optax.lns_madam(FMT, _schedule(), rounding="stochastic", seed=1),
+      optax.adam(1e-2),
+    )
     state = {"params": codes, "scales": scales}
     value_and_grad = lambda st, x, y: madam_optax.lns_value_and_grad(
-        _loss, st["scales"], FMT)(st["params"], x, y)
+      _loss, st["scales"], FMT
+    )(st["params"], x, y)
   state["opt_state"] = tx.init(state["params"])
-  state["key"] = jax.random.key(7)       # data sampling: part of the state
+  state["key"] = jax.random.key(7)  # data sampling: part of the state
 
   def step(st):
     key, sub = jax.random.split(st["key"])
     x = jax.random.normal(sub, (BATCH, IN))
     _, grads = value_and_grad(st, x, x @ w_true)
     updates, opt_state = tx.update(grads, st["opt_state"], st["params"])
-    return {**st, "params": optax.apply_updates(st["params"], updates),
-            "opt_state": opt_state, "key": key}
+    return {
+      **st,
+      "params": optax.apply_updates(st["params"], updates),
+      "opt_state": opt_state,
+      "key": key,
+    }
 
   if mesh is None:
     return state, jax.jit(step)
   shardings = jax.tree.map(lambda x: _sharding(x, mesh), state)
   state = jax.device_put(state, shardings)
-  return state, jax.jit(step, in_shardings=(shardings,),
-                        out_shardings=shardings)
+  return state, jax.jit(
+    step, in_shardings=(shardings,), out_shardings=shardings
+  )
 
 
 def _sharding(x, mesh):
   """Leading axis split over the 8 devices when it divides, else replicated."""
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
   if x.ndim and x.shape[0] % mesh.size == 0:
     return NamedSharding(mesh, P("x"))
   return NamedSharding(mesh, P())
@@ -111,8 +127,13 @@ def _mesh(devices):
 def _raw(tree):
   """Typed PRNG keys as their data, for exact comparisons."""
   return jax.tree.map(
-      lambda x: jax.random.key_data(x)
-      if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x, tree)
+    lambda x: (
+      jax.random.key_data(x)
+      if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+      else x
+    ),
+    tree,
+  )
 
 
 # ---------------------------------------------------------------- worker
@@ -122,13 +143,15 @@ def worker(kind, devices, directory, until):
   """Resume from ``directory``, train to ``until``, save; crash in the next save."""
   mesh = _mesh(jax.devices()) if devices == 8 else None
   fresh, step = make_problem(kind, mesh)
-  state, start = checkpointing.maybe_restore(directory, fresh,
-                                             config=_config(kind))
+  state, start = checkpointing.maybe_restore(
+    directory, fresh, config=_config(kind)
+  )
   for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(fresh)):
     assert got.sharding == want.sharding, (got.sharding, want.sharding)
     assert got.dtype == want.dtype, (got.dtype, want.dtype)
-  with checkpointing.Checkpointer(directory, every=1000,
-                                  config=_config(kind)) as ckpt:
+  with checkpointing.Checkpointer(
+    directory, every=1000, config=_config(kind)
+  ) as ckpt:
     for _ in range(start, until):
       state = step(state)
     ckpt.maybe_save(until, state, force=True)
@@ -142,8 +165,10 @@ def worker(kind, devices, directory, until):
     del args, kwargs
     print("killed while saving", flush=True)
     os._exit(CRASH_EXIT_CODE)
+
   try:
     from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
+
     atomicity.AtomicRenameTemporaryPath.finalize  # pylint: disable=pointless-statement
     atomicity.AtomicRenameTemporaryPath.finalize = crash
     atomicity.CommitFileTemporaryPath.finalize = crash
@@ -158,12 +183,19 @@ def worker(kind, devices, directory, until):
 
 
 def _run_worker(kind, devices, directory, until):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  )
   return subprocess.run(
-      [sys.executable, __file__, kind, str(devices), str(directory),
-       str(until)], env=env, capture_output=True, text=True, timeout=300,
-      check=False)
+    [sys.executable, __file__, kind, str(devices), str(directory), str(until)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
 
 
 # ---------------------------------------------------------------- resume tests
@@ -192,10 +224,11 @@ def _resume_and_check(kind, tmp_path, devices=None):
   assert checkpointing.latest_step(tmp_path) == N_STEPS + M_STEPS
 
   fresh, _ = make_problem(kind, mesh)
-  restored, at = checkpointing.maybe_restore(tmp_path, fresh,
-                                             config=_config(kind))
+  restored, at = checkpointing.maybe_restore(
+    tmp_path, fresh, config=_config(kind)
+  )
   assert at == N_STEPS + M_STEPS
-  chex.assert_trees_all_equal(_raw(restored), _raw(reference))   # bitwise
+  chex.assert_trees_all_equal(_raw(restored), _raw(reference))  # bitwise
   chex.assert_trees_all_equal_dtypes(_raw(restored), _raw(reference))
   for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(reference)):
     assert got.sharding == want.sharding
@@ -213,16 +246,24 @@ def test_lns_madam_stochastic_resumes_bit_identically_and_stays_int8(tmp_path):
   assert restored["params"]["w"].dtype == jnp.int8
   # On disk, read through TensorStore (not Orbax): int8 zarr arrays.
   import tensorstore as ts  # pylint: disable=g-import-not-at-top
-  spec = {"driver": "zarr", "kvstore": {
+
+  spec = {
+    "driver": "zarr",
+    "kvstore": {
       "driver": "ocdbt",
-      "base": "file://" + os.path.join(
-          os.path.abspath(tmp_path), str(N_STEPS + M_STEPS), "default"),
-      "path": "params.w"}}
+      "base": "file://"
+      + os.path.join(
+        os.path.abspath(tmp_path), str(N_STEPS + M_STEPS), "default"
+      ),
+      "path": "params.w",
+    },
+  }
   stored = ts.open(spec).result()
   assert stored.dtype.numpy_dtype == np.int8
   assert stored.spec().to_json()["metadata"]["dtype"] == "|i1"
-  np.testing.assert_array_equal(stored.read().result(),
-                                np.asarray(restored["params"]["w"]))
+  np.testing.assert_array_equal(
+    stored.read().result(), np.asarray(restored["params"]["w"])
+  )
 
 
 @pytest.mark.slow
@@ -240,10 +281,13 @@ def test_sharded_madam_and_lns_resume_on_eight_devices(tmp_path, eight_devices):
 def test_docstring_examples(tmp_path, monkeypatch):
   import doctest  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
+
   monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # their folders
   flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
-  results = [doctest.testmod(m, optionflags=flags)
-             for m in (checkpointing, checkpoint_store)]
+  results = [
+    doctest.testmod(m, optionflags=flags)
+    for m in (checkpointing, checkpoint_store)
+  ]
   assert sum(r.attempted for r in results) >= 10
   assert all(r.failed == 0 for r in results)
 
@@ -253,18 +297,25 @@ def test_no_checkpoint_starts_from_step_zero(tmp_path, capsys):
   got, step = checkpointing.maybe_restore(tmp_path / "empty", state)
   assert step == 0 and got is state
   assert checkpointing.latest_step(tmp_path / "empty") is None
-  assert (f"No checkpoint in {tmp_path / 'empty'}, starting from step 0"
-          in capsys.readouterr().out)
-  with pytest.raises(ValueError, match=r"no complete checkpoint .*\(leaf "
-                     r"\['w'\] is a jax.ShapeDtypeStruct"):
-    checkpointing.maybe_restore(tmp_path / "empty",
-                                checkpointing.abstract_state(state))
+  assert (
+    f"No checkpoint in {tmp_path / 'empty'}, starting from step 0"
+    in capsys.readouterr().out
+  )
+  with pytest.raises(
+    ValueError,
+    match=r"no complete checkpoint .*\(leaf "
+    r"\['w'\] is a jax.ShapeDtypeStruct",
+  ):
+    checkpointing.maybe_restore(
+      tmp_path / "empty", checkpointing.abstract_state(state)
+    )
 
 
 def test_partial_folder_is_ignored(tmp_path):
   """A copy of a complete step, renamed like Orbax's temporary folder and with
   its commit marker removed (what a crash before finalising leaves)."""
   import shutil  # pylint: disable=g-import-not-at-top
+
   state = {"w": jnp.arange(4.0), "key": jax.random.key(1)}
   checkpointing.save(tmp_path, 2, state)
   tmp = tmp_path / "5.orbax-checkpoint-tmp-1234567890"
@@ -274,9 +325,9 @@ def test_partial_folder_is_ignored(tmp_path):
   restored, step = checkpointing.maybe_restore(tmp_path, state)
   assert step == 2
   chex.assert_trees_all_equal(_raw(restored), _raw(state))
-  assert tmp.exists()                  # readers leave it alone...
+  assert tmp.exists()  # readers leave it alone...
   with checkpointing.Checkpointer(tmp_path, every=1) as ckpt:
-    ckpt.maybe_save(5, state)          # ... the next writer removes it
+    ckpt.maybe_save(5, state)  # ... the next writer removes it
   assert not tmp.exists()
   assert checkpointing.all_steps(tmp_path) == [2, 5]
 
@@ -285,18 +336,26 @@ def test_config_mismatch_names_every_differing_setting(tmp_path):
   """What the tree cannot show: same shapes and dtypes, other settings."""
   params = {"w": jnp.ones((4, 3))}
   state = {"params": params, "opt_state": madam_optax.madam().init(params)}
-  config = {"optimizer": "madam", "learning_rate": 0.01, "lns_levels": 127,
-            "layers": (4, 3)}
+  config = {
+    "optimizer": "madam",
+    "learning_rate": 0.01,
+    "lns_levels": 127,
+    "layers": (4, 3),
+  }
   with checkpointing.Checkpointer(tmp_path, every=1, config=config) as ckpt:
     ckpt.maybe_save(1, state)
   restored, step = checkpointing.maybe_restore(tmp_path, state, config=config)
-  assert step == 1                        # tuples compare as saved (lists)
+  assert step == 1  # tuples compare as saved (lists)
   other = {**config, "learning_rate": 0.02, "lns_levels": 100}
   del other["layers"]
-  with pytest.raises(ValueError, match=(
+  with pytest.raises(
+    ValueError,
+    match=(
       r"step 1 .* another configuration \(layers: checkpoint \[4, 3\], this "
       r"run \(not set\); learning_rate: checkpoint 0\.01, this run 0\.02; "
-      r"lns_levels: checkpoint 127, this run 100\)")):
+      r"lns_levels: checkpoint 127, this run 100\)"
+    ),
+  ):
     checkpointing.maybe_restore(tmp_path, state, config=other)
   with checkpointing.Checkpointer(tmp_path, config=other) as ckpt:
     with pytest.raises(ValueError, match="learning_rate"):
@@ -315,38 +374,45 @@ def test_every_part_and_alias_state_round_trips(tmp_path):
   codes, _ = madam_optax.lns_encode_tree(params, FMT)
   grads = {"w": jax.random.normal(jax.random.key(1), (4, 3))}
   float_parts = {
-      "second_moment_bf16": madam_optax.scale_by_second_moment(
-          state_dtype=jnp.bfloat16),
-      "multiplicative_step": madam_optax.multiplicative_step(_schedule()),
-      "clip_weight_magnitude": madam_optax.clip_weight_magnitude(),
-      "log_quantise": madam_optax.log_quantise(FMT, rounding="stochastic"),
-      "madam": madam_optax.madam(_schedule()),
-      "inject_hyperparams": optax.inject_hyperparams(madam_optax.madam)(
-          learning_rate=0.02),
+    "second_moment_bf16": madam_optax.scale_by_second_moment(
+      state_dtype=jnp.bfloat16
+    ),
+    "multiplicative_step": madam_optax.multiplicative_step(_schedule()),
+    "clip_weight_magnitude": madam_optax.clip_weight_magnitude(),
+    "log_quantise": madam_optax.log_quantise(FMT, rounding="stochastic"),
+    "madam": madam_optax.madam(_schedule()),
+    "inject_hyperparams": optax.inject_hyperparams(madam_optax.madam)(
+      learning_rate=0.02
+    ),
   }
   code_parts = {
-      "lns_level_step": madam_optax.lns_level_step(FMT),
-      "lns_madam_bf16": madam_optax.lns_madam(FMT, state_dtype=jnp.bfloat16),
+    "lns_level_step": madam_optax.lns_level_step(FMT),
+    "lns_madam_bf16": madam_optax.lns_madam(FMT, state_dtype=jnp.bfloat16),
   }
   cases = {n: (t, params) for n, t in float_parts.items()}
   cases.update({n: (t, codes) for n, t in code_parts.items()})
   # One compilation for all (each state after one update), one for the
   # fresh inits: the restore targets.
-  updated = jax.jit(lambda: {n: t.update(grads, t.init(p), p)[1]
-                             for n, (t, p) in cases.items()})()
+  updated = jax.jit(
+    lambda: {n: t.update(grads, t.init(p), p)[1] for n, (t, p) in cases.items()}
+  )()
   fresh = jax.jit(lambda: {n: t.init(p) for n, (t, p) in cases.items()})()
   checkpointing.save(tmp_path, 1, {"codes": codes, "opt_states": updated})
-  restored = checkpointing.restore(tmp_path, {"codes": codes,
-                                              "opt_states": fresh})
+  restored = checkpointing.restore(
+    tmp_path, {"codes": codes, "opt_states": fresh}
+  )
   assert jax.tree.structure(restored["opt_states"]) == jax.tree.structure(
-      updated)
+    updated
+  )
   for name in cases:
     chex.assert_trees_all_equal(restored["opt_states"][name], updated[name])
-    chex.assert_trees_all_equal_dtypes(restored["opt_states"][name],
-                                       updated[name])
+    chex.assert_trees_all_equal_dtypes(
+      restored["opt_states"][name], updated[name]
+    )
   assert restored["codes"]["w"].dtype == jnp.int8
   assert restored["opt_states"]["lns_madam_bf16"][0].rms["w"].dtype == (
-      jnp.bfloat16)
+    jnp.bfloat16
+  )
 
 
 def test_mismatched_optimizer_is_a_clear_error(tmp_path):
@@ -354,48 +420,72 @@ def test_mismatched_optimizer_is_a_clear_error(tmp_path):
   saved = {"params": params, "opt_state": madam_optax.madam().init(params)}
   checkpointing.save(tmp_path, 1, saved)
   target = {"params": params, "opt_state": optax.adam(1e-3).init(params)}
-  with pytest.raises(ValueError, match=r"'opt_state\.0\.mu\.b'.*not in the "
-                     r"checkpoint.*different model or optimizer"):
+  with pytest.raises(
+    ValueError,
+    match=r"'opt_state\.0\.mu\.b'.*not in the "
+    r"checkpoint.*different model or optimizer",
+  ):
     checkpointing.maybe_restore(tmp_path, target)
 
 
 def test_mismatched_width_and_dtype_are_clear_errors(tmp_path):
   params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
   tx = madam_optax.with_additive_fallback(params, madam_optax.madam())
-  checkpointing.save(tmp_path, 1, {"params": params,
-                                   "opt_state": tx.init(params)})
+  checkpointing.save(
+    tmp_path, 1, {"params": params, "opt_state": tx.init(params)}
+  )
   wide = {"w": jnp.ones((4, 5)), "b": jnp.zeros(5)}
   tx_wide = madam_optax.with_additive_fallback(wide, madam_optax.madam())
-  with pytest.raises(ValueError, match=r"step 1 .* at '\S+\.b': the checkpoint "
-                     r"holds float32\[3\], the target expects float32\[5\]"):
-    checkpointing.restore(tmp_path, {"params": wide,
-                                     "opt_state": tx_wide.init(wide)})
+  with pytest.raises(
+    ValueError,
+    match=r"step 1 .* at '\S+\.b': the checkpoint "
+    r"holds float32\[3\], the target expects float32\[5\]",
+  ):
+    checkpointing.restore(
+      tmp_path, {"params": wide, "opt_state": tx_wide.init(wide)}
+    )
   codes, _ = madam_optax.lns_encode_tree(params, FMT)
-  with pytest.raises(ValueError, match=r"'params\.w': the checkpoint holds "
-                     r"float32\[4, 3\], the target expects int8\[4, 3\]"):
-    checkpointing.restore(tmp_path, {"params": codes,
-                                     "opt_state": tx.init(params)})
-  with pytest.raises(ValueError, match=r"'extra' \(int32\[\]\) is not in the "
-                     "checkpoint"):
-    checkpointing.restore(tmp_path, {"params": params, "extra": jnp.int32(0),
-                                     "opt_state": tx.init(params)})
+  with pytest.raises(
+    ValueError,
+    match=r"'params\.w': the checkpoint holds "
+    r"float32\[4, 3\], the target expects int8\[4, 3\]",
+  ):
+    checkpointing.restore(
+      tmp_path, {"params": codes, "opt_state": tx.init(params)}
+    )
+  with pytest.raises(
+    ValueError,
+    match=r"'extra' \(int32\[\]\) is not in the "
+    "checkpoint",
+  ):
+    checkpointing.restore(
+      tmp_path,
+      {"params": params, "extra": jnp.int32(0), "opt_state": tx.init(params)},
+    )
   with pytest.raises(ValueError, match=r"checkpoint's leaf 'params\.b'"):
-    checkpointing.restore(tmp_path, {"params": {"w": params["w"]},
-                                     "opt_state": tx.init(params)})
+    checkpointing.restore(
+      tmp_path, {"params": {"w": params["w"]}, "opt_state": tx.init(params)}
+    )
 
 
 def test_restore_onto_mesh_from_abstract_state(tmp_path, eight_devices):
   """Saved from one device, restored sharded from ShapeDtypeStructs."""
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
   mesh = _mesh(eight_devices)
   params = {"w": jax.random.normal(jax.random.key(0), (16, 4))}
   tx = madam_optax.madam()
-  state = {"params": params, "opt_state": tx.init(params),
-           "key": jax.random.key(3)}
+  state = {
+    "params": params,
+    "opt_state": tx.init(params),
+    "key": jax.random.key(3),
+  }
   checkpointing.save(tmp_path, 4, state)
   shardings = jax.tree.map(lambda x: _sharding(x, mesh), state)
-  target = checkpointing.abstract_state(jax.eval_shape(lambda: state),
-                                        shardings)
+  target = checkpointing.abstract_state(
+    jax.eval_shape(lambda: state), shardings
+  )
   assert isinstance(target["params"]["w"], jax.ShapeDtypeStruct)
   restored = checkpointing.restore(tmp_path, target)
   assert restored["params"]["w"].sharding == NamedSharding(mesh, P("x"))
@@ -413,7 +503,7 @@ def test_checkpointer_saves_every_n_and_keeps_the_newest(tmp_path):
   with checkpointing.Checkpointer(tmp_path, every=2, max_to_keep=2) as ckpt:
     saved = [ckpt.maybe_save(s, {"w": state["w"] + s}) for s in range(1, 6)]
     assert ckpt.maybe_save(5, {"w": state["w"] + 5}, force=True) is True
-    assert ckpt.maybe_save(5, state, force=True) is False   # already saved
+    assert ckpt.maybe_save(5, state, force=True) is False  # already saved
   assert saved == [False, True, False, True, False]
   assert checkpointing.all_steps(tmp_path) == [4, 5]
   with pytest.raises(ValueError, match="step 5 is already saved"):

@@ -11,9 +11,11 @@ from madam_examples import data
 
 def _write_cifar_batch(path, n, seed):
   rng = np.random.default_rng(seed)
-  batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-           b"labels": list(rng.integers(0, 10, n)),
-           b"batch_label": b"synthetic"}
+  batch = {
+    b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+    b"labels": list(rng.integers(0, 10, n)),
+    b"batch_label": b"synthetic",
+  }
   with open(path, "wb") as f:
     pickle.dump(batch, f)
   return batch
@@ -41,13 +43,15 @@ def test_digits_scaling_standardised_or_unit_range():
   std = data.load_digits()
   assert unit.x_train.dtype == std.x_train.dtype == np.float32
   assert 0.0 <= unit.x_train.min() and unit.x_train.max() <= 1.0
-  np.testing.assert_array_equal(unit.y_train, std.y_train)   # same split
+  np.testing.assert_array_equal(unit.y_train, std.y_train)  # same split
   # Standardised with the training split's statistics only.
   mean, sd = unit.x_train.mean(), unit.x_train.std()
-  np.testing.assert_allclose(std.x_train, (unit.x_train - mean) / sd,
-                             rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(std.x_test, (unit.x_test - mean) / sd,
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    std.x_train, (unit.x_train - mean) / sd, rtol=1e-6, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    std.x_test, (unit.x_test - mean) / sd, rtol=1e-6, atol=1e-6
+  )
   assert abs(float(std.x_train.mean())) < 1e-5
   assert abs(float(std.x_train.std()) - 1.0) < 1e-5
 
@@ -79,8 +83,9 @@ def test_cifar10_errors_name_the_fix(tmp_path):
 
 def test_text_files_file_and_folder(tmp_path):
   (tmp_path / "a.txt").write_text("hello world. " * 20, encoding="utf-8")
-  (tmp_path / "b.txt").write_text("caf\u00e9 and more text! " * 10,
-                                  encoding="utf-8")
+  (tmp_path / "b.txt").write_text(
+    "caf\u00e9 and more text! " * 10, encoding="utf-8"
+  )
   (tmp_path / "skip.bin").write_bytes(b"\x00\x01")
   folder = data.load_text_files(tmp_path)
   single = data.load_text_files(tmp_path / "a.txt")
@@ -89,7 +94,7 @@ def test_text_files_file_and_folder(tmp_path):
     assert t.train.min() >= 0 and t.train.max() < len(t.vocab)
   text = data.decode_text(np.concatenate([folder.train, folder.valid]))
   assert text.startswith("hello world.")
-  assert "caf? and more" in text          # non-ASCII becomes '?'
+  assert "caf? and more" in text  # non-ASCII becomes '?'
   assert len(single.valid) == int(len("hello world. " * 20) * 0.1)
 
 

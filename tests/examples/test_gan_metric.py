@@ -1,12 +1,14 @@
 """The offline Frechet distance used to score the GAN."""
 
+from flax import nnx
+from hypothesis import given
+from hypothesis import strategies as st
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
-from flax import nnx
-from hypothesis import given, strategies as st
 
-from madam_examples import gan_metric, models
+from madam_examples import gan_metric
+from madam_examples import models
 
 
 def _reference_fd(x, y):
@@ -24,12 +26,16 @@ def test_frechet_distance_matches_scipy(seed, shift):
   ref_cov = np.cov(x, rowvar=False)
   mean, cov = gan_metric.mean_and_cov(jnp.asarray(y, jnp.float32))
   fd = gan_metric.frechet_distance(
-      mean, cov, jnp.asarray(x.mean(0), jnp.float32),
-      jnp.asarray(gan_metric._sym_sqrt(ref_cov), jnp.float32),  # pylint: disable=protected-access
-      jnp.float32(np.trace(ref_cov)))
+    mean,
+    cov,
+    jnp.asarray(x.mean(0), jnp.float32),
+    jnp.asarray(gan_metric._sym_sqrt(ref_cov), jnp.float32),  # pylint: disable=protected-access
+    jnp.float32(np.trace(ref_cov)),
+  )
   expected = _reference_fd(x, y)
-  np.testing.assert_allclose(float(fd), expected, rtol=2e-3,
-                             atol=2e-3 * (1 + expected))
+  np.testing.assert_allclose(
+    float(fd), expected, rtol=2e-3, atol=2e-3 * (1 + expected)
+  )
 
 
 def test_fit_reference_puts_its_own_images_at_distance_zero():
@@ -38,6 +44,7 @@ def test_fit_reference_puts_its_own_images_at_distance_zero():
   ref = gan_metric.fit_reference(graphdef, params, real, 0.75)
   assert ref.classifier_accuracy == 0.75 and ref.real_mean.shape == (3,)
   same = float(gan_metric.reference_frechet_distance(jnp.asarray(real), ref))
-  shifted = float(gan_metric.reference_frechet_distance(
-      jnp.asarray(real) + 1.0, ref))
+  shifted = float(
+    gan_metric.reference_frechet_distance(jnp.asarray(real) + 1.0, ref)
+  )
   assert abs(same) < 1e-3 * ref.real_cov_trace < shifted, (same, shifted)

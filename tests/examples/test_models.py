@@ -1,13 +1,14 @@
 """The example models: shapes, causality, and the sharded Transformer."""
 
 import chex
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from madam_examples import memory, models
+from madam_examples import memory
+from madam_examples import models
 
 
 def _param_count(model):
@@ -32,8 +33,12 @@ def test_digits_cnn_is_the_small_one():
   model = nnx.eval_shape(lambda: models.CNN((8, 8, 1), 10, rngs=nnx.Rngs(0)))
   # conv 1->8, conv 8->16 (with biases), dense 4*4*16 -> 10.
   assert _param_count(model) == 72 + 8 + 1152 + 16 + 2560 + 10 == 3818
-  names = [jax.tree_util.keystr(path) for path, _ in
-           jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]]
+  names = [
+    jax.tree_util.keystr(path)
+    for path, _ in jax.tree_util.tree_flatten_with_path(
+      nnx.state(model, nnx.Param)
+    )[0]
+  ]
   assert sum("bias" in n for n in names) == 3
 
 
@@ -45,9 +50,10 @@ def test_transformer_is_causal_and_has_no_qkv_bias():
   changed = model(tokens.at[:, 7].set(3))
   np.testing.assert_allclose(changed[:, :7], logits[:, :7], atol=1e-6)
   assert not np.allclose(changed[:, 7:], logits[:, 7:])
-  chex.assert_shape(model(tokens[:, :5]), (2, 5, 20))   # shorter than context
+  chex.assert_shape(model(tokens[:, :5]), (2, 5, 20))  # shorter than context
   assert not hasattr(model.blocks[0].qkv, "bias") or (
-      model.blocks[0].qkv.bias is None)
+    model.blocks[0].qkv.bias is None
+  )
   with pytest.raises(ValueError, match="multiple of the number of heads"):
     models.CharTransformer(20, 12, 18, 1, 4, rngs=nnx.Rngs(0))
 
@@ -55,33 +61,48 @@ def test_transformer_is_causal_and_has_no_qkv_bias():
 def test_partitioned_transformer_builds_sharded_params(eight_devices):
   """Under a mesh, ``Partitioning.fsdp()`` creates every parameter split
   8 ways as its kind says; the model computes what the unsharded one does."""
-  mesh = jax.make_mesh((8,), ("fsdp",), devices=eight_devices,
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = jax.make_mesh(
+    (8,),
+    ("fsdp",),
+    devices=eight_devices,
+    axis_types=(jax.sharding.AxisType.Auto,),
+  )
   with jax.set_mesh(mesh):
     model = models.CharTransformer(
-        29, 16, 32, 2, 4, partitioning=models.Partitioning.fsdp("fsdp"),
-        rngs=nnx.Rngs(0))
+      29,
+      16,
+      32,
+      2,
+      4,
+      partitioning=models.Partitioning.fsdp("fsdp"),
+      rngs=nnx.Rngs(0),
+    )
   plain = models.CharTransformer(29, 16, 32, 2, 4, rngs=nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
-  expected = {"kernel": ("fsdp", None), "embedding": (None, "fsdp"),
-              "position": (None, "fsdp"), "bias": ("fsdp",),
-              "scale": ("fsdp",)}
+  expected = {
+    "kernel": ("fsdp", None),
+    "embedding": (None, "fsdp"),
+    "position": (None, "fsdp"),
+    "bias": ("fsdp",),
+    "scale": ("fsdp",),
+  }
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     name = [k for k in expected if k in jax.tree_util.keystr(path)][0]
     spec = tuple(leaf.sharding.spec) + (None,) * (
-        leaf.ndim - len(leaf.sharding.spec))
+      leaf.ndim - len(leaf.sharding.spec)
+    )
     assert spec == expected[name], (jax.tree_util.keystr(path), spec)
     assert len(leaf.sharding.device_set) == 8
   total = memory.tree_bytes(params)
   per_device = memory.bytes_per_device(params)
   assert len(per_device) == 8
   assert all(n * 8 == total for n in per_device.values())
-  for a, b in zip(jax.tree.leaves(params),
-                  jax.tree.leaves(nnx.state(plain, nnx.Param))):
-    np.testing.assert_array_equal(a, b)        # same values, split
+  for a, b in zip(
+    jax.tree.leaves(params), jax.tree.leaves(nnx.state(plain, nnx.Param))
+  ):
+    np.testing.assert_array_equal(a, b)  # same values, split
   tokens = jnp.arange(32).reshape(2, 16) % 29
-  np.testing.assert_allclose(model(tokens), plain(tokens), rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(model(tokens), plain(tokens), rtol=1e-5, atol=1e-5)
 
 
 def test_gan_models_shapes():

@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-import madam_optax
 from madam_examples import optimizers
+import madam_optax
 
 PARAMS = {"w": jnp.array([[0.5, -1.0], [0.25, 2.0]]), "b": jnp.zeros(2)}
 GRADS = {"w": jnp.array([[1.0, 1.0], [-1.0, 1.0]]), "b": jnp.array([3.0, -2.0])}
@@ -24,8 +24,9 @@ def test_madam_variants_send_zero_leaves_to_adam(name):
   params = PARAMS
   if name == "lns_madam":
     params, _ = madam_optax.lns_encode_tree(PARAMS, fmt)
-  tx = optimizers.make_optimizer(name, 0.01, params, lns_format=fmt,
-                                 additive_learning_rate=0.05)
+  tx = optimizers.make_optimizer(
+    name, 0.01, params, lns_format=fmt, additive_learning_rate=0.05
+  )
   new = _step(tx, params)
   # Adam's first step moves each bias by its learning rate, against the sign
   # of the gradient; Madam (or LNS-Madam) keeps the weights' signs.
@@ -36,25 +37,32 @@ def test_madam_variants_send_zero_leaves_to_adam(name):
 
 
 def test_madam_options_reach_the_core_transform():
-  tx = optimizers.make_optimizer("madam", 0.01, PARAMS, p_scale=1.0,
-                                 state_dtype=jnp.bfloat16)
+  tx = optimizers.make_optimizer(
+    "madam", 0.01, PARAMS, p_scale=1.0, state_dtype=jnp.bfloat16
+  )
   state = tx.init(PARAMS)
-  dtypes = {x.dtype for x in jax.tree.leaves(state.inner_states[
-      "multiplicative"]) if x.ndim}
+  dtypes = {
+    x.dtype
+    for x in jax.tree.leaves(state.inner_states["multiplicative"])
+    if x.ndim
+  }
   assert jnp.dtype(jnp.bfloat16) in dtypes
   # p_scale=1: no weight grows past its tensor's initial RMS.
   params = PARAMS
-  for _ in range(50):       # gradients that grow every weight
-    updates, state = tx.update(jax.tree.map(lambda w: -w, params), state,
-                               params)
+  for _ in range(50):  # gradients that grow every weight
+    updates, state = tx.update(
+      jax.tree.map(lambda w: -w, params), state, params
+    )
     params = optax.apply_updates(params, updates)
   rms = float(jnp.sqrt(jnp.mean(PARAMS["w"] ** 2)))
   assert float(jnp.abs(params["w"]).max()) <= rms * (1 + 1e-6)
 
 
 def test_adam_and_sgd_are_optax_defaults():
-  for name, reference in (("adam", optax.adam(1e-3)),
-                          ("sgd", optax.sgd(0.1, momentum=0.9))):
+  for name, reference in (
+    ("adam", optax.adam(1e-3)),
+    ("sgd", optax.sgd(0.1, momentum=0.9)),
+  ):
     lr = optimizers.DEFAULT_LEARNING_RATES[name]
     got = _step(optimizers.make_optimizer(name, lr, PARAMS), PARAMS)
     want = _step(reference, PARAMS)
@@ -63,8 +71,9 @@ def test_adam_and_sgd_are_optax_defaults():
 
 def test_make_optimizers_one_per_component_with_schedule():
   reference = {"generator": PARAMS, "discriminator": {"w": PARAMS["w"]}}
-  txs = optimizers.make_optimizers(reference, "adam", 0.1,
-                                   schedule="cosine", steps=10)
+  txs = optimizers.make_optimizers(
+    reference, "adam", 0.1, schedule="cosine", steps=10
+  )
   assert set(txs) == set(reference)
   schedule = optimizers.learning_rate_schedule(0.1, "cosine", 10)
   assert float(schedule(0)) == pytest.approx(0.1)

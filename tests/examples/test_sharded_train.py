@@ -9,11 +9,21 @@ import jax
 import numpy as np
 import pytest
 
-from madam_examples import data, memory, mesh, sharded_train
+from madam_examples import data
+from madam_examples import memory
+from madam_examples import mesh
+from madam_examples import sharded_train
 
-TINY = sharded_train.Config(mesh="data=2,fsdp=4", steps=6, batch_size=16,
-                            context=32, dim=32, heads=2, layers=1)
-RTOL = 1e-5   # of each tensor's largest magnitude; of each loss
+TINY = sharded_train.Config(
+  mesh="data=2,fsdp=4",
+  steps=6,
+  batch_size=16,
+  context=32,
+  dim=32,
+  heads=2,
+  layers=1,
+)
+RTOL = 1e-5  # of each tensor's largest magnitude; of each loss
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +33,9 @@ def sharded_run(eight_devices):
 
 @pytest.fixture(scope="module")
 def single_run(eight_devices):
-  return sharded_train.train(dataclasses.replace(TINY, mesh="data=1"),
-                             eight_devices[:1])
+  return sharded_train.train(
+    dataclasses.replace(TINY, mesh="data=1"), eight_devices[:1]
+  )
 
 
 def test_mesh_that_does_not_divide_the_model_is_refused(eight_devices):
@@ -39,22 +50,28 @@ def test_mesh_that_does_not_divide_the_model_is_refused(eight_devices):
 def test_sharded_run_matches_single_device_run(sharded_run, single_run):
   """Same losses and weights to 1e-5 relative: only the order of the
   gradient sums differs between the layouts."""
-  losses, reference = (np.asarray(r["losses"]) for r in (sharded_run,
-                                                         single_run))
-  assert losses[-1] < losses[0]          # it trains
+  losses, reference = (
+    np.asarray(r["losses"]) for r in (sharded_run, single_run)
+  )
+  assert losses[-1] < losses[0]  # it trains
   np.testing.assert_allclose(losses, reference, rtol=RTOL)
   params = jax.device_get(sharded_run["state"].params)
   expected = jax.device_get(single_run["state"].params)
-  for (path, p), q in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                          jax.tree.leaves(expected)):
-    np.testing.assert_array_less(np.abs(p - q),
-                                 RTOL * np.max(np.abs(q)) + 1e-30,
-                                 err_msg=jax.tree_util.keystr(path))
+  for (path, p), q in zip(
+    jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(expected)
+  ):
+    np.testing.assert_array_less(
+      np.abs(p - q),
+      RTOL * np.max(np.abs(q)) + 1e-30,
+      err_msg=jax.tree_util.keystr(path),
+    )
 
 
 def _flat(tree):
-  return [(jax.tree_util.keystr(path), x) for path, x in
-          jax.tree_util.tree_flatten_with_path(tree)[0]]
+  return [
+    (jax.tree_util.keystr(path), x)
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  ]
 
 
 def test_optimizer_state_is_sharded_like_the_params(sharded_run):
@@ -62,11 +79,13 @@ def test_optimizer_state_is_sharded_like_the_params(sharded_run):
   opt_state = state.opt_state["model"]
   params = _flat(state.params["model"])
   # The examples' Transformer over the shared character vocabulary.
-  assert dict(params)["['embed']['embedding']"].shape == (len(data.VOCAB),
-                                                          TINY.dim)
+  assert dict(params)["['embed']['embedding']"].shape == (
+    len(data.VOCAB),
+    TINY.dim,
+  )
   n_sharded = 0
   for path, leaf in _flat(opt_state):
-    if leaf.ndim == 0:       # counts, per-tensor bounds
+    if leaf.ndim == 0:  # counts, per-tensor bounds
       assert leaf.sharding.is_fully_replicated, path
       continue
     # The state leaf of parameter ['blocks'][0]['up']['kernel'] ends in it.
@@ -77,7 +96,7 @@ def test_optimizer_state_is_sharded_like_the_params(sharded_run):
     n_sharded += 1
   # Madam's second moment for every non-zero tensor; Adam's two for the rest.
   n_zero = sum(1 for _, p in params if not np.any(np.asarray(p)))
-  assert n_zero == 0    # biases have moved (Adam), none stayed zero
+  assert n_zero == 0  # biases have moved (Adam), none stayed zero
   assert n_sharded > len(params)
   # Every parameter is split 4 ways (fsdp) and replicated over data.
   for path, p in params:
@@ -100,18 +119,47 @@ def test_per_device_bytes_are_a_quarter(sharded_run):
 
 def test_optimizer_update_has_no_collectives(sharded_run):
   run, state = sharded_run["run"], sharded_run["state"]
-  hlo = sharded_train.optimizer_update(run).lower(
-      state, state.params).compile().as_text()
+  hlo = (
+    sharded_train.optimizer_update(run)
+    .lower(state, state.params)
+    .compile()
+    .as_text()
+  )
   assert mesh.collectives_in_hlo(hlo) == []
 
 
 @pytest.mark.slow
 def test_main_runs_the_documented_command(eight_devices, capsys):
   """The command line, as in the module docstring (devices already set)."""
-  argv = ["--mesh", "data=2,fsdp=-1", "--steps", "2", "--log-every", "1",
-          "--dim", "32", "--heads", "2", "--layers", "1", "--context", "16",
-          "--batch-size", "8", "--check-collectives"]
+  argv = [
+    "--mesh",
+    "data=2,fsdp=-1",
+    "--steps",
+    "2",
+    "--log-every",
+    "1",
+    "--dim",
+    "32",
+    "--heads",
+    "2",
+    "--layers",
+    "1",
+    "--context",
+    "16",
+    "--batch-size",
+    "8",
+    "--check-collectives",
+  ]
   assert sharded_train.main(argv) == 0
   out = capsys.readouterr().out
   assert "step     2" in out
   assert "collectives in the optimizer update: none" in out
+  # Memory: every device, and it says so.
+  assert "memory on all 8 devices:" in out
+  assert (
+    sum(
+      line.startswith("  TFRT_CPU_") or line.startswith("  cpu:")
+      for line in out.splitlines()
+    )
+    == 8
+  )

@@ -1,0 +1,220 @@
+"""What the example command lines share: argument types and one-line errors.
+
+Every example command (``madam-demo``, ``python -m madam_examples.X`` for
+``lns_digits``, ``sharded_train`` and ``equinox_mlp``) fails fast on careless
+input, in one line on stderr, ``PROG: error: WHAT``, with exit status 2 (as
+argparse's own errors), never a traceback:
+
+* a flag's value is checked as it is parsed (:func:`positive_int`,
+  :func:`positive_float`, :func:`nonnegative_int`, :func:`fraction`), and so
+  is an output folder (:func:`output_dir`), before any data is read or any
+  function is compiled;
+* a bad data path or file raises :class:`InputError` as it is read, and
+  :func:`one_line_errors` turns that into the one line.
+
+``--quick`` means the same in every command: :data:`QUICK_STEPS` steps unless
+``--steps`` is given (:func:`add_quick_flag`, :func:`resolve_steps`).
+
+This module imports no JAX, so a bad flag fails before JAX loads.
+
+Example::
+
+  parser = cli.ArgumentParser(prog="python -m madam_examples.my_example")
+  parser.add_argument("--steps", type=cli.positive_int, default=None)
+  cli.add_quick_flag(parser)
+
+  @cli.one_line_errors(parser.prog)
+  def main(argv=None):
+    args = parser.parse_args(argv)
+    steps = cli.resolve_steps(args, default=1000)
+    ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+import sys
+from typing import Any, Callable, TypeVar
+
+# ``--quick`` (or MADAM_QUICK=1): this many training steps, in every command.
+QUICK_STEPS = 20
+QUICK_ENV = "MADAM_QUICK"
+QUICK_HELP = (
+  f"a smoke test: {QUICK_STEPS} steps unless --steps is given "
+  f"(also {QUICK_ENV}=1)"
+)
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class InputError(ValueError):
+  """Bad input from the user: a flag's value, a path, a file's contents.
+
+  Its message names the input, what was expected, and the fix. The commands
+  print it as one line (:func:`one_line_errors`); from Python it is a
+  ``ValueError``.
+  """
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """``argparse.ArgumentParser`` whose errors are one line, exit status 2.
+
+  argparse prints the usage before the error; here the error line stands
+  alone (``--help`` prints the usage).
+
+  Example:
+    >>> parser = ArgumentParser(prog="demo")
+    >>> _ = parser.add_argument("--steps", type=positive_int)
+    >>> parser.parse_args(["--steps", "0"])
+    Traceback (most recent call last):
+    SystemExit: 2
+  """
+
+  def error(self, message: str) -> Any:
+    self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _number(text: str, kind: Callable[[str], Any], what: str) -> Any:
+  try:
+    return kind(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+  """argparse type: an integer >= 1 (steps, sizes, intervals).
+
+  Example:
+    >>> positive_int("3")
+    3
+  """
+  value = _number(text, int, "a whole number")
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+  return value
+
+
+def nonnegative_int(text: str) -> int:
+  """argparse type: an integer >= 0 (seeds)."""
+  value = _number(text, int, "a whole number")
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+  return value
+
+
+def positive_float(text: str) -> float:
+  """argparse type: a finite number > 0 (learning rates, scales).
+
+  Example:
+    >>> positive_float("1e-3")
+    0.001
+  """
+  value = _number(text, float, "a number")
+  if not (math.isfinite(value) and value > 0):
+    raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+  return value
+
+
+def fraction(text: str) -> float:
+  """argparse type: a number in [0, 1]."""
+  value = _number(text, float, "a number")
+  if not 0 <= value <= 1:
+    raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+  return value
+
+
+def _nearest_existing(path: str) -> str:
+  """``path`` or its closest ancestor that exists (a link counts)."""
+  path = os.path.abspath(path)
+  while not os.path.lexists(path):
+    path = os.path.dirname(path)
+  return path
+
+
+def output_dir(text: str) -> str:
+  """argparse type: a folder the outputs can be written to.
+
+  The folder itself is made only when the outputs are written, so a run that
+  fails leaves nothing behind; here it is checked that it either is a
+  writable folder or can be made in one.
+
+  Example:
+    >>> output_dir(".")
+    '.'
+  """
+  if not text:
+    raise argparse.ArgumentTypeError("expected a folder, got ''")
+  if os.path.lexists(text):
+    if not os.path.isdir(text):
+      raise argparse.ArgumentTypeError(
+        f"{text!r} exists and is not a folder; name a folder for the "
+        "outputs (made if missing)"
+      )
+    if not os.access(text, os.W_OK | os.X_OK):
+      raise argparse.ArgumentTypeError(f"folder {text!r} is not writable")
+    return text
+  parent = _nearest_existing(text)
+  if not os.path.isdir(parent):
+    raise argparse.ArgumentTypeError(
+      f"cannot make folder {text!r}: {parent!r} is not a folder"
+    )
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise argparse.ArgumentTypeError(
+      f"cannot make folder {text!r}: {parent!r} is not writable"
+    )
+  return text
+
+
+def add_quick_flag(parser: argparse.ArgumentParser) -> None:
+  """Adds ``--quick``, the same in every command (:data:`QUICK_HELP`)."""
+  parser.add_argument("--quick", action="store_true", help=QUICK_HELP)
+
+
+def quick_requested(args: argparse.Namespace) -> bool:
+  """``--quick`` was given, or ``MADAM_QUICK=1`` is set."""
+  return bool(getattr(args, "quick", False) or os.environ.get(QUICK_ENV) == "1")
+
+
+def resolve_steps(args: argparse.Namespace, default: int) -> int:
+  """``--steps`` if given, else :data:`QUICK_STEPS` when quick, else ``default``.
+
+  Example:
+    >>> import argparse
+    >>> resolve_steps(argparse.Namespace(steps=7, quick=True), 1000)
+    7
+  """
+  if args.steps is not None:
+    return int(args.steps)
+  return QUICK_STEPS if quick_requested(args) else int(default)
+
+
+def one_line_errors(prog: str) -> Callable[[_F], _F]:
+  """Decorates a command's ``main``: an :class:`InputError` becomes one line.
+
+  The line, ``PROG: error: MESSAGE``, goes to stderr and the command exits
+  with status 2, as for a bad flag; other exceptions (bugs) keep their
+  traceback.
+
+  Args:
+    prog: the command's name as the user typed it (the parser's ``prog``).
+
+  Returns:
+    A decorator.
+  """
+
+  def decorate(main: _F) -> _F:
+    @functools.wraps(main)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+      try:
+        return main(*args, **kwargs)
+      except InputError as e:
+        message = " ".join(str(e).splitlines())
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+    return wrapped  # type: ignore[return-value]
+
+  return decorate
