@@ -50,6 +50,7 @@ import json
 import math
 import os
 import pathlib
+import subprocess
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 import warnings
@@ -739,16 +740,21 @@ def _where_section(results: dict[str, Any]) -> list[str]:
   lines = [
     "## Where each cell ran",
     "",
-    "| cell | steps | seconds | date | command | machine | backend "
+    "The code column is the commit each cell ran at (`+modified`: with "
+    "uncommitted changes to the code); cells from before the record kept "
+    "it say `not recorded`.",
+    "",
+    "| cell | steps | seconds | date | code | command | machine | backend "
     "| load at start |",
-    "|---|---|---|---|---|---|---|---|",
+    "|---|---|---|---|---|---|---|---|---|",
   ]
   for r in _sorted_cells(results):
     m = r["machine"]
+    code = r.get("code") or "not recorded"
     lines.append(
       f"| `{cell_from_record(r).key}` | {r['steps']} | {r['seconds']:.0f} "
-      f"| {m['date_utc']} | `{m['command']}` | {m['cpu']}, {m['cores']} "
-      f"cores | {m['backend']}: {m['devices']} | "
+      f"| {m['date_utc']} | {code} | `{m['command']}` | {m['cpu']}, "
+      f"{m['cores']} cores | {m['backend']}: {m['devices']} | "
       f"{m['load_average_at_start']} |"
     )
   return lines + [""]
@@ -1112,6 +1118,39 @@ def parse_args(argv=None):
   return args
 
 
+# Paths whose changes would change what a cell measures (not the results).
+CODE_PATHS = (
+  "madam_optax",
+  "madam_examples",
+  "benchmarks",
+  ":!benchmarks/results",
+)
+
+
+def code_version() -> str | None:
+  """The commit the code runs at: ``git describe``-like, ``None`` outside git.
+
+  ``"<commit>"``, or ``"<commit>+modified"`` when the library, the examples
+  or the benchmarks differ from it in the working tree (the results folder
+  does not count). Each cell records the version it ran at.
+  """
+  root = pathlib.Path(__file__).resolve().parent.parent
+
+  def git(*args: str) -> str:
+    return subprocess.run(
+      ["git", *args], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+  try:
+    commit = git("rev-parse", "--short=12", "HEAD")
+    changed = git(
+      "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS
+    )
+  except (OSError, subprocess.CalledProcessError):
+    return None
+  return commit + ("+modified" if changed else "")
+
+
 def _study_settings(seeds: int, quick: bool) -> dict[str, Any]:
   return {
     "seeds": seeds,
@@ -1175,7 +1214,7 @@ def main(argv=None, log=harness.progress) -> dict:
   log(
     f"{len(cells) - len(todo)} of {len(cells)} cells done; running {len(todo)}"
   )
-  start, built = time.perf_counter(), {}
+  start, built, code = time.perf_counter(), {}, code_version()
   for cell in todo:
     if cell.task not in built:
       built[cell.task] = tasks_lib.build_task(cell.task, quick=args.quick)
@@ -1203,6 +1242,7 @@ def main(argv=None, log=harness.progress) -> dict:
       "steps": steps,
       "values": values.tolist(),
       "seconds": round(seconds, 1),
+      "code": code,
       "machine": record,
     }
     means, _ = _curve(values)
