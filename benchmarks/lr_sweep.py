@@ -1219,7 +1219,7 @@ def main(argv=None, log=harness.progress) -> dict:
     if cell.task not in built:
       built[cell.task] = tasks_lib.build_task(cell.task, quick=args.quick)
     task = built[cell.task]
-    base = QUICK_STEPS if args.quick else args.steps or BASE_STEPS[cell.task]
+    base = args.steps or (QUICK_STEPS if args.quick else BASE_STEPS[cell.task])
     info = {
       "description": task.description,
       "metric": task.metric,

@@ -7,6 +7,8 @@ and the report without training; the slow one trains a few steps for real.
 
 import json
 import math
+import pathlib
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -382,3 +384,300 @@ def test_quick_study_trains_each_budget_and_writes_the_report(
   assert "| Madam, p_scale 3 |" in table and "lr=0.01" in table
   for figure in ("lr_sweep.png", "lr_sweep_best.png"):
     assert (tmp_path / figure).read_bytes()[:4] == b"\x89PNG"
+
+
+# --------------------------------------------------------------------------
+# The budget axis, the schedules, the p_scale arm, resuming and --replot.
+
+
+def test_budgets_multiply_the_base_steps_and_the_gan_stops_at_x4(
+  lr_sweep, fake_training, tmp_path
+):
+  results = lr_sweep.main(
+    [
+      "--tasks",
+      "gan,mlp",
+      "--optimizers",
+      "sgd",
+      "--budgets",
+      "1,4,16",
+      "--schedules",
+      "step",
+      "--steps",
+      "7",
+      "--out",
+      str(tmp_path),
+    ],
+    **QUIET,
+  )
+  assert fake_training == [
+    ("gan/x1/step/sgd", 7),
+    ("mlp/x1/step/sgd", 7),
+    ("gan/x4/step/sgd", 28),
+    ("mlp/x4/step/sgd", 28),
+    ("mlp/x16/step/sgd", 112),
+  ]
+  assert {k: r["steps"] for k, r in results["cells"].items()} == dict(
+    fake_training
+  )
+  assert results["tasks"]["mlp"]["base_steps"] == 7
+  report = (tmp_path / "lr_sweep.md").read_text()
+  assert "| SGD | mlp | step | x1 (7): " in report
+  assert "x4 (28): " in report and "x16 (112): " in report
+
+
+def test_cosine_and_p_scale_arms_run_only_at_their_budgets(lr_sweep):
+  cells = lr_sweep.plan(
+    ["mlp", "transformer"],
+    [1, 4, 16],
+    ["step", "cosine"],
+    ["madam", "adam"],
+    [1, 2, 3],
+    cosine_budgets=[16],
+    p_scale_budgets=[1],
+  )
+  keys = [c.key for c in cells]
+  assert [k for k in keys if "cosine" in k] == [
+    "mlp/x16/cosine/madam/p3",
+    "mlp/x16/cosine/adam",
+    "transformer/x16/cosine/madam/p2",
+    "transformer/x16/cosine/adam",
+  ]
+  # The other p_scales at x1 only, step decay only; the task's own once.
+  assert [k for k in keys if "madam" in k and "/x1/" in k] == [
+    "mlp/x1/step/madam/p3",
+    "mlp/x1/step/madam/p1",
+    "mlp/x1/step/madam/p2",
+    "transformer/x1/step/madam/p2",
+    "transformer/x1/step/madam/p1",
+    "transformer/x1/step/madam/p3",
+  ]
+  assert "mlp/x4/step/madam/p1" not in keys
+  assert len(keys) == len(set(keys))
+
+
+def test_cosine_and_constant_schedules(lr_sweep):
+  cosine = lr_sweep.learning_rate_schedule(0.2, "cosine", 10)
+  rates = [float(cosine(t)) for t in range(11)]
+  expected = [0.1 * (1 + math.cos(math.pi * t / 10)) for t in range(11)]
+  np.testing.assert_allclose(rates, expected, rtol=1e-5, atol=1e-7)
+  assert lr_sweep.learning_rate_schedule(0.2, "constant", 10) == 0.2
+
+
+def test_adam_and_sgd_cells_train_under_the_cells_schedule(lr_sweep):
+  # A constant gradient of 1: Adam moves each weight by -lr_t (up to its
+  # epsilon); SGD with momentum 0.9 by -lr_t * (1 - 0.9**t) / 0.1 at step t.
+  params = {"w": jnp.full((3,), 5.0)}
+  grads = {"w": jnp.ones((3,))}
+  steps = 9
+  for schedule in ("step", "cosine", "constant"):
+    lr = lr_sweep.learning_rate_schedule(0.5, schedule, steps)
+    rates = [float(lr(t)) if callable(lr) else lr for t in range(steps)]
+    adam = lr_sweep.Cell("mlp", 1, schedule, "adam", None)
+    sgd = lr_sweep.Cell("mlp", 1, schedule, "sgd", None)
+    w = train_for(
+      lr_sweep.optimizer_factory(adam, steps)(0.5, params), params, grads, steps
+    )
+    # Adam's float32 bias correction (1 - 0.999**t) is good to about 1e-5.
+    np.testing.assert_allclose(5.0 - w["w"], sum(rates), rtol=2e-5)
+    w = train_for(
+      lr_sweep.optimizer_factory(sgd, steps)(0.5, params), params, grads, steps
+    )
+    moved = sum(r * (1 - 0.9 ** (t + 1)) / 0.1 for t, r in enumerate(rates))
+    np.testing.assert_allclose(5.0 - w["w"], moved, rtol=1e-5)
+  # The step decay really is applied: 0.5 for 3 steps, 0.05, then 0.005.
+  np.testing.assert_allclose(
+    [float(lr_sweep.learning_rate_schedule(0.5, "step", 9)(t)) for t in (2, 3)],
+    [0.5, 0.05],
+    rtol=1e-6,
+  )
+
+
+def test_p_scale_arm_is_reported_beside_the_tasks_own_and_kept_out_of_spreads(
+  lr_sweep, monkeypatch, tmp_path
+):
+  # p_scale 1 has its best at 1, p_scale 3 (the MLP's own) at 0.01.
+  def run_cell(task, cell, seeds, steps):
+    best = {1.0: 1.0, 3.0: 0.01}.get(cell.p_scale, 0.001)
+    row = [
+      [80.0 + 10.0 * (lr == best)] * seeds for lr in lr_sweep.LEARNING_RATES
+    ]
+    return np.asarray(row)
+
+  monkeypatch.setattr(lr_sweep, "run_cell", run_cell)
+  results = lr_sweep.main(
+    [
+      "--tasks",
+      "mlp,cnn",
+      "--optimizers",
+      "madam",
+      "--budgets",
+      "4",
+      "--schedules",
+      "step",
+      "--p-scales",
+      "1,3",
+      "--out",
+      str(tmp_path),
+    ],
+    **QUIET,
+  )
+  assert sorted(results["cells"]) == [
+    "cnn/x4/step/madam/p1",
+    "cnn/x4/step/madam/p3",
+    "mlp/x4/step/madam/p1",
+    "mlp/x4/step/madam/p3",
+  ]
+  assert results["cells"]["mlp/x4/step/madam/p1"]["p_scale"] == 1.0
+  (spread,) = lr_sweep.spreads(results)["across_tasks"]
+  assert spread["best"] == {"mlp": 0.01, "cnn": 0.01}
+  assert spread["decades"] == 0.0
+  report = (tmp_path / "lr_sweep.md").read_text()
+  assert "| task | budget | schedule | p_scale 1 | p_scale 3 |" in report
+  assert "| mlp | x4 | step | 1: 90 ± 0 | 0.01: 90 ± 0 |" in report
+
+
+def test_resume_keeps_the_saved_values_even_if_a_rerun_would_differ(
+  lr_sweep, monkeypatch, tmp_path
+):
+  argv = ["--tasks", "cnn", "--optimizers", "adam", "--budgets", "1,4"]
+  argv += ["--schedules", "step", "--out", str(tmp_path)]
+  calls = []
+
+  def first_run(task, cell, seeds, steps):
+    calls.append(cell.key)
+    return np.full((len(lr_sweep.LEARNING_RATES), seeds), float(cell.budget))
+
+  monkeypatch.setattr(lr_sweep, "run_cell", first_run)
+  lr_sweep.main(argv[:5] + ["1"] + argv[6:], **QUIET)
+  saved = json.loads((tmp_path / "lr_sweep.json").read_text())
+  assert calls == ["cnn/x1/step/adam"]
+
+  def second_run(task, cell, seeds, steps):
+    calls.append(cell.key)
+    return np.full((len(lr_sweep.LEARNING_RATES), seeds), -1.0)
+
+  monkeypatch.setattr(lr_sweep, "run_cell", second_run)
+  resumed = lr_sweep.main(argv + ["--resume"], **QUIET)
+  assert calls == ["cnn/x1/step/adam", "cnn/x4/step/adam"]
+  assert (
+    resumed["cells"]["cnn/x1/step/adam"] == saved["cells"]["cnn/x1/step/adam"]
+  )
+  assert np.all(np.asarray(resumed["cells"]["cnn/x1/step/adam"]["values"]) == 1)
+  assert np.all(
+    np.asarray(resumed["cells"]["cnn/x4/step/adam"]["values"]) == -1
+  )
+  # Without --resume the saved cells are measured again.
+  lr_sweep.main(argv, **QUIET)
+  assert calls[2:] == ["cnn/x1/step/adam", "cnn/x4/step/adam"]
+
+
+def spread_table(lr_sweep, best):
+  """Results whose main cells have their best rate at ``best[(task, b)]``."""
+  cells = {}
+  for (task, budget), rate in best.items():
+    values = [
+      [1.0 + (lr == rate), 1.0 + (lr == rate)] for lr in lr_sweep.LEARNING_RATES
+    ]
+    cell = lr_sweep.Cell(task, budget, "step", "madam", 3.0)
+    cells[cell.key] = {
+      **cell._asdict(),
+      "steps": 10 * budget,
+      "values": values,
+      "seconds": 0.0,
+      "machine": {},
+    }
+  tasks = {t: {"metric": "accuracy", "higher_is_better": True} for t, _ in best}
+  return {"tasks": tasks, "cells": cells}
+
+
+def test_spread_in_decades_of_a_hand_made_table(lr_sweep):
+  # x1: 1 (a) and 0.001 (b): 3 decades; x4: 0.01 on both: 0.
+  # Across budgets: a goes 1 -> 0.01 -> 0.0001 (4 decades), b 0.001 -> 0.01
+  # (1 decade).
+  results = spread_table(
+    lr_sweep,
+    {
+      ("a", 1): 1.0,
+      ("b", 1): 0.001,
+      ("a", 4): 0.01,
+      ("b", 4): 0.01,
+      ("a", 16): 0.0001,
+    },
+  )
+  s = lr_sweep.spreads(results)
+  assert [
+    (x["budget"], x["decades"], x["best"]) for x in s["across_tasks"]
+  ] == [
+    (1, 3.0, {"a": 1.0, "b": 0.001}),
+    (4, 0.0, {"a": 0.01, "b": 0.01}),
+  ]
+  assert [(x["task"], x["decades"]) for x in s["across_budgets"]] == [
+    ("a", 4.0),
+    ("b", 1.0),
+  ]
+  assert [x["common"] for x in s["across_tasks"]] == [[], [0.01]]
+  assert lr_sweep.spread_decades([0.3, 0.003]) == 2.0
+  assert lr_sweep.spread_decades([0.05]) == 0.0
+  assert lr_sweep.spread_decades([0.02, 0.01, 0.2]) == 1.30103  # log10(20)
+  assert lr_sweep.spread_decades([1.0, 0.001]) == 3.0
+
+
+def test_replot_reads_the_json_not_a_copy(lr_sweep, fake_training, tmp_path):
+  lr_sweep.main(
+    [
+      "--tasks",
+      "mlp,cnn",
+      "--optimizers",
+      "madam",
+      "--budgets",
+      "1",
+      "--schedules",
+      "step",
+      "--out",
+      str(tmp_path),
+    ],
+    **QUIET,
+  )
+  path = tmp_path / "lr_sweep.json"
+  saved = json.loads(path.read_text())
+  before = (tmp_path / "lr_sweep.md").read_text()
+  assert "| Madam | **0** (mlp 0.1, cnn 0.1;" in before
+  # Move the CNN's best to 0.0001 and drop the MLP cell's code version.
+  cnn = saved["cells"]["cnn/x1/step/madam/p3"]
+  cnn["values"] = [[float(lr == 0.0001)] * 2 for lr in lr_sweep.LEARNING_RATES]
+  del saved["cells"]["mlp/x1/step/madam/p3"]["code"]
+  path.write_text(json.dumps(saved))
+  for f in ("lr_sweep.md", "lr_sweep.png", "lr_sweep_best.png"):
+    (tmp_path / f).unlink()
+  lr_sweep.main(["--replot", "--out", str(tmp_path)], **QUIET)
+  after = (tmp_path / "lr_sweep.md").read_text()
+  assert "| Madam | **3** (mlp 0.1, cnn 0.0001;" in after
+  assert "| `mlp/x1/step/madam/p3` | 10 | 0 |" in after
+  (row,) = [r for r in after.splitlines() if "`mlp/x1/step/madam/p3` | 10" in r]
+  assert "| not recorded |" in row
+  (row,) = [r for r in after.splitlines() if "`cnn/x1/step/madam/p3` | 10" in r]
+  assert f"| {cnn['code']} |" in row and "not recorded" not in row
+  for f in ("lr_sweep.png", "lr_sweep_best.png"):
+    assert (tmp_path / f).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_code_version_is_the_checkouts_commit_or_none(lr_sweep, monkeypatch):
+  try:
+    head = subprocess.run(
+      ["git", "rev-parse", "--short=12", "HEAD"],
+      cwd=pathlib.Path(lr_sweep.__file__).resolve().parent,
+      capture_output=True,
+      text=True,
+      check=True,
+    ).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    pytest.skip("not a git checkout")
+  version = lr_sweep.code_version()
+  assert version in (head, head + "+modified")
+
+  def no_git(*args, **kwargs):
+    raise OSError("git is not installed")
+
+  monkeypatch.setattr(lr_sweep.subprocess, "run", no_git)
+  assert lr_sweep.code_version() is None
