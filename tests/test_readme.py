@@ -132,8 +132,9 @@ def test_first_screen_answers_should_i_use_this():
     "One state buffer",
     "int8 training",
     "Which learning rate?",
-    "0.01 for long runs",
-    "0.1",
+    "Start at **0.1**",
+    "10,000 steps",
+    "`p_scale`",
   ):
     assert phrase in first_screen, phrase
 

@@ -71,7 +71,11 @@ def madam(
   are listed in :func:`madam_optax.multiplicative_step`.
 
   Args:
-    learning_rate: :math:`\eta`, a float or an optax schedule.
+    learning_rate: :math:`\eta`, a float or an optax schedule. For runs of up
+      to about 10,000 steps start at 0.1 with a decaying schedule and try
+      0.01 next (in our learning-rate study of four small models, trained
+      for 200 to 8000 steps with step decay, 0.1 was within noise of the
+      best rate on every model from 800 steps on).
     p_scale: per-tensor weight bound as a multiple of the initial RMS.
     g_bound: bound on the normalised gradient.
     b2: decay of the second-moment moving average, in ``[0, 1)``.

@@ -16,7 +16,6 @@ SCRIPTS = {
   "lns_bits": "lns_bits",
   "lns_memory": "lns_memory",
   "lr_sweep": "lr_sweep",
-  "lr_sweep_4x": "lr_sweep",
   "multiprocess_cpu": "multiprocess",
   "scaling_cpu": "scaling",
   "step_time_cpu": "step_time",
