@@ -653,3 +653,26 @@ def test_a_state_dtype_narrower_than_a_leaf_is_refused(factory):
   # bfloat16 has float32's range: allowed for float32 and float16 leaves.
   tx = factory(state_dtype=jnp.bfloat16)
   tx.init({"w": jnp.ones(3), "h": jnp.ones(3, jnp.float16)})
+
+
+@pytest.mark.parametrize(
+  "factory",
+  [
+    madam_optax.scale_by_second_moment,
+    madam_optax.scale_by_factored_second_moment,
+  ],
+)
+@pytest.mark.parametrize("python_scalar", [False, True])
+def test_apply_if_finite_run_eagerly_normalises_huge_gradients(
+  factory, python_scalar
+):
+  # Eagerly, the guard's lax.cond closed over the gradients: they became
+  # constants, and XLA's constant folding of the normaliser's hypot gave a
+  # NaN statistic and a zero update for a gradient of 3.65e32.
+  tx = madam_optax.apply_if_finite(factory(b2=0.5), max_consecutive_errors=3)
+  g = 3.65e32 if python_scalar else jnp.array([3.65e32, -1.0])
+  params = {"w": 1.0 if python_scalar else jnp.ones(2)}
+  state = tx.init(params)
+  u, state = tx.update({"w": g}, state, params)
+  np.testing.assert_array_equal(u["w"], np.sign(g))
+  chex.assert_tree_all_finite(state.inner_state)

@@ -91,21 +91,28 @@ def apply_if_finite(
       optax.safe_increment(state.notfinite_count),
     )
 
-    def do_update(_):
+    # The arrays go into lax.cond as operands, not closed over: run eagerly,
+    # closed-over arrays would be constants of the branch, and XLA's
+    # constant folding reassociates products (hypot(0, 2.6e32) came out NaN).
+    updates, params = validation.as_arrays((updates, params))
+    operands = (updates, inner_state, params)
+
+    def do_update(operands):
+      updates, inner_state, params = operands
       return inner.update(updates, inner_state, params, **extra_args)
 
     # Zeros of the inner update's own dtypes (integer for LNS codes).
-    update_types, _ = jax.eval_shape(do_update, None)
+    update_types, _ = jax.eval_shape(do_update, operands)
 
-    def skip_update(_):
+    def skip_update(operands):
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), update_types)
-      return zeros, inner_state
+      return zeros, operands[1]
 
     new_updates, new_inner_state = lax.cond(
       jnp.logical_or(finite, notfinite_count > max_consecutive_errors),
       do_update,
       skip_update,
-      None,
+      operands,
     )
     return new_updates, optax.ApplyIfFiniteState(
       notfinite_count=notfinite_count,
