@@ -392,22 +392,35 @@ def _reference_factored(grads_seq, b2, min_dim, dtype):
   if axes is None:
     return _reference_second_moment(grads_seq, b2, dtype)
   row_axis, col_axis = axes
+  # Roots of the statistics, and root mean squares taken after scaling by the
+  # largest magnitude, so that float64 gradients of 1e307 do not overflow.
   rows = np.zeros(np.delete(shape, col_axis))
   cols = np.zeros(np.delete(shape, row_axis))
   largest = float(_finfo(dtype).max)
   tiny = float(_finfo(_compute_dtype(dtype)).tiny)
+
+  def rms(x, axis):
+    m = np.max(np.abs(x), axis=axis, keepdims=True)
+    m = np.where(m > 0, m, 1.0)
+    return np.squeeze(m, axis) * np.sqrt(np.mean((x / m) ** 2, axis=axis))
+
   outs = []
   with np.errstate(all="ignore"):
     for t, g in enumerate(grads_seq, start=1):
-      new_rows = b2 * rows + (1 - b2) * np.mean(g**2, axis=col_axis)
-      new_cols = b2 * cols + (1 - b2) * np.mean(g**2, axis=row_axis)
+      new_rows = np.hypot(
+        np.sqrt(b2) * rows, np.sqrt(1 - b2) * rms(g, col_axis)
+      )
+      new_cols = np.hypot(
+        np.sqrt(b2) * cols, np.sqrt(1 - b2) * rms(g, row_axis)
+      )
       rows = np.where(np.isfinite(new_rows), new_rows, rows)
       cols = np.where(np.isfinite(new_cols), new_cols, cols)
-      mean = np.mean(rows, axis=row_axis, keepdims=True)
+      overall = np.expand_dims(rms(rows, row_axis), row_axis)
       r = np.expand_dims(rows, col_axis)
       c = np.expand_dims(cols, row_axis)
-      v_hat = r / np.where(mean > 0, mean, 1) * c / (1 - b2**t)
-      u = np.where((r > 0) & (c > 0), g / np.sqrt(v_hat), 0.0)
+      # u = g / sqrt(v_hat), v_hat = r**2 c**2 / overall**2 / (1 - b2**t).
+      u = g / r * (np.expand_dims(overall, col_axis) / c)
+      u = np.where((r > 0) & (c > 0), u * np.sqrt(1 - b2**t), 0.0)
       u = np.clip(u, -largest, largest)
       # Subnormal gradients or updates may be flushed to zero by XLA.
       small = lambda x: (x != 0) & (np.abs(x) < 64 * tiny)

@@ -96,7 +96,7 @@ def trajectory(name):
   """
   case = BY_NAME[name]
   dtype = case.code_format.dtype if case.codes else np.float32
-  shape = (3, N // 3) if case.matrix else (N,)
+  shape = (3, N // 3) if case.factored else (N,)
   template = {"w": np.ones(shape, dtype)}  # labels for with_additive_fallback
   takes_p_scale = "p_scale" in transforms.parameters(case.factory)
 

@@ -197,7 +197,9 @@ def sharding_types(tree):
   return jax.tree.map(jax.typeof, tree)
 
 
-@pytest.mark.parametrize("case", transforms.cases())
+@pytest.mark.parametrize(
+  "case", transforms.cases(where=lambda case: not case.factored)
+)
 def test_state_follows_params_and_update_keeps_shardings(eight_devices, case):
   """Optax contrib's sharding checks, and no communication in the update.
 

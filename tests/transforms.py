@@ -102,8 +102,10 @@ class Case:
       above).
     known_failures: contract check name -> reason, for checks this case is
       known to fail today (run as strict xfails).
-    matrix: the property tests lay their tensor out as a matrix (the
-      factored cases: a vector is never factored).
+    factored: the case keeps a factored second moment: the property tests
+      lay their tensor out as a matrix (a vector is never factored), and
+      its row and column statistics are sharded with their dimension, not
+      like the parameter (``test_factored_second_moment.py`` tests that).
   """
 
   name: str
@@ -118,7 +120,7 @@ class Case:
   converge: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   invariants: frozenset = frozenset()
   known_failures: Mapping[str, str] = dataclasses.field(default_factory=dict)
-  matrix: bool = False
+  factored: bool = False
 
   def __str__(self) -> str:
     return self.name
@@ -436,7 +438,7 @@ CASES = (
     static={"min_dim_size_to_factor": 2},
     complete=_then_learning_rate,
     needs_params=False,
-    matrix=True,
+    factored=True,
     # The first step is sign(g) only where |g| is rank one (documented).
     invariants=frozenset({FINITE}),
   ),
@@ -449,7 +451,7 @@ CASES = (
       if k != "min_dim_size_to_factor"
     },
     static={"factored": True, "min_dim_size_to_factor": 2},
-    matrix=True,
+    factored=True,
     # Neither: the first step is sign(g) only where |g| is rank one, and the
     # rank-one fit's |u| reaches g_bound from the first step (the full
     # normaliser's is at most sqrt((1 - b2**t) / (1 - b2))), so six steps at
