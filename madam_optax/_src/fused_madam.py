@@ -176,14 +176,14 @@ def fused_madam(
       )
 
     rows = zip(
-      treedef.flatten_up_to(updates),  # type: ignore[attr-defined]
-      treedef.flatten_up_to(moment_state.rms),  # type: ignore[attr-defined]
+      treedef.flatten_up_to(updates),
+      treedef.flatten_up_to(moment_state.rms),
       params_leaves,
       bounds,
     )
     outs = [leaf(*row) for row in rows]
-    new_updates = treedef.unflatten([o[0] for o in outs])  # type: ignore[attr-defined]
-    new_rms = treedef.unflatten([o[1] for o in outs])  # type: ignore[attr-defined]
+    new_updates = treedef.unflatten([o[0] for o in outs])
+    new_rms = treedef.unflatten([o[1] for o in outs])
     new_state = (
       moment_state._replace(count=count, rms=new_rms),
       clip_state,
