@@ -127,9 +127,10 @@ def bounded_update(u: jax.Array, w: jax.Array, bound: jax.Array) -> jax.Array:
   """
   dtype = jnp.result_type(w, u)
   w_ = lax.convert_element_type(w, dtype)
-  # The bound broadcast to the array's shape (selects and the derivative
-  # rules of jax.grad through init and update want equal shapes).
-  bound = lax.broadcast_in_dim(_round_down(bound, dtype), jnp.shape(w_), ())
+  # The bound in the array's shape and, under explicit sharding, its
+  # sharding (selects, and the derivative rules of jax.grad through init
+  # and update, want both equal).
+  bound = lax.full_like(w_, _round_down(bound, dtype))
   u_ = lax.convert_element_type(u, dtype)
   new = lax.add(w_, u_)
   # clamp(new, -bound, bound) by two selects: the same values as lax.clamp
