@@ -164,7 +164,8 @@ def test_fused_equals_chain_with_nan_and_inf_gradients(setting):
 
 
 @pytest.mark.parametrize(
-  "setting", ["defaults", "long_step", "fixed_bound", "schedule", "f32_state"]
+  "setting",
+  ["defaults", "long_step", "fixed_bound", "tiny_fixed_bound", "schedule"],
 )
 def test_fused_equals_chain_in_float64(setting):
   with jax.enable_x64(True):
