@@ -10,14 +10,23 @@ like real models (an MLP, ResNet-50, GPT-2 small) and on flat one-leaf trees.
 Within one tree, every optimizer and two bandwidth kernels are timed
 interleaved (round robin, a different starting point each round) after a
 warm-up, so that load from other processes hits them all alike; the table
-reports medians and inter-quartile ranges. The machine's streaming bandwidth
-is measured in the same rounds by two jitted, donated kernels on a buffer far
+reports medians and inter-quartile ranges. Ratios to ``optax.adam`` are
+medians of paired ratios: each round's sample divided by Adam's sample of the
+same round, which cancels much of the load of a shared machine; the same for
+``lns_madam`` against ``lns_madam_nearest``, and for compile times (each
+fresh compilation against Adam's of the same repeat). Beside wall time, each
+sample records the process's CPU time (all threads), whose paired ratios are
+steadier still when other processes compete for the cores. Rounds alternate
+their direction, so no optimizer always follows the same one. The machine's
+streaming bandwidth is measured in the same rounds by two jitted, donated kernels on a buffer far
 larger than the caches: ``x + 1`` (reads 4 and writes 4 bytes per element) and
 ``a * s + b`` (reads 8, writes 4). Each optimizer's *floor* is the bytes it
 must move per step divided by the faster of the two bandwidths; the bytes per
 parameter are (float32 unless stated):
 
-* madam: reads w, g, rms; writes w, rms: 5 x 4 = 20 (bf16 rms: 16).
+* madam: reads w, g, rms; writes w, rms: 5 x 4 = 20 (bf16 rms: 16). As
+  XLA:CPU compiles it (no multi-output fusion), one loop writes the new rms
+  and a second reads it back with w and g: 28.
 * adam: reads w, g, mu, nu; writes w, mu, nu: 7 x 4 = 28.
 * sgd (no momentum): reads w, g; writes w: 3 x 4 = 12.
 * lion: reads w, g, mu; writes w, mu: 5 x 4 = 20.
@@ -25,7 +34,15 @@ parameter are (float32 unless stated):
   update can start, then reads w, g and writes w: 2 x 8 + 4 = 20.
 * lns_madam: integer codes (1 or 2 bytes) read and written, g read, rms read
   and written, from the actual dtypes (``lns_madam`` with its default
-  stochastic rounding, ``lns_madam_nearest`` with nearest rounding).
+  stochastic rounding from hashed random bits, ``lns_madam_nearest`` with
+  nearest rounding).
+
+Two more run only when named in ``--optimizers``: ``madam_chain`` (the chain
+of Madam's four parts, which ``madam()`` computes in one pass per tensor) and
+``lns_madam_threefry`` (stochastic rounding from ``jax.random``'s threefry
+bits instead of hashed ones).
+
+The goals table checks the paired ratios against :data:`GOALS`.
 
 Compile time is the wall time of ``jit(step).lower(...).compile()`` (median of
 fresh compilations). Optimizer-state bytes per parameter are summed from the
@@ -161,13 +178,34 @@ def optimizers() -> dict[str, Callable[[], optax.GradientTransformation]]:
     "fromage": lambda: optax.fromage(1e-2),
   }
   if hasattr(madam_optax, "lns_madam"):
-    # Stochastic rounding (the default) draws threefry random bits per weight;
+    # Stochastic rounding (the default) hashes random bits per weight;
     # nearest rounding shows the cost of the LNS step without them.
     opts["lns_madam"] = lambda: madam_optax.lns_madam(_lns_format())
     opts["lns_madam_nearest"] = lambda: madam_optax.lns_madam(
       _lns_format(), rounding="nearest"
     )
   return opts
+
+
+def optional_optimizers() -> dict[
+  str, Callable[[], optax.GradientTransformation]
+]:
+  """Optimizers timed only when ``--optimizers`` names them.
+
+  Madam as the chain of its four parts (``madam()`` computes the same in one
+  pass per tensor), and ``lns_madam`` with threefry random bits.
+  """
+  return {
+    "madam_chain": lambda: optax.chain(
+      madam_optax.scale_by_second_moment(0.999),
+      optax.clip(10.0),
+      madam_optax.multiplicative_step(0.01),
+      madam_optax.clip_weight_magnitude(3.0),
+    ),
+    "lns_madam_threefry": lambda: madam_optax.lns_madam(
+      _lns_format(), rng="threefry"
+    ),
+  }
 
 
 def _lns_format():
@@ -179,7 +217,11 @@ def param_encoders() -> dict[str, Callable[[Any], Any]]:
   if not hasattr(madam_optax, "lns_madam"):
     return {}
   encode = lambda p: madam_optax.lns_encode_tree(p, _lns_format())[0]
-  return {"lns_madam": encode, "lns_madam_nearest": encode}
+  return {
+    "lns_madam": encode,
+    "lns_madam_nearest": encode,
+    "lns_madam_threefry": encode,
+  }
 
 
 def bytes_per_param(
@@ -190,7 +232,14 @@ def bytes_per_param(
   ``state_bytes_per_param``: its full-size state buffers' bytes per param.
   """
   w, g = param_bytes, F32
-  if name in ("madam", "madam_bf16", "lns_madam", "lns_madam_nearest"):
+  if name in (
+    "madam",
+    "madam_bf16",
+    "madam_chain",
+    "lns_madam",
+    "lns_madam_nearest",
+    "lns_madam_threefry",
+  ):
     # rms: the only full-size state buffer (read + written).
     rms = state_bytes_per_param
     return w + g + rms + w + rms
@@ -258,6 +307,16 @@ def bandwidth_kernels(n: int):
 # The measurement.
 
 
+def paired_ratio(samples: list[float], reference: list[float]) -> float:
+  """Median of the per-round ratios ``samples[i] / reference[i]``.
+
+  Example:
+    >>> paired_ratio([2.0, 9.0, 3.0], [1.0, 3.0, 2.0])
+    2.0
+  """
+  return statistics.median(a / b for a, b in zip(samples, reference))
+
+
 def bench_tree(
   tree_name: str,
   shapes: dict,
@@ -280,6 +339,8 @@ def bench_tree(
   n_leaves = harness.array_count(params0)
   g_spec = jax.eval_shape(lambda: params0)
   all_opts = optimizers()
+  if opt_names:
+    all_opts.update(optional_optimizers())
   encoders = param_encoders()
   names = [n for n in (opt_names or all_opts) if n in all_opts]
   start = {}
@@ -353,14 +414,18 @@ def bench_tree(
     fn(1)
     dt = max(time.perf_counter() - t0, 1e-6)
     inner[tname] = int(min(50, max(1, round(target_s / dt))))
-  samples = {tname: [] for tname, _ in tasks}
+  samples: dict[str, list[float]] = {tname: [] for tname, _ in tasks}
+  cpu: dict[str, list[float]] = {tname: [] for tname, _ in tasks}
   for r in range(repeats):
     order = tasks[r % len(tasks) :] + tasks[: r % len(tasks)]
+    if r % 2:
+      order = order[::-1]
     for tname, fn in order:
       k = inner[tname]
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), time.process_time()
       fn(k)
       samples[tname].append((time.perf_counter() - t0) / k)
+      cpu[tname].append((time.process_time() - c0) / k)
 
   bw = {}
   for kn, _, _, nbytes in kernels:
@@ -403,13 +468,30 @@ def bench_tree(
       )
     )
   ref = {r["optimizer"]: r for r in rows}.get("adam")
+  total = {
+    m: [lo + co for lo, co in zip(lower_s[m], compile_s[m])] for m in names
+  }
+
+  def paired(measured, n, other):
+    return (
+      paired_ratio(measured[n], measured[other]) if other in measured else None
+    )
+
   for r in rows:
+    n = r["optimizer"]
     r["x_adam_step"] = r["step_ms"] / ref["step_ms"] if ref else None
     r["x_adam_compile"] = (
       (r["lower_s"] + r["compile_s"]) / (ref["lower_s"] + ref["compile_s"])
       if ref
       else None
     )
+    r["cpu_ms"] = statistics.median(cpu[n]) * 1e3
+    r["x_adam_paired"] = paired(samples, n, "adam")
+    r["x_adam_paired_cpu"] = paired(cpu, n, "adam")
+    r["x_adam_compile_paired"] = paired(total, n, "adam")
+    if n.startswith("lns_madam") and n != "lns_madam_nearest":
+      r["x_nearest_paired"] = paired(samples, n, "lns_madam_nearest")
+      r["x_nearest_paired_cpu"] = paired(cpu, n, "lns_madam_nearest")
   for r in rows:
     log(
       f"  {r['optimizer']:>11s} {r['step_ms']:9.3f} ms (IQR {r['iqr_ms']:.3f})"
@@ -433,20 +515,120 @@ def _fmt(x, spec):
   return "-" if x is None else format(x, spec)
 
 
+# The issue's goals on this CPU, as medians of paired ratios: (row
+# optimizer, ratio key, bound, which trees, description).
+GOALS = (
+  ("madam", "x_adam_paired", 0.80, "10M+", "madam / adam"),
+  ("lns_madam", "x_adam_paired", 1.0, "10M+", "lns_madam / adam"),
+  ("lns_madam", "x_nearest_paired", 1.25, "10M+", "lns_madam / nearest"),
+  ("madam", "x_adam_compile_paired", 1.2, "many-leaf", "compile madam / adam"),
+)
+BIG_TREE = 10_000_000  # "10M+": trees of at least this many parameters
+MANY_LEAVES = 100  # "many-leaf": trees of at least this many leaves
+
+
+def _goal_applies(tree: dict, which: str) -> bool:
+  if which == "10M+":
+    return tree["params"] >= BIG_TREE
+  return tree["leaves"] >= MANY_LEAVES
+
+
+def goal_rows(results: dict) -> list[dict]:
+  """Each goal on each tree it applies to: the ratio, its bound, met or not.
+
+  Example:
+    >>> tree = {"tree": "t", "params": 2e7, "leaves": 1, "rows": [
+    ...     {"optimizer": "madam", "x_adam_paired": 0.9}]}
+    >>> [(g["goal"], g["ratio"], g["met"]) for g in goal_rows(
+    ...     {"trees": [tree]})]
+    [('madam / adam', 0.9, False)]
+  """
+  out = []
+  for tr in results["trees"]:
+    rows = {r["optimizer"]: r for r in tr["rows"]}
+    for opt, key, bound, which, goal in GOALS:
+      ratio = rows.get(opt, {}).get(key)
+      if ratio is None or not _goal_applies(tr, which):
+        continue
+      out.append(
+        dict(
+          tree=tr["tree"],
+          goal=goal,
+          ratio=ratio,
+          cpu_ratio=rows[opt].get(key + "_cpu"),
+          bound=bound,
+          met=ratio <= bound,
+          miss=ratio / bound - 1.0,
+        )
+      )
+  return out
+
+
+def goals_table(results: dict) -> list[str]:
+  """Markdown lines: the paired ratios the performance goals are about."""
+  lines = [
+    "Paired ratios (median over rounds of each round's ratio; wall time, "
+    "and CPU time in brackets). Goals on trees of 10M+ parameters: madam / "
+    "adam <= 0.80, lns_madam (stochastic, int8) / adam <= 1.0, lns_madam / "
+    "lns_madam_nearest <= 1.25; compile (lowering + XLA) madam / adam <= 1.2 "
+    f"on the many-leaf trees ({MANY_LEAVES}+ leaves).",
+    "",
+    "| tree | params | leaves | madam / adam | lns_madam / adam | "
+    "lns_madam / nearest | compile madam / adam |",
+    "|---|---|---|---|---|---|---|",
+  ]
+
+  def pair(row, key):
+    if row is None or row.get(key) is None:
+      return "-"
+    cpu = row.get(key + "_cpu")
+    return f"{row[key]:.2f}" + (f" ({cpu:.2f})" if cpu is not None else "")
+
+  for tr in results["trees"]:
+    rows = {r["optimizer"]: r for r in tr["rows"]}
+    madam, lns = rows.get("madam"), rows.get("lns_madam")
+    compile_ratio = (madam or {}).get("x_adam_compile_paired")
+    lines.append(
+      f"| {tr['tree']} | {tr['params'] / 1e6:.1f}M | {tr['leaves']} | "
+      f"{pair(madam, 'x_adam_paired')} | {pair(lns, 'x_adam_paired')} | "
+      f"{pair(lns, 'x_nearest_paired')} | {_fmt(compile_ratio, '.2f')} |"
+    )
+  goals = goal_rows(results)
+  if goals:
+    lines += [
+      "",
+      "| goal | tree | ratio | bound | met | miss |",
+      "|---|---|---|---|---|---|",
+    ]
+    for g in goals:
+      miss = "-" if g["met"] else f"+{100 * g['miss']:.0f}%"
+      lines.append(
+        f"| {g['goal']} | {g['tree']} | {g['ratio']:.2f} | "
+        f"<= {g['bound']:g} | {'yes' if g['met'] else 'no'} | {miss} |"
+      )
+  return lines + [""]
+
+
 def markdown_body(results: dict) -> str:
   """The tables below the machine record (from the JSON's contents)."""
   lines = [
     f"{results['repeats']} interleaved rounds per tree after warm-up; "
     "step = `tx.update` + `optax.apply_updates`, params and state donated.",
     "",
+  ]
+  if any("x_adam_paired" in r for tr in results["trees"] for r in tr["rows"]):
+    lines += goals_table(results)
+  lines += [
     "Columns: median step time and its inter-quartile range; the ratio to "
-    "`optax.adam` on the same tree; bytes the optimizer must move per "
+    "`optax.adam` on the same tree, as the median of paired per-round "
+    "ratios of wall time and of CPU time (older results: the ratio of "
+    "medians, and no CPU time); bytes the optimizer must move per "
     "parameter; the bandwidth floor (those bytes over the best streaming "
     "bandwidth measured in the same rounds) and the ratio to it; "
-    "lowering + XLA compile time and the ratio to Adam's; fused kernels in "
-    "the compiled step; optimizer-state bytes per parameter, measured from "
-    "the state arrays (full-size buffers, and all leaves including per-leaf "
-    "scalars and counters).",
+    "lowering + XLA compile time and its paired ratio to Adam's; fused "
+    "kernels in the compiled step; optimizer-state bytes per parameter, "
+    "measured from the state arrays (full-size buffers, and all leaves "
+    "including per-leaf scalars and counters).",
     "",
   ]
   for tr in results["trees"]:
@@ -458,18 +640,22 @@ def markdown_body(results: dict) -> str:
       f"Bandwidth in the same rounds: copy {bw['copy']['gbps']:.2f} GB/s, "
       f"triad {bw['triad']['gbps']:.2f} GB/s.",
       "",
-      "| optimizer | step ms | IQR ms | x adam | B/param moved | floor ms | "
-      "x floor | lower+compile s | x adam | fusions | state B/param "
-      "(buffers / all) |",
-      "|---|---|---|---|---|---|---|---|---|---|---|",
+      "| optimizer | step ms | IQR ms | x adam | x adam (CPU) | "
+      "B/param moved | floor ms | x floor | lower+compile s | x adam | "
+      "fusions | state B/param (buffers / all) |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in tr["rows"]:
+      step_ratio = r.get("x_adam_paired", r.get("x_adam_step"))
+      compile_ratio = r.get("x_adam_compile_paired", r.get("x_adam_compile"))
       lines.append(
         f"| {r['optimizer']} | {r['step_ms']:.3f} | {r['iqr_ms']:.3f} | "
-        f"{_fmt(r['x_adam_step'], '.2f')} | {r['bytes_per_param_moved']:g} | "
+        f"{_fmt(step_ratio, '.2f')} | "
+        f"{_fmt(r.get('x_adam_paired_cpu'), '.2f')} | "
+        f"{r['bytes_per_param_moved']:g} | "
         f"{r['floor_ms']:.3f} | {r['x_floor']:.2f} | "
         f"{r['lower_s'] + r['compile_s']:.2f} | "
-        f"{_fmt(r['x_adam_compile'], '.2f')} | {r['fusions']} | "
+        f"{_fmt(compile_ratio, '.2f')} | {r['fusions']} | "
         f"{r['state_full_bytes_per_param']:.2f} / "
         f"{r['state_bytes_per_param']:.4f} |"
       )
@@ -498,7 +684,10 @@ def parse_args(argv=None):
     help=f"model-shaped trees, comma-separated, of {list(TREES)}",
   )
   ap.add_argument(
-    "--optimizers", default=None, help="subset of optimizers, comma-separated"
+    "--optimizers",
+    default=None,
+    help="optimizers, comma-separated (default: all but the optional "
+    f"{list(optional_optimizers())}, which run only when named here)",
   )
   ap.add_argument(
     "--repeats",
@@ -561,6 +750,11 @@ def main(argv=None, log=harness.progress) -> dict:
         skipped=skipped,
         log=log,
       )
+    )
+  for g in goal_rows(results):
+    log(
+      f"goal {g['goal']} <= {g['bound']:g} on {g['tree']}: "
+      f"{g['ratio']:.2f} ({'met' if g['met'] else 'missed'})"
     )
   harness.write_results(args.out, args.name, results, REPORT, log)
   return results

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from madam_optax._src import fused_madam
 from madam_optax._src import lns
 from madam_optax._src import lns_level_step as lns_level_step_lib
 from madam_optax._src import validation
@@ -47,9 +48,10 @@ def madam(
 
   It is ``optax.chain(scale_by_second_moment(b2), optax.clip(g_bound),
   multiplicative_step(learning_rate), clip_weight_magnitude(p_scale))``,
-  (with ``factored=True``,
-  :func:`madam_optax.scale_by_factored_second_moment` takes the first part's
-  place). The default learning rate 0.01 is
+  computed in one pass per tensor from the parts' own per-tensor functions,
+  with the chain's state and, compiled, its numbers bit for bit (with
+  ``factored=True``, :func:`madam_optax.scale_by_factored_second_moment`
+  takes the first part's place, and the parts run as that chain). The default learning rate 0.01 is
   meant to work across architectures. Weights never change sign and zero
   weights never move: route zero-initialised leaves (e.g. Flax's default
   biases) to an additive optimizer with
@@ -113,6 +115,15 @@ def madam(
   validation.check_hyperparameter(
     "g_bound", g_bound, low=0.0, low_inclusive=False
   )
+  if not factored:
+    return fused_madam.fused_madam(
+      learning_rate,
+      p_scale=p_scale,
+      g_bound=g_bound,
+      b2=b2,
+      state_dtype=state_dtype,
+      max_magnitude=max_magnitude,
+    )
   return optax.chain(
     _normaliser(b2, state_dtype, factored, min_dim_size_to_factor),
     optax.clip(g_bound),

@@ -93,6 +93,57 @@ def _round_down(bound: jax.Array, dtype: Any) -> jax.Array:
   return lax.select(up, numerics.step_away_from(rounded, rounded), rounded)
 
 
+def _fixed_bound(max_magnitude: Any, p: Any) -> jax.Array:
+  """``max_magnitude`` as the bound of tensor ``p``, in its compute dtype."""
+  return jnp.asarray(
+    max_magnitude, numerics.compute_dtype(validation.leaf_dtype(p))
+  )
+
+
+def current_bounds(
+  state: ClipWeightMagnitudeState, params: Any, max_magnitude: Any
+) -> tuple[Any, ...]:
+  """The per-tensor bounds an update of :func:`clip_weight_magnitude` uses.
+
+  The state's bounds, or, with a fixed ``max_magnitude``, its current value
+  (so that a change under ``optax.inject_hyperparams`` takes effect; the
+  ``p_scale`` bound is fixed from the initial weights).
+  """
+  if max_magnitude is None:
+    return state.max_magnitude
+  return tree_utils.per_tensor_tuple(
+    jax.tree.map(lambda p: _fixed_bound(max_magnitude, p), params)
+  )
+
+
+def bounded_update(u: jax.Array, w: jax.Array, bound: jax.Array) -> jax.Array:
+  """:func:`clip_weight_magnitude` on one tensor: the update after the clamp.
+
+  ``clamp(w + u, -bound, bound) - w`` in ``result_type(w, u)``, such that
+  ``w + delta`` stays within the bound exactly, and a weight far above the
+  bound lands one ulp of ``w`` from zero rather than on it
+  (:func:`numerics.update_reaching`). ``bound`` is a scalar, rounded towards
+  zero into that dtype.
+  """
+  dtype = jnp.result_type(w, u)
+  w_ = lax.convert_element_type(w, dtype)
+  # The bound in the array's shape and, under explicit sharding, its
+  # sharding (selects, and the derivative rules of jax.grad through init
+  # and update, want both equal).
+  bound = lax.full_like(w_, _round_down(bound, dtype))
+  u_ = lax.convert_element_type(u, dtype)
+  new = lax.add(w_, u_)
+  # clamp(new, -bound, bound) by two selects: the same values as lax.clamp
+  # (a NaN stays NaN), without XLA:CPU's NaN-propagating max and min, which
+  # cost several instructions each.
+  target = lax.select(
+    lax.gt(new, bound),
+    bound,
+    lax.select(lax.lt(new, lax.neg(bound)), lax.neg(bound), new),
+  )
+  return numerics.update_reaching(w_, target)
+
+
 def clip_weight_magnitude(
   p_scale: float = 3.0,
   *,
@@ -159,14 +210,9 @@ def clip_weight_magnitude(
     if max_magnitude is None:
       bounds = initial_max_magnitude(params, p_scale)
     else:
-      bounds = jax.tree.map(fixed_bound, params)
+      bounds = jax.tree.map(lambda p: _fixed_bound(max_magnitude, p), params)
     return ClipWeightMagnitudeState(
       max_magnitude=tree_utils.per_tensor_tuple(bounds)
-    )
-
-  def fixed_bound(p):
-    return jnp.asarray(
-      max_magnitude, numerics.compute_dtype(validation.leaf_dtype(p))
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -174,27 +220,9 @@ def clip_weight_magnitude(
     validation.require_params(params, "clip_weight_magnitude")
     updates, params = validation.as_arrays((updates, params))
     validation.check_same_structure(updates, params, "clip_weight_magnitude")
-    bounds = state.max_magnitude
-    if max_magnitude is not None:
-      # The current value, so that a change under optax.inject_hyperparams
-      # takes effect (p_scale's bound is fixed from the initial weights).
-      bounds = tree_utils.per_tensor_tuple(jax.tree.map(fixed_bound, params))
-
-    def leaf(u, w, bound):
-      dtype = jnp.result_type(w, u)
-      w_ = lax.convert_element_type(w, dtype)
-      # A scalar bound broadcast to the array's shape: lax.clamp accepts a
-      # scalar, but its derivative rule (jax.grad through init and update)
-      # does not.
-      bound = lax.broadcast_in_dim(_round_down(bound, dtype), jnp.shape(w_), ())
-      u_ = lax.convert_element_type(u, dtype)
-      target = lax.clamp(lax.neg(bound), lax.add(w_, u_), bound)
-      # |w + delta| <= bound holds exactly, and a weight far above the bound
-      # lands one ulp of w from zero rather than on it (numerics).
-      return numerics.update_reaching(w_, target)
-
+    bounds = current_bounds(state, params, max_magnitude)
     return tree_utils.map_per_tensor(
-      leaf,
+      bounded_update,
       updates,
       params,
       bounds,

@@ -35,7 +35,7 @@ def learning_rate_at(learning_rate: optax.ScalarOrSchedule, count) -> jax.Array:
 
 
 def multiplicative_update(
-  u: jax.Array, w: jax.Array, lr: jax.Array
+  u: jax.Array, w: jax.Array, lr: jax.Array, max_exponent: float | None = None
 ) -> jax.Array:
   r"""``w * expm1(-lr * u * sign(w))``, element-wise, in ``w``'s dtype.
 
@@ -45,9 +45,37 @@ def multiplicative_update(
   which keeps small steps as accurate as ``expm1``: the new weight is within
   0.5 ulps of the exact product for :math:`|\eta u| \le 0.1`, against 1.5
   ulps for ``w * exp(x) - w``, whose ``exp(x)`` is rounded next to 1.
+  ``max_exponent``, a bound on :math:`|\eta u|` known at trace time (e.g.
+  :math:`\eta\, g_{bound}` after a clip), lets ``expm1`` skip its range
+  reduction; the result is the same bit for bit.
   """
   exponent = lax.mul(lax.mul(lax.neg(lr), u), lax.sign(w))
-  return lax.mul(w, numerics.expm1(exponent))
+  return lax.mul(w, numerics.expm1(exponent, max_abs=max_exponent))
+
+
+def multiplicative_step_leaf(
+  u: jax.Array, w: jax.Array, lr: jax.Array, max_exponent: float | None = None
+) -> jax.Array:
+  """:func:`multiplicative_step` on one tensor: the update, in ``w``'s dtype.
+
+  The maths runs in ``w``'s compute dtype (:func:`numerics.compute_dtype`);
+  ``max_exponent`` as in :func:`multiplicative_update`. A zero weight gets a
+  zero update whatever the step (``-lr * u`` can overflow to inf, and
+  ``inf * sign(0)`` is NaN).
+  """
+  ct = numerics.compute_dtype(w.dtype)
+  delta = lax.convert_element_type(
+    multiplicative_update(
+      lax.convert_element_type(u, ct),
+      lax.convert_element_type(w, ct),
+      lax.convert_element_type(lr, ct),
+      max_exponent,
+    ),
+    w.dtype,
+  )
+  return lax.select(
+    lax.eq(w, lax.full_like(w, 0)), lax.full_like(delta, 0), delta
+  )
 
 
 def multiplicative_step(
@@ -117,26 +145,9 @@ def multiplicative_step(
     validation.check_float_leaves(params, "multiplicative_step")
     lr = jnp.asarray(learning_rate_at(learning_rate, state.count))
 
-    def leaf(u, w):
-      ct = numerics.compute_dtype(w.dtype)
-      return lax.convert_element_type(
-        multiplicative_update(
-          lax.convert_element_type(u, ct),
-          lax.convert_element_type(w, ct),
-          lax.convert_element_type(lr, ct),
-        ),
-        w.dtype,
-      )
-
-    def zero_stays_zero(u, w):
-      # -lr * u can overflow to inf, and inf * sign(0) is NaN: a zero weight
-      # never moves, whatever the step.
-      delta = leaf(u, w)
-      return lax.select(
-        lax.eq(w, lax.full_like(w, 0)), lax.full_like(delta, 0), delta
-      )
-
-    new_updates = jax.tree.map(zero_stays_zero, updates, params)
+    new_updates = jax.tree.map(
+      lambda u, w: multiplicative_step_leaf(u, w, lr), updates, params
+    )
     return new_updates, MultiplicativeStepState(
       count=optax.safe_increment(state.count)
     )

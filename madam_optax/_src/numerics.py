@@ -87,6 +87,21 @@ def step_away_from(x: jax.Array, reference: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(lax.add(bits, step), x.dtype)
 
 
+def _opposite_signs_or_one(x_bits: jax.Array, y_bits: jax.Array) -> jax.Array:
+  """-1 where the sign bits of two bit patterns differ, +1 where they agree.
+
+  An arithmetic right shift of ``x ^ y`` by all but one bit gives -1 or 0;
+  or-ing 1 makes it -1 or +1 (three integer operations).
+  """
+  width = np.iinfo(x_bits.dtype).bits
+  return lax.bitwise_or(
+    lax.shift_right_arithmetic(
+      lax.bitwise_xor(x_bits, y_bits), np.asarray(width - 1, x_bits.dtype)
+    ),
+    np.asarray(1, x_bits.dtype),
+  )
+
+
 def land_on_the_side_of(
   w: jax.Array, delta: jax.Array, target: jax.Array
 ) -> jax.Array:
@@ -97,18 +112,37 @@ def land_on_the_side_of(
   rounds to 0 (a weight that could never move again) or past it. In that
   case the update lands on ``sign(target)`` times one ulp of ``w`` instead,
   the value of that sign closest to zero that ``w + delta`` reaches (at
-  most ``eps * |w|``), from which later steps reach ``target``. All arrays
-  share ``w``'s dtype.
+  most ``eps * |w|``), from which later steps reach ``target``. A NaN
+  ``target`` keeps ``delta`` (a NaN step stays visible). All arrays share
+  ``w``'s dtype.
   """
+  dtype = np.dtype(w.dtype)
+  int_dtype = np.dtype(f"int{8 * dtype.itemsize}")
+  zero = np.asarray(0, dtype)
   landed = lax.add(w, delta)
-  lost = lax.bitwise_and(
-    lax.ne(target, lax.full_like(target, 0)),
-    lax.ne(lax.sign(landed), lax.sign(target)),
+  # Lost: target > 0 but not landed > 0, or target < 0 but not landed < 0
+  # (compares only: a zero, NaN or wrong-signed landing is lost; a zero or
+  # NaN target is never lost).
+  lost = lax.bitwise_or(
+    lax.bitwise_and(
+      lax.gt(target, zero), lax.bitwise_not(lax.gt(landed, zero))
+    ),
+    lax.bitwise_and(
+      lax.lt(target, zero), lax.bitwise_not(lax.lt(landed, zero))
+    ),
   )
   lost = lax.bitwise_and(lost, lax.ne(w, lax.full_like(w, 0)))
-  # -w moved by one ulp against -target's sign: w + that = sign(target) ulp.
-  one_ulp = step_away_from(lax.neg(w), lax.neg(target))
-  return lax.select(lost, one_ulp, delta)
+  # -w one ulp further from zero where w and target have opposite signs,
+  # nearer to it where they agree: then w + that = sign(target) ulp.
+  w_bits = lax.bitcast_convert_type(w, int_dtype)
+  minus_w = lax.bitwise_xor(
+    w_bits, np.asarray(np.iinfo(int_dtype).min, int_dtype)
+  )
+  one_ulp = lax.sub(
+    minus_w,
+    _opposite_signs_or_one(w_bits, lax.bitcast_convert_type(target, int_dtype)),
+  )
+  return lax.select(lost, lax.bitcast_convert_type(one_ulp, dtype), delta)
 
 
 def update_reaching(w: jax.Array, target: jax.Array) -> jax.Array:
@@ -122,12 +156,23 @@ def update_reaching(w: jax.Array, target: jax.Array) -> jax.Array:
   ``|w + delta| <= |target|``; and when ``target`` lies below an ulp of
   ``w``, ``w + delta`` lands on ``target``'s side of zero
   (:func:`land_on_the_side_of`) rather than on zero. All arrays share
-  ``w``'s dtype.
+  ``w``'s dtype. The one-ulp moves are integer operations on the bit
+  patterns (floats are sign and magnitude).
   """
+  int_dtype = np.dtype(f"int{8 * np.dtype(w.dtype).itemsize}")
   delta = lax.sub(target, w)
   realised = lax.add(w, delta)
   over = lax.gt(lax.abs(realised), lax.abs(target))
-  delta = lax.select(over, step_away_from(delta, realised), delta)
+  # Where over, realised is nonzero and not NaN: delta grows by one ulp
+  # (+1 on its bits) when its sign differs from realised's, else shrinks.
+  delta_bits = lax.bitcast_convert_type(delta, int_dtype)
+  nudged = lax.sub(
+    delta_bits,
+    _opposite_signs_or_one(
+      delta_bits, lax.bitcast_convert_type(realised, int_dtype)
+    ),
+  )
+  delta = lax.select(over, lax.bitcast_convert_type(nudged, w.dtype), delta)
   return land_on_the_side_of(w, delta, target)
 
 

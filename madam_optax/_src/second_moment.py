@@ -50,6 +50,37 @@ def moment_scalars(
   return sqrt_b2, sqrt_1mb2, correction
 
 
+def updated_root(
+  g: jax.Array, rms: jax.Array, sqrt_b2: jax.Array, sqrt_1mb2: jax.Array
+) -> jax.Array:
+  r""":math:`rms_t = \sqrt{\beta_2 rms^2 + (1 - \beta_2) g^2}`, element-wise.
+
+  By a power-of-two-scaled root of squares (:func:`numerics.hypot`), so that
+  tiny and huge gradients neither underflow nor overflow. ``g`` and ``rms``
+  share one float32/float64 dtype; the scalars come from
+  :func:`moment_scalars` in that dtype.
+  """
+  ct = g.dtype
+  return numerics.hypot(
+    lax.mul(lax.convert_element_type(sqrt_b2, ct), rms),
+    lax.mul(lax.convert_element_type(sqrt_1mb2, ct), g),
+  )
+
+
+def divided_by_root(
+  g: jax.Array, root: jax.Array, correction: jax.Array
+) -> jax.Array:
+  r""":math:`g \sqrt{1 - \beta_2^t} / rms_t` with :math:`0/0 := 0`.
+
+  ``g / sqrt(v_hat)``: ``root`` is :math:`rms_t` from :func:`updated_root`
+  and ``correction`` the last of :func:`moment_scalars`, in ``g``'s dtype.
+  """
+  ct = g.dtype
+  u = lax.div(lax.mul(g, lax.convert_element_type(correction, ct)), root)
+  zero = np.asarray(0, ct)
+  return lax.select(lax.gt(root, zero), u, lax.full_like(u, zero))
+
+
 def normalised_gradient(
   g: jax.Array,
   rms: jax.Array,
@@ -62,19 +93,44 @@ def normalised_gradient(
   Returns ``(u, rms_t)``: :math:`rms_t = \sqrt{\beta_2 rms^2 + (1 - \beta_2)
   g^2}` and :math:`u = g \sqrt{1 - \beta_2^t} / rms_t` with :math:`0/0 := 0`.
   ``g`` and ``rms`` are of one float32/float64 dtype; the scalars are from
-  :func:`moment_scalars` in that dtype.
+  :func:`moment_scalars` in that dtype. Non-finite gradients are not treated
+  here (see :func:`second_moment_leaf`).
   """
-  ct = g.dtype
-  # rms_t by a power-of-two-scaled root of squares (numerics.hypot), so that
-  # tiny and huge gradients neither underflow nor overflow.
-  new_r = numerics.hypot(
-    lax.mul(lax.convert_element_type(sqrt_b2, ct), rms),
-    lax.mul(lax.convert_element_type(sqrt_1mb2, ct), g),
+  new_r = updated_root(g, rms, sqrt_b2, sqrt_1mb2)
+  return divided_by_root(g, new_r, correction), new_r
+
+
+def second_moment_leaf(
+  g: jax.Array,
+  rms: jax.Array,
+  sqrt_b2: jax.Array,
+  sqrt_1mb2: jax.Array,
+  correction: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+  """:func:`scale_by_second_moment` on one tensor: ``(u, new_rms)``.
+
+  ``u`` in ``g``'s dtype and ``new_rms`` in ``rms``'s; the maths runs in
+  their compute dtype (:func:`numerics.compute_dtype` of ``g``), with the
+  scalars of :func:`moment_scalars` in that dtype. A non-finite gradient
+  entry gives a NaN ``u`` (under jit XLA's max/min may drop a NaN, so it is
+  set here) and keeps its ``rms`` entry, so that later finite steps are
+  normalised as before. ``u`` is divided by the kept root: for a finite
+  gradient that is the new root itself, and a non-finite one gives NaN
+  either way; so the compiled step reads the new root it has written
+  rather than recomputing it from the old one (which would force a copy of
+  the donated buffer).
+  """
+  ct = numerics.compute_dtype(g.dtype)
+  g_ = lax.convert_element_type(g, ct)
+  r_ = lax.convert_element_type(rms, ct)
+  finite = lax.is_finite(g_)
+  new_r = lax.select(finite, updated_root(g_, r_, sqrt_b2, sqrt_1mb2), r_)
+  u = divided_by_root(g_, new_r, correction)
+  u = lax.select(finite, u, lax.full_like(u, np.nan))
+  return (
+    lax.convert_element_type(u, g.dtype),
+    lax.convert_element_type(new_r, rms.dtype),
   )
-  # g / sqrt(v_hat) = g * sqrt(1 - b2**t) / rms_t, and 0/0 := 0.
-  u = lax.div(lax.mul(g, lax.convert_element_type(correction, ct)), new_r)
-  zero = np.asarray(0, ct)
-  return lax.select(lax.gt(new_r, zero), u, lax.full_like(u, zero)), new_r
 
 
 def keep_statistic_of_non_finite(
@@ -174,20 +230,9 @@ def scale_by_second_moment(
       ct = numerics.compute_dtype(g.dtype)
       if ct not in scalars:
         scalars[ct] = moment_scalars(b2, count, ct)
-      u, new_r = normalised_gradient(
-        lax.convert_element_type(g, ct),
-        lax.convert_element_type(r, ct),
-        *scalars[ct],
-      )
-      return (
-        lax.convert_element_type(u, g.dtype),
-        lax.convert_element_type(new_r, r.dtype),
-      )
+      return second_moment_leaf(g, r, *scalars[ct])
 
     new_updates, new_rms = tree_utils.tree_map_unzip(leaf, updates, state.rms)
-    new_updates, new_rms = tree_utils.tree_map_unzip(
-      keep_statistic_of_non_finite, updates, new_updates, new_rms, state.rms
-    )
     return new_updates, ScaleBySecondMomentState(count=count, rms=new_rms)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

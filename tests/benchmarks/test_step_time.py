@@ -95,3 +95,82 @@ def test_options_and_defaults(step_time):
   assert (args.trees, args.sizes, args.out) == ("mlp", "", None)
   assert args.name == f"step_time_{jax.default_backend()}"
   assert args.repeats is None and args.compile_repeats is None
+
+
+def test_quick_run_reports_paired_ratios(quick_results):
+  results, out = quick_results
+  for tr in results["trees"]:
+    rows = {r["optimizer"]: r for r in tr["rows"]}
+    assert rows["adam"]["x_adam_paired"] == 1.0
+    assert rows["adam"]["x_adam_compile_paired"] == 1.0
+    for r in tr["rows"]:
+      assert r["x_adam_paired"] > 0 and r["x_adam_paired_cpu"] > 0
+      assert r["cpu_ms"] >= 0
+    assert rows["lns_madam"]["x_nearest_paired"] > 0
+    assert "x_nearest_paired" not in rows["lns_madam_nearest"]
+  md = (out / f"step_time_{jax.default_backend()}.md").read_text()
+  assert "| tree | params | leaves | madam / adam |" in md
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios(step_time):
+  # Rounds 2 and 3 slowed both alike: the ratio of medians would be 1.5.
+  assert step_time.paired_ratio([1.0, 4.0, 4.0], [1.0, 4.0, 2.0]) == 1.0
+
+
+def _tree_result(name, params, leaves, **ratios):
+  rows = [
+    {"optimizer": "madam", "x_adam_paired": ratios["madam"]},
+    {
+      "optimizer": "lns_madam",
+      "x_adam_paired": ratios["lns"],
+      "x_nearest_paired": ratios["nearest"],
+    },
+  ]
+  rows[0]["x_adam_compile_paired"] = ratios["compile"]
+  return {"tree": name, "params": params, "leaves": leaves, "rows": rows}
+
+
+def test_goals_apply_to_big_and_many_leaf_trees(step_time):
+  results = {
+    "trees": [
+      _tree_result("small", 1e6, 3, madam=2, lns=2, nearest=2, compile=2),
+      _tree_result("big", 2e7, 1, madam=0.7, lns=1.1, nearest=1.2, compile=2),
+      _tree_result(
+        "many", 2e7, 150, madam=0.9, lns=0.9, nearest=1.5, compile=1.1
+      ),
+    ]
+  }
+  goals = {(g["tree"], g["goal"]): g for g in step_time.goal_rows(results)}
+  assert not any(tree == "small" for tree, _ in goals)
+  assert ("big", "compile madam / adam") not in goals  # one leaf
+  assert goals[("big", "madam / adam")]["met"]
+  assert not goals[("big", "lns_madam / adam")]["met"]
+  assert goals[("big", "lns_madam / adam")]["miss"] == pytest.approx(0.1)
+  assert goals[("many", "compile madam / adam")]["met"]
+  assert not goals[("many", "lns_madam / nearest")]["met"]
+  table = "\n".join(step_time.goals_table(results))
+  assert "| lns_madam / nearest | many | 1.50 | <= 1.25 | no | +20% |" in table
+
+
+def test_optional_optimizers_run_when_named(step_time):
+  results = step_time.main(
+    [
+      "--quick",
+      "--out",
+      "-",
+      "--optimizers",
+      "adam,madam,madam_chain,lns_madam,lns_madam_threefry",
+    ],
+    log=lambda *_: None,
+  )
+  for tr in results["trees"]:
+    rows = {r["optimizer"]: r for r in tr["rows"]}
+    assert set(rows) == {
+      "adam",
+      "madam",
+      "madam_chain",
+      "lns_madam",
+      "lns_madam_threefry",
+    }
+    assert rows["madam_chain"]["bytes_per_param_moved"] == 20
+    assert rows["lns_madam_threefry"]["x_nearest_paired"] is None  # not run

@@ -1,0 +1,195 @@
+"""Madam in one pass per tensor: the chain of its four parts, leaf by leaf.
+
+:func:`fused_madam` computes ``optax.chain(scale_by_second_moment,
+optax.clip, multiplicative_step, clip_weight_magnitude)`` with the chain's own
+state, but walks the parameter tree once and, for each tensor, calls the
+parts' own per-tensor functions one after the other
+(:func:`second_moment.second_moment_leaf`, ``jnp.clip`` as ``optax.clip``
+does, :func:`multiplicative_step.multiplicative_step_leaf`,
+:func:`magnitude_bound.bounded_update`). It cannot drift from the chain: it
+has no maths of its own. What it adds is one fact the chain's parts cannot
+see: after the clip, :math:`|\\eta u| \\le \\eta\\, g_{bound}`, which, when
+both are numbers with a product of at most
+:data:`numerics.REDUCTION_FREE_EXPM1`, lets ``expm1`` skip its range
+reduction (the same bits). What is saved is the chain's repeated work:
+validating and flattening the tree four times, and tracing (and lowering)
+each tensor's computation, which is a nested jit per tensor, so tensors of
+one shape and dtype are traced and lowered once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from madam_optax._src import magnitude_bound
+from madam_optax._src import multiplicative_step as multiplicative_step_lib
+from madam_optax._src import numerics
+from madam_optax._src import second_moment
+from madam_optax._src import tree_utils
+from madam_optax._src import validation
+
+_NAME = "madam"
+
+
+def _leaf(g, r, w, bound, lr, moment, g_bound, max_exponent=None):
+  """One tensor's step: the four parts' per-tensor functions in turn.
+
+  Returns ``(update, new_rms)``; ``moment`` is
+  :func:`second_moment.moment_scalars` in ``g``'s compute dtype.
+  """
+  u, new_r = second_moment.second_moment_leaf(g, r, *moment)
+  u = jnp.clip(u, -g_bound, g_bound)  # optax.clip(g_bound)
+  delta = multiplicative_step_lib.multiplicative_step_leaf(
+    u, w, lr, max_exponent
+  )
+  return magnitude_bound.bounded_update(delta, w, bound), new_r
+
+
+# Nested jits: tensors of one shape and dtype (a model's repeated blocks) are
+# traced and lowered once; XLA inlines the calls, so the compiled step is
+# the same. g_bound is static when it is a number (as optax.clip sees it:
+# a Python float keeps u's dtype), traced when it is an array.
+_leaf_static_bound = jax.jit(_leaf, static_argnames=("g_bound", "max_exponent"))
+_leaf_array_bound = jax.jit(_leaf, static_argnames=("max_exponent",))
+
+
+def _max_exponent(learning_rate: Any, g_bound: Any) -> float | None:
+  """A bound on :math:`|\\eta u|` known at trace time, or None.
+
+  ``lr * g_bound`` when both are numbers and the product is small enough
+  for ``expm1`` to skip its range reduction.
+  """
+  lr_value = validation.concrete_value(learning_rate)
+  g_bound_value = validation.concrete_value(g_bound)
+  if lr_value is None or g_bound_value is None:
+    return None
+  bound = abs(lr_value) * abs(g_bound_value)
+  return bound if bound <= numerics.REDUCTION_FREE_EXPM1 else None
+
+
+def fused_madam(
+  learning_rate: optax.ScalarOrSchedule = 0.01,
+  *,
+  p_scale: float = 3.0,
+  g_bound: float = 10.0,
+  b2: float = 0.999,
+  state_dtype: Any = None,
+  max_magnitude: float | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Madam's four parts as one transform with one pass per tensor.
+
+  The same transform as ``optax.chain(scale_by_second_moment(b2,
+  state_dtype=state_dtype), optax.clip(g_bound),
+  multiplicative_step(learning_rate), clip_weight_magnitude(p_scale,
+  max_magnitude=max_magnitude))``: the same state (``init`` is the chain's)
+  and, compiled, the same updates and second moments bit for bit.
+  :func:`madam_optax.madam` returns this transform unless ``factored``.
+
+  Args:
+    learning_rate: :math:`\eta`, a float or an optax schedule.
+    p_scale: per-tensor weight bound as a multiple of the initial RMS.
+    g_bound: bound on the normalised gradient.
+    b2: decay of the second-moment moving average, in ``[0, 1)``.
+    state_dtype: dtype of the second-moment buffer.
+    max_magnitude: a fixed weight bound for every tensor.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, madam_optax
+    >>> tx = madam_optax.madam()
+    >>> params = {'w': jnp.array([1.0, -2.0])}
+    >>> u, _ = tx.update({'w': jnp.array([3.0, 3.0])}, tx.init(params), params)
+    >>> new = optax.apply_updates(params, u)['w']       # e^-0.01, -2 e^0.01
+    >>> print([round(float(x), 5) for x in new])
+    [0.99005, -2.0201]
+
+  References:
+    Bernstein et al., "Learning compositional functions via multiplicative
+    weight updates", NeurIPS 2020, arXiv:2006.14560.
+  """
+  chain = optax.chain(
+    second_moment.scale_by_second_moment(b2, state_dtype=state_dtype),
+    optax.clip(g_bound),
+    multiplicative_step_lib.multiplicative_step(learning_rate),
+    magnitude_bound.clip_weight_magnitude(p_scale, max_magnitude=max_magnitude),
+  )
+  max_exponent = _max_exponent(learning_rate, g_bound)
+  static_bound = isinstance(g_bound, (int, float, np.number))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args  # accepted and ignored, as optax.chain passes them on
+    moment_state, clip_state, step_state, bound_state = state
+    # The chain's checks, in its order.
+    updates = validation.as_arrays(updates)
+    validation.check_float_leaves(updates, _NAME, "updates")
+    validation.check_same_structure(
+      updates, moment_state.rms, _NAME, "optimizer-state"
+    )
+    validation.require_params(params, _NAME)
+    params = validation.as_arrays(params)
+    validation.check_same_structure(updates, params, _NAME)
+    validation.check_float_leaves(params, _NAME)
+
+    count = optax.safe_increment(moment_state.count)
+    lr = jnp.asarray(
+      multiplicative_step_lib.learning_rate_at(learning_rate, step_state.count)
+    )
+    bounds = magnitude_bound.current_bounds(bound_state, params, max_magnitude)
+    params_leaves, treedef = jax.tree.flatten(
+      params, is_leaf=tree_utils.is_masked
+    )
+    bounds = tuple(bounds)
+    if len(bounds) != len(params_leaves):
+      raise ValueError(
+        f"{_NAME}: the state holds {len(bounds)} bounds but params have "
+        f"{len(params_leaves)} tensors. Initialise the state with "
+        "`tx.init(params)` on the same parameter tree."
+      )
+    moments = {}  # moment_scalars per compute dtype, traced once each
+
+    def leaf(g, r, w, bound):
+      if tree_utils.is_masked(g):
+        return g, r
+      ct = numerics.compute_dtype(g.dtype)
+      if ct not in moments:
+        moments[ct] = second_moment.moment_scalars(b2, count, ct)
+      if static_bound:
+        return _leaf_static_bound(
+          g,
+          r,
+          w,
+          bound,
+          lr,
+          moments[ct],
+          g_bound=g_bound,
+          max_exponent=max_exponent,
+        )
+      return _leaf_array_bound(
+        g, r, w, bound, lr, moments[ct], g_bound, max_exponent=max_exponent
+      )
+
+    rows = zip(
+      treedef.flatten_up_to(updates),
+      treedef.flatten_up_to(moment_state.rms),
+      params_leaves,
+      bounds,
+    )
+    outs = [leaf(*row) for row in rows]
+    new_updates = treedef.unflatten([o[0] for o in outs])
+    new_rms = treedef.unflatten([o[1] for o in outs])
+    new_state = (
+      moment_state._replace(count=count, rms=new_rms),
+      clip_state,
+      step_state._replace(count=optax.safe_increment(step_state.count)),
+      bound_state,
+    )
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(chain.init, update_fn)
