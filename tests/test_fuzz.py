@@ -447,7 +447,9 @@ def _reference_bound(w0, p_scale, max_magnitude, dtype):
   if m == 0.0:
     return 0.0
   rms = m * np.sqrt(np.mean((w0 / m) ** 2))
-  return min(p_scale * rms, float(_finfo(dtype).max))
+  # At least the compute dtype's smallest normal (a subnormal is flushed).
+  smallest = float(_finfo(_compute_dtype(dtype)).tiny)
+  return max(min(p_scale * rms, float(_finfo(dtype).max)), smallest)
 
 
 def _check_float_step(
@@ -818,7 +820,9 @@ def _fuzz_float_example(name, draw, dtypes):
           x = -lr * g * np.sign(w)
           ref = w * np.exp(x)
         extra = np.abs(x) * 8 * float(_finfo(_compute_dtype(dtype)).eps)
-        if mode["inject"] == "float32":  # the rate rounded to float32
+        # The rate rounded to float32: injected as float32, or a schedule's
+        # value, which inject_hyperparams leaves in float32.
+        if mode["inject"] == "float32" or (schedule and mode["inject"] != "no"):
           extra = extra + np.abs(x) * 2 * float(_finfo(jnp.float32).eps)
         exact = finite_in & (np.abs(x) < 1e3)
         _check_float_step(w, new, ref, exact, dtype, what, extra)

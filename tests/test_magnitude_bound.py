@@ -65,6 +65,21 @@ def test_bound_of_huge_weights(magnitude):
   np.testing.assert_allclose(float(_bound(w0, 0.5)), 0.5 * magnitude, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_a_bound_below_the_normal_range_is_not_flushed_to_zero(dtype):
+  """p_scale times an RMS of 4.7e-38 is a float32 subnormal, which XLA
+  flushed to 0: clip_weight_magnitude then zeroed the tensor. The bound is
+  at least float32's smallest normal value."""
+  tiny = float(np.finfo(np.float32).tiny)
+  w = {"w": jnp.full((3,), 4 * tiny, dtype)}
+  bound = madam_optax.initial_max_magnitude(w, p_scale=1e-3)["w"]
+  assert float(bound) == tiny
+  tx = madam_optax.clip_weight_magnitude(p_scale=1e-3)
+  u, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, w), tx.init(w), w)
+  after = optax.apply_updates(w, u)["w"]
+  assert np.all(np.asarray(after, np.float64) > 0), after
+
+
 @pytest.mark.parametrize(
   "dtype", [jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64]
 )

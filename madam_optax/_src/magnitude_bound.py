@@ -47,7 +47,9 @@ def initial_max_magnitude(params: Any, p_scale: Any = 3.0) -> Any:
   with power-of-two scaling, so it neither overflows nor underflows for any
   finite tensor (weights of 1e30 or 1e-30 in float32, 1e300 in float64), and
   the bound is capped at the largest finite value of the tensor's dtype (a
-  float16 tensor's bound is at most 65504).
+  float16 tensor's bound is at most 65504); a non-zero tensor's bound is at
+  least the smallest normal value of its compute dtype (about 1.2e-38 in
+  float32), below which it would be flushed to 0.
 
   Args:
     params: a pytree of floating-point arrays, or one array.
@@ -74,7 +76,13 @@ def initial_max_magnitude(params: Any, p_scale: Any = 3.0) -> Any:
     p = jnp.asarray(p)
     ct = numerics.compute_dtype(p.dtype)
     bound = numerics.scaled_root_mean_square(p.astype(ct), p_scale)
-    return jnp.minimum(bound, jnp.finfo(p.dtype).max).astype(ct)
+    bound = jnp.minimum(bound, jnp.finfo(p.dtype).max).astype(ct)
+    # Below the compute dtype's smallest normal value XLA flushes the bound
+    # to 0, and a zero bound would zero the tensor: a non-zero tensor's bound
+    # is at least that value.
+    nonzero = jnp.any(p != 0)
+    smallest = jnp.asarray(jnp.finfo(ct).tiny, ct)
+    return jnp.where(nonzero, jnp.maximum(bound, smallest), bound)
 
   return jax.tree.map(leaf, params)
 
