@@ -434,22 +434,12 @@ def scale_by_factored_second_moment(
       ct = numerics.compute_dtype(dtype)
       if ct not in scalars:
         scalars[ct] = second_moment.moment_scalars(b2, count, ct)
-      return ct, scalars[ct]
+      return scalars[ct]
 
     def leaf(g, row, col, r, axes):
-      ct, coeffs = coefficients(g.dtype)
+      coeffs = coefficients(g.dtype)
       if axes is None:
-        u, new_r = second_moment.normalised_gradient(
-          lax.convert_element_type(g, ct),
-          lax.convert_element_type(r, ct),
-          *coeffs,
-        )
-        u, new_r = second_moment.keep_statistic_of_non_finite(
-          g,
-          lax.convert_element_type(u, g.dtype),
-          lax.convert_element_type(new_r, r.dtype),
-          r,
-        )
+        u, new_r = second_moment.second_moment_leaf(g, r, *coeffs)
         return u, row, col, new_r
       u, row, col = factored_leaf(g, row, col, axes, coeffs)
       # A non-finite entry: a NaN update there (its row's and column's

@@ -81,25 +81,6 @@ def divided_by_root(
   return lax.select(lax.gt(root, zero), u, lax.full_like(u, zero))
 
 
-def normalised_gradient(
-  g: jax.Array,
-  rms: jax.Array,
-  sqrt_b2: jax.Array,
-  sqrt_1mb2: jax.Array,
-  correction: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-  r"""One element-wise step of :func:`scale_by_second_moment`, in ``g``'s dtype.
-
-  Returns ``(u, rms_t)``: :math:`rms_t = \sqrt{\beta_2 rms^2 + (1 - \beta_2)
-  g^2}` and :math:`u = g \sqrt{1 - \beta_2^t} / rms_t` with :math:`0/0 := 0`.
-  ``g`` and ``rms`` are of one float32/float64 dtype; the scalars are from
-  :func:`moment_scalars` in that dtype. Non-finite gradients are not treated
-  here (see :func:`second_moment_leaf`).
-  """
-  new_r = updated_root(g, rms, sqrt_b2, sqrt_1mb2)
-  return divided_by_root(g, new_r, correction), new_r
-
-
 def second_moment_leaf(
   g: jax.Array,
   rms: jax.Array,
@@ -130,22 +111,6 @@ def second_moment_leaf(
   return (
     lax.convert_element_type(u, g.dtype),
     lax.convert_element_type(new_r, rms.dtype),
-  )
-
-
-def keep_statistic_of_non_finite(
-  g: jax.Array, u: jax.Array, new: jax.Array, old: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-  """Where ``g`` is NaN or infinite: a NaN update and the statistic unchanged.
-
-  The NaN is set here because under jit XLA's max/min may drop it (a silent
-  zero update); the second moment stays as it was, so that later finite
-  steps are normalised as before.
-  """
-  finite = lax.is_finite(g)
-  return (
-    lax.select(finite, u, lax.full_like(u, np.nan)),
-    lax.select(finite, new, old),
   )
 
 
