@@ -9,7 +9,6 @@ transform shares is in ``test_contract.py`` and ``test_properties.py``.
 
 import chex
 from hypothesis import given
-from hypothesis import strategies as st
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,11 @@ import optax
 import pytest
 from reference import integer_rule_reference
 from reference import madam_reference
+from strategies import N
+from strategies import finite_f32
+from strategies import learning_rates
+from strategies import normal_f32
+from strategies import weights
 from transforms import BY_NAME
 
 import madam_optax
@@ -154,28 +158,7 @@ def test_relative_error_bound():
 
 # ----------------------------------------------- first step, per-step change
 
-N = 12
 STEPS_H = 6  # steps of the hypothesis trajectories
-F32_MAX = float(np.finfo(np.float32).max)
-finite_f32 = st.floats(
-  -F32_MAX, F32_MAX, allow_nan=False, allow_infinity=False, width=32
-)
-# XLA flushes float32 subnormals to zero; (1 - b2)**0.5 * g is subnormal for
-# |g| below about 4e-37, and such gradients count as zero (documented).
-normal_f32 = finite_f32.filter(lambda x: x == 0 or abs(x) >= 1e-30)
-moderate_f32 = st.floats(-1e3, 1e3, allow_nan=False, width=32)
-# Weights: ordinary, zero and tiny (1e-20) values. XLA flushes float32
-# subnormals to zero, so magnitudes below 1e-30 are left out.
-weights = hnp.arrays(
-  np.float32,
-  (N,),
-  elements=st.one_of(
-    moderate_f32,
-    st.just(0.0),
-    st.floats(-1e-20, 1e-20).map(np.float32).map(float),
-  ).filter(lambda x: x == 0 or abs(x) >= 1e-30),
-)
-learning_rates = st.floats(1e-4, 1.0)
 
 
 @jax.jit

@@ -14,26 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from strategies import N
+from strategies import finite_f32
+from strategies import weights
 
 import madam_optax
-
-N = 12
-F32_MAX = float(np.finfo(np.float32).max)
-finite_f32 = st.floats(
-  -F32_MAX, F32_MAX, allow_nan=False, allow_infinity=False, width=32
-)
-moderate_f32 = st.floats(-1e3, 1e3, allow_nan=False, width=32)
-# Weights: ordinary, zero and tiny (1e-20) values. XLA flushes float32
-# subnormals to zero, so magnitudes below 1e-30 are left out.
-weights = hnp.arrays(
-  np.float32,
-  (N,),
-  elements=st.one_of(
-    moderate_f32,
-    st.just(0.0),
-    st.floats(-1e-20, 1e-20).map(np.float32).map(float),
-  ).filter(lambda x: x == 0 or abs(x) >= 1e-30),
-)
 
 
 @jax.jit

@@ -20,6 +20,12 @@ import jax
 import numpy as np
 import optax
 import pytest
+from strategies import F32_MAX
+from strategies import N
+from strategies import finite_f32
+from strategies import learning_rates
+from strategies import normal_f32
+from strategies import weights
 import transforms
 from transforms import BOUNDED
 from transforms import BY_NAME
@@ -31,37 +37,16 @@ from transforms import SIGN_KEPT
 from transforms import SIGN_STEP
 from transforms import ZEROS_STAY
 
-N = 12
 STEPS = 6
-F32_MAX = float(np.finfo(np.float32).max)
 
-finite_f32 = st.floats(
-  -F32_MAX, F32_MAX, allow_nan=False, allow_infinity=False, width=32
-)
-moderate_f32 = st.floats(-1e3, 1e3, allow_nan=False, width=32)
-# Weights: ordinary, zero and tiny (1e-20) values. XLA flushes float32
-# subnormals to zero, so magnitudes below 1e-30 are left to the finite test.
-weights = hnp.arrays(
-  np.float32,
-  (N,),
-  elements=st.one_of(
-    moderate_f32,
-    st.just(0.0),
-    st.floats(-1e-20, 1e-20).map(np.float32).map(float),
-  ).filter(lambda x: x == 0 or abs(x) >= 1e-30),
-)
 any_weights = hnp.arrays(np.float32, (N,), elements=finite_f32)
 grads = hnp.arrays(np.float32, (STEPS, N), elements=finite_f32)
-# XLA flushes float32 subnormals to zero; (1 - b2)**0.5 * g is subnormal for
-# |g| below about 4e-37, and such gradients count as zero (documented).
-normal_f32 = finite_f32.filter(lambda x: x == 0 or abs(x) >= 1e-30)
 normal_grads = hnp.arrays(np.float32, (STEPS, N), elements=normal_f32)
 magnitudes = hnp.arrays(
   np.float32,
   (N,),
   elements=st.floats(float(np.float32(1e-30)), F32_MAX, width=32),
 )
-learning_rates = st.floats(1e-4, 1.0)
 p_scales = st.sampled_from([0.5, 1.0, 3.0])
 codes = {
   name: hnp.arrays(
