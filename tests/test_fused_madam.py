@@ -24,6 +24,8 @@ import pytest
 from reference import madam_reference
 
 import madam_optax
+from madam_optax._src import magnitude_bound
+from madam_optax._src import multiplicative_step as multiplicative_step_lib
 from madam_optax._src import numerics
 
 
@@ -357,6 +359,49 @@ def test_update_reaching_equals_its_straightforward_form(dtype):
         jax.jit(_straightforward_update_reaching)(w, target),
         str(dtype),
       )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("max_exponent", [None, 0.1])
+def test_bounded_step_on_magnitudes_equals_the_two_parts(dtype, max_exponent):
+  """``bounded_multiplicative_update`` (what ``madam()`` runs for float32
+  and float64 tensors) gives the bits of ``bounded_update`` after
+  ``multiplicative_step_leaf`` (NaN as NaN): awkward weights (subnormal,
+  infinite, NaN, signed zeros, far above and below the bound), steps up to
+  the clip and beyond it (``max_exponent=None``: a step of any size), NaN
+  steps, and bounds from the subnormal range to the largest value."""
+  leaf = jax.jit(
+    magnitude_bound.bounded_multiplicative_update, static_argnums=4
+  )
+
+  def two_parts(u, w, lr, bound, max_exponent):
+    delta = multiplicative_step_lib.multiplicative_step_leaf(
+      u, w, lr, max_exponent
+    )
+    return magnitude_bound.bounded_update(delta, w, bound)
+
+  two_parts = jax.jit(two_parts, static_argnums=4)
+  with jax.enable_x64(dtype == jnp.float64):
+    rng = np.random.default_rng(12)
+    n = 30_000
+    info = jnp.finfo(dtype)
+    w = jnp.asarray(_awkward_values(rng, n, dtype), dtype)
+    u = rng.standard_normal(n) * rng.choice([1e-3, 1.0, 10.0], n)
+    if max_exponent is None:
+      u[::7] *= 1e4  # steps far beyond the clip: expm1 overflows, or is -1
+    u[::31] = np.nan
+    u[::37] = 0.0
+    u = jnp.asarray(u, dtype)
+    bounds = [0.06, 3.0, float(info.tiny), float(info.smallest_subnormal)]
+    bounds += [1e-30, float(info.max)]
+    for bound in bounds:
+      for lr in [0.01, 1e-8]:
+        args = (u, w, jnp.asarray(lr, dtype), jnp.asarray(bound, dtype))
+        _assert_same(
+          leaf(*args, max_exponent),
+          two_parts(*args, max_exponent),
+          f"{dtype.__name__} bound {bound} lr {lr}",
+        )
 
 
 # ------------------------------------------------------------ the maths

@@ -6,9 +6,10 @@ state, but walks the parameter tree once and, for each tensor, calls the
 parts' own per-tensor functions one after the other
 (:func:`second_moment.second_moment_leaf`, ``jnp.clip`` as ``optax.clip``
 does, :func:`multiplicative_step.multiplicative_step_leaf`,
-:func:`magnitude_bound.bounded_update`). It cannot drift from the chain: it
-has no maths of its own. What it adds is one fact the chain's parts cannot
-see: after the clip, :math:`|\\eta u| \\le \\eta\\, g_{bound}`, which, when
+:func:`magnitude_bound.bounded_update`); for float32 and float64 tensors the
+last two run as :func:`magnitude_bound.bounded_multiplicative_update`, their
+composition on magnitudes, tested bit for bit against the two. It has no
+maths of its own. What it adds is one fact the chain's parts cannot see: after the clip, :math:`|\\eta u| \\le \\eta\\, g_{bound}`, which, when
 both are numbers with a product of at most
 :data:`numerics.REDUCTION_FREE_EXPM1`, lets ``expm1`` skip its range
 reduction (the same bits). What is saved is the chain's repeated work:
@@ -44,10 +45,19 @@ def _leaf(g, r, w, bound, lr, moment, g_bound, max_exponent=None):
   """
   u, new_r = second_moment.second_moment_leaf(g, r, *moment)
   u = jnp.clip(u, -g_bound, g_bound)  # optax.clip(g_bound)
+  if u.dtype == w.dtype and u.dtype in _MAGNITUDE_DTYPES:
+    # The last two parts' composition on magnitudes (equal values).
+    update = magnitude_bound.bounded_multiplicative_update(
+      u, w, lr, bound, max_exponent
+    )
+    return update, new_r
   delta = multiplicative_step_lib.multiplicative_step_leaf(
     u, w, lr, max_exponent
   )
   return magnitude_bound.bounded_update(delta, w, bound), new_r
+
+
+_MAGNITUDE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 # Nested jits: tensors of one shape and dtype (a model's repeated blocks) are
