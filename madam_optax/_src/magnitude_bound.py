@@ -187,7 +187,10 @@ def bounded_multiplicative_update(
     lax.neg(lax.convert_element_type(lr, dtype)), numerics.with_sign_of(u, w)
   )
   step = lax.mul(abs_w, numerics.expm1(exponent, max_abs=max_exponent))
-  # A zero weight gets a zero update (its step may be NaN: 0 * NaN).
+  # A zero weight gets a zero update (its step may be NaN: 0 * NaN). The
+  # select also keeps the step's product and the sum below rounded apart, as
+  # in the two parts (with nothing between them, XLA:CPU contracts them into
+  # a fused multiply-add, which rounds once: other bits).
   step = lax.select(lax.eq(abs_w, lax.full_like(abs_w, zero)), abs_w, step)
   new = lax.add(abs_w, step)  # >= 0, or NaN
   bound = lax.full_like(abs_w, _round_down(bound, dtype))
