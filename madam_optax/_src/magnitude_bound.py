@@ -95,6 +95,8 @@ def _round_down(bound: jax.Array, dtype: Any) -> jax.Array:
   up would let ``|w|`` exceed the bound by up to half an ulp.
   """
   bound = jnp.asarray(bound)
+  if bound.dtype == dtype:
+    return bound  # nothing to round (and nothing for XLA to simplify away)
   rounded = lax.convert_element_type(bound, dtype)
   up = lax.gt(
     lax.abs(lax.convert_element_type(rounded, bound.dtype)), lax.abs(bound)
