@@ -37,10 +37,12 @@ parameter are (float32 unless stated):
   stochastic rounding from hashed random bits, ``lns_madam_nearest`` with
   nearest rounding).
 
-Two more run only when named in ``--optimizers``: ``madam_chain`` (the chain
-of Madam's four parts, which ``madam()`` computes in one pass per tensor) and
-``lns_madam_threefry`` (stochastic rounding from ``jax.random``'s threefry
-bits instead of hashed ones).
+Three more run only when named in ``--optimizers``: ``madam_chain`` (the
+chain of Madam's four parts, which ``madam()`` computes in one pass per
+tensor), ``madam_parts_bound`` (``madam()`` with its step and bound as the two
+parts' own functions rather than their composition on magnitudes, the same
+bits) and ``lns_madam_threefry`` (stochastic rounding from ``jax.random``'s
+threefry bits instead of hashed ones).
 
 The goals table checks the paired ratios against :data:`GOALS`.
 
@@ -71,6 +73,7 @@ import numpy as np
 import optax
 
 import madam_optax
+from madam_optax._src import fused_madam
 
 F32 = 4
 
@@ -193,9 +196,13 @@ def optional_optimizers() -> dict[
   """Optimizers timed only when ``--optimizers`` names them.
 
   Madam as the chain of its four parts (``madam()`` computes the same in one
-  pass per tensor), and ``lns_madam`` with threefry random bits.
+  pass per tensor); ``madam()`` with the step and the bound as the two
+  parts' own functions instead of their composition on magnitudes (the same
+  bits; the lever measured side by side); and ``lns_madam`` with threefry
+  random bits.
   """
   return {
+    "madam_parts_bound": lambda: fused_madam.fused_madam(on_magnitudes=False),
     "madam_chain": lambda: optax.chain(
       madam_optax.scale_by_second_moment(0.999),
       optax.clip(10.0),
@@ -236,6 +243,7 @@ def bytes_per_param(
     "madam",
     "madam_bf16",
     "madam_chain",
+    "madam_parts_bound",
     "lns_madam",
     "lns_madam_nearest",
     "lns_madam_threefry",

@@ -37,7 +37,9 @@ from madam_optax._src import validation
 _NAME = "madam"
 
 
-def _leaf(g, r, w, bound, lr, moment, g_bound, max_exponent=None):
+def _leaf(
+  g, r, w, bound, lr, moment, g_bound, max_exponent=None, on_magnitudes=True
+):
   """One tensor's step: the four parts' per-tensor functions in turn.
 
   Returns ``(update, new_rms)``; ``moment`` is
@@ -45,7 +47,7 @@ def _leaf(g, r, w, bound, lr, moment, g_bound, max_exponent=None):
   """
   u, new_r = second_moment.second_moment_leaf(g, r, *moment)
   u = jnp.clip(u, -g_bound, g_bound)  # optax.clip(g_bound)
-  if u.dtype == w.dtype and u.dtype in _MAGNITUDE_DTYPES:
+  if on_magnitudes and u.dtype == w.dtype and u.dtype in _MAGNITUDE_DTYPES:
     # The last two parts' composition on magnitudes (equal values).
     update = magnitude_bound.bounded_multiplicative_update(
       u, w, lr, bound, max_exponent
@@ -64,8 +66,12 @@ _MAGNITUDE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # traced and lowered once; XLA inlines the calls, so the compiled step is
 # the same. g_bound is static when it is a number (as optax.clip sees it:
 # a Python float keeps u's dtype), traced when it is an array.
-_leaf_static_bound = jax.jit(_leaf, static_argnames=("g_bound", "max_exponent"))
-_leaf_array_bound = jax.jit(_leaf, static_argnames=("max_exponent",))
+_leaf_static_bound = jax.jit(
+  _leaf, static_argnames=("g_bound", "max_exponent", "on_magnitudes")
+)
+_leaf_array_bound = jax.jit(
+  _leaf, static_argnames=("max_exponent", "on_magnitudes")
+)
 
 
 def _max_exponent(learning_rate: Any, g_bound: Any) -> float | None:
@@ -90,6 +96,7 @@ def fused_madam(
   b2: float = 0.999,
   state_dtype: Any = None,
   max_magnitude: float | None = None,
+  on_magnitudes: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Madam's four parts as one transform with one pass per tensor.
 
@@ -107,6 +114,10 @@ def fused_madam(
     b2: decay of the second-moment moving average, in ``[0, 1)``.
     state_dtype: dtype of the second-moment buffer.
     max_magnitude: a fixed weight bound for every tensor.
+    on_magnitudes: run the step and the bound of float32 and float64 tensors
+      as :func:`magnitude_bound.bounded_multiplicative_update` (the default);
+      ``False`` runs the two parts' own functions instead, for benchmarks
+      and tests (the same bits).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``.
@@ -180,9 +191,18 @@ def fused_madam(
           moments[ct],
           g_bound=g_bound,
           max_exponent=max_exponent,
+          on_magnitudes=on_magnitudes,
         )
       return _leaf_array_bound(
-        g, r, w, bound, lr, moments[ct], g_bound, max_exponent=max_exponent
+        g,
+        r,
+        w,
+        bound,
+        lr,
+        moments[ct],
+        g_bound,
+        max_exponent=max_exponent,
+        on_magnitudes=on_magnitudes,
       )
 
     rows = zip(

@@ -159,7 +159,7 @@ def test_optional_optimizers_run_when_named(step_time):
       "--out",
       "-",
       "--optimizers",
-      "adam,madam,madam_chain,lns_madam,lns_madam_threefry",
+      "adam,madam,madam_chain,madam_parts_bound,lns_madam,lns_madam_threefry",
     ],
     log=lambda *_: None,
   )
@@ -169,8 +169,10 @@ def test_optional_optimizers_run_when_named(step_time):
       "adam",
       "madam",
       "madam_chain",
+      "madam_parts_bound",
       "lns_madam",
       "lns_madam_threefry",
     }
     assert rows["madam_chain"]["bytes_per_param_moved"] == 20
+    assert rows["madam_parts_bound"]["bytes_per_param_moved"] == 20
     assert rows["lns_madam_threefry"]["x_nearest_paired"] is None  # not run
