@@ -99,19 +99,33 @@ def second_moment_leaf(
   gradient that is the new root itself, and a non-finite one gives NaN
   either way; so the compiled step reads the new root it has written
   rather than recomputing it from the old one (which would force a copy of
-  the donated buffer).
+  the donated buffer). A state narrower than the compute dtype (bfloat16)
+  is the exception: there the new state is computed a second time, from the
+  old one, ordered after ``u`` (the same numbers, in two loops instead of
+  three, with no compute-dtype root written to memory).
   """
   ct = numerics.compute_dtype(g.dtype)
   g_ = lax.convert_element_type(g, ct)
-  r_ = lax.convert_element_type(rms, ct)
-  finite = lax.is_finite(g_)
-  new_r = lax.select(finite, updated_root(g_, r_, sqrt_b2, sqrt_1mb2), r_)
+
+  def new_root(rms):
+    r_ = lax.convert_element_type(rms, ct)
+    return lax.select(
+      lax.is_finite(g_), updated_root(g_, r_, sqrt_b2, sqrt_1mb2), r_
+    )
+
+  new_r = new_root(rms)
   u = divided_by_root(g_, new_r, correction)
-  u = lax.select(finite, u, lax.full_like(u, np.nan))
-  return (
-    lax.convert_element_type(u, g.dtype),
-    lax.convert_element_type(new_r, rms.dtype),
-  )
+  u = lax.select(lax.is_finite(g_), u, lax.full_like(u, np.nan))
+  u = lax.convert_element_type(u, g.dtype)
+  if np.dtype(rms.dtype) != np.dtype(ct):
+    # A narrower state (bfloat16): u needs the root in ct, the state only
+    # its rounding. Computed together, XLA:CPU writes the ct root to memory
+    # and reads it back in two more loops. Computing the new state again
+    # from the old one, after u (the barrier orders the two), gives the same
+    # numbers in two loops, each reading the old state and the gradient.
+    u, rms = lax.optimization_barrier((u, rms))
+    new_r = new_root(rms)
+  return u, lax.convert_element_type(new_r, rms.dtype)
 
 
 def scale_by_second_moment(
