@@ -10,6 +10,14 @@ import os
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+# The simulated devices meet in XLA:CPU's collectives, which abort the
+# process when one device has not arrived after 40 s; on a busy 2-core
+# machine (the other test worker, multi-process tests) a device thread can
+# wait that long. Ten minutes, so that only a real hang aborts.
+if "collective_call_terminate_timeout" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += (
+    " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+  )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("MADAM_QUICK", "1")  # notebooks and examples: quick mode
 
