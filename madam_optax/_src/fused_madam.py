@@ -9,7 +9,8 @@ does, :func:`multiplicative_step.multiplicative_step_leaf`,
 :func:`magnitude_bound.bounded_update`); for float32 and float64 tensors the
 last two run as :func:`magnitude_bound.bounded_multiplicative_update`, their
 composition on magnitudes, tested bit for bit against the two. It has no
-maths of its own. What it adds is one fact the chain's parts cannot see: after the clip, :math:`|\\eta u| \\le \\eta\\, g_{bound}`, which, when
+maths of its own. What it adds is one fact the chain's parts cannot see:
+after the clip, :math:`|\\eta u| \\le \\eta\\, g_{bound}`, which, when
 both are numbers with a product of at most
 :data:`numerics.REDUCTION_FREE_EXPM1`, lets ``expm1`` skip its range
 reduction (the same bits). What is saved is the chain's repeated work:

@@ -164,9 +164,9 @@ def bounded_multiplicative_update(
 ) -> jax.Array:
   r"""The multiplicative step followed by the bound, on magnitudes.
 
-  Equal in value to ``bounded_update(multiplicative_step_leaf(u, w, lr,
-  max_exponent), w, bound)`` bit for bit, for ``u`` and ``w`` of one float32 or float64 dtype, in fewer
-  operations. The step
+  The same bits as ``bounded_update(multiplicative_step_leaf(u, w, lr,
+  max_exponent), w, bound)`` for ``u`` and ``w`` of one float32 or float64
+  dtype, in fewer operations. The step
   :math:`w' = w + w\,\mathrm{expm1}(-\eta\, u\, \mathrm{sign}(w))` never
   changes the sign of ``w`` (:math:`\mathrm{expm1} \ge -1`, and rounding to
   nearest is monotone and symmetric), so the clamp to :math:`[-w_{max},

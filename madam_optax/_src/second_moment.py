@@ -106,16 +106,15 @@ def second_moment_leaf(
   """
   ct = numerics.compute_dtype(g.dtype)
   g_ = lax.convert_element_type(g, ct)
+  finite = lax.is_finite(g_)
 
   def new_root(rms):
     r_ = lax.convert_element_type(rms, ct)
-    return lax.select(
-      lax.is_finite(g_), updated_root(g_, r_, sqrt_b2, sqrt_1mb2), r_
-    )
+    return lax.select(finite, updated_root(g_, r_, sqrt_b2, sqrt_1mb2), r_)
 
   new_r = new_root(rms)
   u = divided_by_root(g_, new_r, correction)
-  u = lax.select(lax.is_finite(g_), u, lax.full_like(u, np.nan))
+  u = lax.select(finite, u, lax.full_like(u, np.nan))
   u = lax.convert_element_type(u, g.dtype)
   if np.dtype(rms.dtype) != np.dtype(ct):
     # A narrower state (bfloat16): u needs the root in ct, the state only
