@@ -215,8 +215,13 @@ def _hyperparameters(draw, names):
 
 
 def _lr_at(hyper, schedule, t):
+  """The learning rate of step ``t`` (from 1), as the transform sees it.
+
+  The schedule's value is float32 with or without x64 (optax computes it
+  from the int32 count): the float32 rate halved ``t - 1`` times, exactly.
+  """
   lr = float(hyper.get("learning_rate", 0.01))
-  return lr * 0.5 ** (t - 1) if schedule else lr
+  return float(np.float32(lr)) * 0.5 ** (t - 1) if schedule else lr
 
 
 def _with_schedule(hyper, schedule):
@@ -749,7 +754,7 @@ def _fuzz_float_example(name, draw, dtypes):
     }
   order = list(_flat(params))
   flats = [_flat(p) for p in history]
-  for leaf_name, (shape, dtype, _) in spec.items():
+  for leaf_name, (shape, dtype, py) in spec.items():
     if leaf_name in masked:
       continue
     ws = [np.asarray(f[leaf_name], np.float64).reshape(shape) for f in flats]
@@ -767,8 +772,13 @@ def _fuzz_float_example(name, draw, dtypes):
         hyper["min_dim_size_to_factor"],
         dtype,
       )
+    # A Python float leaf is a float64 array under x64: its bound is at
+    # least float64's smallest normal value, not its drawn dtype's.
     bound = _reference_bound(
-      ws[0], hyper.get("p_scale", 3.0), hyper.get("max_magnitude"), dtype
+      ws[0],
+      hyper.get("p_scale", 3.0),
+      hyper.get("max_magnitude"),
+      python_float if py else dtype,
     )
     for count, t in enumerate(kept, start=1):
       w, new, g = ws[t], ws[t + 1], gs[t]
@@ -820,9 +830,9 @@ def _fuzz_float_example(name, draw, dtypes):
           x = -lr * g * np.sign(w)
           ref = w * np.exp(x)
         extra = np.abs(x) * 8 * float(_finfo(_compute_dtype(dtype)).eps)
-        # The rate rounded to float32: injected as float32, or a schedule's
-        # value, which inject_hyperparams leaves in float32.
-        if mode["inject"] == "float32" or (schedule and mode["inject"] != "no"):
+        # The rate rounded to float32 when injected as float32 (a
+        # schedule's float32 value is the one _lr_at gives).
+        if mode["inject"] == "float32":
           extra = extra + np.abs(x) * 2 * float(_finfo(jnp.float32).eps)
         exact = finite_in & (np.abs(x) < 1e3)
         _check_float_step(w, new, ref, exact, dtype, what, extra)
