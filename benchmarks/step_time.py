@@ -37,12 +37,15 @@ parameter are (float32 unless stated):
   stochastic rounding from hashed random bits, ``lns_madam_nearest`` with
   nearest rounding).
 
-Three more run only when named in ``--optimizers``: ``madam_chain`` (the
+Four more run only when named in ``--optimizers``: ``madam_chain`` (the
 chain of Madam's four parts, which ``madam()`` computes in one pass per
 tensor), ``madam_parts_bound`` (``madam()`` with its step and bound as the two
 parts' own functions rather than their composition on magnitudes, the same
-bits) and ``lns_madam_threefry`` (stochastic rounding from ``jax.random``'s
-threefry bits instead of hashed ones).
+bits), ``lns_madam_threefry`` (stochastic rounding from ``jax.random``'s
+threefry bits instead of hashed ones) and ``rmsprop`` (``optax.rmsprop``:
+Madam's one full-size buffer and its two loops per tensor, 28 bytes per
+parameter as compiled, with little arithmetic; what Madam's traffic alone
+costs on the machine).
 
 The goals table checks the paired ratios against :data:`GOALS`.
 
@@ -198,10 +201,14 @@ def optional_optimizers() -> dict[
   Madam as the chain of its four parts (``madam()`` computes the same in one
   pass per tensor); ``madam()`` with the step and the bound as the two
   parts' own functions instead of their composition on magnitudes (the same
-  bits; the lever measured side by side); and ``lns_madam`` with threefry
-  random bits.
+  bits; the lever measured side by side); ``lns_madam`` with threefry
+  random bits; and ``optax.rmsprop``, which keeps Madam's one full-size
+  buffer and moves its bytes in the same two loops per tensor (the new
+  second moment, then the weights), with little arithmetic: the step time
+  Madam's traffic takes on the machine.
   """
   return {
+    "rmsprop": lambda: optax.rmsprop(1e-3),
     "madam_parts_bound": lambda: fused_madam.fused_madam(on_magnitudes=False),
     "madam_chain": lambda: optax.chain(
       madam_optax.scale_by_second_moment(0.999),
@@ -244,6 +251,7 @@ def bytes_per_param(
     "madam_bf16",
     "madam_chain",
     "madam_parts_bound",
+    "rmsprop",
     "lns_madam",
     "lns_madam_nearest",
     "lns_madam_threefry",

@@ -19,6 +19,7 @@ SCRIPTS = {
   "multiprocess_cpu": "multiprocess",
   "scaling_cpu": "scaling",
   "step_time_cpu": "step_time",
+  "step_time_floor_cpu": "step_time",
   "step_time_levers_cpu": "step_time",
 }
 

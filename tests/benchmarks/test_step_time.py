@@ -81,7 +81,7 @@ def test_quick_run_reports_measured_state_bytes(quick_results):
 
 def test_byte_accounting_rejects_unknown_optimizer(step_time):
   with pytest.raises(ValueError, match="no byte accounting"):
-    step_time.bytes_per_param("rmsprop", 4.0)
+    step_time.bytes_per_param("adagrad", 4.0)
 
 
 def test_fusion_count_of_sgd_step(step_time):
@@ -159,7 +159,8 @@ def test_optional_optimizers_run_when_named(step_time):
       "--out",
       "-",
       "--optimizers",
-      "adam,madam,madam_chain,madam_parts_bound,lns_madam,lns_madam_threefry",
+      "adam,madam,madam_chain,madam_parts_bound,rmsprop,lns_madam,"
+      "lns_madam_threefry",
     ],
     log=lambda *_: None,
   )
@@ -170,9 +171,13 @@ def test_optional_optimizers_run_when_named(step_time):
       "madam",
       "madam_chain",
       "madam_parts_bound",
+      "rmsprop",
       "lns_madam",
       "lns_madam_threefry",
     }
     assert rows["madam_chain"]["bytes_per_param_moved"] == 20
     assert rows["madam_parts_bound"]["bytes_per_param_moved"] == 20
+    # RMSprop: Madam's one full-size buffer, and its bytes.
+    assert rows["rmsprop"]["state_full_bytes_per_param"] == 4
+    assert rows["rmsprop"]["bytes_per_param_moved"] == 20
     assert rows["lns_madam_threefry"]["x_nearest_paired"] is None  # not run
