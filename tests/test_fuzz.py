@@ -452,8 +452,12 @@ def _reference_bound(w0, p_scale, max_magnitude, dtype):
   if m == 0.0:
     return 0.0
   rms = m * np.sqrt(np.mean((w0 / m) ** 2))
-  # At least the compute dtype's smallest normal (a subnormal is flushed).
-  smallest = float(_finfo(_compute_dtype(dtype)).tiny)
+  # At least the compute dtype's smallest normal (a subnormal is flushed),
+  # and float16's smallest subnormal (below it, 0 in float16).
+  smallest = max(
+    float(_finfo(_compute_dtype(dtype)).tiny),
+    float(_finfo(dtype).smallest_subnormal),
+  )
   return max(min(p_scale * rms, float(_finfo(dtype).max)), smallest)
 
 

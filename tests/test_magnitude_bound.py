@@ -65,6 +65,22 @@ def test_a_bound_below_the_normal_range_is_not_flushed_to_zero(dtype):
   assert np.all(np.asarray(after, np.float64) > 0), after
 
 
+@pytest.mark.parametrize("tx_name", ["clip_weight_magnitude", "madam"])
+def test_a_float16_bound_below_float16s_range_is_not_rounded_to_zero(tx_name):
+  """p_scale times an RMS of 3e-5 is 3e-8, below float16's smallest
+  subnormal value (6e-8): in float16 the bound rounded to 0, and
+  clip_weight_magnitude and madam zeroed the tensor. A float16 tensor's
+  bound is at least that smallest subnormal value."""
+  smallest = float(jnp.finfo(jnp.float16).smallest_subnormal)
+  w = {"w": jnp.full((3,), 3e-5, jnp.float16)}
+  bound = madam_optax.initial_max_magnitude(w, p_scale=1e-3)["w"]
+  assert float(bound) == smallest
+  tx = getattr(madam_optax, tx_name)(p_scale=1e-3)
+  u, _ = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, w), tx.init(w), w)
+  after = np.asarray(optax.apply_updates(w, u)["w"], np.float64)
+  np.testing.assert_array_equal(after, smallest)
+
+
 @pytest.mark.parametrize(
   "dtype", [jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64]
 )

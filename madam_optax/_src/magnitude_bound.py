@@ -50,7 +50,9 @@ def initial_max_magnitude(params: Any, p_scale: Any = 3.0) -> Any:
   the bound is capped at the largest finite value of the tensor's dtype (a
   float16 tensor's bound is at most 65504); a non-zero tensor's bound is at
   least the smallest normal value of its compute dtype (about 1.2e-38 in
-  float32), below which it would be flushed to 0.
+  float32), below which it would be flushed to 0, and a float16 tensor's at
+  least float16's smallest subnormal value (about 6e-8), below which it
+  would round to 0 in float16.
 
   Args:
     params: a pytree of floating-point arrays, or one array.
@@ -79,10 +81,16 @@ def initial_max_magnitude(params: Any, p_scale: Any = 3.0) -> Any:
     bound = numerics.scaled_root_mean_square(p.astype(ct), p_scale)
     bound = jnp.minimum(bound, jnp.finfo(p.dtype).max).astype(ct)
     # Below the compute dtype's smallest normal value XLA flushes the bound
-    # to 0, and a zero bound would zero the tensor: a non-zero tensor's bound
-    # is at least that value.
+    # to 0, and below a float16 tensor's smallest subnormal value the bound
+    # rounds to 0 in float16; a zero bound would zero the tensor: a non-zero
+    # tensor's bound is at least the larger of the two.
     nonzero = jnp.any(p != 0)
-    smallest = jnp.asarray(jnp.finfo(ct).tiny, ct)
+    smallest = jnp.asarray(
+      max(
+        float(jnp.finfo(ct).tiny), float(jnp.finfo(p.dtype).smallest_subnormal)
+      ),
+      ct,
+    )
     return jnp.where(nonzero, jnp.maximum(bound, smallest), bound)
 
   return jax.tree.map(leaf, params)
