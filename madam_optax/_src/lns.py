@@ -20,6 +20,7 @@ the transforms (:func:`madam_optax.log_quantise`,
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import functools
 import math
 from typing import Any, Callable, TypeVar
@@ -218,16 +219,62 @@ def level_of_value(
   ) / fmt.log_base
 
 
+@functools.cache
+def _log2_head_and_tail(base: float, nmant: int) -> tuple[float, float]:
+  """``log2(base)`` as a head of ``nmant + 1 - 15`` significant bits (so
+  that an integer below 2**15 times it is exact with ``nmant`` mantissa
+  bits) and a tail, from 40 digits (``base`` is a float, exactly a
+  ``Decimal``), so that the tail is right to its last bit in float64 too."""
+  with decimal.localcontext() as context:
+    context.prec = 40
+    log2_base = decimal.Decimal(base).ln() / decimal.Decimal(2).ln()
+    bits = nmant + 1 - 15
+    exponent = math.frexp(float(log2_base))[1]
+    head = math.ldexp(
+      round(math.ldexp(float(log2_base), bits - exponent)), exponent - bits
+    )
+    return head, float(log2_base - decimal.Decimal(head))
+
+
+def _base_to_the(n: jax.Array, fmt: LNSFormat) -> jax.Array:
+  r""":math:`base^n` for integer-valued ``n`` (:math:`|n| < 2^{15}`, float32
+  or float64), within a few ulps.
+
+  ``exp(n * log(base))`` rounds its argument, an error of up to
+  :math:`|n \log base|` ulps of 1 in the result (up to 28 float32 ulps
+  with 1000 levels spanning :math:`e^{20}`). Instead
+  :math:`n \log_2 base = m + f` with an integer :math:`m` and
+  :math:`|f| \le 1/2`: :math:`\log_2 base` is split into a head short
+  enough that :math:`n` times it is exact, whose nearest integer :math:`m`
+  leaves an exact remainder, and a tail, whose product with :math:`n` is
+  small; then :math:`base^n = 2^m\, 2^f`, with :math:`2^m` exact.
+  """
+  dtype = np.dtype(n.dtype)
+  head, tail = _log2_head_and_tail(fmt.base, np.finfo(dtype).nmant)
+  product = lax.mul(n, np.asarray(head, dtype))  # exact
+  m = lax.round(product, lax.RoundingMethod.TO_NEAREST_EVEN)
+  f = lax.add(
+    lax.sub(product, m),  # exact: |product - m| <= 1/2, on product's grid
+    lax.mul(n, np.asarray(tail, dtype)),
+  )
+  return jnp.ldexp(jnp.exp2(f), lax.convert_element_type(m, np.int32))
+
+
 def values_from_codes(
   codes: jax.Array, max_magnitude: Any, fmt: LNSFormat, dtype: Any
 ) -> jax.Array:
-  r"""Weights :math:`\mathrm{sign}(c)\, w_{max}\, base^{|c| - levels}` (0 at 0)."""
+  r"""Weights :math:`\mathrm{sign}(c)\, w_{max}\, base^{|c| - levels}` (0 at 0).
+
+  Computed in the compute dtype (float32, or float64 for float64), each
+  within a few ulps of the exact grid point before the rounding to ``dtype``
+  (see :func:`_base_to_the`).
+  """
   ct = numerics.compute_dtype(dtype)
   mag = jnp.abs(codes).astype(ct)
   w = (
     jnp.sign(codes).astype(ct)
     * jnp.asarray(max_magnitude, ct)
-    * jnp.exp((mag - fmt.levels) * jnp.asarray(fmt.log_base, ct))
+    * _base_to_the(mag - fmt.levels, fmt)
   )
   return w.astype(dtype)
 
