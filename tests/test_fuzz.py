@@ -378,6 +378,13 @@ def _reference_second_moment(grads_seq, b2, dtype):
   return outs
 
 
+def _product_over_product(a, b, c, d):
+  """``a * b / (c * d)`` in float64, rounded from the four's mantissas (four
+  roundings) and scaled by their exponents once, at the end."""
+  (ma, ea), (mb, eb), (mc, ec), (md, ed) = map(np.frexp, (a, b, c, d))
+  return np.ldexp(ma * mb / (mc * md), ea + eb - ec - ed)
+
+
 def _reference_factored(grads_seq, b2, min_dim, dtype):
   """The factored normaliser's update per step, in float64 (its docstring's
   maths): Adafactor's row and column means of g**2 for a tensor whose two
@@ -423,8 +430,11 @@ def _reference_factored(grads_seq, b2, min_dim, dtype):
       overall = np.expand_dims(rms(rows, row_axis), row_axis)
       r = np.expand_dims(rows, col_axis)
       c = np.expand_dims(cols, row_axis)
-      # u = g / sqrt(v_hat), v_hat = r**2 c**2 / overall**2 / (1 - b2**t).
-      u = g / r * (np.expand_dims(overall, col_axis) / c)
+      # u = g / sqrt(v_hat), v_hat = r**2 c**2 / overall**2 / (1 - b2**t);
+      # g overall / (r c) from the four's mantissas and exponents, so that
+      # no partial product over- or underflows (g of 1e-287 in a row of
+      # 1e159 in float64).
+      u = _product_over_product(g, np.expand_dims(overall, col_axis), r, c)
       u = np.where((r > 0) & (c > 0), u * np.sqrt(1 - b2**t), 0.0)
       u = np.clip(u, -largest, largest)
       # Subnormal gradients or updates may be flushed to zero by XLA.
