@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from meshes import make_mesh
+from meshes import partitioned_mlp
 import numpy as np
 import optax
 import pytest
@@ -723,12 +725,6 @@ LAYOUT = {
 }
 
 
-def make_mesh(devices, axis_type=jax.sharding.AxisType.Explicit):
-  return jax.make_mesh(
-    (2, 4), ("data", "fsdp"), devices=devices, axis_types=(axis_type, axis_type)
-  )
-
-
 def host_params(names=tuple(LAYOUT)):
   rng = np.random.default_rng(0)
   return {
@@ -931,32 +927,9 @@ def test_nnx_optimizer_with_partitioned_variables(eight_devices):
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
   mesh = make_mesh(eight_devices, jax.sharding.AxisType.Auto)
-  init = nnx.initializers.lecun_normal()
-
-  class Model(nnx.Module):
-    def __init__(self, rngs):
-      self.l1 = nnx.Linear(
-        16,
-        32,
-        rngs=rngs,
-        kernel_init=nnx.with_partitioning(init, (None, "fsdp")),
-        bias_init=nnx.with_partitioning(
-          nnx.initializers.ones_init(), ("fsdp",)
-        ),
-      )
-      self.l2 = nnx.Linear(
-        32,
-        8,
-        use_bias=False,
-        rngs=rngs,
-        kernel_init=nnx.with_partitioning(init, ("fsdp", None)),
-      )
-
-    def __call__(self, x):
-      return self.l2(jax.nn.relu(self.l1(x)))
 
   with jax.set_mesh(mesh):
-    model = Model(nnx.Rngs(0))
+    model = partitioned_mlp(nnx.initializers.ones_init())
     optimizer = nnx.Optimizer(model, factored_madam(), wrt=nnx.Param)
 
     def specs():

@@ -7,6 +7,7 @@ device and on 8 simulated devices (``conftest.py``).
 
 import jax
 import jax.numpy as jnp
+from meshes import make_mesh
 import numpy as np
 import optax
 import pytest
@@ -171,12 +172,7 @@ def test_flax_nnx_sharded_params(eight_devices):
   # steps.
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
-  mesh = jax.make_mesh(
-    (2, 4),
-    ("data", "fsdp"),
-    devices=eight_devices,
-    axis_types=(jax.sharding.AxisType.Explicit,) * 2,
-  )
+  mesh = make_mesh(eight_devices)
   init = nnx.with_partitioning(
     nnx.initializers.lecun_normal(), ("data", "fsdp")
   )

@@ -10,6 +10,7 @@ however the tensor is sharded. ``rng="threefry"`` stays available.
 
 import jax
 import jax.numpy as jnp
+from meshes import make_mesh
 import numpy as np
 import optax
 import pytest
@@ -130,12 +131,7 @@ def test_hash_bits_are_reproducible_and_the_same_in_and_out_of_jit():
 def test_sharded_run_is_bit_identical_to_one_device(eight_devices):
   """``lns_madam`` and ``log_quantise`` with hash rounding on tensors sharded
   over a 2 x 4 mesh: 4 steps equal the single-device steps bit for bit."""
-  mesh = jax.make_mesh(
-    (2, 4),
-    ("data", "fsdp"),
-    devices=eight_devices,
-    axis_types=(jax.sharding.AxisType.Explicit,) * 2,
-  )
+  mesh = make_mesh(eight_devices)
   P = jax.sharding.PartitionSpec
   rng = np.random.default_rng(0)
   weights = {

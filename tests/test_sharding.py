@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from meshes import make_mesh
+from meshes import partitioned_mlp
 import numpy as np
 import optax
 import pytest
@@ -62,12 +64,6 @@ PARAM_LAYOUT = {
   "conv": ((3, 3, 8, 16), P(None, None, "data", "fsdp")),
   "scale": ((32,), P(("data", "fsdp"))),
 }
-
-
-def make_mesh(devices, axis_type=jax.sharding.AxisType.Explicit):
-  return jax.make_mesh(
-    (2, 4), ("data", "fsdp"), devices=devices, axis_types=(axis_type, axis_type)
-  )
 
 
 def host_params():
@@ -433,32 +429,9 @@ def test_nnx_optimizer_state_follows_sharded_variables(eight_devices, recipe):
   # Auto axes, as Flax NNX models usually run: XLA (GSPMD) chooses how to
   # shard the activations; the parameters are pinned by their annotations.
   mesh = make_mesh(eight_devices, jax.sharding.AxisType.Auto)
-  init = nnx.initializers.lecun_normal()
-
-  class Model(nnx.Module):
-    def __init__(self, rngs):
-      self.l1 = nnx.Linear(
-        16,
-        32,
-        rngs=rngs,
-        kernel_init=nnx.with_partitioning(init, (None, "fsdp")),
-        bias_init=nnx.with_partitioning(
-          nnx.initializers.zeros_init(), ("fsdp",)
-        ),
-      )
-      self.l2 = nnx.Linear(
-        32,
-        8,
-        use_bias=False,
-        rngs=rngs,
-        kernel_init=nnx.with_partitioning(init, ("fsdp", None)),
-      )
-
-    def __call__(self, x):
-      return self.l2(jax.nn.relu(self.l1(x)))
 
   with jax.set_mesh(mesh):
-    model = Model(nnx.Rngs(0))
+    model = partitioned_mlp(nnx.initializers.zeros_init())
     params = nnx.state(model, nnx.Param)
     tx = madam_optax.madam()
     if recipe == "with_additive_fallback":
