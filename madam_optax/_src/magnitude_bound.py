@@ -237,13 +237,7 @@ def bounded_multiplicative_update(
   # w's sign back on by its sign bit (an integer operation: a subnormal
   # delta keeps its bits, as update_reaching's nudges do), except that a
   # target equal to |w| gives +0, as target - w does (x - x is +0).
-  signed = lax.bitcast_convert_type(
-    lax.bitwise_xor(
-      lax.bitcast_convert_type(delta, int_dtype),
-      lax.bitwise_and(w_bits, sign_bit),
-    ),
-    dtype,
-  )
+  signed = numerics.with_sign_of(delta, w)
   return lax.select(lax.eq(target, abs_w), lax.full_like(delta, zero), signed)
 
 
