@@ -222,13 +222,14 @@ def level_of_value(
 @functools.cache
 def _log2_head_and_tail(base: float, nmant: int) -> tuple[float, float]:
   """``log2(base)`` as a head of ``nmant + 1 - 15`` significant bits (so
-  that an integer below 2**15 times it is exact with ``nmant`` mantissa
-  bits) and a tail, from 40 digits (``base`` is a float, exactly a
-  ``Decimal``), so that the tail is right to its last bit in float64 too."""
+  that a level difference, below ``INT16_MAX_LEVELS + 1 = 2**15``, times it
+  is exact with ``nmant`` mantissa bits) and a tail, from 40 digits
+  (``base`` is a float, exactly a ``Decimal``), so that the tail is right to
+  its last bit in float64 too."""
   with decimal.localcontext() as context:
     context.prec = 40
     log2_base = decimal.Decimal(base).ln() / decimal.Decimal(2).ln()
-    bits = nmant + 1 - 15
+    bits = nmant + 1 - INT16_MAX_LEVELS.bit_length()
     exponent = math.frexp(float(log2_base))[1]
     head = math.ldexp(
       round(math.ldexp(float(log2_base), bits - exponent)), exponent - bits
