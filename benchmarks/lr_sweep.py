@@ -297,19 +297,23 @@ def _recipe_record(cell: Cell) -> dict[str, Any]:
 # The check that chose RECIPE_ADDITIVE_LR: the Transformer at x4 under step
 # decay, Madam (b1 = 0) at two rates against Adam's rate for the other leaves.
 CHECK_MADAM_RATES = (0.1, 0.01)
-CHECK_ADDITIVE_RATES = (1e-3, 3e-3, 1e-2, 3e-2)
+CHECK_ADDITIVE_RATES = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 CHECK_BUDGET = 4
 
 
 def additive_rate_check(
-  task, seeds: int, steps: int, schedule: str = "step"
-) -> dict[str, Any]:
+  task,
+  seeds: int,
+  steps: int,
+  additive_rates: Sequence[float] = CHECK_ADDITIVE_RATES,
+  schedule: str = "step",
+) -> dict[str, list[float]]:
   """Final metric over Madam's rate x the additive Adam's rate, ``seeds`` each.
 
-  One jitted ``vmap`` over every (Madam rate, Adam rate, seed): the recipe
-  (``leaves="recipe"``, ``b1 = 0``) with both rates under ``schedule``.
-  Returns ``{"madam_rates", "additive_rates", "steps", "values"}``, values
-  indexed ``[madam][additive][seed]``.
+  One jitted ``vmap`` over every (Madam rate in ``CHECK_MADAM_RATES``, Adam
+  rate, seed): the recipe (``leaves="recipe"``, ``b1 = 0``) with both rates
+  under ``schedule``. Returns ``{"<madam rate>/<adam rate>": [metric per
+  seed]}``.
   """
 
   def make(rates, params):
@@ -323,12 +327,8 @@ def additive_rate_check(
     )
 
   run = loop.make_run_fn(task, make, steps, steps, schedule="constant")
-  grid = [
-    (m, a, s)
-    for m in CHECK_MADAM_RATES
-    for a in CHECK_ADDITIVE_RATES
-    for s in range(seeds)
-  ]
+  pairs = [(m, a) for m in CHECK_MADAM_RATES for a in additive_rates]
+  grid = [(m, a, s) for m, a in pairs for s in range(seeds)]
   rates = jnp.asarray([(m, a) for m, a, _ in grid], jnp.float32)
   keys = jnp.stack([jax.random.key_data(jax.random.key(s)) for _, _, s in grid])
   fn = jax.jit(
@@ -339,15 +339,35 @@ def additive_rate_check(
   )
   history = jax.device_get(fn(keys, rates, task.data))
   final = np.asarray(history[task.metric][:, -1], np.float64)
-  shape = (len(CHECK_MADAM_RATES), len(CHECK_ADDITIVE_RATES), seeds)
+  final = final.reshape(len(pairs), seeds)
+  return {f"{m:g}/{a:g}": row.tolist() for (m, a), row in zip(pairs, final)}
+
+
+def _check_grid(check: dict[str, Any]) -> dict[str, list[float]]:
+  """The check's ``"<madam>/<adam>" -> values`` (either stored layout)."""
+  if "grid" in check:
+    return check["grid"]
   return {
-    "task": task.name,
-    "schedule": schedule,
-    "madam_rates": list(CHECK_MADAM_RATES),
-    "additive_rates": list(CHECK_ADDITIVE_RATES),
-    "steps": steps,
-    "values": final.reshape(shape).tolist(),
+    f"{m:g}/{a:g}": check["values"][i][j]
+    for i, m in enumerate(check["madam_rates"])
+    for j, a in enumerate(check["additive_rates"])
   }
+
+
+def merge(results: dict[str, Any], path: pathlib.Path, log) -> None:
+  """Adds the cells of another results file (same settings) not already here.
+
+  For cells measured in parallel into separate ``--out`` folders.
+  """
+  other = harness.read_results(path)
+  if other["settings"] != results["settings"]:
+    raise SystemExit(f"{path} was measured with other settings.")
+  new = {k: v for k, v in other["cells"].items() if k not in results["cells"]}
+  for name, info in other["tasks"].items():
+    if results["tasks"].setdefault(name, info) != info:
+      raise SystemExit(f"task {name} differs in {path}.")
+  results["cells"].update(new)
+  log(f"merged {len(new)} cells from {path}: {', '.join(new) or 'none'}")
 
 
 # --------------------------------------------------------------------------
@@ -1233,6 +1253,13 @@ def parse_args(argv=None):
     "in the JSON under additive_rate_check",
   )
   parser.add_argument(
+    "--merge",
+    type=pathlib.Path,
+    nargs="+",
+    help="add the cells of these results files (measured in parallel into "
+    "other --out folders) to <out>/<name>.json, then rewrite the report",
+  )
+  parser.add_argument(
     "--resume",
     action="store_true",
     help="keep the cells of <out>/<name>.json and run only the others",
@@ -1326,17 +1353,46 @@ def main(argv=None, log=harness.progress) -> dict:
     return replot(args.out, args.name, log)
   seeds = args.seeds or (2 if args.quick else 3)
   results = _start(args, seeds, log)
+  if args.merge:
+    for path in args.merge:
+      merge(results, path, log)
+    save(args.out, args.name, results, log)
+    return results
   if args.check_additive_rates:
     task = tasks_lib.build_task("transformer", quick=args.quick)
     base = args.steps or (QUICK_STEPS if args.quick else BASE_STEPS[task.name])
+    check = results.get("additive_rate_check", {})
+    grid = _check_grid(check) if check else {}
+    todo = [
+      a
+      for a in CHECK_ADDITIVE_RATES
+      if any(f"{m:g}/{a:g}" not in grid for m in CHECK_MADAM_RATES)
+    ]
     t0 = time.perf_counter()
-    check = additive_rate_check(task, seeds, CHECK_BUDGET * base)
-    check["seconds"] = round(time.perf_counter() - t0, 1)
-    check["machine"] = harness.machine_record(args.command)
-    check["code"] = code_version()
-    results["additive_rate_check"] = check
-    means = np.asarray(check["values"]).mean(-1)
-    log(f"additive-rate check ({check['seconds']}s): {means.round(3).tolist()}")
+    if todo:
+      grid.update(additive_rate_check(task, seeds, CHECK_BUDGET * base, todo))
+    runs = check.get("runs", [])
+    if "values" in check:  # the first run, before the grid layout
+      runs = [{k: check[k] for k in ("seconds", "machine", "code")}]
+    runs.append(
+      {
+        "additive_rates": todo,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "machine": harness.machine_record(args.command),
+        "code": code_version(),
+      }
+    )
+    results["additive_rate_check"] = {
+      "task": task.name,
+      "schedule": "step",
+      "steps": CHECK_BUDGET * base,
+      "grid": grid,
+      "runs": runs,
+    }
+    log(
+      "additive-rate check: "
+      + ", ".join(f"{k}: {np.mean(v):.3f}" for k, v in grid.items())
+    )
     save(args.out, args.name, results, log, figures=False)
     return results
   cells = plan(
