@@ -32,12 +32,15 @@ parameter are (float32 unless stated):
 * lion: reads w, g, mu; writes w, mu: 5 x 4 = 20.
 * fromage: the per-tensor norms of w and g need a pass over both before the
   update can start, then reads w, g and writes w: 2 x 8 + 4 = 20.
+* madam_b1 (``madam(b1=0.9)``): reads w, g, mu, rms; writes w, mu, rms:
+  7 x 4 = 28, Adam's bytes.
 * lns_madam: integer codes (1 or 2 bytes) read and written, g read, rms read
   and written, from the actual dtypes (``lns_madam`` with its default
   stochastic rounding from hashed random bits, ``lns_madam_nearest`` with
   nearest rounding).
 
-Four more run only when named in ``--optimizers``: ``madam_chain`` (the
+Five more run only when named in ``--optimizers``: ``madam_b1``
+(``madam(b1=0.9)``, Madam with Adam's first moment), ``madam_chain`` (the
 chain of Madam's four parts, which ``madam()`` computes in one pass per
 tensor), ``madam_parts_bound`` (``madam()`` with its step and bound as the two
 parts' own functions rather than their composition on magnitudes, the same
@@ -198,7 +201,8 @@ def optional_optimizers() -> dict[
 ]:
   """Optimizers timed only when ``--optimizers`` names them.
 
-  Madam as the chain of its four parts (``madam()`` computes the same in one
+  Madam with a first moment (``b1=0.9``); Madam as the chain of its four
+  parts (``madam()`` computes the same in one
   pass per tensor); ``madam()`` with the step and the bound as the two
   parts' own functions instead of their composition on magnitudes (the same
   bits; the lever measured side by side); ``lns_madam`` with threefry
@@ -208,6 +212,7 @@ def optional_optimizers() -> dict[
   Madam's traffic takes on the machine.
   """
   return {
+    "madam_b1": lambda: madam_optax.madam(b1=0.9),
     "rmsprop": lambda: optax.rmsprop(1e-3),
     "madam_parts_bound": lambda: fused_madam.fused_madam(on_magnitudes=False),
     "madam_chain": lambda: optax.chain(
@@ -248,6 +253,7 @@ def bytes_per_param(
   w, g = param_bytes, F32
   if name in (
     "madam",
+    "madam_b1",
     "madam_bf16",
     "madam_chain",
     "madam_parts_bound",
@@ -256,7 +262,7 @@ def bytes_per_param(
     "lns_madam_nearest",
     "lns_madam_threefry",
   ):
-    # rms: the only full-size state buffer (read + written).
+    # rms (and madam_b1's mu): the full-size state buffers (read + written).
     rms = state_bytes_per_param
     return w + g + rms + w + rms
   if name == "adam":

@@ -30,6 +30,8 @@ from madam_optax._src.log_quantise import log_quantise
 from madam_optax._src.magnitude_bound import ClipWeightMagnitudeState
 from madam_optax._src.magnitude_bound import clip_weight_magnitude
 from madam_optax._src.magnitude_bound import initial_max_magnitude
+from madam_optax._src.moments import ScaleByMomentsState
+from madam_optax._src.moments import scale_by_moments
 from madam_optax._src.multiplicative_step import MultiplicativeStepState
 from madam_optax._src.multiplicative_step import multiplicative_step
 from madam_optax._src.partition import ADDITIVE_LEARNING_RATE
@@ -67,6 +69,7 @@ __all__ = (
   "MultiplicativeStepState",
   "REFERENCE_FORMAT",
   "ScaleByFactoredSecondMomentState",
+  "ScaleByMomentsState",
   "ScaleBySecondMomentState",
   "apply_if_finite",
   "clip_weight_magnitude",
@@ -88,6 +91,7 @@ __all__ = (
   "multiplicative_step",
   "partitioned_madam",
   "scale_by_factored_second_moment",
+  "scale_by_moments",
   "scale_by_second_moment",
   "with_additive_fallback",
 )

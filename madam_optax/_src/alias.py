@@ -17,7 +17,6 @@ from madam_optax._src.factored_second_moment import (
 )
 from madam_optax._src.magnitude_bound import clip_weight_magnitude
 from madam_optax._src.multiplicative_step import multiplicative_step
-from madam_optax._src.second_moment import scale_by_second_moment
 
 
 def madam(
@@ -30,6 +29,8 @@ def madam(
   max_magnitude: float | None = None,
   factored: bool = False,
   min_dim_size_to_factor: int = 128,
+  b1: float | None = None,
+  mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Madam: the multiplicative version of Adam.
 
@@ -90,6 +91,24 @@ def madam(
       dimensions have at least ``min_dim_size_to_factor`` entries) instead of
       the full second moment.
     min_dim_size_to_factor: see ``factored``; ignored without it.
+    b1: decay of an optional first moment, in ``[0, 1)`` (beyond the paper).
+      With ``b1 > 0`` the normalised gradient :math:`g / \sqrt{\hat v}` is
+      replaced by Adam's bias-corrected direction :math:`\hat m / \sqrt{\hat
+      v}`, :math:`m \leftarrow \beta_1 m + (1 - \beta_1) g`, :math:`\hat m
+      = m / (1 - \beta_1^t)` (:func:`madam_optax.scale_by_moments` in the
+      first part's place), then the same clip, step and bound; the first
+      step is still exactly a sign step. ``None`` (the default) or the
+      Python number ``0.0`` is the paper's Madam: the same state, program
+      and numbers as without the argument (``None``, not ``0.0``, is the
+      default so that ``optax.inject_hyperparams``, which injects numeric
+      defaults as arrays, leaves the state as it was). Given as an array
+      (``optax.inject_hyperparams(madam)(b1=0.9)`` makes one), the
+      first-moment buffer is always kept, even at 0. Costs
+      one more buffer of the parameters' size (4 bytes per float32
+      parameter, 2 with ``mu_dtype=jnp.bfloat16``). Not with ``factored``
+      (a ``ValueError``).
+    mu_dtype: dtype of the first-moment buffer (``None``: ``state_dtype``);
+      only with ``b1``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``.
@@ -107,6 +126,18 @@ def madam(
     >>> print(params['w'].round(3))   # each step moves log|w| by 0.01
     [ 0.971 -1.941  2.912]
 
+    With a first moment (``b1=0.9``), a gradient that flips sign moves the
+    weight back by a twentieth of a step, not a whole one:
+
+    >>> tx = madam_optax.madam(b1=0.9)
+    >>> w = {'w': jnp.array([1.0, 1.0])}
+    >>> state = tx.init(w)
+    >>> for g in ([1.0, 1.0], [-1.0, 1.0]):
+    ...   updates, state = tx.update({'w': jnp.array(g)}, state, w)
+    ...   w = optax.apply_updates(w, updates)
+    >>> print(w['w'].round(4))     # without b1: [1.     0.9802]
+    [0.9906 0.9802]
+
   References:
     Bernstein, Zhao, Meister, Liu, Anandkumar, Yue, "Learning compositional
     functions via multiplicative weight updates", NeurIPS 2020,
@@ -121,11 +152,20 @@ def madam(
       p_scale=p_scale,
       g_bound=g_bound,
       b2=b2,
+      b1=b1,
       state_dtype=state_dtype,
+      mu_dtype=mu_dtype,
       max_magnitude=max_magnitude,
     )
   return optax.chain(
-    _normaliser(b2, state_dtype, factored, min_dim_size_to_factor),
+    _normaliser(
+      b2,
+      state_dtype,
+      factored,
+      min_dim_size_to_factor,
+      b1=b1,
+      mu_dtype=mu_dtype,
+    ),
     optax.clip(g_bound),
     multiplicative_step(learning_rate),
     clip_weight_magnitude(p_scale, max_magnitude=max_magnitude),
@@ -133,21 +173,36 @@ def madam(
 
 
 def _normaliser(
-  b2, state_dtype, factored, min_dim_size_to_factor
+  b2, state_dtype, factored, min_dim_size_to_factor, *, b1=None, mu_dtype=None
 ) -> optax.GradientTransformationExtraArgs:
-  """Steps 2-4: the full or the factored second moment."""
+  """Steps 2-4: the full or the factored second moment, or the first moment
+  over the full second moment's root."""
   if factored:
+    if fused_madam.has_first_moment(b1) or mu_dtype is not None:
+      raise ValueError(
+        "factored=True keeps no first moment: b1 > 0 (or an array b1, or "
+        "mu_dtype) with the factored second moment is not supported. Use "
+        "factored=False with b1, or leave b1 out with factored."
+      )
     return scale_by_factored_second_moment(
       b2, min_dim_size_to_factor=min_dim_size_to_factor, state_dtype=state_dtype
     )
-  return scale_by_second_moment(b2, state_dtype=state_dtype)
+  return fused_madam.normaliser(b1, b2, state_dtype, mu_dtype)
 
 
 def _second_moment_for_codes(
-  b2, state_dtype, factored=False, min_dim_size_to_factor=128
+  b2,
+  state_dtype,
+  factored=False,
+  min_dim_size_to_factor=128,
+  *,
+  b1=None,
+  mu_dtype=None,
 ) -> optax.GradientTransformationExtraArgs:
   """The normaliser (full or factored) whose ``init`` accepts integer codes."""
-  inner = _normaliser(b2, state_dtype, factored, min_dim_size_to_factor)
+  inner = _normaliser(
+    b2, state_dtype, factored, min_dim_size_to_factor, b1=b1, mu_dtype=mu_dtype
+  )
 
   def init_fn(params):
     return inner.init(
@@ -169,6 +224,8 @@ def lns_madam(
   rng: str = "hash",
   factored: bool = False,
   min_dim_size_to_factor: int = 128,
+  b1: float | None = None,
+  mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Madam whose parameters are integer LNS codes (natively compressed).
 
@@ -229,6 +286,14 @@ def lns_madam(
     factored: Adafactor's row and column statistics for large matrices
       instead of the full second moment (see :func:`madam`).
     min_dim_size_to_factor: see :func:`madam`; ignored without ``factored``.
+    b1: decay of an optional first moment, as in :func:`madam`: with
+      ``b1 > 0`` the level step is fed Adam's bias-corrected
+      :math:`\hat m / \sqrt{\hat v}` (:func:`madam_optax.scale_by_moments`)
+      instead of :math:`g / \sqrt{\hat v}`; ``None`` (default) or ``0.0`` (a
+      Python number) is the paper's rule with today's state. The buffer costs 4 bytes per weight
+      in float32, 2 with ``mu_dtype=jnp.bfloat16``. Not with ``factored``.
+    mu_dtype: dtype of the first-moment buffer (``None``: ``state_dtype``,
+      float32 by default); only with ``b1``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` over the codes; ``update`` requires
@@ -260,7 +325,14 @@ def lns_madam(
     "g_bound", g_bound, low=0.0, low_inclusive=False
   )
   return optax.chain(
-    _second_moment_for_codes(b2, state_dtype, factored, min_dim_size_to_factor),
+    _second_moment_for_codes(
+      b2,
+      state_dtype,
+      factored,
+      min_dim_size_to_factor,
+      b1=b1,
+      mu_dtype=mu_dtype,
+    ),
     optax.clip(g_bound),
     lns_level_step_lib.lns_level_step(
       fmt, learning_rate, rounding=rounding, seed=seed, rng=rng

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from madam_optax._src import magnitude_bound
+from madam_optax._src import moments
 from madam_optax._src import multiplicative_step as multiplicative_step_lib
 from madam_optax._src import numerics
 from madam_optax._src import second_moment
@@ -39,25 +40,42 @@ _NAME = "madam"
 
 
 def _leaf(
-  g, r, w, bound, lr, moment, g_bound, max_exponent=None, on_magnitudes=True
+  g,
+  r,
+  w,
+  bound,
+  lr,
+  moment,
+  g_bound,
+  mu=None,
+  first=None,
+  max_exponent=None,
+  on_magnitudes=True,
 ):
   """One tensor's step: the four parts' per-tensor functions in turn.
 
-  Returns ``(update, new_rms)``; ``moment`` is
-  :func:`second_moment.moment_scalars` in ``g``'s compute dtype.
+  Returns ``(update, new_rms)``, or ``(update, new_rms, new_mu)`` with a
+  first moment ``mu``; ``moment`` is :func:`second_moment.moment_scalars`
+  and ``first`` :func:`moments.first_moment_scalars` in ``g``'s compute
+  dtype.
   """
-  u, new_r = second_moment.second_moment_leaf(g, r, *moment)
+  if mu is None:
+    u, new_r = second_moment.second_moment_leaf(g, r, *moment)
+    new = (new_r,)
+  else:
+    u, new_mu, new_r = moments.moments_leaf(g, mu, r, first, moment)
+    new = (new_r, new_mu)
   u = jnp.clip(u, -g_bound, g_bound)  # optax.clip(g_bound)
   if on_magnitudes and u.dtype == w.dtype and u.dtype in _MAGNITUDE_DTYPES:
     # The last two parts' composition on magnitudes (equal values).
     update = magnitude_bound.bounded_multiplicative_update(
       u, w, lr, bound, max_exponent
     )
-    return update, new_r
+    return (update, *new)
   delta = multiplicative_step_lib.multiplicative_step_leaf(
     u, w, lr, max_exponent
   )
-  return magnitude_bound.bounded_update(delta, w, bound), new_r
+  return (magnitude_bound.bounded_update(delta, w, bound), *new)
 
 
 _MAGNITUDE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -89,13 +107,47 @@ def _max_exponent(learning_rate: Any, g_bound: Any) -> float | None:
   return bound if bound <= numerics.REDUCTION_FREE_EXPM1 else None
 
 
+def has_first_moment(b1: Any) -> bool:
+  """Whether ``b1`` asks for a first-moment buffer.
+
+  Not when it is None or a Python or NumPy number equal to 0: that is the
+  paper's Madam, with today's state and compiled program. An array (e.g. injected
+  by ``optax.inject_hyperparams``, or traced) always does, whatever its
+  value, so that the state's structure never depends on a value.
+  """
+  if b1 is None:
+    return False
+  if isinstance(b1, (bool, int, float, np.number)):
+    return float(b1) != 0.0
+  return True
+
+
+def normaliser(
+  b1: Any, b2: Any, state_dtype: Any, mu_dtype: Any = None
+) -> optax.GradientTransformationExtraArgs:
+  """Steps 2-4: :func:`scale_by_second_moment`, or with a first moment
+  :func:`moments.scale_by_moments`."""
+  if has_first_moment(b1):
+    return moments.scale_by_moments(
+      b1, b2, state_dtype=state_dtype, mu_dtype=mu_dtype
+    )
+  if mu_dtype is not None:
+    raise ValueError(
+      "mu_dtype sets the first moment's dtype, but b1=None (or 0) keeps no "
+      "first moment: leave mu_dtype out, or pass b1 > 0."
+    )
+  return second_moment.scale_by_second_moment(b2, state_dtype=state_dtype)
+
+
 def fused_madam(
   learning_rate: optax.ScalarOrSchedule = 0.01,
   *,
   p_scale: float = 3.0,
   g_bound: float = 10.0,
   b2: float = 0.999,
+  b1: Any = None,
   state_dtype: Any = None,
+  mu_dtype: Any = None,
   max_magnitude: float | None = None,
   on_magnitudes: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
@@ -107,13 +159,19 @@ def fused_madam(
   max_magnitude=max_magnitude))``: the same state (``init`` is the chain's)
   and, compiled, the same updates and second moments bit for bit.
   :func:`madam_optax.madam` returns this transform unless ``factored``.
+  With a first moment (``b1`` other than the number 0, see
+  :func:`has_first_moment`) :func:`madam_optax.scale_by_moments` takes the
+  first part's place, and the state and numbers are that chain's.
 
   Args:
     learning_rate: :math:`\eta`, a float or an optax schedule.
     p_scale: per-tensor weight bound as a multiple of the initial RMS.
     g_bound: bound on the normalised gradient.
     b2: decay of the second-moment moving average, in ``[0, 1)``.
+    b1: decay of the first-moment moving average, in ``[0, 1)``, or None
+      (none: :func:`has_first_moment`).
     state_dtype: dtype of the second-moment buffer.
+    mu_dtype: dtype of the first-moment buffer (``None``: ``state_dtype``).
     max_magnitude: a fixed weight bound for every tensor.
     on_magnitudes: run the step and the bound of float32 and float64 tensors
       as :func:`magnitude_bound.bounded_multiplicative_update` (the default);
@@ -136,8 +194,9 @@ def fused_madam(
     Bernstein et al., "Learning compositional functions via multiplicative
     weight updates", NeurIPS 2020, arXiv:2006.14560.
   """
+  with_mu = has_first_moment(b1)
   chain = optax.chain(
-    second_moment.scale_by_second_moment(b2, state_dtype=state_dtype),
+    normaliser(b1, b2, state_dtype, mu_dtype),
     optax.clip(g_bound),
     multiplicative_step_lib.multiplicative_step(learning_rate),
     magnitude_bound.clip_weight_magnitude(p_scale, max_magnitude=max_magnitude),
@@ -174,14 +233,19 @@ def fused_madam(
         f"{len(params_leaves)} tensors. Initialise the state with "
         "`tx.init(params)` on the same parameter tree."
       )
-    moments = {}  # moment_scalars per compute dtype, traced once each
+    scalars = {}  # the moments' scalars per compute dtype, traced once each
 
-    def leaf(g, r, w, bound):
+    def leaf(g, r, w, bound, mu=None):
       if tree_utils.is_masked(g):
-        return g, r
+        return (g, r) if mu is None else (g, r, mu)
       ct = numerics.compute_dtype(g.dtype)
-      if ct not in moments:
-        moments[ct] = second_moment.moment_scalars(b2, count, ct)
+      if ct not in scalars:
+        scalars[ct] = (
+          second_moment.moment_scalars(b2, count, ct),
+          moments.first_moment_scalars(b1, count, ct) if with_mu else None,
+        )
+      moment, first = scalars[ct]
+      extra = {} if mu is None else {"mu": mu, "first": first}
       if static_bound:
         return _leaf_static_bound(
           g,
@@ -189,10 +253,11 @@ def fused_madam(
           w,
           bound,
           lr,
-          moments[ct],
+          moment,
           g_bound=g_bound,
           max_exponent=max_exponent,
           on_magnitudes=on_magnitudes,
+          **extra,
         )
       return _leaf_array_bound(
         g,
@@ -200,23 +265,29 @@ def fused_madam(
         w,
         bound,
         lr,
-        moments[ct],
+        moment,
         g_bound,
         max_exponent=max_exponent,
         on_magnitudes=on_magnitudes,
+        **extra,
       )
 
-    rows = zip(
+    rows = [
       treedef.flatten_up_to(updates),
       treedef.flatten_up_to(moment_state.rms),
       params_leaves,
       bounds,
-    )
-    outs = [leaf(*row) for row in rows]
+    ]
+    if with_mu:
+      rows.append(treedef.flatten_up_to(moment_state.mu))
+    outs = [leaf(*row) for row in zip(*rows)]
     new_updates = treedef.unflatten([o[0] for o in outs])
     new_rms = treedef.unflatten([o[1] for o in outs])
+    new_moments = {"count": count, "rms": new_rms}
+    if with_mu:
+      new_moments["mu"] = treedef.unflatten([o[2] for o in outs])
     new_state = (
-      moment_state._replace(count=count, rms=new_rms),
+      moment_state._replace(**new_moments),
       clip_state,
       step_state._replace(count=optax.safe_increment(step_state.count)),
       bound_state,

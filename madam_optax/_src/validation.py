@@ -193,10 +193,18 @@ def check_float_leaves(tree: Any, transform: str, what: str = "params") -> None:
 
 
 def check_state_dtype_range(
-  params: Any, state_dtype: np.dtype | None, transform: str
+  params: Any,
+  state_dtype: np.dtype | None,
+  transform: str,
+  *,
+  what: str = "second moment",
+  argument: str = "state_dtype",
 ) -> None:
   """Raises ``ValueError`` when ``state_dtype`` has a narrower range than a
   leaf's dtype.
+
+  ``what`` names the statistic and ``argument`` the keyword that set the
+  dtype, for the message (``mu_dtype`` for the first moment).
 
   A second-moment statistic has the magnitude of the gradients: stored in a
   dtype whose largest value is smaller (float16 for float32 leaves, float32
@@ -215,10 +223,10 @@ def check_state_dtype_range(
     leaf_info = jnp.finfo(dtype)
     if state.maxexp < leaf_info.maxexp or state.minexp > leaf_info.minexp:
       raise ValueError(
-        f"{transform}: state_dtype {np.dtype(state_dtype).name} cannot hold "
-        f"the second moment of {dtype} leaf {tree_utils.leaf_name(path)}: "
+        f"{transform}: {argument} {np.dtype(state_dtype).name} cannot hold "
+        f"the {what} of {dtype} leaf {tree_utils.leaf_name(path)}: "
         "its range is narrower, so gradients beyond it would give zero "
-        "updates. Use a state_dtype with the leaf's range (bfloat16 has "
+        f"updates. Use a {argument} with the leaf's range (bfloat16 has "
         "float32's; None uses the leaf's own dtype)."
       )
 
