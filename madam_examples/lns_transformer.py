@@ -7,8 +7,8 @@ codes and trained by ``madam_optax.lns_madam(fmt, factored=True)``, one
 second-moment statistic per row and per column of each matrix; the token and
 position embeddings, the output head, LayerNorms and biases stay float32 and
 go to an additive optimizer (``--additive``), because a multiplicative update
-never changes a weight's sign and Adam flips about half of the embedding
-entries. The script prints the validation perplexity before and after, and
+never changes a weight's sign and Adam moves embedding entries across
+zero. The script prints the validation perplexity before and after, and
 the bytes per parameter the training state holds.
 
   python -m madam_examples.lns_transformer --steps 400

@@ -118,8 +118,8 @@ def madam_labels(
 
   Everything else, the hidden weight matrices and convolution kernels, is
   ``"multiplicative"``. The default is the Transformer recipe: on the
-  examples' character Transformer Adam flips the sign of about 45 % of the
-  embedding entries, which Madam cannot do (docs/zero_and_sign.md).
+  examples' character Transformer Adam moves embedding entries across
+  zero, which Madam cannot do (docs/zero_and_sign.md).
   ``additive_names=()`` with ``min_ndim=0`` is
   :func:`multiplicative_labels` (only all-zero leaves are additive).
 
@@ -232,8 +232,8 @@ def partitioned_madam(
     all-zero leaves): ``additive_tx``, by default
     ``optax.adam(additive_learning_rate)``, which can change a weight's sign.
 
-  Madam never changes a weight's sign; Adam flips about 45 % of the
-  embedding entries of the examples' character Transformer, and on it this
+  Madam never changes a weight's sign; Adam moves embedding entries of the
+  examples' character Transformer across zero, and on it this
   recipe closes most of Madam's perplexity gap to a tuned Adam (the
   learning-rate study, docs/studies.md). On models without embeddings (an
   MLP, a CNN) only biases, norms and a leaf named ``head`` leave Madam.
