@@ -68,9 +68,31 @@ from madam_examples import tasks as tasks_lib
 LEARNING_RATES = (1.0, 0.1, 0.01, 0.001, 0.0001)
 # Metrics that span orders of magnitude: compared and drawn on a log scale.
 LOG_METRICS = ("perplexity", "frechet_distance")
-OPTIMIZERS = ("madam", "adam", "sgd")
-LABELS = {"madam": "Madam", "adam": "Adam", "sgd": "SGD (momentum 0.9)"}
-SHORT = {"madam": "Madam", "adam": "Adam", "sgd": "SGD"}
+# The Transformer recipe (madam_optax.partitioned_madam's labels: Madam on the
+# hidden weight matrices; embeddings, head, norms and biases to Adam at the
+# fixed RECIPE_ADDITIVE_LR under the cell's schedule), as two arms: the
+# paper's Madam (b1 = 0) and Madam with a first moment. Step decay only.
+RECIPES: dict[str, dict[str, float]] = {
+  "recipe": {"b1": 0.0},
+  "recipe_b1": {"b1": 0.9},
+}
+RECIPE_SCHEDULES = ("step",)
+RECIPE_ADDITIVE_LR = optimizers_lib.madam_optax.ADDITIVE_LEARNING_RATE
+OPTIMIZERS = ("madam", "adam", "sgd", *RECIPES)
+LABELS = {
+  "madam": "Madam",
+  "adam": "Adam",
+  "sgd": "SGD (momentum 0.9)",
+  "recipe": "Madam recipe (hidden kernels; rest Adam)",
+  "recipe_b1": "Madam recipe, b1 0.9",
+}
+SHORT = {
+  "madam": "Madam",
+  "adam": "Adam",
+  "sgd": "SGD",
+  "recipe": "recipe",
+  "recipe_b1": "recipe b1",
+}
 # "step": the paper's step decay; "cosine": decay to 0 over the run;
 # "constant": no decay (the examples' default).
 SCHEDULES = ("step", "cosine", "constant")
@@ -108,6 +130,11 @@ class Cell(NamedTuple):
     """The cell's name in the JSON, e.g. ``"mlp/x4/step/madam/p3"``."""
     name = f"{self.task}/x{self.budget}/{self.schedule}/{self.optimizer}"
     return name if self.p_scale is None else f"{name}/p{self.p_scale:g}"
+
+
+def _is_madam(optimizer: str) -> bool:
+  """Madam, or a recipe arm built on it (the cell carries a ``p_scale``)."""
+  return optimizer == "madam" or optimizer in RECIPES
 
 
 def default_p_scale(task: str) -> float:
@@ -148,8 +175,9 @@ def plan(
           continue
         p0 = default_p_scale(task)
         cells += [
-          Cell(task, budget, schedule, o, p0 if o == "madam" else None)
+          Cell(task, budget, schedule, o, p0 if _is_madam(o) else None)
           for o in optimizers
+          if o not in RECIPES or schedule in RECIPE_SCHEDULES
         ]
         if (
           "madam" in optimizers
@@ -197,14 +225,29 @@ def optimizer_factory(cell: Cell, steps: int) -> Callable[[Any, Any], Any]:
 
   The cell's optimizer by name (Madam with the zero-leaf recipe of
   :func:`madam_examples.optimizers.make_optimizer` and the cell's
-  ``p_scale``), its rate under the cell's schedule.
+  ``p_scale``), its rate under the cell's schedule. A recipe arm
+  (``RECIPES``) is Madam with ``leaves="recipe"``: Adam at
+  ``RECIPE_ADDITIVE_LR`` for the other leaves, under the same schedule.
   """
   p_scale = 3.0 if cell.p_scale is None else cell.p_scale
 
   def make(learning_rate, params):
     lr = learning_rate_schedule(learning_rate, cell.schedule, steps)
+    if cell.optimizer in RECIPES:
+      return optimizers_lib.make_optimizer(
+        "madam",
+        lr,
+        params,
+        p_scale=p_scale,
+        leaves="recipe",
+        additive_learning_rate=learning_rate_schedule(
+          RECIPE_ADDITIVE_LR, cell.schedule, steps
+        ),
+        **RECIPES[cell.optimizer],
+      )
+    # The old arms, as measured: the zero-leaf policy, whatever the model.
     return optimizers_lib.make_optimizer(
-      cell.optimizer, lr, params, p_scale=p_scale
+      cell.optimizer, lr, params, p_scale=p_scale, leaves="zero"
     )
 
   return make
@@ -236,6 +279,95 @@ def run_cell(task, cell: Cell, seeds: int, steps: int) -> np.ndarray:
   history = jax.device_get(fn(keys, lrs, task.data))
   final = np.asarray(history[task.metric][:, -1], np.float64)
   return final.reshape(len(LEARNING_RATES), seeds)
+
+
+def _recipe_record(cell: Cell) -> dict[str, Any]:
+  """What a recipe cell ran beyond its key: Adam's rate and Madam's ``b1``."""
+  if cell.optimizer not in RECIPES:
+    return {}
+  return {
+    "recipe": {
+      "labels": "madam_optax.madam_labels (defaults)",
+      "additive": f"optax.adam({RECIPE_ADDITIVE_LR:g}), same schedule",
+      **RECIPES[cell.optimizer],
+    }
+  }
+
+
+# The check that chose RECIPE_ADDITIVE_LR: the Transformer at x4 under step
+# decay, Madam (b1 = 0) at two rates against Adam's rate for the other leaves.
+CHECK_MADAM_RATES = (0.1, 0.01)
+CHECK_ADDITIVE_RATES = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+CHECK_BUDGET = 4
+
+
+def additive_rate_check(
+  task,
+  seeds: int,
+  steps: int,
+  additive_rates: Sequence[float] = CHECK_ADDITIVE_RATES,
+  schedule: str = "step",
+) -> dict[str, list[float]]:
+  """Final metric over Madam's rate x the additive Adam's rate, ``seeds`` each.
+
+  One jitted ``vmap`` over every (Madam rate in ``CHECK_MADAM_RATES``, Adam
+  rate, seed): the recipe (``leaves="recipe"``, ``b1 = 0``) with both rates
+  under ``schedule``. Returns ``{"<madam rate>/<adam rate>": [metric per
+  seed]}``.
+  """
+
+  def make(rates, params):
+    return optimizers_lib.make_optimizer(
+      "madam",
+      learning_rate_schedule(rates[0], schedule, steps),
+      params,
+      p_scale=default_p_scale(task.name),
+      leaves="recipe",
+      additive_learning_rate=learning_rate_schedule(rates[1], schedule, steps),
+    )
+
+  run = loop.make_run_fn(task, make, steps, steps, schedule="constant")
+  pairs = [(m, a) for m in CHECK_MADAM_RATES for a in additive_rates]
+  grid = [(m, a, s) for m, a in pairs for s in range(seeds)]
+  rates = jnp.asarray([(m, a) for m, a, _ in grid], jnp.float32)
+  keys = jnp.stack([jax.random.key_data(jax.random.key(s)) for _, _, s in grid])
+  fn = jax.jit(
+    jax.vmap(
+      lambda k, r, d: run(jax.random.wrap_key_data(k), r, d),
+      in_axes=(0, 0, None),
+    )
+  )
+  history = jax.device_get(fn(keys, rates, task.data))
+  final = np.asarray(history[task.metric][:, -1], np.float64)
+  final = final.reshape(len(pairs), seeds)
+  return {f"{m:g}/{a:g}": row.tolist() for (m, a), row in zip(pairs, final)}
+
+
+def _check_grid(check: dict[str, Any]) -> dict[str, list[float]]:
+  """The check's ``"<madam>/<adam>" -> values`` (either stored layout)."""
+  if "grid" in check:
+    return check["grid"]
+  return {
+    f"{m:g}/{a:g}": check["values"][i][j]
+    for i, m in enumerate(check["madam_rates"])
+    for j, a in enumerate(check["additive_rates"])
+  }
+
+
+def merge(results: dict[str, Any], path: pathlib.Path, log) -> None:
+  """Adds the cells of another results file (same settings) not already here.
+
+  For cells measured in parallel into separate ``--out`` folders.
+  """
+  other = harness.read_results(path)
+  if other["settings"] != results["settings"]:
+    raise SystemExit(f"{path} was measured with other settings.")
+  new = {k: v for k, v in other["cells"].items() if k not in results["cells"]}
+  for name, info in other["tasks"].items():
+    if results["tasks"].setdefault(name, info) != info:
+      raise SystemExit(f"task {name} differs in {path}.")
+  results["cells"].update(new)
+  log(f"merged {len(new)} cells from {path}: {', '.join(new) or 'none'}")
 
 
 # --------------------------------------------------------------------------
@@ -790,7 +922,13 @@ def markdown_body(results: dict[str, Any]) -> str:
 
 # Log-scale panels show up to CLIP times the panel's best mean.
 CLIP = 30.0
-COLOURS = {"madam": "tab:red", "adam": "tab:blue", "sgd": "tab:green"}
+COLOURS = {
+  "madam": "tab:red",
+  "adam": "tab:blue",
+  "sgd": "tab:green",
+  "recipe": "tab:purple",
+  "recipe_b1": "tab:orange",
+}
 P_STYLES = {1.0: ":", 2.0: "-.", 3.0: "--"}
 
 
@@ -1108,6 +1246,20 @@ def parse_args(argv=None):
     "QUICK_STEPS with --quick)",
   )
   parser.add_argument(
+    "--check-additive-rates",
+    action="store_true",
+    help="run only the check that chose the recipe's Adam rate (the "
+    "Transformer at x4, Madam 0.1 and 0.01 x Adam 1e-3 ... 3e-2) and keep it "
+    "in the JSON under additive_rate_check",
+  )
+  parser.add_argument(
+    "--merge",
+    type=pathlib.Path,
+    nargs="+",
+    help="add the cells of these results files (measured in parallel into "
+    "other --out folders) to <out>/<name>.json, then rewrite the report",
+  )
+  parser.add_argument(
     "--resume",
     action="store_true",
     help="keep the cells of <out>/<name>.json and run only the others",
@@ -1201,6 +1353,48 @@ def main(argv=None, log=harness.progress) -> dict:
     return replot(args.out, args.name, log)
   seeds = args.seeds or (2 if args.quick else 3)
   results = _start(args, seeds, log)
+  if args.merge:
+    for path in args.merge:
+      merge(results, path, log)
+    save(args.out, args.name, results, log)
+    return results
+  if args.check_additive_rates:
+    task = tasks_lib.build_task("transformer", quick=args.quick)
+    base = args.steps or (QUICK_STEPS if args.quick else BASE_STEPS[task.name])
+    check = results.get("additive_rate_check", {})
+    grid = _check_grid(check) if check else {}
+    todo = [
+      a
+      for a in CHECK_ADDITIVE_RATES
+      if any(f"{m:g}/{a:g}" not in grid for m in CHECK_MADAM_RATES)
+    ]
+    t0 = time.perf_counter()
+    if todo:
+      grid.update(additive_rate_check(task, seeds, CHECK_BUDGET * base, todo))
+    runs = check.get("runs", [])
+    if "values" in check:  # the first run, before the grid layout
+      runs = [{k: check[k] for k in ("seconds", "machine", "code")}]
+    runs.append(
+      {
+        "additive_rates": todo,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "machine": harness.machine_record(args.command),
+        "code": code_version(),
+      }
+    )
+    results["additive_rate_check"] = {
+      "task": task.name,
+      "schedule": "step",
+      "steps": CHECK_BUDGET * base,
+      "grid": grid,
+      "runs": runs,
+    }
+    log(
+      "additive-rate check: "
+      + ", ".join(f"{k}: {np.mean(v):.3f}" for k, v in grid.items())
+    )
+    save(args.out, args.name, results, log, figures=False)
+    return results
   cells = plan(
     args.tasks,
     args.budgets,
@@ -1239,6 +1433,7 @@ def main(argv=None, log=harness.progress) -> dict:
     record["load_average_at_end"] = harness.load_average()
     results["cells"][cell.key] = {
       **cell._asdict(),
+      **_recipe_record(cell),
       "steps": steps,
       "values": values.tolist(),
       "seconds": round(seconds, 1),

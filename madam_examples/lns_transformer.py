@@ -1,21 +1,27 @@
-"""The character Transformer trained with int8 weights and a factored second moment.
+"""The character Transformer trained with int8 weights by the Transformer recipe.
 
 The examples' Transformer language model (``tasks.build_task("transformer")``)
-with its weight tensors stored as 8-bit log-number-system codes and trained
-by ``madam_optax.lns_madam(fmt, factored=True)`` through the examples' loop
-(``loop.train`` with ``lns_format``): each matrix keeps one second-moment
-statistic per row and per column instead of one per weight, so weights plus
-optimizer state come to about one byte per parameter for large matrices. The
-zero-initialised biases and LayerNorm offsets stay float32 and are trained by
-Adam (``madam_optax.with_additive_fallback``). The script prints the
-validation perplexity before and after, and the bytes per parameter the
-training state holds.
+trained by the recipe (``madam_optax.madam_labels``): its hidden weight
+matrices (attention and MLP kernels) are stored as 8-bit log-number-system
+codes and trained by ``madam_optax.lns_madam(fmt, factored=True)``, one
+second-moment statistic per row and per column of each matrix; the token and
+position embeddings, the output head, LayerNorms and biases stay float32 and
+go to an additive optimizer (``--additive``), because a multiplicative update
+never changes a weight's sign and Adam moves embedding entries across
+zero. The script prints the validation perplexity before and after, and
+the bytes per parameter the training state holds.
 
   python -m madam_examples.lns_transformer --steps 400
+  python -m madam_examples.lns_transformer --additive factored
+
+``--additive``: ``adam`` (float32 moments, 8 bytes of state per float
+parameter), ``adam_bf16`` (Adam with a bfloat16 first moment: 6 bytes) or
+``factored`` (Adafactor's factored second moment without a first moment, one
+statistic per row and per column of each float matrix: about 0 bytes).
 
 The model is small (width 32), so its matrices are factored from
 ``--min-dim-size-to-factor 8`` (Adafactor's default 128 is meant for large
-models), and its float biases weigh more than in a large model.
+models), and its float leaves weigh more than in a large model.
 
 Reference: Bernstein et al., "Learning compositional functions via
 multiplicative weight updates", NeurIPS 2020, arXiv:2006.14560; Shazeer and
@@ -26,18 +32,144 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
+import optax
 
+from madam_examples import cli
 from madam_examples import loop
 from madam_examples import memory
+from madam_examples import optimizers as optimizers_lib
 from madam_examples import step as step_lib
 from madam_examples import tasks
 import madam_optax
 
 INT8 = madam_optax.LNSFormat.spanning(127)
 QUICK_STEPS = 20
+# The additive optimizers of the float leaves, by name: rate -> tx.
+ADDITIVE: dict[str, Callable[..., optax.GradientTransformation]] = {
+  "adam": lambda lr, min_dim: optax.adam(lr),
+  "adam_bf16": lambda lr, min_dim: optax.adam(lr, mu_dtype=jnp.bfloat16),
+  "factored": lambda lr, min_dim: optax.chain(
+    optax.scale_by_factored_rms(min_dim_size_to_factor=min_dim),
+    optax.scale_by_learning_rate(lr),
+  ),
+}
+
+
+def encode_recipe(
+  params: Any,
+  reference: Any,
+  fmt: madam_optax.LNSFormat,
+  *,
+  p_scale: float,
+) -> tuple[Any, Any]:
+  """LNS codes of the leaves the recipe gives Madam; the rest stay float.
+
+  The leaves are chosen from concrete ``reference`` parameters by
+  ``madam_optax.madam_labels`` (the hidden weight matrices), so ``params``
+  may be traced. Returns ``(codes, max_magnitudes)``, ``None`` scales where
+  a leaf stays float.
+  """
+  labels = madam_optax.madam_labels(reference)
+
+  def leaf(p, label):
+    if label != "multiplicative":
+      return p, None
+    return madam_optax.lns_encode(p, fmt, p_scale=p_scale)
+
+  pairs = jax.tree.map(leaf, params, labels)
+  is_pair = lambda x: isinstance(x, tuple)
+  return (
+    jax.tree.map(lambda x: x[0], pairs, is_leaf=is_pair),
+    jax.tree.map(lambda x: x[1], pairs, is_leaf=is_pair),
+  )
+
+
+def recipe_optimizer(
+  codes: Any,
+  learning_rate: Any,
+  *,
+  additive: str = "adam",
+  additive_learning_rate: Any = madam_optax.ADDITIVE_LEARNING_RATE,
+  min_dim_size_to_factor: int = 8,
+  seed: Any = 0,
+  **lns_options: Any,
+) -> optax.GradientTransformation:
+  """``lns_madam(int8, factored=True)`` on the codes, ``additive`` on the rest.
+
+  ``codes`` is a concrete tree from :func:`encode_recipe`, used only for
+  labelling (integer codes are ``madam_labels``' multiplicative leaves,
+  whatever their names).
+  """
+  return madam_optax.with_additive_fallback(
+    codes,
+    madam_optax.lns_madam(
+      INT8,
+      learning_rate=learning_rate,
+      factored=True,
+      min_dim_size_to_factor=min_dim_size_to_factor,
+      seed=seed,
+      **lns_options,
+    ),
+    ADDITIVE[additive](additive_learning_rate, min_dim_size_to_factor),
+    min_ndim=2,
+    additive_names=madam_optax.ADDITIVE_NAMES,
+  )
+
+
+def make_run_fn(
+  task: loop.Task,
+  steps: int,
+  *,
+  additive: str = "adam",
+  min_dim_size_to_factor: int = 8,
+  additive_learning_rate: float = madam_optax.ADDITIVE_LEARNING_RATE,
+  lns_options: dict[str, Any] | None = None,
+) -> Callable[[jax.Array, Any, Any], tuple[step_lib.TrainState, dict]]:
+  """A pure ``run(key, learning_rate, data) -> (state, metrics)`` (``vmap``-able).
+
+  The recipe with int8 codes: both rates decay to 0 (cosine) over ``steps``;
+  the metrics are the task's evaluation before and after training.
+  """
+  reference = loop.reference_params(task)["model"]
+  # Concrete codes, for labelling the leaves (the run's own may be traced).
+  reference_codes, _ = encode_recipe(
+    reference, reference, INT8, p_scale=task.p_scale
+  )
+
+  def run(key, learning_rate, data):
+    init_key, train_key = jax.random.split(key)
+    seed = jax.random.randint(jax.random.fold_in(key, 1), (), 0, 2**31 - 1)
+    codes, scales = encode_recipe(
+      task.init(init_key)["model"], reference, INT8, p_scale=task.p_scale
+    )
+
+    def schedule(lr):
+      return optimizers_lib.learning_rate_schedule(lr, "cosine", steps)
+
+    tx = recipe_optimizer(
+      reference_codes,
+      schedule(learning_rate),
+      additive=additive,
+      additive_learning_rate=schedule(additive_learning_rate),
+      min_dim_size_to_factor=min_dim_size_to_factor,
+      seed=seed,
+      **(lns_options or {}),
+    )
+    state = step_lib.init_state(
+      {"model": codes}, {"model": tx}, train_key, {"model": scales}
+    )
+    before = task.evaluate(step_lib.weights(state, INT8), data)
+    state, _ = step_lib.train_chunk(
+      task.losses, {"model": tx}, state, data, steps, lns_format=INT8
+    )
+    after = task.evaluate(step_lib.weights(state, INT8), data)
+    return state, {"before": before, "after": after}
+
+  return run
 
 
 def bytes_per_parameter(state: step_lib.TrainState) -> dict[str, float]:
@@ -79,9 +211,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--seed", type=int, default=0, help="random seed")
   parser.add_argument(
     "--lr",
-    type=float,
+    type=cli.positive_float,
     default=0.01,
-    help="peak learning rate (cosine decay to 0)",
+    help="Madam's peak learning rate (cosine decay to 0)",
+  )
+  parser.add_argument(
+    "--additive",
+    choices=tuple(ADDITIVE),
+    default="adam",
+    help="the optimizer of the float leaves (embeddings, head, norms, biases)",
+  )
+  parser.add_argument(
+    "--additive-lr",
+    type=cli.positive_float,
+    default=madam_optax.ADDITIVE_LEARNING_RATE,
+    help="its peak learning rate (cosine decay to 0)",
   )
   parser.add_argument(
     "--min-dim-size-to-factor",
@@ -96,8 +240,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     help=f"at most {QUICK_STEPS} steps on a short corpus (also MADAM_QUICK=1)",
   )
   args = parser.parse_args(argv)
-  if not args.lr > 0:
-    parser.error(f"--lr must be positive, got {args.lr}")
   args.quick = args.quick or os.environ.get("MADAM_QUICK") == "1"
   if args.quick:
     args.steps = min(args.steps, QUICK_STEPS)
@@ -109,28 +251,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   (and the final state under ``"state"``)."""
   args = parse_args(argv)
   task = tasks.build_task("transformer", quick=args.quick)
-  before = {}
-
-  def record_start(done, metrics, state):
-    if done == 0 and not metrics:  # called once before training
-      before.update(
-        jax.jit(task.evaluate)(step_lib.weights(state, INT8), task.data)
-      )
-
-  state, history = loop.train(
+  run = make_run_fn(
     task,
-    "lns_madam",
-    args.lr,
-    seed=args.seed,
-    steps=args.steps,
-    eval_every=args.steps,
-    lns_format=INT8,
-    optimizer_options={
-      "factored": True,
-      "min_dim_size_to_factor": args.min_dim_size_to_factor,
-    },
-    callback=record_start,
+    args.steps,
+    additive=args.additive,
+    additive_learning_rate=args.additive_lr,
+    min_dim_size_to_factor=args.min_dim_size_to_factor,
   )
+  state, metrics = jax.jit(run)(jax.random.key(args.seed), args.lr, task.data)
   held = bytes_per_parameter(state)
   model, scales = state.params["model"], state.max_magnitudes["model"]
   encoded = [
@@ -143,25 +271,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   ]
   n_codes = sum(c.size for c in encoded)
   code_dtypes = sorted({str(c.dtype) for c in encoded})
-  perplexity = float(history["perplexity"][-1])
+  before = float(metrics["before"]["perplexity"])
+  perplexity = float(metrics["after"]["perplexity"])
   print(
     f"{task.description}: {held['parameters']} parameters, "
-    f"{args.steps} steps of lns_madam(int8, factored=True)"
+    f"{args.steps} steps of the recipe: lns_madam(int8, factored=True) on "
+    f"the hidden matrices, {args.additive} on the rest"
   )
-  print(
-    f"validation perplexity: {float(before['perplexity']):.2f} -> "
-    f"{perplexity:.2f}"
-  )
+  print(f"validation perplexity: {before:.2f} -> {perplexity:.2f}")
   print(
     f"{n_codes} parameters stored as {', '.join(code_dtypes)} codes, "
-    f"{held['parameters'] - n_codes} (zero-initialised) in float32"
+    f"{held['parameters'] - n_codes} (embeddings, head, norms, biases) in "
+    "float32"
   )
   print(
     f"bytes per parameter: weights {held['weights']:.3f} + optimizer "
     f"{held['optimizer']:.3f} = {held['total']:.3f} (float32 Adam: 12)"
   )
   return {
-    "perplexity_before": float(before["perplexity"]),
+    "perplexity_before": before,
     "perplexity": perplexity,
     "bytes_per_parameter": held,
     "code_dtypes": code_dtypes,

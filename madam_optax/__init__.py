@@ -34,7 +34,11 @@ from madam_optax._src.moments import ScaleByMomentsState
 from madam_optax._src.moments import scale_by_moments
 from madam_optax._src.multiplicative_step import MultiplicativeStepState
 from madam_optax._src.multiplicative_step import multiplicative_step
+from madam_optax._src.partition import ADDITIVE_LEARNING_RATE
+from madam_optax._src.partition import ADDITIVE_NAMES
+from madam_optax._src.partition import madam_labels
 from madam_optax._src.partition import multiplicative_labels
+from madam_optax._src.partition import partitioned_madam
 from madam_optax._src.partition import with_additive_fallback
 from madam_optax._src.second_moment import ScaleBySecondMomentState
 from madam_optax._src.second_moment import scale_by_second_moment
@@ -56,6 +60,8 @@ def initial_rms_bound(params, p_scale=3.0):
 
 
 __all__ = (
+  "ADDITIVE_LEARNING_RATE",
+  "ADDITIVE_NAMES",
   "ClipWeightMagnitudeState",
   "LNSFormat",
   "LNSLevelStepState",
@@ -80,8 +86,10 @@ __all__ = (
   "lns_value_and_grad",
   "log_quantise",
   "madam",
+  "madam_labels",
   "multiplicative_labels",
   "multiplicative_step",
+  "partitioned_madam",
   "scale_by_factored_second_moment",
   "scale_by_moments",
   "scale_by_second_moment",

@@ -52,23 +52,20 @@ def fake_training(lr_sweep, monkeypatch):
 def test_the_full_plan_follows_the_protocol(lr_sweep):
   cells = lr_sweep.plan()
   keys = [c.key for c in cells]
-  assert len(keys) == len(set(keys)) == 53
+  # 53 cells of Madam, Adam and SGD, and 11 of each recipe arm.
+  assert len(keys) == len(set(keys)) == 53 + 2 * 11
   # x1 step decay for every task first, then x4 step decay starting with mlp.
-  assert keys[:13] == [
-    "mlp/x1/step/madam/p3",
-    "mlp/x1/step/adam",
-    "mlp/x1/step/sgd",
-    "cnn/x1/step/madam/p3",
-    "cnn/x1/step/adam",
-    "cnn/x1/step/sgd",
-    "transformer/x1/step/madam/p2",
-    "transformer/x1/step/adam",
-    "transformer/x1/step/sgd",
-    "gan/x1/step/madam/p3",
-    "gan/x1/step/adam",
-    "gan/x1/step/sgd",
+  arms = ("madam/p3", "adam", "sgd", "recipe/p3", "recipe_b1/p3")
+  assert keys[:21] == [
+    *(f"mlp/x1/step/{a}" for a in arms),
+    *(f"cnn/x1/step/{a}" for a in arms),
+    *(f"transformer/x1/step/{a.replace('p3', 'p2')}" for a in arms),
+    *(f"gan/x1/step/{a}" for a in arms),
     "mlp/x4/step/madam/p3",
   ]
+  recipes = [c for c in cells if c.optimizer in lr_sweep.RECIPES]
+  assert {c.schedule for c in recipes} == {"step"}
+  assert {c.p_scale for c in recipes if c.task == "transformer"} == {2.0}
   assert {c.budget for c in cells if c.task == "gan"} == {1, 4}
   assert {c.budget for c in cells if c.schedule == "cosine"} == {4}
   swept = {
@@ -124,6 +121,61 @@ def test_a_madam_cell_trains_under_its_schedule_and_p_scale(lr_sweep):
     tx = lr_sweep.optimizer_factory(cell, 9)(0.5, params)
     w = train_for(tx, params, {"w": jnp.full((4,), grad)}, 9)
     np.testing.assert_allclose(w["w"], expected, rtol=1e-5)
+
+
+def test_a_recipe_cell_gives_the_embedding_to_adam_under_the_schedule(
+  lr_sweep,
+):
+  # Adam with a constant gradient moves each weight by -lr_t per step: after
+  # 9 steps of step decay from RECIPE_ADDITIVE_LR, by 3 * (1 + 0.1 + 0.01)
+  # times it; the kernel is Madam's (0.5 per step from 0.5: log w drops by
+  # 1.665), whatever Adam's rate.
+  params = {"embed": jnp.full((3, 2), 0.5), "w": jnp.full((2, 2), 0.5)}
+  grads = jax.tree.map(jnp.ones_like, params)
+  for optimizer in ("recipe", "recipe_b1"):
+    cell = lr_sweep.Cell("transformer", 1, "step", optimizer, 2.0)
+    tx = lr_sweep.optimizer_factory(cell, 9)(0.5, params)
+    w = train_for(tx, params, grads, 9)
+    lr = lr_sweep.RECIPE_ADDITIVE_LR
+    np.testing.assert_allclose(w["embed"], 0.5 - 3.33 * lr, rtol=1e-4)
+    if optimizer == "recipe":
+      np.testing.assert_allclose(w["w"], 0.5 * math.exp(-1.665), rtol=1e-5)
+    else:  # the first moment of a constant gradient is the gradient
+      np.testing.assert_allclose(w["w"], 0.5 * math.exp(-1.665), rtol=1e-4)
+  assert lr_sweep._recipe_record(cell)["recipe"]["b1"] == 0.9
+  assert (
+    lr_sweep._recipe_record(lr_sweep.Cell("mlp", 1, "step", "adam", None)) == {}
+  )
+
+
+def test_merge_adds_only_new_cells_of_the_same_settings(lr_sweep, tmp_path):
+  settings = {"seeds": 2}
+  ours = {"settings": settings, "tasks": {"t": 1}, "cells": {"a": 1, "b": 2}}
+  path = tmp_path / "other.json"
+  other = {"settings": settings, "tasks": {"t": 1}, "cells": {"b": 9, "c": 3}}
+  path.write_text(json.dumps(other))
+  lr_sweep.merge(ours, path, lambda *_: None)
+  assert ours["cells"] == {"a": 1, "b": 2, "c": 3}
+  path.write_text(json.dumps({**other, "settings": {"seeds": 3}}))
+  with pytest.raises(SystemExit, match="other settings"):
+    lr_sweep.merge(ours, path, lambda *_: None)
+
+
+def test_the_additive_rate_check_reads_both_layouts(lr_sweep):
+  grid = lr_sweep._check_grid(
+    {
+      "madam_rates": [0.1, 0.01],
+      "additive_rates": [1e-3, 3e-2],
+      "values": [[[1, 2], [3, 4]], [[5, 6], [7, 8]]],
+    }
+  )
+  assert grid == {
+    "0.1/0.001": [1, 2],
+    "0.1/0.03": [3, 4],
+    "0.01/0.001": [5, 6],
+    "0.01/0.03": [7, 8],
+  }
+  assert lr_sweep._check_grid({"grid": grid}) is grid
 
 
 def test_best_rate_and_spread_match_hand_computed_values(lr_sweep):

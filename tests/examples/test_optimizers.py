@@ -88,3 +88,61 @@ def test_unknown_names_are_clear_errors():
     optimizers.learning_rate_schedule(0.1, "linear", 10)
   with pytest.raises(ValueError, match="pass lns_format"):
     optimizers.make_optimizer("lns_madam", 0.01, PARAMS)
+
+
+LM = {
+  "embed": {"embedding": jnp.array([[0.5, -0.5], [0.25, 0.75]])},
+  "dense": {"kernel": jnp.array([[0.5, -1.0], [0.25, 2.0]])},
+}
+
+
+def _step_ones(tx, params):
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  return optax.apply_updates(params, updates)
+
+
+def _madam(w, lr=0.01):
+  """Madam's first step with a gradient of ones: g_n = 1."""
+  return w * np.exp(-lr * np.sign(w))
+
+
+def test_auto_leaves_use_the_recipe_for_a_model_with_an_embedding():
+  assert optimizers.resolve_leaves("auto", LM) == "recipe"
+  assert optimizers.resolve_leaves("auto", PARAMS) == "zero"
+  tx = optimizers.make_optimizer("madam", 0.01, LM)
+  new = _step_ones(tx, LM)
+  # The embedding is Adam's (the recipe's rate), the kernel Madam's.
+  lr = madam_optax.ADDITIVE_LEARNING_RATE
+  np.testing.assert_allclose(
+    new["embed"]["embedding"], LM["embed"]["embedding"] - lr, rtol=1e-4
+  )
+  np.testing.assert_allclose(
+    new["dense"]["kernel"], _madam(LM["dense"]["kernel"]), rtol=1e-6
+  )
+  # "zero": the embedding (not all zero) is Madam's.
+  tx = optimizers.make_optimizer("madam", 0.01, LM, leaves="zero")
+  new = _step_ones(tx, LM)
+  np.testing.assert_allclose(
+    new["embed"]["embedding"], _madam(LM["embed"]["embedding"]), rtol=1e-6
+  )
+  with pytest.raises(ValueError, match="unknown leaves 'all'"):
+    optimizers.make_optimizer("madam", 0.01, LM, leaves="all")
+
+
+def test_recipe_schedules_the_additive_rate_like_madams():
+  txs = optimizers.make_optimizers(
+    {"model": LM}, "madam", 0.01, schedule="cosine", steps=4
+  )
+  params, state = LM, txs["model"].init(LM)
+  grads = jax.tree.map(jnp.ones_like, LM)
+  moves = []
+  for _ in range(4):
+    updates, state = txs["model"].update(grads, state, params)
+    moves.append(float(jnp.abs(updates["embed"]["embedding"]).mean()))
+    params = optax.apply_updates(params, updates)
+  # Adam's step with a constant gradient is its rate: the cosine decay's.
+  schedule = optimizers.learning_rate_schedule(
+    madam_optax.ADDITIVE_LEARNING_RATE, "cosine", 4
+  )
+  np.testing.assert_allclose(moves, [schedule(t) for t in range(4)], rtol=1e-3)
