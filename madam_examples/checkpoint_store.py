@@ -37,7 +37,6 @@ import orbax.checkpoint as ocp
 STEP_METADATA = "_CHECKPOINT_METADATA"
 ITEM = "default"
 ITEM_METADATA = "_METADATA"
-DAMAGED_SUFFIX = ".damaged"
 
 
 class DamagedCheckpointError(ValueError):
@@ -67,7 +66,20 @@ class CheckpointWriteError(OSError):
 
 def step_path(directory: str | os.PathLike, step: int) -> str:
   """The folder of checkpoint ``step`` in ``directory``."""
-  return os.path.join(os.fspath(directory), str(int(step)))
+  return os.path.join(absolute(directory), str(int(step)))
+
+
+def absolute(directory: str | os.PathLike) -> str:
+  """``directory`` as an absolute path (Orbax reads only absolute paths).
+
+  A symbolic link in it is kept (not resolved), so messages name the folder
+  the user gave.
+
+  Example:
+    >>> absolute('/tmp/ckpt/../ckpt')
+    '/tmp/ckpt'
+  """
+  return os.path.abspath(os.fspath(directory))
 
 
 # ------------------------------------------------------- PRNG keys, targets
@@ -541,21 +553,3 @@ def read_step(
     failed = [i for i, ok in enumerate(verdicts) if not ok]
     damage = f"process {failed[0]} could not read it"
   raise DamagedCheckpointError(directory, step, damage)
-
-
-def set_aside(directory: str | os.PathLike, step: int) -> str:
-  """Renames the folder of ``step`` so that it is no longer a step.
-
-  Process 0 renames; every process waits for it. Returns the new folder,
-  ``<step>.damaged`` (with a number appended if that exists).
-  """
-  source = step_path(directory, step)
-  target = source + DAMAGED_SUFFIX
-  n = 1
-  while os.path.exists(target):
-    n += 1
-    target = f"{source}{DAMAGED_SUFFIX}-{n}"
-  if jax.process_index() == 0:
-    os.replace(source, target)
-  sync_processes(f"checkpoint-set-aside-{step}")
-  return target

@@ -44,8 +44,9 @@ What each piece guarantees:
   on restore.
 * **Damaged steps.** A complete step whose files were later lost or garbled
   (its metadata, an array file) is never half-read: :func:`maybe_restore`
-  sets it aside (renamed ``<step>.damaged``), says so, and resumes from the
-  previous complete step; :func:`restore` of that step raises a
+  says so and resumes from the previous complete step, leaving the damaged
+  step's files where they are (nothing is ever renamed, moved or deleted
+  because it could not be read); :func:`restore` of that step raises a
   :class:`DamagedCheckpointError` naming the step and the fix.
 * **Saves fail where they happen.** Saves run in the background, so a folder
   that cannot be written would only fail one save later; each save first
@@ -102,6 +103,7 @@ def all_steps(directory: str | os.PathLike) -> list[int]:
   """
   if not _exists(directory):
     return []
+  directory = store.absolute(directory)
   # Listed without a CheckpointManager: with several processes, opening one
   # is a barrier, which every process must reach whatever it finds here.
   return store.finalised_steps(directory)
@@ -159,6 +161,7 @@ def save(
     >>> restored['params']['w']
     Array([ 0.5, -2. ], dtype=float32)
   """
+  directory = store.absolute(directory)
   store.check_writable(directory, step)
   manager = store.open_manager(directory, max_to_keep=max_to_keep)
   try:
@@ -203,6 +206,7 @@ def restore(
       differs from the target's (the message names the first differing
       path).
   """
+  directory = store.absolute(directory)
   steps = all_steps(directory)
   if step is None:
     step = steps[-1] if steps else None
@@ -227,17 +231,19 @@ def maybe_restore(
 ) -> tuple[Any, int]:
   """Resumes from the latest complete checkpoint, or starts from ``target``.
 
-  A damaged step (see :class:`DamagedCheckpointError`) is set aside, renamed
-  ``<step>.damaged`` so that later saves and resumes pass it by, and the
-  previous complete step is tried; a message says so. When no earlier step
-  is left, the error is raised.
+  A damaged step (see :class:`DamagedCheckpointError`) is passed over and
+  the previous complete step is tried; a message says so. Nothing is
+  renamed, moved or deleted: the damaged step's files stay where they are
+  (a later save of that step number is skipped, see
+  :meth:`Checkpointer.maybe_save`). When no earlier step is left, the error
+  is raised.
 
   Args:
     checkpoint_dir: the checkpoint folder; ``None`` or a folder without a
       complete checkpoint means a fresh start.
     target: the freshly initialised state (returned as is on a fresh start),
       or its :func:`abstract_state` (then a fresh start is an error).
-    verbose: print where training resumes from, and any step set aside.
+    verbose: print where training resumes from, and any step passed over.
     config: the run's settings, checked against the checkpoint's (see
       :func:`save`).
 
@@ -259,6 +265,8 @@ def maybe_restore(
     >>> step, state['w']
     (5, Array([1., 1.], dtype=float32))
   """
+  if checkpoint_dir is not None:
+    checkpoint_dir = store.absolute(checkpoint_dir)
   steps = all_steps(checkpoint_dir) if checkpoint_dir is not None else []
   if checkpoint_dir is not None:
     store.check_same_steps(checkpoint_dir, steps)
@@ -276,9 +284,7 @@ def maybe_restore(
         "checkpoint."
       )
     if verbose and checkpoint_dir is not None:
-      print(
-        f"No checkpoint in {os.fspath(checkpoint_dir)}, starting from step 0"
-      )
+      print(f"No checkpoint in {checkpoint_dir}, starting from step 0")
     return target, 0
   for i in range(len(steps) - 1, -1, -1):
     step = steps[i]
@@ -287,17 +293,16 @@ def maybe_restore(
     except DamagedCheckpointError as e:
       if i == 0:
         raise
-      moved = store.set_aside(checkpoint_dir, step)
       if verbose:
         print(
-          f"Checkpoint step {step} in {os.fspath(checkpoint_dir)} is "
-          f"damaged ({e.reason}); set it aside as {moved} and trying "
-          f"step {steps[i - 1]}",
+          f"Checkpoint step {step} in {checkpoint_dir} is damaged "
+          f"({e.reason}); its files are left as they are (later saves pass "
+          f"over step {step}), trying step {steps[i - 1]}",
           flush=True,
         )
       continue
     if verbose:
-      print(f"Resumed from step {step} in {os.fspath(checkpoint_dir)}")
+      print(f"Resumed from step {step} in {checkpoint_dir}")
     return state, step
   raise AssertionError("unreachable: the loop returns or raises")
 
@@ -345,7 +350,7 @@ class Checkpointer:
   ):
     if every < 1:
       raise ValueError(f"--checkpoint-every must be >= 1, got {every}.")
-    self.directory = os.fspath(directory)
+    self.directory = store.absolute(directory)
     self.every = int(every)
     self.config = store.normalise_config(config)
     self._manager = store.open_manager(
@@ -353,7 +358,11 @@ class Checkpointer:
     )
 
   def maybe_save(self, step: int, state: Any, *, force: bool = False) -> bool:
-    """Saves when ``step`` is a multiple of ``every`` (or ``force``) and new."""
+    """Saves when ``step`` is a multiple of ``every`` (or ``force``) and new.
+
+    A step already in the folder is never overwritten (not even a damaged
+    one that :func:`maybe_restore` passed over): it is skipped.
+    """
     step = int(step)
     if not force and step % self.every:
       return False
