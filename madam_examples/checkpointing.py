@@ -70,6 +70,7 @@ from typing import Any
 import jax
 
 from madam_examples import checkpoint_store as store
+from madam_examples import cli
 
 # Part of this module's interface: the restore targets and the errors.
 from madam_examples.checkpoint_store import CheckpointWriteError  # noqa: F401
@@ -403,13 +404,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   group = parser.add_argument_group("checkpointing (Orbax)")
   group.add_argument(
     "--checkpoint-dir",
+    type=cli.output_dir,
     default=None,
     help="save checkpoints here, and resume from the latest complete one "
-    "when there is one",
+    "when there is one (proven writable before training starts)",
   )
   group.add_argument(
     "--checkpoint-every",
-    type=int,
+    type=cli.positive_int,
     default=DEFAULT_EVERY,
     help=f"steps between checkpoints (default {DEFAULT_EVERY}); the last "
     "step is always saved",

@@ -748,8 +748,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     default=None,
     help="host:port of process 0 (multi-host)",
   )
-  parser.add_argument("--num-processes", type=int, default=None)
-  parser.add_argument("--process-id", type=int, default=None)
+  parser.add_argument("--num-processes", type=cli.positive_int, default=None)
+  parser.add_argument("--process-id", type=cli.nonnegative_int, default=None)
   parser.add_argument(
     "--check-collectives",
     action="store_true",
@@ -784,6 +784,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
   checkpointing.add_arguments(parser)
   parser.add_argument(
     "--metrics-out",
+    type=cli.output_file,
     default=None,
     help="write the run's figures as JSON here (process 0): steps, "
     "losses, final validation loss, skipped steps, per-leaf "
@@ -807,7 +808,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
   )
   group.add_argument(
     "--inject-nan-process",
-    type=int,
+    type=cli.nonnegative_int,
     default=0,
     help="the process that injects them (default 0)",
   )
@@ -876,7 +877,7 @@ def initialise_runtime(args: argparse.Namespace) -> None:
     )
     where = args.coordinator_address or "the auto-detected coordinator"
     message = (
-      f"error: {who}: not every process reached the coordinator at "
+      f"{PROG}: error: {who}: not every process reached the coordinator at "
       f"{where} within {timeout} s (--initialization-timeout). Start every "
       "process with the same --coordinator-address and --num-processes "
       "and its own --process-id (on one machine, python -m "
@@ -955,7 +956,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     checkpointing.CheckpointWriteError,
     ValueError,
   ) as e:  # damaged or mismatched checkpoints included
-    print(f"error: {e}", file=sys.stderr, flush=True)
+    message = " ".join(str(e).split())
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
     return 1
   if result["skipped_steps"]:
     log(
