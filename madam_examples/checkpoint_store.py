@@ -32,6 +32,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from madam_examples import processes
+
 # Orbax's files in a step folder: the step's metadata (the saved config is in
 # it), and the item folder with its tree metadata and array data.
 STEP_METADATA = "_CHECKPOINT_METADATA"
@@ -374,55 +376,6 @@ class _Damage(Exception):
   """Internal: the reason a step is damaged (becomes DamagedCheckpointError)."""
 
 
-_BARRIERS = [0]
-BARRIER_TIMEOUT_S = 600
-
-
-def sync_processes(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
-  """Waits until every JAX process gets here (nothing with one process).
-
-  Through the coordination service, not a collective: processes may arrive
-  minutes apart (one still compiling), whereas CPU collectives over Gloo
-  give up after 30 s. Call it before a collective that processes may reach
-  at very different times.
-  """
-  if jax.process_count() == 1:
-    return
-  _BARRIERS[0] += 1
-  ocp.multihost.get_barrier_sync_fn()(
-    key=f"madam-{name}-{_BARRIERS[0]}", timeout_ms=int(timeout_s * 1000)
-  )
-
-
-def gather_from_processes(values: np.ndarray) -> np.ndarray:
-  """Every process's ``values`` (same shape and dtype on all), stacked in
-  process order: shape ``(process_count, *values.shape)``.
-
-  Exact for any dtype (the bytes travel, so float64 stays float64 without
-  ``jax_enable_x64``). A collective: every process must call it.
-
-  Example:
-    >>> gather_from_processes(np.array([1.5, 2.0]))      # one process
-    array([[1.5, 2. ]])
-  """
-  values = np.ascontiguousarray(values)
-  if jax.process_count() == 1:
-    return values[None]
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-
-  raw = np.frombuffer(values.tobytes(), np.uint8).astype(np.int32)
-  sync_processes("gather")
-  gathered = np.asarray(multihost_utils.process_allgather(raw))
-  return np.stack(
-    [
-      np.frombuffer(row.astype(np.uint8).tobytes(), values.dtype).reshape(
-        values.shape
-      )
-      for row in gathered
-    ]
-  )
-
-
 def finalised_steps(directory: str | os.PathLike) -> list[int]:
   """The complete steps in ``directory``, ascending (no barrier)."""
   return sorted(ocp.utils.checkpoint_steps(os.fspath(directory)))
@@ -435,7 +388,7 @@ def check_same_steps(directory: str | os.PathLike, steps: list[int]) -> None:
   a file system that all of them share.
   """
   latest = steps[-1] if steps else -1
-  seen = gather_from_processes(np.array([latest, len(steps)], np.int64))
+  seen = processes.gather(np.array([latest, len(steps)], np.int64))
   if (seen == seen[0]).all():
     return
   views = ", ".join(
@@ -454,7 +407,7 @@ def all_processes_ok(ok: bool) -> list[bool]:
 
   A collective: every process must call it, in the same order.
   """
-  flags = gather_from_processes(np.array([ok], np.bool_))
+  flags = processes.gather(np.array([ok], np.bool_))
   return [bool(x) for x in flags.reshape(-1)]
 
 

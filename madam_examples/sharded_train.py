@@ -96,7 +96,6 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 
-from madam_examples import checkpoint_store
 from madam_examples import checkpointing
 from madam_examples import cli
 from madam_examples import data
@@ -104,6 +103,7 @@ from madam_examples import memory
 from madam_examples import mesh as mesh_lib
 from madam_examples import models
 from madam_examples import optimizers
+from madam_examples import processes
 from madam_examples import step
 from madam_examples import tasks
 
@@ -498,7 +498,7 @@ def train(
   valid = batch(text.valid, 0, config.seed + 1)
   # Processes may get here far apart (each built its model op by op); CPU
   # collectives give up after 30 s, so meet before the first one.
-  checkpoint_store.sync_processes("setup")
+  processes.sync("setup")
   state, start, skipped, ckpt, last_saved = run.state, 0, 0, None, None
   if options.checkpoint_dir is not None:
     restored, start = checkpointing.maybe_restore(
@@ -527,7 +527,7 @@ def train(
   else:
     step_fn = run.checked_step.lower(state, first).compile()
   eval_fn = run.eval_loss.lower(state, valid).compile()
-  checkpoint_store.sync_processes("compiled")
+  processes.sync("compiled")
   losses, valid_losses, seconds, streak = [], [], [], 0
   try:
     for index in range(start, config.steps):
@@ -622,9 +622,7 @@ def leaf_checksums(tree: Any) -> dict[str, float]:
         if shard.replica_id == 0
       )
     )
-  per_process = checkpoint_store.gather_from_processes(
-    np.asarray(local, np.float64)
-  )
+  per_process = processes.gather(np.asarray(local, np.float64))
   return {name: math.fsum(per_process[:, i]) for i, name in enumerate(names)}
 
 
@@ -635,7 +633,7 @@ def gather_ints(value: int) -> list[int]:
     >>> gather_ints(3)               # one process
     [3]
   """
-  values = checkpoint_store.gather_from_processes(np.array([value], np.int64))
+  values = processes.gather(np.array([value], np.int64))
   return [int(x) for x in values.reshape(-1)]
 
 
@@ -814,6 +812,16 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
   )
 
 
+def shared_settings(config: Config, args: argparse.Namespace) -> dict:
+  """What every process of a run must be started with: all but
+  ``--metrics-out`` (where a process writes) and the process's own id."""
+  return {
+    **dataclasses.asdict(config),
+    **dataclasses.asdict(run_options(args)),
+    "simulate_devices": args.simulate_devices,
+  }
+
+
 def run_options(args: argparse.Namespace) -> RunOptions:
   """The :class:`RunOptions` of parsed command-line flags."""
   return RunOptions(
@@ -935,10 +943,16 @@ def log_memory(state: step.TrainState, log: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   initialise_runtime(args)
-  check_mesh(args)
   config = Config(
     **{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
   )
+  try:
+    processes.check_same_settings(
+      shared_settings(config, args), args.initialization_timeout
+    )
+  except processes.ProcessesDisagree as e:
+    raise cli.InputError(str(e)) from None
+  check_mesh(args)
   leader = jax.process_index() == 0
 
   def log(message: str) -> None:
@@ -954,10 +968,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (
     BadStepsError,
     checkpointing.CheckpointWriteError,
+    processes.ProcessesDisagree,
     ValueError,
   ) as e:  # damaged or mismatched checkpoints included
     message = " ".join(str(e).split())
     print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    if isinstance(e, processes.ProcessesDisagree):
+      sys.stdout.flush()  # jax.distributed's exit would wait for the
+      os._exit(1)  # missing process: stop now
     return 1
   if result["skipped_steps"]:
     log(
@@ -986,16 +1004,17 @@ def main(argv: Sequence[str] | None = None) -> int:
       "collectives in the optimizer update: "
       f"{mesh_lib.collectives_in_hlo(update_hlo) or 'none'}"
     )
-  if args.metrics_out:
-    metrics = run_metrics(config, result)
-    if args.check_collectives:
-      metrics["collectives"] = {
-        "train_step": mesh_lib.collectives_in_hlo(step_hlo),
-        "optimizer_update": mesh_lib.collectives_in_hlo(update_hlo),
-      }
-    if leader:
-      write_metrics(args.metrics_out, metrics)
-      log(f"wrote {args.metrics_out}")
+  # Computed on every process whether or not it writes them: run_metrics
+  # is a collective, and --metrics-out may be given to process 0 only.
+  metrics = run_metrics(config, result)
+  if args.check_collectives:
+    metrics["collectives"] = {
+      "train_step": mesh_lib.collectives_in_hlo(step_hlo),
+      "optimizer_update": mesh_lib.collectives_in_hlo(update_hlo),
+    }
+  if args.metrics_out and leader:
+    write_metrics(args.metrics_out, metrics)
+    log(f"wrote {args.metrics_out}")
   return 0
 
 
