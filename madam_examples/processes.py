@@ -20,7 +20,11 @@ change which of these a process calls. With one process, all are trivial.
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import sys
+import threading
 from typing import Any
 
 import jax
@@ -144,3 +148,70 @@ def gather(values: np.ndarray) -> np.ndarray:
       for row in gathered
     ]
   )
+
+
+def _cpu_platform(args: argparse.Namespace) -> bool:
+  platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
+  return bool(args.simulate_devices) or platforms == "cpu"
+
+
+class _Deadline:
+  """Ends the process with one line if a block does not finish in time.
+
+  JAX's own timeout on the coordinator aborts the process with a C++ stack
+  trace; this fires first, prints ``message`` on stderr and exits with
+  status 2.
+  """
+
+  def __init__(self, seconds: float, message: str):
+    self._timer = threading.Timer(seconds, self._expire)
+    self._timer.daemon = True
+    self._message = message
+
+  def _expire(self) -> None:
+    sys.stdout.flush()
+    print(self._message, file=sys.stderr, flush=True)
+    os._exit(2)
+
+  def __enter__(self) -> _Deadline:
+    self._timer.start()
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self._timer.cancel()
+
+
+def initialise_runtime(args: argparse.Namespace, prog: str) -> None:
+  """Simulated CPU devices or the multi-host runtime: before any JAX use.
+
+  With several processes on CPU devices, their collectives go over Gloo
+  (TCP). Every process must reach the coordinator within
+  ``args.initialization_timeout`` seconds, or each stops with one line.
+  """
+  if args.simulate_devices:
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", args.simulate_devices)
+  if args.distributed or args.coordinator_address:
+    if _cpu_platform(args):
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    timeout = getattr(args, "initialization_timeout", 300)
+    who = (
+      "this process"
+      if args.process_id is None
+      else f"process {args.process_id} of {args.num_processes}"
+    )
+    where = args.coordinator_address or "the auto-detected coordinator"
+    message = (
+      f"{prog}: error: {who}: not every process reached the coordinator at "
+      f"{where} within {timeout} s (--initialization-timeout). Start every "
+      "process with the same --coordinator-address and --num-processes "
+      "and its own --process-id (on one machine, python -m "
+      "madam_examples.launch_local does it)."
+    )
+    with _Deadline(timeout, message):
+      jax.distributed.initialize(
+        coordinator_address=args.coordinator_address,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        initialization_timeout=timeout + 60,
+      )

@@ -308,9 +308,7 @@ def test_nan_gradients_on_one_process_skip_the_step_on_every_process(
   second moment stay finite, and the run ends within 2% of the clean run's
   validation loss."""
   reference, _ = two_by_two
-  run = launch(
-    tmp_path, 2, ["--inject-nan-steps", "5,11", "--inject-nan-process", "1"]
-  )
+  run = launch(tmp_path, 2, hook=["--nan-on-process-1-at", "5,11"])
   metrics = run.metrics
   assert metrics["skipped_steps"] == 2
   assert metrics["skipped_steps_per_process"] == [2, 2]
@@ -493,11 +491,13 @@ def test_both_killed_then_killed_during_a_save_resume_bit_identically(
 def test_docstring_examples():
   import doctest  # pylint: disable=import-outside-toplevel
 
-  from madam_examples import sharded_train  # pylint: disable=import-outside-toplevel
+  from madam_examples import metrics  # pylint: disable=import-outside-toplevel
+  from madam_examples import processes  # pylint: disable=import-outside-toplevel
 
   flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
   results = [
-    doctest.testmod(m, optionflags=flags) for m in (sharded_train, launch_local)
+    doctest.testmod(m, optionflags=flags)
+    for m in (metrics, processes, launch_local)
   ]
   assert sum(r.attempted for r in results) >= 5
   assert all(r.failed == 0 for r in results)
@@ -509,6 +509,8 @@ def test_docstring_examples():
 def main_with_hook(argv: list[str]) -> int:
   """``sharded_train.main`` with one test hook, given first in ``argv``.
 
+  * ``--nan-on-process-1-at S1,S2``: NaN loss and gradients from process
+    1's rows at those steps (:mod:`tests.examples.nan_injection`).
   * ``--metrics-out-on-process-0-only 0``: the other processes are started
     without ``--metrics-out`` (as the docs say it is process 0's).
   * ``--steps-on-process-1 S``: process 1 is started with ``--steps S``.
@@ -524,8 +526,15 @@ def main_with_hook(argv: list[str]) -> int:
   """
   from madam_examples import sharded_train  # pylint: disable=import-outside-toplevel
 
-  hook, step, rest = argv[0], int(argv[1]), argv[2:]
+  hook, rest = argv[0], argv[2:]
+  step = int(argv[1].split(",")[0])
   process = int(rest[rest.index("--process-id") + 1])
+  if hook == "--nan-on-process-1-at":
+    from tests.examples import nan_injection  # pylint: disable=import-outside-toplevel
+
+    steps = {int(s) for s in argv[1].split(",")}
+    with nan_injection.nan_at(steps, poison_rows=process == 1):
+      return sharded_train.main(rest)
   if hook == "--metrics-out-on-process-0-only":
     if process != 0:
       at = rest.index("--metrics-out")
