@@ -235,7 +235,7 @@ def check_compatible(saved_tree: Any, target: Any, where: str) -> None:
   Example:
     >>> import jax.numpy as jnp
     >>> check_compatible({'w': jnp.zeros((4, 3))}, {'w': jnp.zeros((4, 5))},
-    ...                  'checkpoint 7')
+    ...                  'checkpoint 7')  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
     ValueError: checkpoint 7 does not match the target state at 'w': the checkpoint holds float32[4, 3], the target expects float32[4, 5]. ...
@@ -287,7 +287,7 @@ def check_config(
 
   Example:
     >>> check_config({'lr': 0.01, 'levels': 127}, {'lr': 0.01, 'levels': 100},
-    ...              'checkpoint 7')
+    ...              'checkpoint 7')  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
     ValueError: checkpoint 7 was written with another configuration (levels: checkpoint 127, this run 100). ...
