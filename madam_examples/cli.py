@@ -6,9 +6,10 @@ input, in one line on stderr, ``PROG: error: WHAT``, with exit status 2 (as
 argparse's own errors), never a traceback:
 
 * a flag's value is checked as it is parsed (:func:`positive_int`,
-  :func:`positive_float`, :func:`nonnegative_int`, :func:`fraction`), and so
-  is an output folder (:func:`output_dir`), before any data is read or any
-  function is compiled;
+  :func:`positive_float`, :func:`nonnegative_int`, :func:`fraction`), and
+  every output is proven writable by creating it (:func:`output_dir`,
+  :func:`output_file`; also as root, to whom ``os.access`` says yes), before
+  any data is read or any function is compiled;
 * a bad data path or file raises :class:`InputError` as it is read, and
   :func:`one_line_errors` turns that into the one line.
 
@@ -37,6 +38,7 @@ import functools
 import math
 import os
 import sys
+import tempfile
 from typing import Any, Callable, TypeVar
 
 # ``--quick`` (or MADAM_QUICK=1): this many training steps, in every command.
@@ -134,12 +136,108 @@ def _nearest_existing(path: str) -> str:
   return path
 
 
+def _reason(error: OSError) -> str:
+  return error.strerror or type(error).__name__
+
+
+def _make_folders(folder: str) -> list[str]:
+  """Makes ``folder`` and its missing parents; returns those it made,
+  deepest first (so that they can be removed in that order)."""
+  made = []
+  path = os.path.abspath(folder)
+  while not os.path.lexists(path):
+    made.append(path)
+    path = os.path.dirname(path)
+  for path in reversed(list(made)):
+    try:
+      os.mkdir(path)
+    except FileExistsError:  # another process made it meanwhile
+      made.remove(path)
+    except OSError:
+      _remove_folders(made[made.index(path) + 1 :])
+      raise
+  return made
+
+
+def _remove_folders(made: list[str]) -> None:
+  """Removes the folders :func:`_make_folders` made, if still empty."""
+  for path in made:
+    try:
+      os.rmdir(path)
+    except OSError:  # another process's probe or output is in it: keep it
+      return
+
+
+def prove_writable_dir(path: str) -> None:
+  """Raises ``OSError`` unless a file can be created in folder ``path``.
+
+  Proven by doing it, not with ``os.access`` (which says yes to root even
+  under ``/proc`` or on a read-only mount): the missing folders are made,
+  a probe file is created in the folder and removed, and so are the folders
+  this call made. Nothing that existed before is touched. Several
+  processes may prove the same folder at once.
+
+  Example:
+    >>> import tempfile, os
+    >>> d = os.path.join(tempfile.mkdtemp(), 'a', 'b')
+    >>> prove_writable_dir(d)
+    >>> os.path.exists(os.path.dirname(d))           # proven, then removed
+    False
+  """
+  if os.path.lexists(path) and not os.path.isdir(path):
+    raise NotADirectoryError(20, "exists and is not a folder", path)
+  for attempt in range(5):
+    made = _make_folders(path)
+    try:
+      fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=path)
+    except FileNotFoundError:  # another process removed a folder it made
+      _remove_folders(made)
+      if attempt == 4:
+        raise
+      continue
+    except OSError:
+      _remove_folders(made)
+      raise
+    os.close(fd)
+    os.remove(probe)
+    _remove_folders(made)
+    return
+
+
+def prove_writable_file(path: str) -> None:
+  """Raises ``OSError`` unless file ``path`` can be written.
+
+  Its folder is proven as in :func:`prove_writable_dir`, then the file
+  itself is opened for appending (an existing file is left unchanged), and
+  removed again if this call created it.
+
+  Example:
+    >>> import tempfile, os
+    >>> f = os.path.join(tempfile.mkdtemp(), 'out', 'metrics.json')
+    >>> prove_writable_file(f)
+    >>> os.path.exists(f)
+    False
+  """
+  if os.path.isdir(path):
+    raise IsADirectoryError(21, "is a folder", path)
+  folder = os.path.dirname(os.path.abspath(path))
+  made = _make_folders(folder)
+  try:
+    existed = os.path.lexists(path)
+    with open(path, "a", encoding="utf-8"):
+      pass
+    if not existed:
+      os.remove(path)
+  finally:
+    _remove_folders(made)
+
+
 def output_dir(text: str) -> str:
   """argparse type: a folder the outputs can be written to.
 
-  The folder itself is made only when the outputs are written, so a run that
-  fails leaves nothing behind; here it is checked that it either is a
-  writable folder or can be made in one.
+  Proven by creating a file in it (:func:`prove_writable_dir`), also when
+  running as root; whatever the check made is removed again, so a run that
+  fails leaves nothing behind.
 
   Example:
     >>> output_dir(".")
@@ -147,24 +245,55 @@ def output_dir(text: str) -> str:
   """
   if not text:
     raise argparse.ArgumentTypeError("expected a folder, got ''")
-  if os.path.lexists(text):
-    if not os.path.isdir(text):
-      raise argparse.ArgumentTypeError(
-        f"{text!r} exists and is not a folder; name a folder for the "
-        "outputs (made if missing)"
-      )
-    if not os.access(text, os.W_OK | os.X_OK):
-      raise argparse.ArgumentTypeError(f"folder {text!r} is not writable")
-    return text
+  if os.path.lexists(text) and not os.path.isdir(text):
+    raise argparse.ArgumentTypeError(
+      f"{text!r} exists and is not a folder; name a folder for the "
+      "outputs (made if missing)"
+    )
   parent = _nearest_existing(text)
   if not os.path.isdir(parent):
     raise argparse.ArgumentTypeError(
       f"cannot make folder {text!r}: {parent!r} is not a folder"
     )
-  if not os.access(parent, os.W_OK | os.X_OK):
+  try:
+    prove_writable_dir(text)
+  except OSError as e:
     raise argparse.ArgumentTypeError(
-      f"cannot make folder {text!r}: {parent!r} is not writable"
+      f"cannot write into folder {text!r}: {_reason(e)}"
+    ) from None
+  return text
+
+
+def output_file(text: str) -> str:
+  """argparse type: a file that can be written (its folder made if missing).
+
+  Proven by opening it for appending (:func:`prove_writable_file`), also
+  when running as root; an existing file is left as it was, and whatever
+  the check made is removed again.
+
+  Example:
+    >>> output_file("/etc/passwd/x.json")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: cannot write '/etc/passwd/x.json': '/etc/passwd' is not a folder
+  """
+  if not text:
+    raise argparse.ArgumentTypeError("expected a file name, got ''")
+  if os.path.isdir(text):
+    raise argparse.ArgumentTypeError(
+      f"{text!r} is a folder; name a file to write"
     )
+  parent = _nearest_existing(os.path.dirname(os.path.abspath(text)))
+  if not os.path.isdir(parent):
+    raise argparse.ArgumentTypeError(
+      f"cannot write {text!r}: {parent!r} is not a folder"
+    )
+  try:
+    prove_writable_file(text)
+  except OSError as e:
+    raise argparse.ArgumentTypeError(
+      f"cannot write {text!r}: {_reason(e)}"
+    ) from None
   return text
 
 

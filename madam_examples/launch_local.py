@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import signal
 import socket
@@ -34,6 +35,9 @@ import tempfile
 import time
 from typing import IO, Any, Sequence
 
+from madam_examples import cli
+
+PROG = "python -m madam_examples.launch_local"
 DEFAULT_MODULE = "madam_examples.sharded_train"
 HOST = "127.0.0.1"
 POLL_SECONDS = 0.05
@@ -270,36 +274,55 @@ class LocalCluster:
     self.stop()
 
 
+def _module(name: str) -> str:
+  """argparse type: a module that ``python -m`` can run."""
+  try:
+    found = importlib.util.find_spec(name)
+  except (ImportError, ValueError) as e:
+    raise argparse.ArgumentTypeError(f"cannot import {name!r}: {e}") from None
+  if found is None:
+    raise argparse.ArgumentTypeError(f"no module named {name!r}")
+  return name
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-    prog="python -m madam_examples.launch_local",
+  parser = cli.ArgumentParser(
+    prog=PROG,
     description=__doc__.split("\n\n")[0],
     usage="%(prog)s -n N [options] -- ARGS...",
     formatter_class=argparse.RawDescriptionHelpFormatter,
     epilog="Everything after -- goes to every process.",
   )
   parser.add_argument(
-    "-n", "--num-processes", type=int, required=True, help="number of processes"
+    "-n",
+    "--num-processes",
+    type=cli.positive_int,
+    required=True,
+    help="number of processes",
   )
   parser.add_argument(
     "--module",
+    type=_module,
     default=DEFAULT_MODULE,
     help=f"the module to run (default {DEFAULT_MODULE})",
   )
   parser.add_argument(
     "--timeout",
-    type=float,
+    type=cli.positive_float,
     default=None,
     help="stop every process after this many seconds (exit status 124)",
   )
   parser.add_argument(
     "--port",
-    type=int,
+    type=cli.positive_int,
     default=None,
     help="the coordinator's port on 127.0.0.1 (default: a free one)",
   )
   parser.add_argument(
-    "--log-dir", default=None, help="where processes 1.. write their output"
+    "--log-dir",
+    type=cli.output_dir,
+    default=None,
+    help="where processes 1.. write their output",
   )
   parser.add_argument(
     "args", nargs=argparse.REMAINDER, help="the module's arguments, after --"
@@ -307,13 +330,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   if args.args and args.args[0] == "--":
     args.args = args.args[1:]
-  if args.num_processes < 1:
-    parser.error(f"-n must be at least 1, got {args.num_processes}")
-  if args.timeout is not None and args.timeout <= 0:
-    parser.error(f"--timeout must be positive, got {args.timeout}")
   return args
 
 
+@cli.one_line_errors(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   cluster = LocalCluster(

@@ -74,3 +74,22 @@ def bytes_per_device(tree: Any) -> dict[Any, int]:
         shard.data
       )
   return totals
+
+
+def log_memory(state: Any, log: Callable[[str], None]) -> None:
+  """The params' and optimizer state's bytes on each of this process's
+  devices (every device of a single-process run)."""
+  model_bytes = bytes_per_device(state.params)
+  opt_bytes = bytes_per_device(state.opt_state)
+  devices = sorted(model_bytes, key=lambda d: d.id)
+  where = (
+    f"all {len(devices)} devices"
+    if len(devices) == jax.device_count()
+    else f"this process's {len(devices)} of {jax.device_count()} devices"
+  )
+  log(f"memory on {where}:")
+  for device in devices:
+    log(
+      f"  {device}: params {model_bytes[device] / 1024:.1f} KiB, optimizer "
+      f"state {opt_bytes.get(device, 0) / 1024:.1f} KiB"
+    )

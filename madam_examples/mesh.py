@@ -127,3 +127,47 @@ def collectives_in_hlo(hlo_text: str) -> list[str]:
   return sorted(
     {op for op in COLLECTIVES if re.search(rf"\b{op}(-start)?\(", hlo_text)}
   )
+
+
+def state_shardings(
+  state: Any, param_shardings: Any, replicated: NamedSharding
+) -> Any:
+  """Each leaf of a training state laid out like its parameter.
+
+  An optimizer-state leaf whose path ends with a parameter's path and has
+  its shape (Madam's second moment, Adam's moments) gets that parameter's
+  sharding; the rest (PRNG key, step and update counts, per-tensor bounds)
+  is replicated.
+  """
+  params = {}  # a parameter's path within its component -> shape, sharding
+  for component, tree in state.params.items():
+    for (path, x), sharding in zip(
+      jax.tree_util.tree_flatten_with_path(tree)[0],
+      jax.tree.leaves(param_shardings[component]),
+    ):
+      params[jax.tree_util.keystr(path)] = (x.shape, sharding)
+
+  longest_first = sorted(params.items(), key=lambda item: -len(item[0]))
+
+  def pick(path, leaf):
+    name = jax.tree_util.keystr(path)
+    for param, (shape, sharding) in longest_first:
+      if name.endswith(param) and tuple(leaf.shape) == tuple(shape):
+        return sharding
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(pick, state)
+
+
+def global_array(x: Any, sharding: NamedSharding) -> jax.Array:
+  """``x`` (whole, on this process) as a global array of that sharding: each
+  process fills only its own devices' shards."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return jax.random.wrap_key_data(
+      global_array(jax.random.key_data(x), sharding),
+      impl=jax.random.key_impl(x),
+    )
+  host = np.asarray(x)
+  return jax.make_array_from_callback(
+    host.shape, sharding, lambda index: host[index]
+  )

@@ -1,90 +1,35 @@
 r"""Madam on a device mesh: data parallel plus fully sharded (FSDP) training.
 
-The examples' causal Transformer (Flax NNX,
-:class:`madam_examples.models.CharTransformer`) learns characters of offline
-text (the docstrings of Python's own standard library,
-:func:`madam_examples.data.load_stdlib_text`) with Madam (arXiv:2006.14560)
-on a ``jax.sharding.Mesh`` (:mod:`madam_examples.mesh`) with two axes:
-
-* ``data``: the batch is split over it (data parallelism);
-* ``fsdp``: the batch is split over it too, and every parameter tensor and
-  its optimizer state are split along one dimension over it, so each device
-  holds ``1/fsdp`` of the model and of the optimizer state (fully sharded data
-  parallelism, as in ZeRO-3 / PyTorch FSDP). XLA inserts the all-gathers of
-  the parameters in the forward pass and the reduce-scatters of the gradients.
-
-Madam's update needs nothing more: it is elementwise, and its only per-tensor
-quantity, the magnitude bound ``p_scale * sqrt(mean(w0**2))`` (SPEC step 1),
-is computed once, at ``init``. So the compiled optimizer update contains no
-cross-device collective (``--check-collectives`` prints what XLA compiled),
-unlike LAMB, LARS or Fromage whose per-tensor norms need an all-reduce every
-step. Zero-initialised biases and LayerNorm offsets, which a multiplicative
-update cannot move, are trained by Adam through
-``madam_optax.with_additive_fallback``.
-
-Single host (8 simulated CPU devices here; on a GPU host or a TPU VM the same
-command without ``--simulate-devices`` uses the real accelerators)::
+The examples' causal Transformer (:class:`madam_examples.models.CharTransformer`)
+learns characters of the standard library's docstrings with Madam
+(arXiv:2006.14560) on a mesh with two axes: ``data`` splits the batch;
+``fsdp`` splits the batch too, and every parameter tensor and its optimizer
+state along one dimension (ZeRO-3 / FSDP). Madam's update is elementwise and
+its per-tensor bound is computed once, at ``init``, so the compiled update
+has no collective (``--check-collectives``). Zero-initialised leaves, which a
+multiplicative update cannot move, are trained by Adam
+(``madam_optax.with_additive_fallback``).
 
   python -m madam_examples.sharded_train --mesh data=2,fsdp=4 \
-      --simulate-devices 8
-
-Multi-host (a TPU pod slice, or several GPU hosts): run the same command on
-every host; ``jax.distributed.initialize`` joins the processes into one JAX
-runtime before anything else touches JAX, and ``jax.devices()`` is then the
-global device list. On Cloud TPU, SLURM or Open MPI the coordinator is found
-automatically::
-
+      --simulate-devices 8                             # one host
   python -m madam_examples.sharded_train --distributed --mesh data=4,fsdp=8
-
-elsewhere name it (process 0's address) and number the processes::
-
-  # on host i of N (i = 0 .. N-1):
-  python -m madam_examples.sharded_train --mesh data=2,fsdp=16 \
-      --coordinator-address host0:12345 --num-processes N --process-id i
-
-Each process builds only its own rows of every global batch
-(``jax.make_array_from_process_local_data``), so the global batch, and hence
-the run, is the same whatever the number of hosts. ``--mesh`` sizes must
-multiply to the number of devices; one size may be ``-1`` (the rest). Only
-process 0 logs. A process that does not reach the coordinator within
-``--initialization-timeout`` seconds makes the others stop with one line.
-
-Several processes on one machine (CPU devices, collectives over Gloo):
-:mod:`madam_examples.launch_local` starts them on a free local port and stops
-them all if one dies::
-
   python -m madam_examples.launch_local -n 2 -- --mesh data=2,fsdp=2 \
-      --simulate-devices 2
+      --simulate-devices 2          # two processes on this machine
 
-Preemption: ``--checkpoint-dir DIR --checkpoint-every S`` saves the training
-state every ``S`` steps and at the end (every process writes its own shards,
-with Orbax); the same command resumes from the latest complete step, on the
-same mesh or another (another number of processes or devices, other mesh
-sizes): the arrays are read straight into the new layout. ``--metrics-out
-FILE`` writes what a run did as JSON (process 0): steps, losses, final
-validation loss, skipped steps, and per-leaf checksums (float64 sums of
-absolute values) of the parameters and the optimizer state, so runs can be
-compared from outside.
-
-Bad steps: a step whose loss or gradient is not finite on any process is
-skipped on every process (the check is one global value of the jitted
-step), so neither the weights nor Madam's second moment ever see it; skips
-are counted and logged, and ``--max-bad-steps M`` consecutive ones stop the
-run with one line, keeping the last checkpoint (written only after applied
-updates). ``--inject-nan-steps 3,7 --inject-nan-process 1`` makes process 1's
-rows of the batch give a NaN loss and gradients at steps 3 and 7: a testing
-aid for this path.
+Each process builds only its rows of every global batch, so the run is the
+same whatever the number of hosts; processes started with different settings
+stop at once (:mod:`madam_examples.processes`). ``--checkpoint-dir`` saves
+and resumes with Orbax, onto the same mesh or another; a step whose loss or
+gradient is not finite is skipped on every process; ``--metrics-out`` writes
+what the run did as JSON. The whole story: ``docs/distributed.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
 import os
 import sys
-import threading
 import time
 from typing import Any, Sequence
 
@@ -96,14 +41,15 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 
-from madam_examples import checkpoint_store
 from madam_examples import checkpointing
 from madam_examples import cli
 from madam_examples import data
 from madam_examples import memory
 from madam_examples import mesh as mesh_lib
+from madam_examples import metrics as metrics_lib
 from madam_examples import models
 from madam_examples import optimizers
+from madam_examples import processes
 from madam_examples import step
 from madam_examples import tasks
 
@@ -148,16 +94,11 @@ class RunOptions:
     checkpoint_dir: save the training state here and resume from it.
     checkpoint_every: steps between checkpoints (the last step is saved too).
     max_bad_steps: stop after this many consecutive skipped steps.
-    inject_nan_steps: testing aid: the steps (1-based) whose loss and
-      gradients are made NaN on ``inject_nan_process``'s rows of the batch.
-    inject_nan_process: the process that injects them.
   """
 
   checkpoint_dir: str | None = None
   checkpoint_every: int = checkpointing.DEFAULT_EVERY
   max_bad_steps: int = 10
-  inject_nan_steps: tuple[int, ...] = ()
-  inject_nan_process: int = 0
 
 
 class BadStepsError(RuntimeError):
@@ -200,10 +141,7 @@ class Setup:
   batch_sharding: NamedSharding
   train_step: Any  # jitted (state, batch) -> (state, loss)
   eval_loss: Any  # jitted (state, batch) -> loss
-  # jitted (state, batch) -> (state, loss, applied); and the same with a
-  # third argument, NaN in the rows of the batch to poison (testing aid).
-  checked_step: Any
-  poisoned_step: Any
+  checked_step: Any  # jitted (state, batch) -> (state, loss, applied)
 
 
 def _model(
@@ -220,49 +158,6 @@ def _model(
   )
 
 
-def state_shardings(
-  state: Any, param_shardings: Any, replicated: NamedSharding
-) -> Any:
-  """Each leaf of a training state laid out like its parameter.
-
-  An optimizer-state leaf whose path ends with a parameter's path and has
-  its shape (Madam's second moment, Adam's moments) gets that parameter's
-  sharding; the rest (PRNG key, step and update counts, per-tensor bounds)
-  is replicated.
-  """
-  params = {}  # a parameter's path within its component -> shape, sharding
-  for component, tree in state.params.items():
-    for (path, x), sharding in zip(
-      jax.tree_util.tree_flatten_with_path(tree)[0],
-      jax.tree.leaves(param_shardings[component]),
-    ):
-      params[jax.tree_util.keystr(path)] = (x.shape, sharding)
-
-  longest_first = sorted(params.items(), key=lambda item: -len(item[0]))
-
-  def pick(path, leaf):
-    name = jax.tree_util.keystr(path)
-    for param, (shape, sharding) in longest_first:
-      if name.endswith(param) and tuple(leaf.shape) == tuple(shape):
-        return sharding
-    return replicated
-
-  return jax.tree_util.tree_map_with_path(pick, state)
-
-
-def _global(x: Any, sharding: NamedSharding) -> jax.Array:
-  """``x`` (whole, on this process) as a global array of that sharding: each
-  process fills only its own devices' shards."""
-  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-    return jax.random.wrap_key_data(
-      _global(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x)
-    )
-  host = np.asarray(x)
-  return jax.make_array_from_callback(
-    host.shape, sharding, lambda index: host[index]
-  )
-
-
 def setup(config: Config, devices: Sequence[Any] | None = None) -> Setup:
   """Builds the sharded model, optimizer and jitted steps on a mesh.
 
@@ -271,7 +166,7 @@ def setup(config: Config, devices: Sequence[Any] | None = None) -> Setup:
   process's first device, the same on every process (same seeds), and then
   laid out on the mesh: each parameter as the Transformer's
   ``Partitioning.fsdp`` annotations say, its optimizer state likewise
-  (:func:`state_shardings`), the scalars replicated. Each process fills only
+  (:func:`madam_examples.mesh.state_shardings`), the scalars replicated. Each process fills only
   its own devices, so building the state needs no communication between
   processes. (A model too large for one device is created inside a jitted
   function instead, as in Flax's sharding guide.)
@@ -305,25 +200,22 @@ def setup(config: Config, devices: Sequence[Any] | None = None) -> Setup:
       is_leaf=lambda x: isinstance(x, P),
     )
   }
-  state_sharding = state_shardings(whole, param_shardings, replicated)
-  state = jax.tree.map(_global, whole, state_sharding)
+  state_sharding = mesh_lib.state_shardings(whole, param_shardings, replicated)
+  state = jax.tree.map(mesh_lib.global_array, whole, state_sharding)
   batch_sharding = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
   tx = txs["model"]
 
-  def loss_fn(weights, batch, poison=None):
-    loss = tasks.next_char_loss(nnx.merge(graphdef, weights["model"]), batch)
-    if poison is not None:  # 0, or NaN from the poisoned rows
-      loss = loss * (1.0 + jnp.sum(poison))
-    return loss
+  def loss_fn(weights, batch):
+    return tasks.next_char_loss(nnx.merge(graphdef, weights["model"]), batch)
 
-  def checked_step(state, batch, poison=None):
+  def checked_step(state, batch):
     """One step, skipped (weights and optimizer state kept) when the loss
     or any gradient is not finite; ``applied`` says which. Under ``jit``
     the check is one global value: every process takes the same branch."""
     weights = state.params["model"]
-    loss, grads = jax.value_and_grad(
-      lambda w: loss_fn({"model": w}, batch, poison)
-    )(weights)
+    loss, grads = jax.value_and_grad(lambda w: loss_fn({"model": w}, batch))(
+      weights
+    )
     applied = jnp.isfinite(loss) & jnp.all(
       jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
     )
@@ -358,13 +250,6 @@ def setup(config: Config, devices: Sequence[Any] | None = None) -> Setup:
     out_shardings=(state_sharding, None),
     donate_argnums=0,
   )
-  rows_sharding = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
-  poisoned_step = jax.jit(
-    checked_step,
-    in_shardings=(state_sharding, batch_sharding, rows_sharding),
-    out_shardings=(state_sharding, replicated, replicated),
-    donate_argnums=0,
-  )
   checked_step = jax.jit(
     checked_step,
     in_shardings=(state_sharding, batch_sharding),
@@ -386,7 +271,6 @@ def setup(config: Config, devices: Sequence[Any] | None = None) -> Setup:
     train_step,
     eval_loss,
     checked_step,
-    poisoned_step,
   )
 
 
@@ -429,26 +313,6 @@ def local_value(x: jax.Array) -> np.ndarray:
   return np.asarray(x.addressable_data(0))
 
 
-def poison_rows(
-  sharding: NamedSharding,
-  batch_size: int,
-  step_number: int,
-  options: RunOptions,
-) -> jax.Array:
-  """Testing aid: a ``(batch_size,)`` global array, zero except on the rows
-  held by ``options.inject_nan_process`` at an injected step, where it is NaN.
-  Each process builds only its own rows."""
-  rows = mesh_lib.local_rows(sharding, (batch_size,))
-  poisoned = (
-    step_number in options.inject_nan_steps
-    and jax.process_index() == options.inject_nan_process
-  )
-  values = np.full(
-    rows.stop - rows.start, np.nan if poisoned else 0.0, np.float32
-  )
-  return jax.make_array_from_process_local_data(sharding, values, (batch_size,))
-
-
 def _checkpoint_tree(
   state: step.TrainState, skipped: int, replicated: NamedSharding
 ) -> dict[str, Any]:
@@ -472,7 +336,7 @@ def train(
     config: the model and training settings.
     devices: the mesh's devices (default: all, on every process).
     log: a ``print``-like function, or ``None``.
-    options: checkpointing, bad-step limit, NaN injection.
+    options: checkpointing, bad-step limit.
 
   Returns:
     A dict: ``losses`` (this run's training losses, from ``resumed_from``
@@ -498,7 +362,7 @@ def train(
   valid = batch(text.valid, 0, config.seed + 1)
   # Processes may get here far apart (each built its model op by op); CPU
   # collectives give up after 30 s, so meet before the first one.
-  checkpoint_store.sync_processes("setup")
+  processes.sync("setup")
   state, start, skipped, ckpt, last_saved = run.state, 0, 0, None, None
   if options.checkpoint_dir is not None:
     restored, start = checkpointing.maybe_restore(
@@ -518,30 +382,16 @@ def train(
   # Compiled before the first step, and met after: compiling may take
   # some processes much longer than others.
   first = batch(text.train, start, config.seed)
-  if options.inject_nan_steps:
-    step_fn = run.poisoned_step.lower(
-      state,
-      first,
-      poison_rows(run.batch_sharding, config.batch_size, 1, options),
-    ).compile()
-  else:
-    step_fn = run.checked_step.lower(state, first).compile()
+  step_fn = run.checked_step.lower(state, first).compile()
   eval_fn = run.eval_loss.lower(state, valid).compile()
-  checkpoint_store.sync_processes("compiled")
+  processes.sync("compiled")
   losses, valid_losses, seconds, streak = [], [], [], 0
   try:
     for index in range(start, config.steps):
       done = index + 1
       begin = time.perf_counter()
       b = batch(text.train, index, config.seed)
-      if options.inject_nan_steps:
-        state, loss, applied = step_fn(
-          state,
-          b,
-          poison_rows(run.batch_sharding, config.batch_size, done, options),
-        )
-      else:
-        state, loss, applied = step_fn(state, b)
+      state, loss, applied = step_fn(state, b)
       applied = bool(local_value(applied))  # the same on every process
       seconds.append(time.perf_counter() - begin)
       losses.append(loss)
@@ -596,96 +446,6 @@ def train(
     "skipped_steps": skipped,
     "resumed_from": start,
     "step_seconds": seconds,
-  }
-
-
-def leaf_checksums(tree: Any) -> dict[str, float]:
-  """Float64 sum of absolute values of each leaf (whole, over processes).
-
-  Each process sums the shards it holds (one copy of each, however
-  replicated) and the per-process sums are added in process order, so the
-  same layout gives the same bits. A collective with several processes:
-  every process must call it.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> leaf_checksums({'w': jnp.array([1.5, -2.0])})
-    {"['w']": 3.5}
-  """
-  names, local = [], []
-  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    names.append(jax.tree_util.keystr(path))
-    local.append(
-      math.fsum(
-        float(np.sum(np.abs(np.asarray(shard.data, np.float64))))
-        for shard in x.addressable_shards
-        if shard.replica_id == 0
-      )
-    )
-  per_process = checkpoint_store.gather_from_processes(
-    np.asarray(local, np.float64)
-  )
-  return {name: math.fsum(per_process[:, i]) for i, name in enumerate(names)}
-
-
-def gather_ints(value: int) -> list[int]:
-  """Every process's ``value``, in process order (a collective).
-
-  Example:
-    >>> gather_ints(3)               # one process
-    [3]
-  """
-  values = checkpoint_store.gather_from_processes(np.array([value], np.int64))
-  return [int(x) for x in values.reshape(-1)]
-
-
-def run_metrics(config: Config, result: dict[str, Any]) -> dict[str, Any]:
-  """What a run did, JSON-able (a collective: every process calls it).
-
-  ``skipped_steps_per_process`` is each process's own count of the steps it
-  skipped: equal on every process when the skip decision is global.
-  """
-  state, run = result["state"], result["run"]
-  steps = result["resumed_from"] + len(result["losses"])
-  params = leaf_checksums(state.params)
-  opt_state = leaf_checksums(state.opt_state)
-  times = np.asarray(result["step_seconds"][1:] or result["step_seconds"])
-  param_bytes = memory.bytes_per_device(state.params)
-  opt_bytes = memory.bytes_per_device(state.opt_state)
-  return {
-    "steps": steps,
-    "resumed_from": result["resumed_from"],
-    "processes": jax.process_count(),
-    "devices": jax.device_count(),
-    "local_devices": jax.local_device_count(),
-    "mesh": dict(run.mesh.shape),
-    "config": dataclasses.asdict(config),
-    "parameters": sum(
-      math.prod(x.shape) for x in jax.tree.leaves(state.params)
-    ),
-    "losses": result["losses"],
-    "valid_losses": result["valid_losses"],
-    "final_valid_loss": result["final_valid_loss"],
-    "skipped_steps": result["skipped_steps"],
-    "skipped_steps_per_process": gather_ints(result["skipped_steps"]),
-    "param_checksum": math.fsum(params.values()),
-    "param_checksums": params,
-    "opt_state_checksums": opt_state,
-    "all_finite": bool(
-      all(np.isfinite(v) for v in [*params.values(), *opt_state.values()])
-    ),
-    "param_bytes_per_device": max(param_bytes.values()),
-    "opt_state_bytes_per_device": max(opt_bytes.values()),
-    "step_time_ms": {
-      "median": float(np.median(times) * 1e3) if len(times) else None,
-      "q1": float(np.percentile(times, 25) * 1e3) if len(times) else None,
-      "q3": float(np.percentile(times, 75) * 1e3) if len(times) else None,
-      "first": (
-        float(result["step_seconds"][0] * 1e3)
-        if result["step_seconds"]
-        else None
-      ),
-    },
   }
 
 
@@ -748,8 +508,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     default=None,
     help="host:port of process 0 (multi-host)",
   )
-  parser.add_argument("--num-processes", type=int, default=None)
-  parser.add_argument("--process-id", type=int, default=None)
+  parser.add_argument("--num-processes", type=cli.positive_int, default=None)
+  parser.add_argument("--process-id", type=cli.nonnegative_int, default=None)
   parser.add_argument(
     "--check-collectives",
     action="store_true",
@@ -758,18 +518,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   )
   add_run_arguments(parser)
   return parser.parse_args(argv)
-
-
-def _step_list(text: str) -> tuple[int, ...]:
-  try:
-    steps = tuple(int(x) for x in text.split(",") if x.strip())
-  except ValueError:
-    steps = ()
-  if not steps or min(steps) < 1:
-    raise argparse.ArgumentTypeError(
-      f"expected comma-separated step numbers >= 1, e.g. 3,7; got {text!r}"
-    )
-  return steps
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -784,6 +532,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
   checkpointing.add_arguments(parser)
   parser.add_argument(
     "--metrics-out",
+    type=cli.output_file,
     default=None,
     help="write the run's figures as JSON here (process 0): steps, "
     "losses, final validation loss, skipped steps, per-leaf "
@@ -796,21 +545,16 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     help="stop after this many consecutive steps with a non-finite loss "
     f"or gradient (default {RunOptions.max_bad_steps})",
   )
-  group = parser.add_argument_group("testing aids")
-  group.add_argument(
-    "--inject-nan-steps",
-    type=_step_list,
-    default=(),
-    help="make the loss and gradients NaN at these steps (e.g. 3,7) on "
-    "the rows of the batch of --inject-nan-process, to exercise the "
-    "skipping of bad steps",
-  )
-  group.add_argument(
-    "--inject-nan-process",
-    type=int,
-    default=0,
-    help="the process that injects them (default 0)",
-  )
+
+
+def shared_settings(config: Config, args: argparse.Namespace) -> dict:
+  """What every process of a run must be started with: all but
+  ``--metrics-out`` (where a process writes) and the process's own id."""
+  return {
+    **dataclasses.asdict(config),
+    **dataclasses.asdict(run_options(args)),
+    "simulate_devices": args.simulate_devices,
+  }
 
 
 def run_options(args: argparse.Namespace) -> RunOptions:
@@ -819,85 +563,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
     checkpoint_dir=args.checkpoint_dir,
     checkpoint_every=args.checkpoint_every,
     max_bad_steps=args.max_bad_steps,
-    inject_nan_steps=tuple(args.inject_nan_steps),
-    inject_nan_process=args.inject_nan_process,
   )
-
-
-def _cpu_platform(args: argparse.Namespace) -> bool:
-  platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
-  return bool(args.simulate_devices) or platforms == "cpu"
-
-
-class _Deadline:
-  """Ends the process with one line if a block does not finish in time.
-
-  JAX's own timeout on the coordinator aborts the process with a C++ stack
-  trace; this fires first, prints ``message`` on stderr and exits with
-  status 2.
-  """
-
-  def __init__(self, seconds: float, message: str):
-    self._timer = threading.Timer(seconds, self._expire)
-    self._timer.daemon = True
-    self._message = message
-
-  def _expire(self) -> None:
-    sys.stdout.flush()
-    print(self._message, file=sys.stderr, flush=True)
-    os._exit(2)
-
-  def __enter__(self) -> _Deadline:
-    self._timer.start()
-    return self
-
-  def __exit__(self, *exc_info) -> None:
-    self._timer.cancel()
-
-
-def initialise_runtime(args: argparse.Namespace) -> None:
-  """Simulated CPU devices or the multi-host runtime: before any JAX use.
-
-  With several processes on CPU devices, their collectives go over Gloo
-  (TCP). Every process must reach the coordinator within
-  ``args.initialization_timeout`` seconds, or each stops with one line.
-  """
-  if args.simulate_devices:
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", args.simulate_devices)
-  if args.distributed or args.coordinator_address:
-    if _cpu_platform(args):
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    timeout = getattr(args, "initialization_timeout", 300)
-    who = (
-      "this process"
-      if args.process_id is None
-      else f"process {args.process_id} of {args.num_processes}"
-    )
-    where = args.coordinator_address or "the auto-detected coordinator"
-    message = (
-      f"error: {who}: not every process reached the coordinator at "
-      f"{where} within {timeout} s (--initialization-timeout). Start every "
-      "process with the same --coordinator-address and --num-processes "
-      "and its own --process-id (on one machine, python -m "
-      "madam_examples.launch_local does it)."
-    )
-    with _Deadline(timeout, message):
-      jax.distributed.initialize(
-        coordinator_address=args.coordinator_address,
-        num_processes=args.num_processes,
-        process_id=args.process_id,
-        initialization_timeout=timeout + 60,
-      )
-
-
-def write_metrics(path: str, metrics: dict[str, Any]) -> None:
-  """Writes ``metrics`` as JSON to ``path`` (atomically)."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(metrics, f, indent=1)
-  os.replace(path + ".tmp", path)
 
 
 def check_mesh(args: argparse.Namespace) -> None:
@@ -911,33 +577,20 @@ def check_mesh(args: argparse.Namespace) -> None:
   mesh_lib.parse_mesh(args.mesh, jax.device_count(), hint=hint)
 
 
-def log_memory(state: step.TrainState, log: Any) -> None:
-  """The params' and optimizer state's bytes on each of this process's
-  devices (every device of a single-process run)."""
-  model_bytes = memory.bytes_per_device(state.params)
-  opt_bytes = memory.bytes_per_device(state.opt_state)
-  devices = sorted(model_bytes, key=lambda d: d.id)
-  where = (
-    f"all {len(devices)} devices"
-    if len(devices) == jax.device_count()
-    else f"this process's {len(devices)} of {jax.device_count()} devices"
-  )
-  log(f"memory on {where}:")
-  for device in devices:
-    log(
-      f"  {device}: params {model_bytes[device] / 1024:.1f} KiB, optimizer "
-      f"state {opt_bytes.get(device, 0) / 1024:.1f} KiB"
-    )
-
-
 @cli.one_line_errors(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
-  initialise_runtime(args)
-  check_mesh(args)
+  processes.initialise_runtime(args, PROG)
   config = Config(
     **{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
   )
+  try:
+    processes.check_same_settings(
+      shared_settings(config, args), args.initialization_timeout
+    )
+  except processes.ProcessesDisagree as e:
+    raise cli.InputError(str(e)) from None
+  check_mesh(args)
   leader = jax.process_index() == 0
 
   def log(message: str) -> None:
@@ -953,9 +606,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (
     BadStepsError,
     checkpointing.CheckpointWriteError,
+    processes.ProcessesDisagree,
     ValueError,
   ) as e:  # damaged or mismatched checkpoints included
-    print(f"error: {e}", file=sys.stderr, flush=True)
+    message = " ".join(str(e).split())
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    if isinstance(e, processes.ProcessesDisagree):
+      sys.stdout.flush()  # jax.distributed's exit would wait for the
+      os._exit(1)  # missing process: stop now
     return 1
   if result["skipped_steps"]:
     log(
@@ -967,7 +625,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     f"mesh {dict(run.mesh.shape)}; parameters "
     f"{sum(x.size for x in jax.tree.leaves(state.params))}"
   )
-  log_memory(state, log)
+  memory.log_memory(state, log)
   if args.check_collectives:
     batch = mesh_lib.device_batch(
       np.zeros((config.batch_size, config.context + 1), np.int32),
@@ -984,16 +642,17 @@ def main(argv: Sequence[str] | None = None) -> int:
       "collectives in the optimizer update: "
       f"{mesh_lib.collectives_in_hlo(update_hlo) or 'none'}"
     )
-  if args.metrics_out:
-    metrics = run_metrics(config, result)
-    if args.check_collectives:
-      metrics["collectives"] = {
-        "train_step": mesh_lib.collectives_in_hlo(step_hlo),
-        "optimizer_update": mesh_lib.collectives_in_hlo(update_hlo),
-      }
-    if leader:
-      write_metrics(args.metrics_out, metrics)
-      log(f"wrote {args.metrics_out}")
+  # Computed on every process whether or not it writes them: run_metrics
+  # is a collective, and --metrics-out may be given to process 0 only.
+  metrics = metrics_lib.run_metrics(config, result)
+  if args.check_collectives:
+    metrics["collectives"] = {
+      "train_step": mesh_lib.collectives_in_hlo(step_hlo),
+      "optimizer_update": mesh_lib.collectives_in_hlo(update_hlo),
+    }
+  if args.metrics_out and leader:
+    metrics_lib.write_metrics(args.metrics_out, metrics)
+    log(f"wrote {args.metrics_out}")
   return 0
 
 

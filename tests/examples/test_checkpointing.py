@@ -33,7 +33,6 @@ import numpy as np
 import optax
 import pytest
 
-from madam_examples import checkpoint_store
 from madam_examples import checkpointing
 import madam_optax
 
@@ -285,10 +284,7 @@ def test_docstring_examples(tmp_path, monkeypatch):
 
   monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # their folders
   flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
-  results = [
-    doctest.testmod(m, optionflags=flags)
-    for m in (checkpointing, checkpoint_store)
-  ]
+  results = [doctest.testmod(checkpointing, optionflags=flags)]
   assert sum(r.attempted for r in results) >= 10
   assert all(r.failed == 0 for r in results)
 
@@ -563,15 +559,28 @@ DAMAGE = {
 }
 
 
+def _files(directory):
+  """Every file under ``directory`` with its size: what a run must not move."""
+  return {
+    os.path.relpath(os.path.join(root, name), directory): os.path.getsize(
+      os.path.join(root, name)
+    )
+    for root, _, names in os.walk(directory)
+    for name in names
+  }
+
+
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_damaged_step_is_named_and_the_previous_step_restored(
   tmp_path, capsys, damage
 ):
   """Each kind of damage to the latest step: restoring that step names it
   and the fix in one line (no raw TensorStore or decoding error), and a
-  resume sets it aside, says so, and restores the previous complete step."""
+  resume says so and restores the previous complete step, leaving every
+  file where it was (nothing renamed, moved or deleted)."""
   state, _, config = _two_steps(tmp_path)
   DAMAGE[damage](str(tmp_path / "2"))
+  before = _files(tmp_path)
   with pytest.raises(checkpointing.DamagedCheckpointError) as error:
     checkpointing.restore(tmp_path, state, 2, config=config)
   message = str(error.value)
@@ -584,23 +593,56 @@ def test_damaged_step_is_named_and_the_previous_step_restored(
   out = capsys.readouterr().out
   said = re.search(
     rf"Checkpoint step 2 in {re.escape(str(tmp_path))} is "
-    r"damaged \((.*)\); set it aside as "
-    rf"{re.escape(str(tmp_path / '2.damaged'))} and trying "
-    "step 1\n",
+    r"damaged \((.*)\); its files are left as they are \(later saves pass "
+    r"over step 2\), trying step 1\n",
     out,
   )
   assert said, out
   # The same kind of damage (a storage error's own text may vary by read).
   assert said[1].split(":")[0] == error.value.reason.split(":")[0]
   assert f"Resumed from step 1 in {tmp_path}" in out
-  # Set aside, it is no step any more: the next save of step 2 is written.
-  assert checkpointing.all_steps(tmp_path) == [1]
-  assert (tmp_path / "2.damaged").is_dir()
+  assert _files(tmp_path) == before
+  # A save of that step number does not overwrite it; later steps are saved.
   with checkpointing.Checkpointer(tmp_path, every=1, config=config) as ckpt:
-    assert ckpt.maybe_save(2, state)
+    assert not ckpt.maybe_save(2, state)
+    assert ckpt.maybe_save(3, state)
+  assert {k: v for k, v in _files(tmp_path).items() if k in before} == before
   chex.assert_trees_all_equal(
     checkpointing.restore(tmp_path, state, config=config), state
   )
+
+
+@pytest.mark.parametrize("how", ["relative", "absolute", "symlink"])
+def test_resume_is_the_same_for_relative_absolute_and_linked_folders(
+  tmp_path, monkeypatch, capsys, how
+):
+  """``--checkpoint-dir ckpt`` (relative, as in docs/distributed.md) used to
+  report every step damaged ("Checkpoint path should be absolute") and
+  rename the good steps to ``N.damaged``: each form now resumes the latest
+  step and leaves every file where it was."""
+  monkeypatch.chdir(tmp_path)
+  os.mkdir("real")
+  if how == "symlink":
+    os.symlink("real", "link")
+  folder = {
+    "relative": "real",
+    "absolute": str(tmp_path / "real"),
+    "symlink": "link",
+  }[how]
+  state, later, config = _two_steps(folder)
+  before = _files(tmp_path / "real")
+  restored, step = checkpointing.maybe_restore(folder, state, config=config)
+  assert step == 2, capsys.readouterr().out
+  chex.assert_trees_all_equal(restored, later)
+  assert "damaged" not in capsys.readouterr().out
+  assert checkpointing.latest_step(folder) == 2
+  with checkpointing.Checkpointer(folder, every=1, config=config) as ckpt:
+    ckpt.maybe_save(3, later)
+  assert checkpointing.all_steps(folder) == [1, 2, 3]
+  assert sorted(os.listdir(tmp_path / "real")) == ["1", "2", "3"]
+  assert {
+    k: v for k, v in _files(tmp_path / "real").items() if k in before
+  } == (before)
 
 
 def test_lost_step_metadata_no_longer_skips_the_configuration_check(

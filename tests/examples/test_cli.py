@@ -94,19 +94,34 @@ def test_demo_out_cannot_be_made(tmp_path, capsys):
   assert sorted(os.listdir(tmp_path)) == ["file"]
 
 
-def test_output_dir_refuses_a_folder_it_cannot_write(tmp_path, monkeypatch):
-  """(Permissions are not testable as root: ``os.access`` stands in.)"""
-  monkeypatch.setattr(os, "access", lambda path, mode: False)
-  with pytest.raises(argparse.ArgumentTypeError, match="is not writable"):
-    cli.output_dir(str(tmp_path))
-  with pytest.raises(
-    argparse.ArgumentTypeError,
-    match=f"cannot make folder .*: '{tmp_path}' is not writable",
-  ):
-    cli.output_dir(str(tmp_path / "a" / "b"))
-  monkeypatch.undo()
+def test_output_dir_is_proven_by_creating_a_file_and_leaves_nothing(tmp_path):
+  """``os.access`` says yes to root even where nothing can be created: the
+  check creates a probe file instead, and removes what it made."""
+  (tmp_path / "keep").mkdir()
+  (tmp_path / "keep" / "old.txt").write_text("old")
+  assert cli.output_dir(str(tmp_path / "keep")) == str(tmp_path / "keep")
   assert cli.output_dir(str(tmp_path / "a" / "b")) == str(tmp_path / "a" / "b")
-  assert not (tmp_path / "a").exists()  # checked, not made
+  assert sorted(os.listdir(tmp_path)) == ["keep"]  # checked, not left made
+  assert os.listdir(tmp_path / "keep") == ["old.txt"]
+  assert (tmp_path / "keep" / "old.txt").read_text() == "old"
+  if os.path.isdir("/proc/self"):
+    with pytest.raises(argparse.ArgumentTypeError, match="cannot write into"):
+      cli.output_dir("/proc/x")
+
+
+def test_output_file_is_proven_by_opening_it_and_leaves_it_as_it_was(tmp_path):
+  (tmp_path / "old.json").write_text("{}")
+  assert cli.output_file(str(tmp_path / "old.json"))
+  assert (tmp_path / "old.json").read_text() == "{}"
+  assert cli.output_file(str(tmp_path / "new" / "m.json"))
+  assert sorted(os.listdir(tmp_path)) == ["old.json"]
+  with pytest.raises(argparse.ArgumentTypeError, match="is a folder"):
+    cli.output_file(str(tmp_path))
+  with pytest.raises(argparse.ArgumentTypeError, match="is not a folder"):
+    cli.output_file(str(tmp_path / "old.json" / "x.json"))
+  if os.path.isdir("/proc/self"):
+    with pytest.raises(argparse.ArgumentTypeError, match="cannot write"):
+      cli.output_file("/proc/x.json")
 
 
 @pytest.mark.parametrize(

@@ -179,10 +179,15 @@ def test_killing_the_launcher_kills_its_processes(tmp_path, worker_env):
 def test_bad_arguments_are_clear_errors(capsys):
   with pytest.raises(SystemExit):
     launch_local.parse_args(["-n", "0", "--", "--steps", "1"])
-  assert "-n must be at least 1, got 0" in capsys.readouterr().err
+  assert capsys.readouterr().err == (
+    "python -m madam_examples.launch_local: error: argument "
+    "-n/--num-processes: must be at least 1, got 0\n"
+  )
   with pytest.raises(SystemExit):
     launch_local.parse_args(["-n", "2", "--timeout", "-1"])
-  assert "--timeout must be positive" in capsys.readouterr().err
+  assert "argument --timeout: must be positive, got -1" in (
+    capsys.readouterr().err
+  )
   args = launch_local.parse_args(["-n", "2", "--", "--mesh", "data=4"])
   assert args.args == ["--mesh", "data=4"]
   assert args.module == "madam_examples.sharded_train"

@@ -137,6 +137,7 @@ def launch(
   extra=(),
   *,
   expect_success: bool = True,
+  hook=(),
 ) -> Run:
   """One run of ``sharded_train``: 2 processes x 2 devices through the
   launcher, or 1 process x 4 devices as a plain command (no coordinator)."""
@@ -153,9 +154,10 @@ def launch(
         check=False,
       ).returncode
   else:
-    with _cluster(directory, processes, extra) as cluster:
-      code = cluster.wait(LAUNCH_TIMEOUT)
-    cluster.out_file.close()
+    module = THIS_MODULE if hook else TRAIN_MODULE
+    with _cluster(directory, processes, extra, module=module, hook=hook) as c:
+      code = c.wait(LAUNCH_TIMEOUT)
+    c.out_file.close()
   if expect_success:
     assert code == 0, f"status {code}\n{_logs(directory)}"
   return _read(directory, code)
@@ -183,7 +185,9 @@ def _assert_close(got: dict[str, float], want: dict[str, float], rtol):
 
 @pytest.fixture(scope="module")
 def two_by_two(tmp_path_factory):
-  """Uninterrupted: 2 processes x 2 devices, checkpoints every 4 steps."""
+  """Uninterrupted: 2 processes x 2 devices, checkpoints every 4 steps;
+  only process 0 is given --metrics-out (it used to make both hang at the
+  end: the metrics' collectives ran on process 0 alone)."""
   directory = tmp_path_factory.mktemp("two_by_two")
   return launch(
     directory,
@@ -195,6 +199,7 @@ def two_by_two(tmp_path_factory):
       "4",
       "--check-collectives",
     ],
+    hook=["--metrics-out-on-process-0-only", "0"],
   ), directory
 
 
@@ -303,9 +308,7 @@ def test_nan_gradients_on_one_process_skip_the_step_on_every_process(
   second moment stay finite, and the run ends within 2% of the clean run's
   validation loss."""
   reference, _ = two_by_two
-  run = launch(
-    tmp_path, 2, ["--inject-nan-steps", "5,11", "--inject-nan-process", "1"]
-  )
+  run = launch(tmp_path, 2, hook=["--nan-on-process-1-at", "5,11"])
   metrics = run.metrics
   assert metrics["skipped_steps"] == 2
   assert metrics["skipped_steps_per_process"] == [2, 2]
@@ -323,6 +326,40 @@ def test_nan_gradients_on_one_process_skip_the_step_on_every_process(
   assert "2 step(s) skipped in all" in run.out
   clean = reference.metrics["final_valid_loss"]
   assert abs(metrics["final_valid_loss"] - clean) < 0.02 * clean
+
+
+def test_processes_with_different_settings_stop_naming_the_setting(tmp_path):
+  """Process 1 started with --steps 30, process 0 with 24: both stop at
+  start-up with one line naming the setting and each process's value."""
+  start = time.monotonic()
+  run = launch(
+    tmp_path, 2, hook=["--steps-on-process-1", "30"], expect_success=False
+  )
+  assert run.code == 2, _logs(tmp_path)
+  errors = [line for line in run.out.splitlines() if "error:" in line]
+  assert errors == [
+    f"python -m {TRAIN_MODULE}: error: the processes were started with "
+    "different settings (steps: process 0 24, process 1 30). Start every "
+    "process with the same flags (only --metrics-out may differ)."
+  ], _logs(tmp_path)
+  assert "Traceback" not in _logs(tmp_path)
+  assert time.monotonic() - start < LAUNCH_TIMEOUT / 5
+
+
+def test_barrier_timeout_names_the_missing_process(tmp_path):
+  """Process 1 stalls before the first barrier: process 0 stops after the
+  barrier's timeout (5 s here) naming process 1, and the launcher stops
+  process 1."""
+  run = launch(
+    tmp_path, 2, hook=["--stall-process-1", "5"], expect_success=False
+  )
+  assert run.code == 1, _logs(tmp_path)
+  errors = [line for line in run.out.splitlines() if "error:" in line]
+  assert errors == [
+    f"python -m {TRAIN_MODULE}: error: process 1 of 2 did not reach 'setup' "
+    "within 5 s (this is process 0); it is stuck, was started late, or "
+    "died: see its log."
+  ], _logs(tmp_path)
 
 
 def test_process_that_never_arrives_stops_the_other_with_one_line(tmp_path):
@@ -354,11 +391,9 @@ def test_process_that_never_arrives_stops_the_other_with_one_line(tmp_path):
   )
   elapsed = time.monotonic() - start
   assert proc.returncode == 2, proc.stderr[-3000:]
-  errors = [
-    line for line in proc.stderr.splitlines() if line.startswith("error:")
-  ]
+  errors = [line for line in proc.stderr.splitlines() if "error:" in line]
   assert errors == [
-    f"error: process 0 of 2: not every process reached the coordinator at "
+    f"python -m {TRAIN_MODULE}: error: process 0 of 2: not every process reached the coordinator at "
     f"{address} within 5 s (--initialization-timeout). Start every process "
     "with the same --coordinator-address and --num-processes and its own "
     "--process-id (on one machine, python -m madam_examples.launch_local "
@@ -456,11 +491,13 @@ def test_both_killed_then_killed_during_a_save_resume_bit_identically(
 def test_docstring_examples():
   import doctest  # pylint: disable=import-outside-toplevel
 
-  from madam_examples import sharded_train  # pylint: disable=import-outside-toplevel
+  from madam_examples import metrics  # pylint: disable=import-outside-toplevel
+  from madam_examples import processes  # pylint: disable=import-outside-toplevel
 
   flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
   results = [
-    doctest.testmod(m, optionflags=flags) for m in (sharded_train, launch_local)
+    doctest.testmod(m, optionflags=flags)
+    for m in (metrics, processes, launch_local)
   ]
   assert sum(r.attempted for r in results) >= 5
   assert all(r.failed == 0 for r in results)
@@ -472,6 +509,14 @@ def test_docstring_examples():
 def main_with_hook(argv: list[str]) -> int:
   """``sharded_train.main`` with one test hook, given first in ``argv``.
 
+  * ``--nan-on-process-1-at S1,S2``: NaN loss and gradients from process
+    1's rows at those steps (:mod:`tests.examples.nan_injection`).
+  * ``--metrics-out-on-process-0-only 0``: the other processes are started
+    without ``--metrics-out`` (as the docs say it is process 0's).
+  * ``--steps-on-process-1 S``: process 1 is started with ``--steps S``.
+  * ``--stall-process-1 T``: barriers time out after ``T`` s, and process 1
+    stalls before the first one.
+
   * ``--pause-after-checkpoint S``: once the checkpoint of step ``S`` is
     complete, print ``PAUSED at checkpoint S`` and wait, so that the test
     kills the processes at a known point.
@@ -481,8 +526,36 @@ def main_with_hook(argv: list[str]) -> int:
   """
   from madam_examples import sharded_train  # pylint: disable=import-outside-toplevel
 
-  hook, step, rest = argv[0], int(argv[1]), argv[2:]
-  if hook == "--pause-after-checkpoint":
+  hook, rest = argv[0], argv[2:]
+  step = int(argv[1].split(",")[0])
+  process = int(rest[rest.index("--process-id") + 1])
+  if hook == "--nan-on-process-1-at":
+    from tests.examples import nan_injection  # pylint: disable=import-outside-toplevel
+
+    steps = {int(s) for s in argv[1].split(",")}
+    with nan_injection.nan_at(steps, poison_rows=process == 1):
+      return sharded_train.main(rest)
+  if hook == "--metrics-out-on-process-0-only":
+    if process != 0:
+      at = rest.index("--metrics-out")
+      rest = rest[:at] + rest[at + 2 :]
+  elif hook == "--steps-on-process-1":
+    if process == 1:
+      rest = [*rest, "--steps", str(step)]
+  elif hook == "--stall-process-1":
+    from madam_examples import data  # pylint: disable=import-outside-toplevel
+    from madam_examples import processes  # pylint: disable=import-outside-toplevel
+
+    processes.BARRIER_TIMEOUT_S = step
+    if process == 1:
+      load = data.load_stdlib_text
+
+      def stalled(*args, **kwargs):
+        time.sleep(LAUNCH_TIMEOUT)
+        return load(*args, **kwargs)
+
+      data.load_stdlib_text = stalled
+  elif hook == "--pause-after-checkpoint":
     save = checkpointing.Checkpointer.maybe_save
 
     def maybe_save(self, at, state, *, force=False):

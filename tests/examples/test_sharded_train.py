@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from examples import nan_injection
 from madam_examples import checkpointing
 from madam_examples import data
 from madam_examples import memory
@@ -176,18 +177,18 @@ def test_bad_steps_stop_the_run_and_a_resume_reshards_onto_another_mesh(
   new layout and ends where the uninterrupted (data 2, fsdp 4) run does."""
   ckpt = str(tmp_path / "ckpt")
   options = sharded_train.RunOptions(
-    checkpoint_dir=ckpt,
-    checkpoint_every=2,
-    max_bad_steps=2,
-    inject_nan_steps=(3, 4),
+    checkpoint_dir=ckpt, checkpoint_every=2, max_bad_steps=2
   )
-  with pytest.raises(
-    sharded_train.BadStepsError,
-    match=(
-      r"^stopped at step 4: 2 consecutive steps \(3 to 4\) had a non-finite "
-      r"loss or gradient \(--max-bad-steps 2\); the last checkpoint, step 2 "
-      rf"in {ckpt}, is kept\. Lower --learning-rate or check the data, then "
-      r"rerun\.$"
+  with (
+    nan_injection.nan_at({3, 4}),
+    pytest.raises(
+      sharded_train.BadStepsError,
+      match=(
+        r"^stopped at step 4: 2 consecutive steps \(3 to 4\) had a non-finite "
+        r"loss or gradient \(--max-bad-steps 2\); the last checkpoint, step 2 "
+        rf"in {ckpt}, is kept\. Lower --learning-rate or check the data, then "
+        r"rerun\.$"
+      ),
     ),
   ):
     sharded_train.train(TINY, eight_devices, options=options)

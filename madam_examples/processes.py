@@ -1,0 +1,217 @@
+"""What several JAX processes must agree on, checked without waiting forever.
+
+With ``jax.distributed`` every process runs the same program and must call
+the same collectives in the same order, or all of them wait forever. Three
+tools keep a run from hanging:
+
+* :func:`check_same_settings`: at start-up, each process publishes the
+  settings that must agree (mesh, steps, seeds, model, checkpointing) through
+  the coordination service, and every process stops with one line naming
+  the setting that differs and its value on each process.
+* :func:`sync`: a barrier with a timeout; when it expires, the error names
+  the processes that did not arrive.
+* :func:`gather`: every process's small NumPy array, behind such a barrier
+  (CPU collectives over Gloo give up after 30 s, so processes that are
+  minutes apart, one still compiling, meet at the barrier first).
+
+A per-process setting (where a process writes its metrics) must never
+change which of these a process calls. With one process, all are trivial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+from typing import Any
+
+import jax
+import numpy as np
+
+BARRIER_TIMEOUT_S = 600.0
+_PREFIX = "madam_examples"
+_COUNT = [0]
+
+
+class ProcessesDisagree(RuntimeError):
+  """The processes of one run differ (settings), or one did not arrive."""
+
+
+def _client() -> Any:
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+
+  client = distributed.global_state.client
+  if client is None:
+    raise RuntimeError("jax.distributed.initialize() was not called.")
+  return client
+
+
+def sync(name: str, timeout_s: float | None = None) -> None:
+  """Waits until every JAX process gets here (nothing with one process).
+
+  Raises:
+    ProcessesDisagree: after ``timeout_s`` seconds (default
+      :data:`BARRIER_TIMEOUT_S`), naming the processes that did not arrive.
+  """
+  if jax.process_count() == 1:
+    return
+  timeout_s = BARRIER_TIMEOUT_S if timeout_s is None else timeout_s
+  _COUNT[0] += 1
+  key = f"{_PREFIX}/{name}/{_COUNT[0]}"
+  client = _client()
+  client.key_value_set(f"{key}/arrived/{jax.process_index()}", "1")
+  try:
+    client.wait_at_barrier(key, int(timeout_s * 1000))
+  except Exception as e:  # jaxlib's error: DEADLINE_EXCEEDED, or a peer gone
+    arrived = {k.rsplit("/", 1)[-1] for k, _ in _dir_get(f"{key}/arrived/")}
+    missing = [
+      str(i) for i in range(jax.process_count()) if str(i) not in arrived
+    ]
+    who = (
+      f"process {', '.join(missing)}" if missing else "some process (unknown)"
+    )
+    raise ProcessesDisagree(
+      f"{who} of {jax.process_count()} did not reach '{name}' within "
+      f"{timeout_s:g} s (this is process {jax.process_index()}); it is "
+      "stuck, was started late, or died: see its log."
+    ) from e
+
+
+def _dir_get(key: str) -> list[tuple[str, str]]:
+  try:
+    return _client().key_value_dir_get(key)
+  except Exception:  # pylint: disable=broad-except  # service gone
+    return []
+
+
+def check_same_settings(settings: dict[str, Any], timeout_s: float) -> None:
+  """Raises :class:`ProcessesDisagree` unless every process has ``settings``.
+
+  Each process publishes its settings (JSON) through the coordination
+  service, meets the others (:func:`sync`), and compares every process's
+  with its own; the error names each setting that differs and its value
+  on every process. No collective: it works before any array exists.
+
+  Example:
+    >>> check_same_settings({"steps": 10}, 5.0)     # one process: nothing
+  """
+  if jax.process_count() == 1:
+    return
+  mine = json.dumps(settings, sort_keys=True)
+  key = f"{_PREFIX}-settings/"
+  _client().key_value_set(f"{key}{jax.process_index()}", mine)
+  sync("settings", timeout_s)
+  seen = {int(k.rsplit("/", 1)[-1]): json.loads(v) for k, v in _dir_get(key)}
+  diffs = []
+  for name in sorted({n for s in seen.values() for n in s}):
+    values = [seen[i].get(name) for i in sorted(seen)]
+    if any(v != values[0] for v in values):
+      diffs.append(
+        f"{name}: "
+        + ", ".join(f"process {i} {v!r}" for i, v in zip(sorted(seen), values))
+      )
+  if diffs:
+    raise ProcessesDisagree(
+      "the processes were started with different settings ("
+      + "; ".join(diffs)
+      + "). Start every process with the same flags (only --metrics-out "
+      "may differ)."
+    )
+
+
+def gather(values: np.ndarray) -> np.ndarray:
+  """Every process's ``values`` (same shape and dtype on all), stacked in
+  process order: shape ``(process_count, *values.shape)``.
+
+  Exact for any dtype (the bytes travel, so float64 stays float64 without
+  ``jax_enable_x64``). A collective: every process must call it.
+
+  Example:
+    >>> gather(np.array([1.5, 2.0]))      # one process
+    array([[1.5, 2. ]])
+  """
+  values = np.ascontiguousarray(values)
+  if jax.process_count() == 1:
+    return values[None]
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+  raw = np.frombuffer(values.tobytes(), np.uint8).astype(np.int32)
+  sync("gather")
+  gathered = np.asarray(multihost_utils.process_allgather(raw))
+  return np.stack(
+    [
+      np.frombuffer(row.astype(np.uint8).tobytes(), values.dtype).reshape(
+        values.shape
+      )
+      for row in gathered
+    ]
+  )
+
+
+def _cpu_platform(args: argparse.Namespace) -> bool:
+  platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
+  return bool(args.simulate_devices) or platforms == "cpu"
+
+
+class _Deadline:
+  """Ends the process with one line if a block does not finish in time.
+
+  JAX's own timeout on the coordinator aborts the process with a C++ stack
+  trace; this fires first, prints ``message`` on stderr and exits with
+  status 2.
+  """
+
+  def __init__(self, seconds: float, message: str):
+    self._timer = threading.Timer(seconds, self._expire)
+    self._timer.daemon = True
+    self._message = message
+
+  def _expire(self) -> None:
+    sys.stdout.flush()
+    print(self._message, file=sys.stderr, flush=True)
+    os._exit(2)
+
+  def __enter__(self) -> _Deadline:
+    self._timer.start()
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self._timer.cancel()
+
+
+def initialise_runtime(args: argparse.Namespace, prog: str) -> None:
+  """Simulated CPU devices or the multi-host runtime: before any JAX use.
+
+  With several processes on CPU devices, their collectives go over Gloo
+  (TCP). Every process must reach the coordinator within
+  ``args.initialization_timeout`` seconds, or each stops with one line.
+  """
+  if args.simulate_devices:
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", args.simulate_devices)
+  if args.distributed or args.coordinator_address:
+    if _cpu_platform(args):
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    timeout = getattr(args, "initialization_timeout", 300)
+    who = (
+      "this process"
+      if args.process_id is None
+      else f"process {args.process_id} of {args.num_processes}"
+    )
+    where = args.coordinator_address or "the auto-detected coordinator"
+    message = (
+      f"{prog}: error: {who}: not every process reached the coordinator at "
+      f"{where} within {timeout} s (--initialization-timeout). Start every "
+      "process with the same --coordinator-address and --num-processes "
+      "and its own --process-id (on one machine, python -m "
+      "madam_examples.launch_local does it)."
+    )
+    with _Deadline(timeout, message):
+      jax.distributed.initialize(
+        coordinator_address=args.coordinator_address,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        initialization_timeout=timeout + 60,
+      )
