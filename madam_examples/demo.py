@@ -54,6 +54,12 @@ SWEEP_EVALS = 4  # the final training loss: the mean over the last quarter
 # this many percentage points of the optimizer's best rate's.
 GOOD_WITHIN_POINTS = 1.0
 SWEEP_SCHEDULE = "cosine"
+# The learning-rate story of the README, the docs and the docstrings.
+LEARNING_RATE_ADVICE = (
+  "Which rate? Madam's default, 0.01, is the paper's; for runs of up to "
+  "about 10,000 steps, with a decaying schedule, start at 0.1 and try 0.01 "
+  "next (README: Which learning rate?)."
+)
 LABELS = {"madam": "Madam", "adam": "Adam", "sgd": "SGD (momentum 0.9)"}
 # The flags that only --compare reads; giving any of them implies --compare.
 COMPARE_FLAGS = (
@@ -528,12 +534,25 @@ def format_sweep_table(rates, results: dict, summaries: dict) -> str:
   return "\n".join(lines)
 
 
-def _plot_sweep(rates, results, summaries, title: str, path: str) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
+def sweep_figure(record: dict, plt):
+  """The sweep's figure from its JSON ``record`` (see :func:`run_sweep`).
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
+  Left: held-out accuracy against the learning rate (mean of the seeds,
+  band from the worst to the best seed), each default starred, each
+  optimizer's good rates as a bar; right: the final training loss.
+  """
+  rates = record["learning_rates"]
+  results = {
+    opt: {
+      "accuracy": np.asarray(r["accuracy"], np.float64),
+      "train_loss": np.asarray(
+        [[np.nan if v is None else v for v in row] for row in r["train_loss"]],
+        np.float64,
+      ),
+    }
+    for opt, r in record["results"].items()
+  }
+  summaries = record["results"]
   fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.6))
   x = np.asarray(rates)
   for i, (opt, res) in enumerate(results.items()):
@@ -592,14 +611,31 @@ def _plot_sweep(rates, results, summaries, title: str, path: str) -> None:
   loss_ax.legend(fontsize=8)
   for ax in (acc_ax, loss_ax):
     ax.grid(alpha=0.3, which="both")
-  fig.suptitle(title)
+  fig.suptitle(
+    f"One learning rate for all? {record['task']}, {record['steps']} steps, "
+    f"mean of {len(record['seeds'])} seeds (band: worst to best seed)"
+  )
   fig.tight_layout()
+  return fig
+
+
+def _plot_sweep(record: dict, path: str) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  fig = sweep_figure(record, plt)
   _write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
   plt.close(fig)
 
 
-def run_sweep(args: argparse.Namespace) -> int:
-  """The default job: accuracy and loss against the learning rate."""
+def run_sweep(args: argparse.Namespace) -> dict:
+  """The default job: accuracy and loss against the learning rate.
+
+  Returns:
+    The record written to ``sweep.json``.
+  """
   from madam_examples import optimizers  # pylint: disable=import-outside-toplevel
   from madam_examples import tasks  # pylint: disable=import-outside-toplevel
 
@@ -636,6 +672,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     "accuracy against the learning rate"
   )
   print(format_sweep_table(rates, results, summaries))
+  print(LEARNING_RATE_ADVICE)
   record = {
     "command": " ".join([PROG, *args.argv]),
     "task": task.description,
@@ -660,16 +697,9 @@ def run_sweep(args: argparse.Namespace) -> int:
   }
   png, numbers = (os.path.join(args.out, n) for n in names)
   _write_json(numbers, record)
-  _plot_sweep(
-    rates,
-    results,
-    summaries,
-    f"One learning rate for all? {task.description}, {steps} steps, "
-    f"mean of {len(seeds)} seeds (band: min to max)",
-    png,
-  )
+  _plot_sweep(record, png)
   print(f"\nwrote {png} and {numbers}")
-  return 0
+  return record
 
 
 def _write_json(path: str, record: dict) -> None:
@@ -693,7 +723,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   args.argv = list(sys.argv[1:] if argv is None else argv)
   if not args.compare:
-    return run_sweep(args)
+    run_sweep(args)
+    return 0
   return run_compare(args)
 
 
