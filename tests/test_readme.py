@@ -126,17 +126,34 @@ def test_relative_links_point_at_files():
 
 
 def test_first_screen_answers_should_i_use_this():
-  first_screen = README.split("## Install", 1)[0]
+  """What, why, when not, install, the one command, in that order, then the
+  learning rate; all before the first code example."""
+  first_screen = README.split("## Usage", 1)[0]
+  at = [
+    first_screen.index(phrase)
+    for phrase in (
+      "**Madam**, the multiplicative version of Adam",
+      "Learning-rate robustness",
+      "Think twice",
+      "## Install",
+      ".venv/bin/madam-demo",
+      "## Which learning rate?",
+    )
+  ]
+  assert at == sorted(at)
   for phrase in (
-    "Learning-rate robustness",
     "One state buffer",
     "int8 training",
-    "Which learning rate?",
-    "Start at **0.1**",
+    "start at **0.1**",
     "10,000 steps",
     "`p_scale`",
+    "docs/_static/demo_sweep.png",
   ):
     assert phrase in first_screen, phrase
+
+
+def test_readme_is_at_most_250_lines():
+  assert len(README.splitlines()) <= 250
 
 
 def test_citation_file_describes_the_software_and_cites_the_paper():

@@ -12,6 +12,7 @@ import pytest
 # Results file stem -> the script that wrote it.
 SCRIPTS = {
   "checkpoint_bytes": "checkpoint_bytes",
+  "example_accuracy": "example_accuracy",
   "factored_accuracy": "factored_accuracy",
   "lns_bits": "lns_bits",
   "lns_memory": "lns_memory",

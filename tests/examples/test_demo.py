@@ -1,4 +1,6 @@
-"""``madam-demo`` end to end (quick mode), its plot, and checkpoint resume."""
+"""``madam-demo`` end to end (quick mode): the learning-rate sweep (the
+default), the per-optimizer comparison (``--compare``), its plot, checkpoint
+resume, and ``--out`` proven writable before training."""
 
 import json
 import re
@@ -6,16 +8,98 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from madam_examples import checkpointing
 from madam_examples import demo
+from madam_examples import optimizers
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def test_quick_sweep_shows_every_rate_default_and_spread(tmp_path, capsys):
+  """No flags but --quick: the sweep over nine rates, three optimizers,
+  two seeds here; the table marks each default, the JSON holds every run."""
+  out = tmp_path / "out"
+  assert demo.main(["--out", str(out), "--quick", "--seeds", "2"]) == 0
+  text = capsys.readouterr().out
+  assert "held-out accuracy (%)" in text and "final training loss" in text
+  for label in demo.LABELS.values():
+    assert label in text
+  assert "spread" in text and "within 1 point" in text
+  assert (out / "sweep.png").read_bytes()[:8] == PNG_MAGIC
+  saved = json.loads((out / "sweep.json").read_text())
+  assert saved["command"] == f"madam-demo --out {out} --quick --seeds 2"
+  assert saved["steps"] == 20 and saved["seeds"] == [0, 1]
+  rates = saved["learning_rates"]
+  assert len(rates) == 9 and min(rates) == 1e-4 and max(rates) == 1.0
+  assert set(saved["results"]) == {"madam", "adam", "sgd"}
+  for opt, r in saved["results"].items():
+    assert r["default_rate"] == optimizers.DEFAULT_LEARNING_RATES[opt]
+    acc = np.asarray(r["accuracy"])
+    assert acc.shape == (9, 2) and ((0 <= acc) & (acc <= 100)).all()
+    mean = acc.mean(axis=1)
+    assert r["best_accuracy"] == pytest.approx(mean.max())
+    good = [x for x, a in zip(rates, mean) if a >= mean.max() - 1.0]
+    assert r["good_rates"] == pytest.approx(good)
+    assert r["good_spread_decades"] == pytest.approx(
+      np.log10(max(good) / min(good))
+    )
+  # The default rate of each is starred in the printed grid.
+  assert text.count("*") >= 3
+
+
+def test_good_rates_and_their_spread():
+  rates = [1e-3, 1e-2, 1e-1, 1.0]
+  assert demo.good_rates(rates, [97.2, 98.0, 97.0, 10.0], 1.0) == [
+    1e-3,
+    1e-2,
+    1e-1,
+  ]
+  assert demo.spread_decades([1e-3, 1e-1]) == pytest.approx(2.0)
+  assert demo.spread_decades([0.01]) == 0.0
+  s = demo.summarise_sweep(
+    rates,
+    np.array([[97.0, 97.4], [98.0, 98.0], [90.0, 90.0], [10.0, 10.0]]),
+    1e-2,
+  )
+  assert s["best_rate"] == 1e-2 and s["good_rates"] == [1e-3, 1e-2]
+  assert s["default_is_good"] and s["accuracy_at_default"] == 98.0
+
+
+@pytest.mark.parametrize("flags", [[], ["--compare"]])
+def test_out_is_proven_writable_before_training(flags, tmp_path, capsys):
+  """``os.access`` says yes to root: the folder is made and a file opened in
+  it before the first step; a failure is one line, exit status 2."""
+  blocker = tmp_path / "blocker"
+  blocker.write_text("")
+  out = tmp_path / "out"
+  out.mkdir()
+  # A folder where an output file should go: opening it for append fails.
+  name = "sweep.json" if not flags else "mlp.json"
+  (out / name).mkdir()
+  with pytest.raises(SystemExit) as exit_info:
+    demo.main([*flags, "--out", str(out), "--quick"])
+  assert exit_info.value.code == 2
+  captured = capsys.readouterr()
+  assert captured.err.startswith(
+    f"madam-demo: error: argument --out: cannot write to {str(out)!r}"
+  )
+  assert len(captured.err.splitlines()) == 1
+  assert "trained in" not in captured.out and "step" not in captured.out
+
+
+def test_compare_flags_imply_compare():
+  assert not demo.parse_args([]).compare
+  assert demo.parse_args(["--compare"]).task == "mlp"
+  assert demo.parse_args(["--task", "cnn"]).compare
+  assert demo.parse_args(["--lr", "0.1"]).compare
+  assert not demo.parse_args(["--seeds", "2", "--steps", "5"]).compare
+
+
 def test_quick_demo_prints_table_and_writes_plot(tmp_path, capsys):
-  assert demo.main(["--out", str(tmp_path), "--quick"]) == 0
+  assert demo.main(["--compare", "--out", str(tmp_path), "--quick"]) == 0
   text = capsys.readouterr().out
   assert "madam" in text and "adam" in text and "final accuracy" in text
   assert "compile (s)" in text and "train (s)" in text
@@ -91,6 +175,8 @@ def test_console_script_help_lists_the_options():
     "--quick",
     "--checkpoint-dir",
     "--checkpoint-every",
+    "--compare",
+    "--seeds",
   ):
     assert flag in out
 

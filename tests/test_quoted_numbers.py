@@ -1,0 +1,375 @@
+"""Every number the README and the docs quote from a results file is true.
+
+Each quote below is a function that computes, from a committed file in
+``benchmarks/results/``, the exact text a page must contain; the test fails
+when the page does not contain it (the page drifted, or the results were
+rerun), and its message gives the text to paste. Whitespace and line breaks
+do not matter, so the text can be wrapped freely in the page.
+
+To add a checked number: write the sentence (or table) in the page, then a
+function here that rebuilds it from the JSON, decorated with the pages that
+quote it::
+
+  @quote("README.md", "docs/lns.md")
+  def int8_bytes_per_weight() -> str:
+    row = _lns_memory_row("digits MLP 64-128-10", "lns_madam int8 + bf16 v")
+    return f"{row['bytes_per_weight']:g} bytes per weight"
+
+``python tests/test_quoted_numbers.py`` prints every quote as computed now.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import pathlib
+import re
+import sys
+from typing import Callable
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+# (function, pages): filled by @quote.
+QUOTES: list[tuple[Callable[[], str], tuple[str, ...]]] = []
+
+
+def quote(*pages: str):
+  """Registers a function whose text every page in ``pages`` must contain."""
+
+  def register(fn: Callable[[], str]) -> Callable[[], str]:
+    QUOTES.append((fn, pages))
+    return fn
+
+  return register
+
+
+@functools.cache
+def results(stem: str) -> dict:
+  """``benchmarks/results/<stem>.json``."""
+  return json.loads((RESULTS / f"{stem}.json").read_text(encoding="utf-8"))
+
+
+def page_text(page: str) -> str:
+  """A page's text; for a ``.py`` file its docstrings, for a notebook its
+  cells' sources."""
+  text = (ROOT / page).read_text(encoding="utf-8")
+  if page.endswith(".ipynb"):
+    return "\n".join("".join(c["source"]) for c in json.loads(text)["cells"])
+  return text
+
+
+def _squash(text: str) -> str:
+  """Whitespace runs (line breaks, a docstring's indent) as one space."""
+  return re.sub(r"\s+", " ", text).strip()
+
+
+def _rate(r: float) -> str:
+  return f"{r:g}"
+
+
+def _rates(rates) -> str:
+  """``[0.01, 0.1]`` -> ``"0.01 or 0.1"``."""
+  names = [_rate(r) for r in sorted(rates)]
+  return (
+    ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+  )
+
+
+# ------------------------------------------------- the learning-rate study
+# benchmarks/results/lr_sweep.json: Madam at each task's p_scale, Adam and
+# SGD, step decay (the paper's schedule), every task and budget.
+
+
+def _benchmark(name: str):
+  path = str(ROOT / "benchmarks")
+  if path not in sys.path:
+    sys.path.insert(0, path)
+  return __import__(name)
+
+
+def _step_cells(optimizer: str) -> dict:
+  """Cell -> (steps, best rate, rates within noise of the best)."""
+  lr_sweep = _benchmark("lr_sweep")
+  sweep = results("lr_sweep")
+  tasks = sweep["tasks"]
+  out = {}
+  for cell, record in lr_sweep.main_cells(sweep).items():
+    if cell.schedule == "step" and cell.optimizer == optimizer:
+      near = lr_sweep.near_best(record["values"], tasks[cell.task])
+      out[cell] = (record["steps"], near[0], set(near))
+  return out
+
+
+def _from_steps_on(rate: float) -> int:
+  """The fewest steps from which ``rate`` was within noise of Madam's best in
+  every step-decay cell that long or longer."""
+  cells = sorted(_step_cells("madam").values(), key=lambda c: c[0])
+  start = cells[-1][0]
+  for steps, _, near in reversed(cells):
+    if rate not in near:
+      break
+    start = steps
+  return start
+
+
+@quote("README.md", "docs/index.md")
+def study_best_rates() -> str:
+  sweep = results("lr_sweep")
+  steps = [c["steps"] for c in sweep["cells"].values()]
+  best = {
+    o: {c[1] for c in _step_cells(o).values()} for o in ("madam", "adam", "sgd")
+  }
+  words = {3: "three", 4: "four", 5: "five"}
+  return (
+    f"{words[len(sweep['tasks'])]} small models, {min(steps)} to "
+    f"{max(steps)} steps, "
+    f"step decay, {sweep['settings']['seeds']} seeds) Madam's best rate was "
+    f"{_rates(best['madam'])} on every model and budget, Adam's anywhere from "
+    f"{_rate(min(best['adam']))} to {_rate(max(best['adam']))}, SGD's from "
+    f"{_rate(min(best['sgd']))} to {_rate(max(best['sgd']))}"
+  )
+
+
+@quote(
+  "README.md",
+  "docs/index.md",
+  "madam_optax/_src/alias.py",
+  "notebooks/02_learning_rate_robustness.ipynb",
+)
+def learning_rate_story() -> str:
+  """The one learning-rate sentence: the default, then what the study found."""
+  cells = _step_cells("madam")
+  start = _from_steps_on(0.1)
+  long = [c for c in cells if cells[c][0] >= start]
+  everywhere_01 = all(0.1 in cells[c][2] for c in long)
+  tasks_001 = sorted(
+    {c.task for c in long} - {c.task for c in long if 0.01 not in cells[c][2]}
+  )
+  assert everywhere_01 and tasks_001 == ["mlp"], (everywhere_01, tasks_001)
+  return (
+    f"from {start} steps on, 0.1 was within noise of the best rate on every "
+    "model, the default 0.01 only on the MLP"
+  )
+
+
+@quote("README.md")
+def transformer_gap() -> str:
+  cells = results("lr_sweep")["cells"]
+  gaps = []
+  for budget in ("x4", "x16"):
+    madam = cells[f"transformer/{budget}/step/madam/p2"]
+    adam = cells[f"transformer/{budget}/step/adam"]
+    best = lambda c: np.nanmin(np.mean(c["values"], axis=1))
+    gaps.append((100 * (best(madam) / best(adam) - 1), madam["steps"]))
+  (a, n), (b, m) = gaps
+  return f"({a:.0f} % worse perplexity at {n} steps, {b:.0f} % at {m}"
+
+
+# ------------------------------------------------------- memory and state
+
+
+def _step_row(tree: str, optimizer: str, stem: str = "step_time_cpu") -> dict:
+  for t in results(stem)["trees"]:
+    if t["tree"] == tree:
+      for row in t["rows"]:
+        if row["optimizer"] == optimizer:
+          return row
+  raise KeyError((stem, tree, optimizer))
+
+
+@quote("README.md")
+def state_bytes() -> str:
+  per = {
+    o: _step_row("mlp", o)["state_full_bytes_per_param"]
+    for o in ("madam", "madam_bf16", "adam")
+  }
+  return (
+    f"{per['madam']:g} bytes per parameter in float32, {per['madam_bf16']:g} "
+    f"in bfloat16 (Adam keeps {per['adam']:g})"
+  )
+
+
+def _lns_memory_row(model: str, config: str) -> dict:
+  for row in results("lns_memory")["results"][model]["rows"]:
+    if row["config"] == config:
+      return row
+  raise KeyError((model, config))
+
+
+@quote("README.md")
+def int8_bytes() -> str:
+  bf16 = _lns_memory_row("digits MLP 64-128-10", "lns_madam int8 + bf16 v")
+  gpt2 = _lns_memory_row("GPT-2 small (124M)", "lns_madam int8 + factored v")
+  adam = _lns_memory_row("GPT-2 small (124M)", "adam fp32")
+  return (
+    f"{bf16['bytes_per_weight']:g} bytes per weight with a bfloat16 optimizer "
+    f"state, and about **1 byte per parameter** with a factored second moment "
+    f"({gpt2['bytes_per_param']:.3f} on a GPT-2-small-shaped tree), against "
+    f"Adam's {adam['bytes_per_param']:.0f}"
+  )
+
+
+# ------------------------------------------------- what the examples print
+
+
+def _examples() -> dict:
+  return results("example_accuracy")["runs"]
+
+
+@quote("README.md", "docs/index.md")
+def demo_sweep() -> str:
+  sweep = _examples()["madam-demo"]["record"]
+  names = {"madam": "Madam", "adam": "Adam", "sgd": "SGD"}
+  parts = []
+  for opt, r in sweep["results"].items():
+    good = r["good_rates"]
+    default = "" if r["default_is_good"] else ", its default not among them"
+    parts.append(
+      f"{names[opt]} from {min(good):.2g} to {max(good):.2g} "
+      f"({r['good_spread_decades']:.1f} decades{default})"
+    )
+  return (
+    f"In the committed run ({sweep['steps']} steps, cosine decay, "
+    f"{len(sweep['seeds'])} seeds) the good rates were: " + ", ".join(parts)
+  )
+
+
+@quote("README.md")
+def lns_digits_accuracy() -> str:
+  mlp = _examples()["python -m madam_examples.lns_digits"]
+  cnn = _examples()["python -m madam_examples.lns_digits --model cnn"]
+  return (
+    f"{mlp['lns_accuracy']:.2f} % test accuracy with int8 weights against "
+    f"{mlp['float_accuracy']:.2f} % for float32 Madam (`--model cnn`: "
+    f"{cnn['lns_accuracy']:.2f} % against {cnn['float_accuracy']:.2f} %)"
+  )
+
+
+@quote("README.md")
+def lns_digits_bytes() -> str:
+  mlp = _examples()["python -m madam_examples.lns_digits"]
+  return (
+    f"{mlp['lns_param_bytes']:,} parameter bytes against "
+    f"{mlp['float_param_bytes']:,}"
+  )
+
+
+@quote("README.md")
+def factored_int8_cost() -> str:
+  """int8 codes with a factored second moment against float Madam."""
+  res = results("factored_accuracy")["results"]
+  points, ratio = [], []
+  for r in res.values():
+    madam, lns = r["configs"]["madam"], r["configs"]["lns int8 factored"]
+    if r["metric"] == "accuracy":
+      points.append(madam["mean"] - lns["mean"])
+    else:
+      ratio.append(lns["mean"] / madam["mean"] - 1)
+  seeds = len(results("factored_accuracy")["settings"]["seeds"])
+  return (
+    f"cost at most {max(points):.2f} accuracy points or "
+    f"{100 * max(ratio):.1f} % perplexity against float Madam ({seeds} seeds)"
+  )
+
+
+# ------------------------------------------------------ sharded, speed
+
+
+@quote("README.md")
+def multiprocess_loss() -> str:
+  rows = results("multiprocess_cpu")["rows"]
+  assert all(not r["collectives_optimizer_update"] for r in rows)
+  losses = {f"{r['final_valid_loss']:.6f}" for r in rows}
+  assert len(losses) == 1, losses
+  procs = sorted({r["processes"] for r in rows})
+  return (
+    f"{', '.join(map(str, procs[:-1]))} and {procs[-1]} processes end at the "
+    f"same validation loss, {losses.pop()}"
+  )
+
+
+MODEL_TREES = ("mlp", "resnet50", "gpt2_small")
+
+
+def _span(values) -> str:
+  return f"{min(values):.2f}-{max(values):.2f}x"
+
+
+@quote("README.md", "docs/performance.md")
+def madam_over_adam() -> str:
+  committed = [_step_row(t, "madam")["x_adam_paired"] for t in MODEL_TREES]
+  stems = ("step_time_cpu", "step_time_levers_cpu", "step_time_floor_cpu")
+  every = [
+    _step_row(t, "madam", s)["x_adam_paired"]
+    for s in stems
+    for t in MODEL_TREES
+  ]
+  lns = [_step_row(t, "lns_madam")["x_adam_paired"] for t in MODEL_TREES]
+  return (
+    f"Madam's step is {_span(committed)} Adam's on the model-shaped trees in "
+    f"the committed run ({_span(every)} over the {len(stems)} committed runs), "
+    f"`lns_madam`'s on int8 codes {_span(lns)}"
+  )
+
+
+@quote("README.md")
+def ratio_drift() -> str:
+  """How far one tree's madam / adam moved between the committed runs."""
+  stems = ("step_time_cpu", "step_time_levers_cpu", "step_time_floor_cpu")
+  trees = [t["tree"] for t in results(stems[1])["trees"]]
+  moves = [
+    np.ptp([_step_row(t, "madam", s)["x_adam_paired"] for s in stems])
+    for t in trees
+  ]
+  return f"Ratios move by up to {max(moves):.1f} between runs"
+
+
+@quote("README.md")
+def bytes_moved() -> str:
+  madam = _step_row("mlp", "madam")["bytes_per_param_moved"]
+  adam = _step_row("mlp", "adam")["bytes_per_param_moved"]
+  return f"Madam needs to move {madam:g} bytes per parameter to Adam's {adam:g}"
+
+
+# -------------------------------------------------------------- the test
+
+
+def _params():
+  return [
+    pytest.param(fn, page, id=f"{fn.__name__}-{page}")
+    for fn, pages in QUOTES
+    for page in pages
+  ]
+
+
+@pytest.mark.parametrize("fn, page", _params())
+def test_page_quotes_the_committed_result(fn, page):
+  expected = fn()
+  assert _squash(expected) in _squash(page_text(page)), (
+    f"{page} must say, as computed by {fn.__name__} from "
+    f"benchmarks/results/: {expected!r}"
+  )
+
+
+def test_every_quote_reads_a_committed_file():
+  """Each function above reads at least one results file (no typed number)."""
+  for fn, pages in QUOTES:
+    results.cache_clear()
+    fn()
+    assert results.cache_info().currsize >= 1, fn.__name__
+    assert pages and all((ROOT / p).exists() for p in pages), fn.__name__
+
+
+def test_rates_join():
+  assert _rates([0.1, 0.01]) == "0.01 or 0.1"
+  assert math.isclose(float(_rate(1e-4)), 1e-4)
+
+
+if __name__ == "__main__":
+  for fn, pages in QUOTES:
+    print(f"{fn.__name__} ({', '.join(pages)}):\n{fn()}\n")
