@@ -170,6 +170,43 @@ def transformer_gap() -> str:
   return f"({a:.0f} % worse perplexity at {n} steps, {b:.0f} % at {m}"
 
 
+@quote("README.md")
+def recipe_gap() -> str:
+  """The Transformer recipe (with b1) against the best-tuned Adam."""
+  cells = results("lr_sweep")["cells"]
+  best = lambda c: np.nanmin(np.mean(c["values"], axis=1))
+  parts = []
+  for budget in ("x4", "x16"):
+    recipe = cells[f"transformer/{budget}/step/recipe_b1/p2"]
+    adam = cells[f"transformer/{budget}/step/adam"]
+    gap = 100 * (best(recipe) / best(adam) - 1)
+    parts.append((f"{gap:+.1f}", recipe["steps"]))
+  (a, n), (b, m) = parts
+  return f"({a} % at {n} steps, {b} % at {m} against Adam's best"
+
+
+def _step_memory_row(config: str, stem: str = "step_memory") -> dict:
+  (model,) = results(stem)["results"].values()
+  for row in model["rows"]:
+    if row["config"] == config:
+      return row
+  raise KeyError(config)
+
+
+@quote("README.md")
+def whole_step_bytes() -> str:
+  layered = _step_memory_row("lns factored, scanned + release + bf16 compute")
+  adam = _step_memory_row("adam")
+  plain = _step_memory_row("lns factored")
+  return (
+    f"{layered['whole_per_param']:.2f} bytes per parameter on a "
+    "GPT-2-small-shaped decoder when each block is decoded, differentiated "
+    "and updated one at a time (`madam_examples/lns_layers.py`), against "
+    f"{adam['whole_per_param']:.2f} for Adam and "
+    f"{plain['whole_per_param']:.2f} for the plain int8 step"
+  )
+
+
 # ------------------------------------------------------- memory and state
 
 
