@@ -296,6 +296,43 @@ def lns_digits_bytes() -> str:
   )
 
 
+@quote("docs/lns.md")
+def lns_digits_table() -> str:
+  rows = []
+  for name, flag in (("MLP 64-128-10", ""), ("`--model cnn`", " --model cnn")):
+    r = _examples()[f"python -m madam_examples.lns_digits{flag}"]
+    rows.append(
+      f"| `madam`, float32 weights ({name}) | {r['float_accuracy']:.2f} | "
+      f"{r['float_param_bytes']:,} | "
+      f"| `lns_madam`, int8 weights ({name}) | {r['lns_accuracy']:.2f} | "
+      f"{r['lns_param_bytes']:,} |"
+    )
+  return "\n".join(rows)
+
+
+@quote("docs/equinox.md")
+def equinox_run() -> str:
+  r = _examples()["python -m madam_examples.equinox_mlp"]
+  return (
+    f"Equinox MLP, Madam lr=0.01, {r['steps']} steps: loss "
+    f"{r['first_loss']:.3f} -> {r['final_loss']:.3f}, test accuracy "
+    f"{r['test_accuracy']:.2f} %"
+  )
+
+
+@quote("docs/studies.md")
+def demo_compare() -> str:
+  record = _examples()["madam-demo --compare"]["record"]
+  parts = [
+    f"{r['optimizer'].capitalize()}@{r['lr']:g} {r['final']:.2f} %"
+    for r in record["results"]
+  ]
+  return (
+    f"With `madam-demo --compare` (MLP, {record['steps']} steps) the committed "
+    f"run printed {' and '.join(parts)} held-out accuracy"
+  )
+
+
 @quote("README.md")
 def factored_int8_cost() -> str:
   """int8 codes with a factored second moment against float Madam."""
