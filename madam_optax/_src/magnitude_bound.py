@@ -7,6 +7,7 @@ the LNS format also uses as its largest magnitude.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from madam_optax._src import multiplicative_step
 from madam_optax._src import numerics
 from madam_optax._src import tree_utils
 from madam_optax._src import validation
@@ -183,7 +185,27 @@ def bounded_multiplicative_update(
   update at the end: the clamp is one select, the realised magnitude
   :math:`|w| + \delta` is never negative (so it needs no ``abs``), and the
   landing one ulp from zero needs no sign tests.
+
+  Derivatives: ``|w|`` and ``sign(w)`` are taken through bit casts, which
+  carry none, so the function is a ``jax.custom_jvp`` whose tangent is that
+  of the two parts' plain formula, ``bounded_update(multiplicative_step_leaf(
+  u, w, lr, max_exponent), w, bound)`` (the same values): ``jax.grad`` and
+  ``jax.jvp`` with respect to ``u``, ``w``, ``lr`` and ``bound`` are the
+  mathematical ones. A program that does not differentiate computes only
+  the bits above (the compiled forward step is unchanged).
   """
+  return _bounded_multiplicative_update(u, w, lr, bound, max_exponent)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def _bounded_multiplicative_update(
+  u: jax.Array,
+  w: jax.Array,
+  lr: jax.Array,
+  bound: jax.Array,
+  max_exponent: float | None,
+) -> jax.Array:
+  """:func:`bounded_multiplicative_update`'s bits (no derivative of its own)."""
   dtype = np.dtype(w.dtype)
   int_dtype = np.dtype(f"int{8 * dtype.itemsize}")
   sign_bit = np.asarray(np.iinfo(int_dtype).min, int_dtype)
@@ -239,6 +261,18 @@ def bounded_multiplicative_update(
   # target equal to |w| gives +0, as target - w does (x - x is +0).
   signed = numerics.with_sign_of(delta, w)
   return lax.select(lax.eq(target, abs_w), lax.full_like(delta, zero), signed)
+
+
+@_bounded_multiplicative_update.defjvp
+def _bounded_multiplicative_update_jvp(max_exponent, primals, tangents):
+  """The bits as the primal; the plain formula's derivative as the tangent."""
+
+  def plain(u, w, lr, bound):
+    delta = multiplicative_step.multiplicative_step_leaf(u, w, lr, max_exponent)
+    return bounded_update(delta, w, bound)
+
+  _, tangent = jax.jvp(plain, primals, tangents)
+  return _bounded_multiplicative_update(*primals, max_exponent), tangent
 
 
 def clip_weight_magnitude(
