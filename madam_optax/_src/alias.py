@@ -138,6 +138,17 @@ def madam(
     >>> print(w['w'].round(4))     # without b1: [1.     0.9802]
     [0.9906 0.9802]
 
+    The step count: the state is the chain's (one count for the moments'
+    bias correction, one for the learning-rate schedule, always equal), so
+    ``optax.tree.get(state, 'count')`` finds two and raises ``KeyError``.
+    The schedule's count, the one call for ``madam``, ``lns_madam`` and
+    their partitions (:func:`madam_optax.with_additive_fallback`):
+
+    >>> optax.tree.get(
+    ...   state, 'count',
+    ...   filtering=lambda path, _: path[-1].tuple_name.endswith('StepState'))
+    Array(2, dtype=int32)
+
   References:
     Bernstein, Zhao, Meister, Liu, Anandkumar, Yue, "Learning compositional
     functions via multiplicative weight updates", NeurIPS 2020,
