@@ -31,6 +31,7 @@ def madam(
   min_dim_size_to_factor: int = 128,
   b1: float | None = None,
   mu_dtype: Any = None,
+  warn_zero_leaves: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Madam: the multiplicative version of Adam.
 
@@ -109,6 +110,12 @@ def madam(
       (a ``ValueError``).
     mu_dtype: dtype of the first-moment buffer (``None``: ``state_dtype``);
       only with ``b1``.
+    warn_zero_leaves: at ``init``, when run eagerly (not under ``jax.jit`` or
+      ``jax.eval_shape``), warn once (a ``UserWarning``) naming the
+      parameter leaves that are all zero (they would never train) and the
+      fix, :func:`madam_optax.with_additive_fallback`. ``False`` silences
+      it; so does ``warnings.filterwarnings('ignore', message='.*all-zero
+      parameter leaves at init')``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``.
@@ -167,6 +174,7 @@ def madam(
       state_dtype=state_dtype,
       mu_dtype=mu_dtype,
       max_magnitude=max_magnitude,
+      warn_zero_leaves=warn_zero_leaves,
     )
   return optax.chain(
     _normaliser(
@@ -179,7 +187,9 @@ def madam(
     ),
     optax.clip(g_bound),
     multiplicative_step(learning_rate),
-    clip_weight_magnitude(p_scale, max_magnitude=max_magnitude),
+    clip_weight_magnitude(
+      p_scale, max_magnitude=max_magnitude, warn_zero_leaves=warn_zero_leaves
+    ),
   )
 
 
