@@ -60,7 +60,12 @@ def first_moment_scalars(
   one_minus_b1t = 1.0 - b1_**t
   a = lax.div(b1_ * (1.0 - b1_ ** (t - 1.0)), one_minus_b1t)
   one_minus_a = lax.div(1.0 - b1_, one_minus_b1t)
-  return a, one_minus_a
+  # Step 1 set exactly, whatever the backend's pow rounds b1**1 to.
+  first = count == 1
+  return (
+    jnp.where(first, jnp.zeros_like(a), a),
+    jnp.where(first, jnp.ones_like(one_minus_a), one_minus_a),
+  )
 
 
 def updated_mean(
