@@ -72,3 +72,10 @@ def test_silent_under_tracing_and_without_zero_leaves():
 def test_silent_for_the_fix():
   tx = madam_optax.with_additive_fallback(PARAMS, madam_optax.madam())
   assert not _recorded(lambda: tx.init(PARAMS))
+
+
+def test_concrete_leaves_inside_a_trace():
+  # Closed over by a jitted function (with warn_zero_leaves injected as an
+  # array): the values are known, so the check runs, and does not fail.
+  tx = FACTORIES["inject_hyperparams"]()
+  assert len(_recorded(lambda: jax.jit(lambda: tx.init(PARAMS))())) == 1

@@ -304,7 +304,10 @@ def warn_on_zero_leaves(params: Any, transform: str) -> None:
     leaves.append(p)
   if not leaves:
     return
-  zero = np.asarray(jnp.stack([jnp.all(p == 0) for p in leaves]))
+  # Concrete leaves inside a trace (closed over by a jitted function) are
+  # checked too, on their values rather than as traced operations.
+  with jax.ensure_compile_time_eval():
+    zero = np.asarray(jnp.stack([jnp.all(p == 0) for p in leaves]))
   named = [path or "<the parameter array>" for path, z in zip(paths, zero) if z]
   if not named:
     return
