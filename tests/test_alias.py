@@ -27,6 +27,13 @@ from transforms import BY_NAME
 import madam_optax
 from madam_optax import LNSFormat
 
+# Tests here init on all-zero leaves on purpose (zeros stay zero): the
+# warning about them is tested in test_zero_leaves.py.
+pytestmark = pytest.mark.filterwarnings(
+  "ignore:.*all-zero parameter leaves at init:UserWarning"
+)
+
+
 # ============================================================ madam (SPEC §1)
 
 STEPS = 200

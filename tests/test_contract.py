@@ -29,6 +29,13 @@ from transforms import BY_NAME
 from transforms import EXTRA_ARGS
 from transforms import MAP_PARAMS
 
+# Tests here init on all-zero leaves on purpose (zeros stay zero): the
+# warning about them is tested in test_zero_leaves.py.
+pytestmark = pytest.mark.filterwarnings(
+  "ignore:.*all-zero parameter leaves at init:UserWarning"
+)
+
+
 # ------------------------------------------------------------- convergence
 
 # Contrib's targets start at zero or cross zero. A multiplicative update

@@ -28,6 +28,12 @@ from test_fused_madam import _tree
 
 import madam_optax
 
+# Tests here init on all-zero leaves on purpose (zeros stay zero): the
+# warning about them is tested in test_zero_leaves.py.
+pytestmark = pytest.mark.filterwarnings(
+  "ignore:.*all-zero parameter leaves at init:UserWarning"
+)
+
 
 def chain_of_parts(
   learning_rate=0.01,

@@ -28,6 +28,12 @@ from madam_optax._src import magnitude_bound
 from madam_optax._src import multiplicative_step as multiplicative_step_lib
 from madam_optax._src import numerics
 
+# Tests here init on all-zero leaves on purpose (zeros stay zero): the
+# warning about them is tested in test_zero_leaves.py.
+pytestmark = pytest.mark.filterwarnings(
+  "ignore:.*all-zero parameter leaves at init:UserWarning"
+)
+
 
 def chain_of_parts(
   learning_rate=0.01,

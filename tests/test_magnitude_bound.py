@@ -20,6 +20,12 @@ from strategies import weights
 
 import madam_optax
 
+# Tests here init on all-zero leaves on purpose (zeros stay zero): the
+# warning about them is tested in test_zero_leaves.py.
+pytestmark = pytest.mark.filterwarnings(
+  "ignore:.*all-zero parameter leaves at init:UserWarning"
+)
+
 
 @jax.jit
 def _bound(w0, p_scale):

@@ -37,6 +37,13 @@ from transforms import SIGN_KEPT
 from transforms import SIGN_STEP
 from transforms import ZEROS_STAY
 
+# Tests here init on all-zero leaves on purpose (zeros stay zero): the
+# warning about them is tested in test_zero_leaves.py.
+pytestmark = pytest.mark.filterwarnings(
+  "ignore:.*all-zero parameter leaves at init:UserWarning"
+)
+
+
 STEPS = 6
 
 any_weights = hnp.arrays(np.float32, (N,), elements=finite_f32)

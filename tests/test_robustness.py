@@ -24,6 +24,13 @@ import pytest
 import madam_optax
 from madam_optax import LNSFormat
 
+# Tests here init on all-zero leaves on purpose (zeros stay zero): the
+# warning about them is tested in test_zero_leaves.py.
+pytestmark = pytest.mark.filterwarnings(
+  "ignore:.*all-zero parameter leaves at init:UserWarning"
+)
+
+
 FMT = LNSFormat.spanning(127)  # int8 codes
 FMT16 = LNSFormat.spanning(1000)  # int16 codes
 

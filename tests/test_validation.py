@@ -13,6 +13,13 @@ import transforms
 
 import madam_optax
 
+# Tests here init on all-zero leaves on purpose (zeros stay zero): the
+# warning about them is tested in test_zero_leaves.py.
+pytestmark = pytest.mark.filterwarnings(
+  "ignore:.*all-zero parameter leaves at init:UserWarning"
+)
+
+
 WEIGHTS = {"layer": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}}
 
 

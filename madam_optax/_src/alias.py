@@ -31,6 +31,7 @@ def madam(
   min_dim_size_to_factor: int = 128,
   b1: float | None = None,
   mu_dtype: Any = None,
+  warn_zero_leaves: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Madam: the multiplicative version of Adam.
 
@@ -112,6 +113,12 @@ def madam(
       (a ``ValueError``).
     mu_dtype: dtype of the first-moment buffer (``None``: ``state_dtype``);
       only with ``b1``.
+    warn_zero_leaves: at ``init``, when run eagerly (not under ``jax.jit`` or
+      ``jax.eval_shape``), warn once (a ``UserWarning``) naming the
+      parameter leaves that are all zero (they would never train) and the
+      fix, :func:`madam_optax.with_additive_fallback`. ``False`` silences
+      it; so does ``warnings.filterwarnings('ignore', message='.*all-zero
+      parameter leaves at init')``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``.
@@ -141,6 +148,17 @@ def madam(
     >>> print(w['w'].round(4))     # without b1: [1.     0.9802]
     [0.9906 0.9802]
 
+    The step count: the state is the chain's (one count for the moments'
+    bias correction, one for the learning-rate schedule, always equal), so
+    ``optax.tree.get(state, 'count')`` finds two and raises ``KeyError``.
+    The schedule's count, the one call for ``madam``, ``lns_madam`` and
+    their partitions (:func:`madam_optax.with_additive_fallback`):
+
+    >>> optax.tree.get(
+    ...   state, 'count',
+    ...   filtering=lambda path, _: path[-1].tuple_name.endswith('StepState'))
+    Array(2, dtype=int32)
+
   References:
     Bernstein, Zhao, Meister, Liu, Anandkumar, Yue, "Learning compositional
     functions via multiplicative weight updates", NeurIPS 2020,
@@ -159,6 +177,7 @@ def madam(
       state_dtype=state_dtype,
       mu_dtype=mu_dtype,
       max_magnitude=max_magnitude,
+      warn_zero_leaves=warn_zero_leaves,
     )
   return optax.chain(
     _normaliser(
@@ -171,7 +190,9 @@ def madam(
     ),
     optax.clip(g_bound),
     multiplicative_step(learning_rate),
-    clip_weight_magnitude(p_scale, max_magnitude=max_magnitude),
+    clip_weight_magnitude(
+      p_scale, max_magnitude=max_magnitude, warn_zero_leaves=warn_zero_leaves
+    ),
   )
 
 

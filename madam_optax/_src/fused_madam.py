@@ -150,6 +150,7 @@ def fused_madam(
   mu_dtype: Any = None,
   max_magnitude: float | None = None,
   on_magnitudes: bool = True,
+  warn_zero_leaves: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Madam's four parts as one transform with one pass per tensor.
 
@@ -177,6 +178,8 @@ def fused_madam(
       as :func:`magnitude_bound.bounded_multiplicative_update` (the default);
       ``False`` runs the two parts' own functions instead, for benchmarks
       and tests (the same bits).
+    warn_zero_leaves: warn at ``init`` about all-zero leaves (see
+      :func:`madam_optax.clip_weight_magnitude`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``.
@@ -199,7 +202,9 @@ def fused_madam(
     normaliser(b1, b2, state_dtype, mu_dtype),
     optax.clip(g_bound),
     multiplicative_step_lib.multiplicative_step(learning_rate),
-    magnitude_bound.clip_weight_magnitude(p_scale, max_magnitude=max_magnitude),
+    magnitude_bound.clip_weight_magnitude(
+      p_scale, max_magnitude=max_magnitude, warn_zero_leaves=warn_zero_leaves
+    ),
   )
   max_exponent = _max_exponent(learning_rate, g_bound)
   static_bound = isinstance(g_bound, (int, float, np.number))

@@ -7,7 +7,9 @@ the LNS format also uses as its largest magnitude.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
+import warnings
 
 import jax
 from jax import lax
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from madam_optax._src import multiplicative_step
 from madam_optax._src import numerics
 from madam_optax._src import tree_utils
 from madam_optax._src import validation
@@ -183,7 +186,27 @@ def bounded_multiplicative_update(
   update at the end: the clamp is one select, the realised magnitude
   :math:`|w| + \delta` is never negative (so it needs no ``abs``), and the
   landing one ulp from zero needs no sign tests.
+
+  Derivatives: ``|w|`` and ``sign(w)`` are taken through bit casts, which
+  carry none, so the function is a ``jax.custom_jvp`` whose tangent is that
+  of the two parts' plain formula, ``bounded_update(multiplicative_step_leaf(
+  u, w, lr, max_exponent), w, bound)`` (the same values): ``jax.grad`` and
+  ``jax.jvp`` with respect to ``u``, ``w``, ``lr`` and ``bound`` are the
+  mathematical ones. A program that does not differentiate computes only
+  the bits above (the compiled forward step is unchanged).
   """
+  return _bounded_multiplicative_update(u, w, lr, bound, max_exponent)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def _bounded_multiplicative_update(
+  u: jax.Array,
+  w: jax.Array,
+  lr: jax.Array,
+  bound: jax.Array,
+  max_exponent: float | None,
+) -> jax.Array:
+  """:func:`bounded_multiplicative_update`'s bits (no derivative of its own)."""
   dtype = np.dtype(w.dtype)
   int_dtype = np.dtype(f"int{8 * dtype.itemsize}")
   sign_bit = np.asarray(np.iinfo(int_dtype).min, int_dtype)
@@ -241,10 +264,71 @@ def bounded_multiplicative_update(
   return lax.select(lax.eq(target, abs_w), lax.full_like(delta, zero), signed)
 
 
+@_bounded_multiplicative_update.defjvp
+def _bounded_multiplicative_update_jvp(max_exponent, primals, tangents):
+  """The bits as the primal; the plain formula's derivative as the tangent."""
+
+  def plain(u, w, lr, bound):
+    delta = multiplicative_step.multiplicative_step_leaf(u, w, lr, max_exponent)
+    return bounded_update(delta, w, bound)
+
+  _, tangent = jax.jvp(plain, primals, tangents)
+  return _bounded_multiplicative_update(*primals, max_exponent), tangent
+
+
+ZERO_LEAVES_MESSAGE = "all-zero parameter leaves at init"
+
+
+def warn_on_zero_leaves(params: Any, transform: str) -> None:
+  """Warns once, naming the parameter leaves that are all zero.
+
+  A multiplicative update never moves a zero weight, so such a leaf (a Flax
+  model's default bias) would silently never train. Only when run eagerly:
+  under ``jax.jit`` or ``jax.eval_shape`` the values are not known and
+  nothing is checked. Empty leaves and ``optax.MaskedNode`` leaves (another
+  transform's) are skipped. The check is one reduction per leaf and one
+  transfer of a boolean per leaf to the host.
+  """
+  paths, leaves = [], []
+  for path, p in jax.tree_util.tree_leaves_with_path(
+    params, is_leaf=tree_utils.is_masked
+  ):
+    if tree_utils.is_masked(p) or p is None:
+      continue
+    if isinstance(p, jax.core.Tracer):
+      return  # traced: values unknown
+    p = jnp.asarray(p)
+    if p.size == 0 or not p.is_fully_addressable:
+      continue
+    paths.append(jax.tree_util.keystr(path))
+    leaves.append(p)
+  if not leaves:
+    return
+  # Concrete leaves inside a trace (closed over by a jitted function) are
+  # checked too, on their values rather than as traced operations.
+  with jax.ensure_compile_time_eval():
+    zero = np.asarray(jnp.stack([jnp.all(p == 0) for p in leaves]))
+  named = [path or "<the parameter array>" for path, z in zip(paths, zero) if z]
+  if not named:
+    return
+  warnings.warn(
+    f"{transform}: {ZERO_LEAVES_MESSAGE} {', '.join(named)}: a "
+    "multiplicative update never moves a zero weight, so these leaves will "
+    "never train. Route them to an additive optimizer with "
+    "madam_optax.with_additive_fallback(params, madam_optax.madam()), or "
+    "initialise them away from zero. To silence this, pass "
+    "warn_zero_leaves=False, or filter it: warnings.filterwarnings("
+    f"'ignore', message='.*{ZERO_LEAVES_MESSAGE}').",
+    UserWarning,
+    stacklevel=3,
+  )
+
+
 def clip_weight_magnitude(
   p_scale: float = 3.0,
   *,
   max_magnitude: float | None = None,
+  warn_zero_leaves: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Keeps every weight within a per-tensor magnitude bound.
 
@@ -275,6 +359,13 @@ def clip_weight_magnitude(
       paper used 3 for CIFAR-10, ImageNet and the GAN, 1 for CIFAR-100, 2 for
       the Transformer).
     max_magnitude: a fixed bound used for every tensor instead (optional).
+    warn_zero_leaves: at ``init``, when run eagerly (not under ``jax.jit``
+      or ``jax.eval_shape``), warn once (a ``UserWarning``) naming the
+      parameter leaves that are all zero, which a multiplicative update
+      never moves, and the fix (:func:`madam_optax.with_additive_fallback`).
+      ``False`` silences it; so does a standard filter,
+      ``warnings.filterwarnings('ignore', message='.*all-zero parameter
+      leaves at init')``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` requires ``params``.
@@ -304,6 +395,8 @@ def clip_weight_magnitude(
 
   def init_fn(params):
     validation.check_float_leaves(params, "clip_weight_magnitude")
+    if validation.concrete_value(warn_zero_leaves) != 0.0:
+      warn_on_zero_leaves(params, "madam (clip_weight_magnitude)")
     if max_magnitude is None:
       bounds = initial_max_magnitude(params, p_scale)
     else:
