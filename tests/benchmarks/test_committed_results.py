@@ -27,6 +27,8 @@ SCRIPTS = {
   "step_time_b1_cpu": "step_time",
   "step_time_cpu": "step_time",
   "step_time_floor_cpu": "step_time",
+  "step_time_grad_cpu": "step_time",
+  "step_time_grad_cpu_before": "step_time",
   "step_time_levers_cpu": "step_time",
 }
 
