@@ -95,8 +95,8 @@ def absolute(directory: str | os.PathLike) -> str:
   the user gave.
 
   Example:
-    >>> absolute('/tmp/ckpt/../ckpt')
-    '/tmp/ckpt'
+    >>> absolute('/data/runs/../ckpt')
+    '/data/ckpt'
   """
   return os.path.abspath(os.fspath(directory))
 
