@@ -73,18 +73,8 @@ def encode_recipe(
   may be traced. Returns ``(codes, max_magnitudes)``, ``None`` scales where
   a leaf stays float.
   """
-  labels = madam_optax.madam_labels(reference)
-
-  def leaf(p, label):
-    if label != "multiplicative":
-      return p, None
-    return madam_optax.lns_encode(p, fmt, p_scale=p_scale)
-
-  pairs = jax.tree.map(leaf, params, labels)
-  is_pair = lambda x: isinstance(x, tuple)
-  return (
-    jax.tree.map(lambda x: x[0], pairs, is_leaf=is_pair),
-    jax.tree.map(lambda x: x[1], pairs, is_leaf=is_pair),
+  return step_lib.encode_lns(
+    params, reference, fmt, p_scale=p_scale, labels=madam_optax.madam_labels
   )
 
 

@@ -64,6 +64,7 @@ def encode_lns(
   fmt: madam_optax.LNSFormat,
   *,
   p_scale: float = 3.0,
+  labels: Callable[[Any], Any] = madam_optax.multiplicative_labels,
 ) -> tuple[Any, Any]:
   """LNS codes of the leaves Madam can move; the others stay float.
 
@@ -77,19 +78,20 @@ def encode_lns(
     reference: concrete parameters of the same structure (any seed).
     fmt: the codes' format.
     p_scale: each tensor's scale as a multiple of its RMS (SPEC step 1).
+    labels: ``reference -> labels`` (``"multiplicative"`` leaves are
+      encoded); ``madam_optax.madam_labels`` for the Transformer recipe.
 
   Returns:
     ``(codes, max_magnitudes)``: integer codes where encoded, and each
     tensor's scale ``p_scale * RMS(w0)`` there (``None`` elsewhere).
   """
-  labels = madam_optax.multiplicative_labels(reference)
 
   def leaf(p, label):
     if label != "multiplicative":
       return p, None
     return madam_optax.lns_encode(p, fmt, p_scale=p_scale)
 
-  pairs = jax.tree.map(leaf, params, labels)
+  pairs = jax.tree.map(leaf, params, labels(reference))
   is_pair = lambda x: isinstance(x, tuple)
   return (
     jax.tree.map(lambda x: x[0], pairs, is_leaf=is_pair),
