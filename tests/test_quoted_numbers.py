@@ -185,6 +185,28 @@ def recipe_gap() -> str:
   return f"({a} % at {n} steps, {b} % at {m} against Adam's best"
 
 
+@quote("docs/zero_and_sign.md")
+def recipe_page_gaps() -> str:
+  """The zero-and-sign page's gaps: Madam, the recipe and the recipe + b1."""
+  cells = results("lr_sweep")["cells"]
+  best = lambda c: np.nanmin(np.mean(c["values"], axis=1))
+
+  def gap(budget, arm):
+    adam = best(cells[f"transformer/{budget}/step/adam"])
+    return 100 * (best(cells[f"transformer/{budget}/step/{arm}/p2"]) / adam - 1)
+
+  steps = [cells[f"transformer/{b}/step/adam"]["steps"] for b in ("x4", "x16")]
+  return (
+    f"ends {gap('x4', 'madam'):.0f} % ({steps[0]:,} steps) to "
+    f"{gap('x16', 'madam'):.0f} % ({steps[1]:,} steps) behind a tuned Adam"
+  ), (
+    f"the recipe came within {gap('x4', 'recipe'):.1f} % of the best-tuned "
+    f"Adam at {steps[0]:,} steps ({gap('x4', 'recipe_b1'):+.1f} % with "
+    f"`b1=0.9`) and within {gap('x16', 'recipe'):.1f} % "
+    f"({gap('x16', 'recipe_b1'):.1f} %) at {steps[1]:,}"
+  )
+
+
 def _step_memory_row(config: str, stem: str = "step_memory") -> dict:
   (model,) = results(stem)["results"].values()
   for row in model["rows"]:
@@ -365,6 +387,53 @@ def multiprocess_loss() -> str:
     f"{', '.join(map(str, procs[:-1]))} and {procs[-1]} processes end at the "
     f"same validation loss, {losses.pop()}"
   )
+
+
+@quote("docs/distributed.md")
+def multiprocess_table() -> str:
+  lines = [
+    "| processes x devices | params + optimizer state / device (KiB) | "
+    "train step ms, median | collectives in the train step | collectives in "
+    "the optimizer update | final valid loss |",
+    "|---|---|---|---|---|---|",
+  ]
+  for r in results("multiprocess_cpu")["rows"]:
+    kib = (r["param_bytes_per_device"] + r["opt_state_bytes_per_device"]) / 1024
+    train = ", ".join(r["collectives_train_step"]) or "none"
+    update = ", ".join(r["collectives_optimizer_update"]) or "none"
+    lines.append(
+      f"| {r['processes']} x {r['devices_per_process']} | {kib:.1f} | "
+      f"{r['step_time_ms']['median']:.1f} | {train} | {update} | "
+      f"{r['final_valid_loss']:.6f} |"
+    )
+  n = results("multiprocess_cpu")["rows"][0]["parameters"]
+  return f"{n:,} parameters", "\n".join(lines)
+
+
+@quote("docs/distributed.md")
+def scaling_table() -> str:
+  lines = [
+    "| devices | layout | params / device (KiB) | optimizer state / device "
+    "(KiB) | collectives in the optimizer update |",
+    "|---|---|---|---|---|",
+  ]
+  for r in results("scaling_cpu")["rows"]:
+    n = r["devices"]
+    if n == 1:
+      layout = "-"
+    elif r["layout"] == "fsdp":
+      layout = f"fsdp={n}"
+    elif n == 8:
+      layout = f"data={n} (replicated)"
+    else:  # the page shows one replicated layout, the largest
+      continue
+    update = ", ".join(r["collectives_optimizer_update"]) or "none"
+    lines.append(
+      f"| {n} | {layout} | {r['param_bytes_per_device'] / 1024:.1f} | "
+      f"{r['opt_state_bytes_per_device'] / 1024:.1f} | {update} |"
+    )
+  n = results("scaling_cpu")["rows"][0]["parameters"]
+  return f"{n:,} parameters", "\n".join(lines)
 
 
 MODEL_TREES = ("mlp", "resnet50", "gpt2_small")
