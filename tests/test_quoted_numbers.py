@@ -273,6 +273,124 @@ def int8_bytes() -> str:
   )
 
 
+# ------------------------------------------------------ docs/lns.md's figures
+
+
+def _bits_row(model: str, method: str, **match) -> dict:
+  for row in results("lns_bits")["results"][model]["rows"]:
+    if row["method"] == method and all(row[k] == v for k, v in match.items()):
+      return row
+  raise KeyError((model, method, match))
+
+
+@quote("docs/lns.md")
+def lns_bits_table() -> str:
+  res = results("lns_bits")["results"]
+  lines = [
+    "| digits | float Madam | smallest width within 0.5 points: LNS-Madam "
+    "stochastic | LNS-Madam nearest |",
+    "|---|---:|---:|---:|",
+  ]
+  for model, name in (("mlp", "MLP"), ("cnn", "CNN")):
+    madam = res[model]["float"]["madam"]
+    small = res[model]["smallest_bits"]
+    stoch = _bits_row(model, "lns_madam_stoch", bits=small["lns_madam_stoch"])
+    near = _bits_row(model, "lns_madam_det", bits=small["lns_madam_det"])
+    lines.append(
+      f"| {name} | {madam['mean']:.2f} +- {madam['std']:.2f} | "
+      f"{stoch['bits']} exponent bits + sign = {stoch['bits'] + 1} bits "
+      f"({stoch['mean']:.2f}) | {near['bits']} + sign = {near['bits'] + 1} "
+      f"bits ({near['mean']:.2f}) |"
+    )
+  at127 = {
+    m: [_bits_row(k, m, levels=127)["mean"] for k in ("mlp", "cnn")]
+    for m in ("lns_madam_stoch", "adam_proj", "sgd_proj")
+  }
+  return "\n".join(lines), (
+    "At 127 levels (`int8` codes) stochastic LNS-Madam reaches "
+    f"{at127['lns_madam_stoch'][0]:.2f} (MLP) and "
+    f"{at127['lns_madam_stoch'][1]:.2f} (CNN); Adam projected onto the same "
+    f"grid gets {at127['adam_proj'][0]:.2f} and {at127['adam_proj'][1]:.2f}, "
+    f"SGD {at127['sgd_proj'][0]:.2f} and {at127['sgd_proj'][1]:.2f}."
+  )
+
+
+@quote("docs/lns.md")
+def lns_memory_table() -> str:
+  model = "MLP 784-1024-1024-1024-10"
+  n = results("lns_memory")["results"][model]["parameters"]
+  names = (
+    (
+      "lns_madam int8 + bf16 v",
+      "`lns_madam`, int8 codes, bfloat16 second moment",
+    ),
+    (
+      "lns_madam int8 + fp32 v",
+      "`lns_madam`, int8 codes, float32 second moment",
+    ),
+    (
+      "lns_madam int16 + fp32 v",
+      "`lns_madam`, int16 codes, float32 second moment",
+    ),
+    ("madam fp32", "`madam`, float32"),
+    ("adam fp32", "`optax.adam`, float32"),
+  )
+  lines = [
+    "| configuration | bytes/param | per weight-matrix element |",
+    "|---|---:|---:|",
+  ]
+  for config, name in names:
+    row = _lns_memory_row(model, config)
+    lines.append(
+      f"| {name} | {row['bytes_per_param']:.3f} | "
+      f"{row['bytes_per_weight']:.2f} |"
+    )
+  return f"({n / 1e6:.1f}M parameters;", "\n".join(lines)
+
+
+@quote("docs/lns.md")
+def lns_factored_table() -> str:
+  model = "GPT-2 small (124M)"
+  rows = (
+    ("madam fp32", "`madam`, float32", "{:.3f}"),
+    ("madam fp32 + factored v", "`madam(factored=True)`, float32", "{:.3f}"),
+    ("lns_madam int8 + fp32 v", "`lns_madam`, int8 + float32 v", "{:.3f}"),
+    ("lns_madam int8 + bf16 v", "`lns_madam`, int8 + bfloat16 v", "{:.3f}"),
+    (
+      "lns_madam int8 + factored v",
+      "`lns_madam(factored=True)`, int8",
+      "**{:.3f}**",
+    ),
+  )
+  adam = _lns_memory_row(model, "adam fp32")["bytes_per_param"]
+  lines = [f"| Adam, float32 | 12 | measured (GPT-2 small: {adam:.3f}) |"]
+  for config, name, fmt in rows:
+    value = fmt.format(_lns_memory_row(model, config)["bytes_per_param"])
+    lines.append(f"| {name} | {value} | measured, GPT-2 small |")
+  return tuple(lines)
+
+
+@quote("docs/lns.md")
+def lns_factored_accuracy() -> str:
+  data = results("factored_accuracy")
+  res = data["results"]
+
+  def means(task):
+    c = res[task]["configs"]
+    keys = ("madam", "madam factored", "lns int8 factored")
+    return [c[k]["mean"] for k in keys]
+
+  mlp, cnn, lm = means("digits MLP"), means("digits CNN"), means("Transformer")
+  return (
+    f"digits MLP ({res['digits MLP']['steps']} steps) Madam {mlp[0]:.2f} %, "
+    f"Madam factored {mlp[1]:.2f} %, int8 LNS factored {mlp[2]:.2f} %; "
+    f"digits CNN ({res['digits CNN']['steps']} steps) {cnn[0]:.2f} %, "
+    f"{cnn[1]:.2f} %, {cnn[2]:.2f} %; character Transformer "
+    f"({res['Transformer']['steps']} steps) perplexity {lm[0]:.2f}, "
+    f"{lm[1]:.2f}, {lm[2]:.2f} ({100 * (lm[2] / lm[0] - 1):+.1f} %)."
+  )
+
+
 # ------------------------------------------------- what the examples print
 
 
