@@ -797,6 +797,21 @@ def performance_compile() -> str:
 
 
 @quote("docs/performance.md")
+def performance_magnitude_lever() -> str:
+  stem = "step_time_levers_cpu"
+  pairs = [
+    f"{TREE_NAMES[t['tree']]} "
+    f"{_x(t['tree'], 'madam_parts_bound', stem=stem):.2f} -> "
+    f"{_x(t['tree'], 'madam', stem=stem):.2f}"
+    for t in results(stem)["trees"]
+  ]
+  return (
+    "measured side by side (`madam_parts_bound`, `step_time_levers_cpu.md`): "
+    + ", ".join(pairs)
+  )
+
+
+@quote("docs/performance.md")
 def performance_holds() -> str:
   state = _x("mlp", "madam", "state_full_bytes_per_param")
   bf16 = _x("mlp", "madam_bf16", "state_full_bytes_per_param")
