@@ -434,25 +434,60 @@ def measure(name: str, s: Shape) -> dict:
 
 
 def largest_depth(name: str, s: Shape, budget: float, log) -> dict:
-  """The most blocks whose step needs at most ``budget`` bytes (bisection).
+  """The most blocks whose step needs at most ``budget`` bytes.
 
-  The step's bytes grow linearly with the depth, so two compiles (depths 1
-  and 2) predict it; the prediction is then checked by compiling there.
+  Beyond a couple of blocks the step's bytes grow linearly with the depth
+  (one block more of weights, state and, unscanned, activations), so the
+  compiles at 2 and 4 blocks predict the answer; a scanned step at 1 block
+  can need more than at 2 (XLA unrolls a scan of length 1), so depth 1 is
+  not used for the prediction. The prediction is then checked by compiling
+  around it, and a bisection between a depth that fits and one that does
+  not settles the rest, so a wrong prediction costs compiles, not the answer.
   """
-  one, two = (measure(name, s._replace(depth=k))["whole_step"] for k in (1, 2))
-  per_block = two - one
-  depth = max(0, int((budget - one) // per_block) + 1)
-  while depth > 0:
-    row = measure(name, s._replace(depth=depth))
-    log(f"  {name}: {depth} blocks need {row['whole_step'] / 2**30:.2f} GiB")
-    if row["whole_step"] <= budget:
-      above = measure(name, s._replace(depth=depth + 1))
-      if above["whole_step"] > budget:
-        return dict(row, depth=depth, next_whole_step=above["whole_step"])
-      depth += 1
+  rows: dict[int, dict] = {}
+
+  def fits(depth: int) -> bool:
+    if depth not in rows:
+      rows[depth] = measure(name, s._replace(depth=depth))
+      gib = rows[depth]["whole_step"] / 2**30
+      log(f"  {name}: {depth} blocks need {gib:.2f} GiB")
+    return rows[depth]["whole_step"] <= budget
+
+  if not fits(1):
+    return dict(rows[1], config=name, depth=0, next_whole_step=None)
+  lo, hi = 1, None  # lo fits; hi, once known, does not
+  if fits(2):
+    lo = 2
+    fits(4)
+    per_block = (rows[4]["whole_step"] - rows[2]["whole_step"]) / 2
+    guess = (
+      2
+      if per_block <= 0
+      else 2 + int((budget - rows[2]["whole_step"]) // per_block)
+    )
+    guess = max(guess, 2)
+    for depth in (4, guess, guess + 1):
+      if fits(depth):
+        lo = max(lo, depth)
+      elif hi is None or depth < hi:
+        hi = depth
+    while hi is None:  # the prediction was low: double until one fails
+      if fits(2 * lo):
+        lo = 2 * lo
+      else:
+        hi = 2 * lo
+  else:
+    hi = 2
+  over = [d for d in rows if d > lo and rows[d]["whole_step"] > budget]
+  hi = min(over) if over else lo + 1
+  fits(hi)
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    if fits(mid):
+      lo = mid
     else:
-      depth -= 1
-  return dict(config=name, depth=0)
+      hi = mid
+  return dict(rows[lo], depth=lo, next_whole_step=rows[hi]["whole_step"])
 
 
 def encode_stacked(spec: dict, seed: int = 0) -> tuple[dict, dict]:

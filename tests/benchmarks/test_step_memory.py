@@ -88,3 +88,34 @@ def test_quick_main_writes_the_whole_step(step_memory, harness, tmp_path):
   md = (tmp_path / "step_memory.md").read_text()
   assert f"| **{RECOMMENDED}** |" in md
   assert data["results"] == json.loads(json.dumps(results["results"]))
+
+
+@pytest.mark.parametrize(
+  "bytes_at, budget, depth",
+  [
+    # A scanned step can need more at 1 block than at 2 (the bug that gave
+    # the int8 path 0 blocks): beyond that, linear.
+    (lambda d: 250 if d == 1 else 190 + 10 * d, 1000, 81),
+    (lambda d: 1000 + 100 * d, 1650, 6),  # linear from the start
+    (lambda d: 1000 + 100 * d, 1000, 0),  # not even one block fits
+    (lambda d: 1000 + 100 * d, 1100, 1),
+    (lambda d: 5 * d * d, 2000, 20),  # faster than linear: bisection
+    (lambda d: 100 + int(d**0.5), 130, 960),  # slower than linear: doubling
+  ],
+)
+def test_largest_depth_finds_the_most_blocks_that_fit(
+  step_memory, monkeypatch, bytes_at, budget, depth
+):
+  calls = []
+
+  def measure(name, shape):
+    calls.append(shape.depth)
+    return dict(config=name, whole_step=bytes_at(shape.depth))
+
+  monkeypatch.setattr(step_memory, "measure", measure)
+  row = step_memory.largest_depth("x", step_memory.Shape(), budget, print)
+  assert row["depth"] == depth
+  if depth:
+    assert bytes_at(depth) <= budget < row["next_whole_step"]
+    assert row["next_whole_step"] == bytes_at(depth + 1)
+  assert len(calls) == len(set(calls)) <= 30  # each depth compiled once
