@@ -454,7 +454,13 @@ def largest_depth(name: str, s: Shape, budget: float, log) -> dict:
     return rows[depth]["whole_step"] <= budget
 
   if not fits(1):
-    return dict(rows[1], config=name, depth=0, next_whole_step=None)
+    return dict(
+      config=name,
+      depth=0,
+      parameters=0,
+      whole_step=0,
+      next_whole_step=rows[1]["whole_step"],
+    )
   lo, hi = 1, None  # lo fits; hi, once known, does not
   if fits(2):
     lo = 2
@@ -570,6 +576,105 @@ def real_run(s: Shape, steps: int, log) -> dict:
   )
 
 
+# ------------------------------------- the same training result as today
+
+TRAIN_SHAPE = Shape(depth=2, width=64, vocab=96, seq=32, batch=16)
+TRAIN_PATHS = {
+  "lns factored (today's step)": "lns factored",
+  RECOMMENDED: RECOMMENDED,
+}
+
+
+def _text_batches(ids, s: Shape, n: int, seed: int) -> list[jax.Array]:
+  rng = np.random.default_rng(seed)
+  starts = rng.integers(0, len(ids) - s.seq - 1, (n, s.batch))
+  return [
+    jnp.asarray(np.stack([ids[i : i + s.seq + 1] for i in row]), jnp.int32)
+    for row in starts
+  ]
+
+
+def training_comparison(
+  steps: int,
+  seeds=(0, 1, 2),
+  s: Shape = TRAIN_SHAPE,
+  learning_rate: float = 0.05,
+  log=print,
+) -> dict:
+  """Validation perplexity of a small decoder trained by each path.
+
+  Python's own docstrings (``madam_examples.data``, 90 % to train, the rest
+  to validate; 96 characters), ``steps`` steps of ``lns_madam(int8,
+  factored=True)`` at ``learning_rate`` on every seed: today's int8 step
+  (whole vocabulary matrices, ``lns_value_and_grad`` of the unrolled
+  model) and the recommended layer-at-a-time step. Each path's step is
+  compiled once and trains every seed.
+  """
+  from madam_examples import data  # pylint: disable=import-outside-toplevel
+
+  ids = data.encode_text(data.stdlib_docstring_corpus(max_chars=300_000))
+  cut = int(0.9 * len(ids))
+  valid = _text_batches(ids[cut:], s, 8, 12345)
+
+  def make():
+    return madam_optax.lns_madam(
+      INT8, learning_rate=learning_rate, factored=True
+    )
+
+  rows = []
+  for label, name in TRAIN_PATHS.items():
+    if CONFIGS[name][0] == "layered":
+      spec = layered_spec(s)
+      txs = layered_txs(spec, make)
+      step = lns_layers.train_step(MODEL, txs, INT8, compute_dtype=BF16)
+      evaluate = lns_layers.loss_of_weights(MODEL)
+
+      def start(seed, spec=spec, txs=txs):
+        codes, scales = encode_stacked(spec, seed)
+        return codes, lns_layers.init(txs, codes), scales
+    else:
+      spec = flat_spec(s)
+      tx = with_fallback(spec, make())
+      step = lns_step(tx)
+      evaluate = unrolled_loss
+
+      def start(seed, spec=spec, tx=tx):
+        codes, scales = madam_optax.lns_encode_tree(
+          init_params(spec, seed), INT8
+        )
+        return codes, tx.init(codes), scales
+
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+    valid_loss = jax.jit(
+      lambda c, m, b, evaluate=evaluate: evaluate(
+        madam_optax.lns_decode_tree(c, m, INT8), b
+      )
+    )
+    perplexities = []
+    for seed in seeds:
+      codes, state, scales = start(seed)
+      for batch in _text_batches(ids[:cut], s, steps, seed):
+        codes, state, _ = jitted(codes, state, scales, batch)
+      losses = [float(valid_loss(codes, scales, b)) for b in valid]
+      perplexities.append(float(np.exp(np.mean(losses))))
+      log(f"  {label}, seed {seed}: perplexity {perplexities[-1]:.3f}")
+    rows.append(
+      dict(
+        path=label,
+        perplexity=perplexities,
+        mean=float(np.mean(perplexities)),
+        std=float(np.std(perplexities)),
+      )
+    )
+  return dict(
+    shape=s._asdict(),
+    steps=steps,
+    seeds=list(seeds),
+    learning_rate=learning_rate,
+    rows=rows,
+  )
+
+
 # ------------------------------------------------------------- the report
 
 SHAPES = {
@@ -654,6 +759,27 @@ def markdown_body(results: dict) -> str:
         f" seconds per step {', '.join(str(x) for x in run['step_seconds'])}.",
       ]
     lines.append("")
+  training = results.get("training")
+  if training:
+    sh = training["shape"]
+    lines += [
+      "## The same training result as today's step",
+      "",
+      f"A {sh['depth']}-block decoder (width {sh['width']}, the 96 "
+      f"characters of Python's docstrings, sequence {sh['seq']}, batch "
+      f"{sh['batch']}), {training['steps']} steps of `lns_madam(int8, "
+      f"factored=True)` at {training['learning_rate']:g}; validation "
+      f"perplexity, seeds {', '.join(map(str, training['seeds']))}.",
+      "",
+      "| step | perplexity per seed | mean | std |",
+      "|---|---|---:|---:|",
+    ]
+    for r in training["rows"]:
+      lines.append(
+        f"| {r['path']} | {', '.join(f'{x:.3f}' for x in r['perplexity'])}"
+        f" | {r['mean']:.3f} | {r['std']:.3f} |"
+      )
+    lines.append("")
   return "\n".join(lines)
 
 
@@ -679,6 +805,13 @@ def parse_args(argv=None):
   )
   parser.add_argument(
     "--no-table", action="store_true", help="only the budget (no tables)"
+  )
+  parser.add_argument(
+    "--train-steps",
+    type=int,
+    default=0,
+    help="also train a small decoder this many steps by today's int8 step "
+    "and the recommended one, 3 seeds, and compare validation perplexity",
   )
   parser.add_argument(
     "--configs",
@@ -737,6 +870,8 @@ def main(argv=None, log=harness.progress) -> dict:
       log(f"running {args.run_steps} steps at {depth} blocks ...")
       budget["run"] = real_run(base._replace(depth=depth), args.run_steps, log)
     results["budget"] = budget
+  if args.train_steps:
+    results["training"] = training_comparison(args.train_steps, log=log)
   harness.write_results(args.out, args.name, results, REPORT, log)
   return results
 

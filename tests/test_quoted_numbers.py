@@ -229,6 +229,41 @@ def whole_step_bytes() -> str:
   )
 
 
+@quote("docs/lns.md")
+def whole_step_table() -> str:
+  names = (
+    ("adam", "`optax.adam`, float32"),
+    ("madam factored", "`madam(factored=True)`, float32"),
+    ("lns bf16 v", "`lns_madam(fmt, state_dtype=jnp.bfloat16)`, int8"),
+    (
+      "lns factored",
+      "`lns_madam(fmt, factored=True)`, int8, `lns_value_and_grad`",
+    ),
+    (
+      "lns factored, scanned + release",
+      "the same, blocks scanned, each update as its gradient exists",
+    ),
+  )
+  lines = [
+    "| optimizer and step | whole step B/param | of which temporaries | at "
+    "rest B/param |",
+    "|---|---:|---:|---:|",
+  ]
+  for config, name in names:
+    r = _step_memory_row(config)
+    lines.append(
+      f"| {name} | {r['whole_per_param']:.2f} | "
+      f"{r['temporaries_per_param']:.2f} | {r['at_rest_per_param']:.3f} |"
+    )
+  r = _step_memory_row("lns factored, scanned + release + bf16 compute")
+  lines.append(
+    "| the same, bfloat16 compute (the recommended path) | "
+    f"**{r['whole_per_param']:.2f}** | {r['temporaries_per_param']:.2f} | "
+    f"{r['at_rest_per_param']:.3f} |"
+  )
+  return f"{r['parameters']:,} parameters", "\n".join(lines)
+
+
 # ------------------------------------------------------- memory and state
 
 
