@@ -499,9 +499,15 @@ def largest_depth(name: str, s: Shape, budget: float, log) -> dict:
 def encode_stacked(spec: dict, seed: int = 0) -> tuple[dict, dict]:
   """Codes and scales of fresh weights, one tensor made and encoded at a time.
 
-  A stacked part's tensors are encoded alone (a scale each) and stacked; its
-  scales are shaped ``(n, 1, ...)`` to broadcast against the codes.
+  A stacked part's tensors are encoded alone (a scale each) and written into
+  the part's stacked buffers in place (a donated update), so its codes never
+  exist twice; its scales are shaped ``(n, 1, ...)`` to broadcast against
+  the codes.
   """
+  put = jax.jit(
+    lambda buf, x, i: jax.tree.map(lambda b, v: b.at[i].set(v), buf, x),
+    donate_argnums=0,
+  )
   codes, scales = {}, {}
   for p, sub in spec.items():
     if p not in lns_layers.STACKED:
@@ -511,11 +517,17 @@ def encode_stacked(spec: dict, seed: int = 0) -> tuple[dict, dict]:
       continue
     n = jax.tree.leaves(sub, is_leaf=_is_spec)[0][1][0]
     one = _unstacked(sub)
-    parts = [
-      madam_optax.lns_encode_tree(init_params(one, seed + 1 + i), INT8)
-      for i in range(n)
-    ]
-    codes[p] = jax.tree.map(lambda *xs: jnp.stack(xs), *[q[0] for q in parts])
+    stacked, part_scales = None, []
+    for i in range(n):
+      c, m = madam_optax.lns_encode_tree(init_params(one, seed + 1 + i), INT8)
+      if stacked is None:
+        stacked = jax.tree.map(
+          lambda x, n=n: jnp.zeros((n,) + x.shape, x.dtype), c
+        )
+      stacked = put(stacked, c, i)
+      part_scales.append(m)
+      del c
+    codes[p] = stacked
     scales[p] = jax.tree.map(
       lambda c, *xs: (
         None
@@ -523,16 +535,39 @@ def encode_stacked(spec: dict, seed: int = 0) -> tuple[dict, dict]:
         else jnp.stack(xs).reshape((len(xs),) + (1,) * (c.ndim - 1))
       ),
       codes[p],
-      *[q[1] for q in parts],
+      *part_scales,
       is_leaf=lambda x: x is None,
     )
-    del parts
   return codes, scales
 
 
+def _status_gib(field: str) -> float | None:
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1]) / 2**20  # kB
+  except OSError:
+    pass
+  return None
+
+
 def peak_rss_gib() -> float:
-  """This process's peak resident memory so far (Linux: kB)."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  """This process's peak resident memory (``VmHWM``; else ``getrusage``)."""
+  peak = _status_gib("VmHWM")
+  if peak is None:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  return peak
+
+
+def reset_peak_rss() -> bool:
+  """Restarts ``VmHWM`` from the current resident memory (Linux 4.0+)."""
+  try:
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
 
 
 def real_run(s: Shape, steps: int, log) -> dict:
@@ -549,6 +584,9 @@ def real_run(s: Shape, steps: int, log) -> dict:
   state = lns_layers.init(txs, codes)
   rss_init = peak_rss_gib()
   log(f"  initialised: peak RSS {rss_init:.2f} GiB")
+  rss_ready = _status_gib("VmRSS")
+  # From here on the peak is the steps' own (where the OS allows a reset).
+  steps_only = reset_peak_rss()
   jitted = jax.jit(step, donate_argnums=(0, 1))
   rng = np.random.default_rng(0)
   losses, seconds = [], []
@@ -570,6 +608,8 @@ def real_run(s: Shape, steps: int, log) -> dict:
     peak_rss_gib_at_start=rss_start,
     peak_rss_gib_after_init=rss_init,
     peak_rss_gib=peak_rss_gib(),
+    peak_rss_is_the_steps_own=steps_only,
+    rss_gib_before_the_steps=rss_ready,
     code_dtypes=sorted(
       {str(x.dtype) for x in jax.tree.leaves(codes["layers"])}
     ),
@@ -748,15 +788,28 @@ def markdown_body(results: dict) -> str:
       )
     run = budget.get("run")
     if run:
+      during = (
+        "peak resident memory of the process during the steps"
+        if run.get("peak_rss_is_the_steps_own")
+        else "peak resident memory of the process (making the codes included)"
+      )
+      before = run.get("rss_gib_before_the_steps")
       lines += [
         "",
         f"Run: {run['steps']} steps of `{RECOMMENDED}` at {run['depth']} "
-        f"blocks ({run['parameters']:,} parameters, codes "
-        f"{', '.join(run['code_dtypes'])}): peak resident memory of the "
-        f"process {run['peak_rss_gib']:.2f} GiB ({run['peak_rss_gib_after_init']:.2f}"
-        f" GiB after making the codes and state; {run['peak_rss_gib_at_start']:.2f}"
-        f" GiB at start); losses {', '.join(f'{x:.3f}' for x in run['losses'])};"
-        f" seconds per step {', '.join(str(x) for x in run['step_seconds'])}.",
+        f"blocks ({run['parameters']:,} parameters; the blocks' leaves "
+        f"{', '.join(run['code_dtypes'])}): {during} "
+        f"{run['peak_rss_gib']:.2f} GiB"
+        + (
+          f" (resident before the first step {before:.2f} GiB"
+          if before is not None
+          else " ("
+        )
+        + f"; peak while making the codes and state "
+        f"{run['peak_rss_gib_after_init']:.2f} GiB; "
+        f"{run['peak_rss_gib_at_start']:.2f} GiB at start); losses "
+        f"{', '.join(f'{x:.3f}' for x in run['losses'])}; seconds per step "
+        f"{', '.join(str(x) for x in run['step_seconds'])}.",
       ]
     lines.append("")
   training = results.get("training")
