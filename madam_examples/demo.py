@@ -55,8 +55,11 @@ COMPARE = ("task", "optimizers", "lr", "schedule", "data", "checkpoint_dir")
 
 def _optimizer_names(text: str) -> list[str]:
   names = [o.strip() for o in text.split(",")]
-  if set(names) - set(LABELS):
-    raise argparse.ArgumentTypeError(f"expected some of madam,adam,sgd: {text}")
+  for o in set(names) - set(LABELS):
+    choices = ", ".join(LABELS)
+    raise argparse.ArgumentTypeError(
+      f"unknown optimizer {o!r}; choose from {choices}"
+    )
   return names
 
 
@@ -159,7 +162,6 @@ def _row(label: str, values, fmt: str = ">16.4g") -> str:
 
 def run_sweep(args: argparse.Namespace) -> None:
   """The default job: accuracy and loss against the learning rate."""
-
   task = tasks.build_task("mlp", quick=args.quick)
   steps = args.steps or (task.steps if args.quick else SWEEP_STEPS)
   seeds = list(range(args.seed, args.seed + args.seeds))
@@ -204,7 +206,6 @@ def run_sweep(args: argparse.Namespace) -> None:
 
 def run_compare(args: argparse.Namespace) -> None:
   """``--compare``: one run per optimizer, its curves over training."""
-
   task = tasks.build_task(
     args.task,
     data_path=args.data,
