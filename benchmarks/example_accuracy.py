@@ -162,9 +162,12 @@ def _body(results: dict[str, Any]) -> str:
 
 
 def _figure(results: dict[str, Any], plt):
+  del plt  # the sweep's figure is drawn without pyplot
   from madam_examples import demo  # pylint: disable=import-outside-toplevel
+  from madam_examples import sweep  # pylint: disable=import-outside-toplevel
 
-  return demo.sweep_figure(results["runs"]["madam-demo"]["record"], plt)
+  record = results["runs"]["madam-demo"]["record"]
+  return sweep.figure(record, demo.LABELS)
 
 
 REPORT = harness.Report(

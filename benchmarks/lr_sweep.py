@@ -60,10 +60,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import study_tasks as tasks_lib
 
 from madam_examples import loop
 from madam_examples import optimizers as optimizers_lib
-from madam_examples import tasks as tasks_lib
 
 LEARNING_RATES = (1.0, 0.1, 0.01, 0.001, 0.0001)
 # Metrics that span orders of magnitude: compared and drawn on a log scale.

@@ -1,34 +1,14 @@
-"""What the example command lines share: argument types and one-line errors.
+"""What the example commands share: argument types and one-line errors.
 
-Every example command (``madam-demo``, ``python -m madam_examples.X`` for
-``lns_digits``, ``sharded_train`` and ``equinox_mlp``) fails fast on careless
-input, in one line on stderr, ``PROG: error: WHAT``, with exit status 2 (as
-argparse's own errors), never a traceback:
-
-* a flag's value is checked as it is parsed (:func:`positive_int`,
-  :func:`positive_float`, :func:`nonnegative_int`, :func:`fraction`), and
-  every output is proven writable by creating it (:func:`output_dir`,
-  :func:`output_file`; also as root, to whom ``os.access`` says yes), before
-  any data is read or any function is compiled;
-* a bad data path or file raises :class:`InputError` as it is read, and
-  :func:`one_line_errors` turns that into the one line.
-
-``--quick`` means the same in every command: :data:`QUICK_STEPS` steps unless
-``--steps`` is given (:func:`add_quick_flag`, :func:`resolve_steps`).
-
-This module imports no JAX, so a bad flag fails before JAX loads.
-
-Example::
-
-  parser = cli.ArgumentParser(prog="python -m madam_examples.my_example")
-  parser.add_argument("--steps", type=cli.positive_int, default=None)
-  cli.add_quick_flag(parser)
-
-  @cli.one_line_errors(parser.prog)
-  def main(argv=None):
-    args = parser.parse_args(argv)
-    steps = cli.resolve_steps(args, default=1000)
-    ...
+Every example command fails fast on careless input with one line on stderr,
+``PROG: error: WHAT``, and exit status 2, never a traceback: flag values are
+checked as they are parsed (:func:`positive_int`, :func:`positive_float`,
+...), every output is proven writable by creating it (:func:`output_dir`,
+:func:`output_file`; also as root, to whom ``os.access`` says yes) before any
+training, and bad data raises :class:`InputError`, which
+:func:`one_line_errors` prints as that line. ``--quick`` means
+:data:`QUICK_STEPS` steps everywhere (:func:`add_quick_flag`). This module
+imports no JAX.
 """
 
 from __future__ import annotations

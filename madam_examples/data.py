@@ -38,77 +38,17 @@ CIFAR10_FIX = (
 
 # Standard-library modules whose docstrings make the built-in corpus. Fixed and
 # sorted so the corpus is the same on every run of a given Python version.
-STDLIB_CORPUS_MODULES = (
-  "argparse",
-  "ast",
-  "asyncio",
-  "base64",
-  "bisect",
-  "calendar",
-  "collections",
-  "contextlib",
-  "copy",
-  "csv",
-  "dataclasses",
-  "datetime",
-  "decimal",
-  "difflib",
-  "email",
-  "enum",
-  "fractions",
-  "ftplib",
-  "functools",
-  "getopt",
-  "gettext",
-  "glob",
-  "gzip",
-  "heapq",
-  "hmac",
-  "html",
-  "http.client",
-  "imaplib",
-  "inspect",
-  "ipaddress",
-  "json",
-  "locale",
-  "logging",
-  "mailbox",
-  "math",
-  "mimetypes",
-  "numbers",
-  "operator",
-  "optparse",
-  "os",
-  "pathlib",
-  "pickle",
-  "pprint",
-  "pydoc",
-  "queue",
-  "random",
-  "re",
-  "sched",
-  "shlex",
-  "shutil",
-  "smtplib",
-  "socket",
-  "statistics",
-  "string",
-  "subprocess",
-  "tarfile",
-  "tempfile",
-  "textwrap",
-  "threading",
-  "timeit",
-  "tokenize",
-  "trace",
-  "traceback",
-  "typing",
-  "unittest",
-  "urllib.parse",
-  "uuid",
-  "warnings",
-  "weakref",
-  "zipfile",
+STDLIB_CORPUS_MODULES = tuple(
+  """
+  argparse ast asyncio base64 bisect calendar collections contextlib copy
+  csv dataclasses datetime decimal difflib email enum fractions ftplib
+  functools getopt gettext glob gzip heapq hmac html http.client imaplib
+  inspect ipaddress json locale logging mailbox math mimetypes numbers
+  operator optparse os pathlib pickle pprint pydoc queue random re sched
+  shlex shutil smtplib socket statistics string subprocess tarfile tempfile
+  textwrap threading timeit tokenize trace traceback typing unittest
+  urllib.parse uuid warnings weakref zipfile
+  """.split()
 )
 
 
@@ -258,11 +198,6 @@ def encode_text(text: str, vocab: str = VOCAB) -> np.ndarray:
     table[ord(ch)] = i
   codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
   return table[codes]
-
-
-def decode_text(ids: Sequence[int], vocab: str = VOCAB) -> str:
-  """The inverse of :func:`encode_text` (up to unknown characters)."""
-  return "".join(vocab[int(i)] for i in ids)
 
 
 def stdlib_docstring_corpus(max_chars: int | None = None) -> str:

@@ -187,31 +187,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     description="Train an Equinox MLP on scikit-learn's digits with Madam "
     "(Adam for the zero-initialised LayerNorm offset).",
   )
-  parser.add_argument(
-    "--steps",
-    type=cli.positive_int,
-    default=None,
-    help=f"training steps (default {DEFAULT_STEPS}; {cli.QUICK_STEPS} with "
-    "--quick)",
-  )
-  parser.add_argument(
+  add = parser.add_argument
+  add("--steps", type=cli.positive_int, help=f"steps (default {DEFAULT_STEPS})")
+  add(
     "--lr",
     type=cli.positive_float,
     default=DEFAULT_LR,
-    help=f"Madam's learning rate (default {DEFAULT_LR})",
+    help="Madam's rate (0.01)",
   )
-  parser.add_argument(
-    "--batch-size",
-    type=cli.positive_int,
-    default=64,
-    help="images per step (default 64)",
+  add(
+    "--batch-size", type=cli.positive_int, default=64, help="batch (default 64)"
   )
-  parser.add_argument(
-    "--seed",
-    type=cli.nonnegative_int,
-    default=0,
-    help="seed of the weights and batches (default 0)",
-  )
+  add("--seed", type=cli.nonnegative_int, default=0, help="seed (default 0)")
   cli.add_quick_flag(parser)
   args = parser.parse_args(argv)
   args.steps = cli.resolve_steps(args, DEFAULT_STEPS)

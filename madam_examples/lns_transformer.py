@@ -31,7 +31,6 @@ Stern, "Adafactor", arXiv:1804.04235.
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -47,7 +46,6 @@ from madam_examples import tasks
 import madam_optax
 
 INT8 = madam_optax.LNSFormat.spanning(127)
-QUICK_STEPS = 20
 # The additive optimizers of the float leaves, by name: rate -> tx.
 ADDITIVE: dict[str, Callable[..., optax.GradientTransformation]] = {
   "adam": lambda lr, min_dim: optax.adam(lr),
@@ -182,60 +180,41 @@ def bytes_per_parameter(state: step_lib.TrainState) -> dict[str, float]:
   }
 
 
-def positive_int(text: str) -> int:
-  value = int(text)
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-  return value
+PROG = "python -m madam_examples.lns_transformer"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-    prog="python -m madam_examples.lns_transformer",
-    description=__doc__.split("\n\n")[0],
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-  )
-  parser.add_argument(
-    "--steps", type=positive_int, default=400, help="training steps"
-  )
-  parser.add_argument("--seed", type=int, default=0, help="random seed")
-  parser.add_argument(
-    "--lr",
-    type=cli.positive_float,
-    default=0.01,
-    help="Madam's peak learning rate (cosine decay to 0)",
-  )
-  parser.add_argument(
+  p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+  add = p.add_argument
+  add("--steps", type=cli.positive_int, help="training steps (default 400)")
+  add("--seed", type=cli.nonnegative_int, default=0, help="seed (default 0)")
+  add("--lr", type=cli.positive_float, default=0.01, help="Madam's rate (0.01)")
+  add(
     "--additive",
     choices=tuple(ADDITIVE),
     default="adam",
-    help="the optimizer of the float leaves (embeddings, head, norms, biases)",
+    help="the float leaves' optimizer (default adam)",
   )
-  parser.add_argument(
+  add(
     "--additive-lr",
     type=cli.positive_float,
+    help=f"its rate (default {madam_optax.ADDITIVE_LEARNING_RATE:g})",
     default=madam_optax.ADDITIVE_LEARNING_RATE,
-    help="its peak learning rate (cosine decay to 0)",
   )
-  parser.add_argument(
+  add(
     "--min-dim-size-to-factor",
-    type=positive_int,
+    type=cli.positive_int,
     default=8,
-    help="factor the matrices whose two largest "
-    "dimensions are at least this large",
+    help="factor matrices at least this large in two dimensions (default 8)",
   )
-  parser.add_argument(
-    "--quick",
-    action="store_true",
-    help=f"at most {QUICK_STEPS} steps on a short corpus (also MADAM_QUICK=1)",
-  )
-  args = parser.parse_args(argv)
-  args.quick = args.quick or os.environ.get("MADAM_QUICK") == "1"
-  if args.quick:
-    args.steps = min(args.steps, QUICK_STEPS)
+  cli.add_quick_flag(p)
+  args = p.parse_args(argv)
+  args.quick = cli.quick_requested(args)  # also a shorter corpus
+  args.steps = cli.resolve_steps(args, 400)
   return args
 
 
+@cli.one_line_errors(PROG)
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """Trains, prints the perplexity and bytes per parameter; returns them
   (and the final state under ``"state"``)."""

@@ -1,4 +1,4 @@
-"""Flax NNX models for the paper's four families (arXiv:2006.14560, Figure 1).
+"""Flax NNX models for three of the paper's families (arXiv:2006.14560, Figure 1).
 
 Small on purpose (they train on a 2-core CPU in seconds), but each has the
 structure that matters to a multiplicative optimizer: Flax's default
@@ -10,7 +10,6 @@ which the examples hand to an additive optimizer with
 * :class:`CNN`: a small convolutional classifier.
 * :class:`CharTransformer`: a causal Transformer character language model,
   optionally created sharded over a device mesh (:class:`Partitioning`).
-* :class:`Generator` / :class:`Discriminator`: an MLP GAN for small images.
 """
 
 from __future__ import annotations
@@ -232,42 +231,3 @@ class CharTransformer(nnx.Module):
     for block in self.blocks:
       x = block(x)
     return self.head(self.norm(x))
-
-
-class Generator(nnx.Module):
-  """Noise (N, latent) to images (N, H, W, C) in [-1, 1] through an MLP."""
-
-  def __init__(
-    self,
-    latent: int,
-    image_shape: Sequence[int],
-    hidden: int = 128,
-    *,
-    rngs: nnx.Rngs,
-  ):
-    self.image_shape = tuple(image_shape)
-    out = 1
-    for s in self.image_shape:
-      out *= s
-    self.fc1 = nnx.Linear(latent, hidden, rngs=rngs)
-    self.fc2 = nnx.Linear(hidden, hidden, rngs=rngs)
-    self.out = nnx.Linear(hidden, out, rngs=rngs)
-
-  def __call__(self, z: jax.Array) -> jax.Array:
-    h = jax.nn.leaky_relu(self.fc1(z), 0.2)
-    h = jax.nn.leaky_relu(self.fc2(h), 0.2)
-    return jnp.tanh(self.out(h)).reshape(z.shape[0], *self.image_shape)
-
-
-class Discriminator(nnx.Module):
-  """Images (N, ...) to one real-vs-fake logit each, through an MLP."""
-
-  def __init__(self, in_features: int, hidden: int = 128, *, rngs: nnx.Rngs):
-    self.fc1 = nnx.Linear(in_features, hidden, rngs=rngs)
-    self.fc2 = nnx.Linear(hidden, hidden, rngs=rngs)
-    self.out = nnx.Linear(hidden, 1, rngs=rngs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    h = jax.nn.leaky_relu(self.fc1(x.reshape(x.shape[0], -1)), 0.2)
-    h = jax.nn.leaky_relu(self.fc2(h), 0.2)
-    return self.out(h)[:, 0]

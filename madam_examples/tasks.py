@@ -3,10 +3,9 @@
 The paper's four families (arXiv:2006.14560, Figure 1), small enough for a
 2-core CPU: an MLP and a CNN classifying scikit-learn's digits (or the
 user's CIFAR-10), a causal Transformer character language model on the
-standard library's docstrings (or the user's text), and an MLP GAN on the
-digits, scored by a Fréchet distance in the features of a digits classifier
-(:mod:`madam_examples.gan_metric`). Each is a :class:`madam_examples.loop.Task`
-that :func:`madam_examples.loop.train` trains.
+standard library's docstrings (or the user's text). Each is a
+:class:`madam_examples.loop.Task` that :func:`madam_examples.loop.train`
+trains. (The study's fourth family, a GAN, is in ``benchmarks/study_tasks.py``.)
 
 Example::
 
@@ -16,7 +15,6 @@ Example::
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 from flax import nnx
@@ -26,15 +24,14 @@ import numpy as np
 import optax
 
 from madam_examples import data as data_lib
-from madam_examples import gan_metric
 from madam_examples import loop
 from madam_examples import models
 from madam_examples.cli import QUICK_STEPS
 from madam_examples.cli import InputError
 
-TASKS = ("mlp", "cnn", "transformer", "gan")
+TASKS = ("mlp", "cnn", "transformer")
 # Each task's training steps by default (quick: ``cli.QUICK_STEPS``).
-DEFAULT_STEPS = {"mlp": 600, "cnn": 300, "transformer": 400, "gan": 1000}
+DEFAULT_STEPS = {"mlp": 600, "cnn": 300, "transformer": 400}
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -203,130 +200,6 @@ def language_model_task(
   )
 
 
-def _digits_in_unit_range() -> data_lib.ImageData:
-  """The digits scaled to [-1, 1] (the generator's tanh range)."""
-  digits = data_lib.load_digits(standardise=False)
-  return digits._replace(
-    x_train=digits.x_train * 2 - 1, x_test=digits.x_test * 2 - 1
-  )
-
-
-@functools.lru_cache(maxsize=1)
-def digits_feature_reference(
-  steps: int = 600, seed: int = 0
-) -> gan_metric.FeatureReference:
-  """The GAN metric's feature classifier, trained once (cached).
-
-  An MLP 64-128-64-10 trained with Adam(1e-3), batch 128, on the digits'
-  training split in [-1, 1]; the real statistics use all 1797 digits.
-  """
-  digits = _digits_in_unit_range()
-  task = classification_task(
-    "digits_features",
-    "digits classifier for the GAN metric",
-    digits,
-    lambda r: models.MLP(64, (128, 64), 10, rngs=r),
-    batch_size=128,
-    steps=steps,
-    eval_every=steps,
-  )
-  state, history = loop.train(
-    task, "adam", 1e-3, seed=seed, schedule="constant"
-  )
-  real = np.concatenate([digits.x_train, digits.x_test])
-  return gan_metric.fit_reference(
-    task.graphdefs["model"],
-    state.params["model"],
-    real,
-    float(history["accuracy"][-1]) / 100.0,
-  )
-
-
-def gan_task(
-  *,
-  latent: int,
-  batch_size: int,
-  steps: int,
-  eval_every: int,
-  eval_samples: int = 1000,
-) -> loop.Task:
-  """An MLP GAN on the digits with non-saturating losses.
-
-  Metric: the Fréchet distance of ``eval_samples`` generated digits to the
-  real ones in the features of :func:`digits_feature_reference`.
-  """
-  digits = _digits_in_unit_range()
-  shape = digits.x_train.shape[1:]
-  g_def, g_init = _init_fn(lambda r: models.Generator(latent, shape, rngs=r))
-  d_def, d_init = _init_fn(
-    lambda r: models.Discriminator(int(np.prod(shape)), rngs=r)
-  )
-  ref = digits_feature_reference()
-  data = {
-    "real": jnp.asarray(digits.x_train),
-    "z_eval": jax.random.normal(jax.random.key(1234), (eval_samples, latent)),
-    "fd": {
-      "params": ref.params,
-      "mean": jnp.asarray(ref.real_mean),
-      "cov_sqrt": jnp.asarray(ref.real_cov_sqrt),
-      "cov_trace": jnp.asarray(ref.real_cov_trace),
-    },
-  }
-
-  def fake(weights, key):
-    z = jax.random.normal(key, (batch_size, latent))
-    return nnx.merge(g_def, weights["generator"])(z)
-
-  # Non-saturating GAN losses (Goodfellow et al. 2014).
-  def d_loss(weights, data, key):
-    k_real, k_fake = jax.random.split(key)
-    idx = jax.random.randint(k_real, (batch_size,), 0, data["real"].shape[0])
-    disc = nnx.merge(d_def, weights["discriminator"])
-    fakes = jax.lax.stop_gradient(fake(weights, k_fake))
-    return (
-      jax.nn.softplus(-disc(data["real"][idx])).mean()
-      + jax.nn.softplus(disc(fakes)).mean()
-    )
-
-  def g_loss(weights, data, key):
-    disc = nnx.merge(d_def, weights["discriminator"])
-    return jax.nn.softplus(-disc(fake(weights, key))).mean()
-
-  def evaluate(weights, data):
-    images = nnx.merge(g_def, weights["generator"])(data["z_eval"])
-    fd = data["fd"]  # the reference's arrays, passed in like all data
-    reference = ref._replace(
-      params=fd["params"],
-      real_mean=fd["mean"],
-      real_cov_sqrt=fd["cov_sqrt"],
-      real_cov_trace=fd["cov_trace"],
-    )
-    return {
-      "frechet_distance": gan_metric.reference_frechet_distance(
-        images, reference
-      )
-    }
-
-  def init(key):
-    kg, kd = jax.random.split(key)
-    return {"discriminator": d_init(kd), "generator": g_init(kg)}
-
-  return loop.Task(
-    "gan",
-    "MLP GAN on digits (Frechet distance, classifier features)",
-    "frechet_distance",
-    False,
-    3.0,
-    steps,
-    eval_every,
-    {"discriminator": d_def, "generator": g_def},
-    init,
-    {"discriminator": d_loss, "generator": g_loss},
-    evaluate,
-    data,
-  )
-
-
 def build_task(
   name: str,
   *,
@@ -341,7 +214,7 @@ def build_task(
   ``steps``) for more.
 
   Args:
-    name: ``"mlp"``, ``"cnn"``, ``"transformer"`` or ``"gan"``.
+    name: ``"mlp"``, ``"cnn"`` or ``"transformer"``.
     data_path: for ``mlp``/``cnn``, a CIFAR-10 python-pickle folder instead of
       the digits; for ``transformer``, a text file or a folder of ``.txt``
       files instead of the standard-library docstrings.
@@ -389,35 +262,25 @@ def build_task(
       steps=steps,
       eval_every=25,
     )
-  if name == "transformer":
-    source = None
-    if data_path:
-      text = data_lib.load_text_files(
-        data_path, max_unknown_fraction=max_unknown_fraction
-      )
-      source = (
-        f"{data_path} ({text.num_chars:,} characters, "
-        f"{text.unknown / text.num_chars:.1%} unknown, read as "
-        f"{data_lib.UNKNOWN_CHAR!r})"
-      )
-    else:
-      text = data_lib.load_stdlib_text(60_000 if quick else 400_000)
-    return language_model_task(
-      text,
-      context=32,
-      dim=32,
-      depth=2,
-      batch_size=16,
-      steps=steps,
-      eval_every=50,
-      source=source,
+  source = None
+  if data_path:
+    text = data_lib.load_text_files(
+      data_path, max_unknown_fraction=max_unknown_fraction
     )
-  if data_path:  # the gan
-    raise InputError("the gan task trains on the digits only; drop --data.")
-  return gan_task(
-    latent=16,
-    batch_size=64,
+    source = (
+      f"{data_path} ({text.num_chars:,} characters, "
+      f"{text.unknown / text.num_chars:.1%} unknown, read as "
+      f"{data_lib.UNKNOWN_CHAR!r})"
+    )
+  else:
+    text = data_lib.load_stdlib_text(60_000 if quick else 400_000)
+  return language_model_task(
+    text,
+    context=32,
+    dim=32,
+    depth=2,
+    batch_size=16,
     steps=steps,
-    eval_every=100,
-    eval_samples=300 if quick else 1000,
+    eval_every=50,
+    source=source,
   )

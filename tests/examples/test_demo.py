@@ -14,6 +14,7 @@ import pytest
 from madam_examples import checkpointing
 from madam_examples import demo
 from madam_examples import optimizers
+from madam_examples import sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -52,17 +53,18 @@ def test_quick_sweep_shows_every_rate_default_and_spread(tmp_path, capsys):
 
 def test_good_rates_and_their_spread():
   rates = [1e-3, 1e-2, 1e-1, 1.0]
-  assert demo.good_rates(rates, [97.2, 98.0, 97.0, 10.0], 1.0) == [
+  assert sweep.good_rates(rates, [97.2, 98.0, 97.0, 10.0], 1.0) == [
     1e-3,
     1e-2,
     1e-1,
   ]
-  assert demo.spread_decades([1e-3, 1e-1]) == pytest.approx(2.0)
-  assert demo.spread_decades([0.01]) == 0.0
-  s = demo.summarise_sweep(
+  assert sweep.spread_decades([1e-3, 1e-1]) == pytest.approx(2.0)
+  assert sweep.spread_decades([0.01]) == 0.0
+  s = sweep.summarise(
     rates,
     np.array([[97.0, 97.4], [98.0, 98.0], [90.0, 90.0], [10.0, 10.0]]),
     1e-2,
+    1.0,
   )
   assert s["best_rate"] == 1e-2 and s["good_rates"] == [1e-3, 1e-2]
   assert s["default_is_good"] and s["accuracy_at_default"] == 98.0
