@@ -30,6 +30,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from madam_examples import cli
+
 BARRIER_TIMEOUT_S = 600.0
 _PREFIX = "madam_examples"
 _COUNT = [0]
@@ -181,6 +183,23 @@ class _Deadline:
     self._timer.cancel()
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  """The flags :func:`initialise_runtime` reads."""
+  add = parser.add_argument
+  add("--simulate-devices", type=cli.positive_int, default=None,
+      help="split the host CPU into this many JAX devices (a mesh without "
+      "accelerators)")  # fmt: skip
+  add("--distributed", action="store_true",
+      help="call jax.distributed.initialize() (auto-detects Cloud TPU, "
+      "SLURM, Open MPI)")  # fmt: skip
+  add("--coordinator-address", default=None, help="host:port of process 0")
+  add("--num-processes", type=cli.positive_int, default=None)
+  add("--process-id", type=cli.nonnegative_int, default=None)
+  add("--initialization-timeout", type=cli.positive_int, default=300,
+      help="seconds to wait for every process at the coordinator (default "
+      "300)")  # fmt: skip
+
+
 def initialise_runtime(args: argparse.Namespace, prog: str) -> None:
   """Simulated CPU devices or the multi-host runtime: before any JAX use.
 
@@ -194,7 +213,7 @@ def initialise_runtime(args: argparse.Namespace, prog: str) -> None:
   if args.distributed or args.coordinator_address:
     if _cpu_platform(args):
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    timeout = getattr(args, "initialization_timeout", 300)
+    timeout = args.initialization_timeout
     who = (
       "this process"
       if args.process_id is None
