@@ -11,17 +11,12 @@ Recipe (what ``madam-demo --checkpoint-dir`` does)::
       ckpt.maybe_save(step + 1, state)
     ckpt.maybe_save(steps, state, force=True)
 
-Orbax's ``CheckpointManager`` does the saving: each step is written into a
-temporary folder, renamed when complete (a save cut short is never listed),
-kept up to ``max_to_keep``. On top of it: typed PRNG keys are stored as raw
-``uint32`` data and rewrapped; the saved ``config`` and tree are compared
-with the run's before any array is read; a complete step whose files were
-later lost or garbled is a :class:`DamagedCheckpointError`, and
-:func:`maybe_restore` falls back to the previous step leaving every file
-where it was (nothing is ever renamed, moved or deleted because it could not
-be read); each save first proves the folder writable. With several JAX
-processes, every process reaches the same verdict. Relative, absolute and
-symlinked folders behave the same. More: ``docs/checkpointing.md``.
+Orbax's ``CheckpointManager`` saves atomically (a save cut short is never
+listed), lists the complete steps and keeps ``max_to_keep``. Here: typed PRNG
+keys are stored as raw data; the saved ``config`` and tree are checked
+before any array is read; a damaged latest step is passed over (nothing is
+ever renamed, moved or deleted); each save first proves the folder writable;
+every JAX process reaches the same verdict. More: ``docs/checkpointing.md``.
 """
 
 from __future__ import annotations
@@ -131,13 +126,8 @@ def _rewrap_keys(target: Any, restored: Any) -> Any:
 
 
 def abstract_state(state: Any, shardings: Any = None) -> Any:
-  """The restore target for ``state``: ``jax.ShapeDtypeStruct``s with shardings.
-
-  Args:
-    state: a live training state (its shardings are kept) or a tree of
-      ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape(init, ...)``).
-    shardings: optional tree of shardings with the structure of ``state``,
-      to restore onto a mesh in another layout.
+  """The restore target for ``state`` (live, or ``jax.ShapeDtypeStruct``s):
+  shapes, dtypes and its shardings, or ``shardings`` for another layout.
 
   Example:
     >>> import jax.numpy as jnp
@@ -396,18 +386,10 @@ def save(
   max_to_keep: int | None = DEFAULT_MAX_TO_KEEP,
   config: dict[str, Any] | None = None,
 ) -> str:
-  """Saves ``state`` as checkpoint ``step`` of ``directory`` and waits for it.
+  """Saves ``state`` as checkpoint ``step`` of ``directory`` and waits.
 
-  Args:
-    directory: the checkpoint folder (created if needed).
-    step: the number of training steps ``state`` has done.
-    state: a pytree of arrays (params, optimizer state, PRNG keys...).
-    max_to_keep: how many newest steps to keep (``None``: all).
-    config: optional JSON-able dict of the run's settings, saved with the
-      step and checked by :func:`restore` when given one.
-
-  Returns:
-    The folder of the new checkpoint.
+  ``config``: an optional JSON-able dict of the run's settings, saved with
+  the step and checked by :func:`restore`. Returns the step's folder.
 
   Example:
     >>> import tempfile, jax.numpy as jnp, madam_optax
@@ -444,12 +426,8 @@ def restore(
   """Restores checkpoint ``step`` (default: the latest complete one) into
   ``target``'s shapes, dtypes and shardings.
 
-  Args:
-    directory: the checkpoint folder.
-    target: a live state or its :func:`abstract_state`.
-    step: the step to restore; ``None`` for the latest.
-    config: the run's settings; every setting differing from the saved
-      config is an error.
+  ``target`` is a live state or its :func:`abstract_state`; every setting
+  of ``config`` that differs from the saved one is an error.
 
   Raises:
     DamagedCheckpointError: a file of the step is missing or unreadable on
@@ -489,16 +467,9 @@ def maybe_restore(
   tried; its files stay where they are, and a later save of that step
   number is skipped. When no earlier step is left, the error is raised.
 
-  Args:
-    checkpoint_dir: the checkpoint folder; ``None`` or a folder without a
-      complete checkpoint means a fresh start.
-    target: the freshly initialised state (returned on a fresh start), or
-      its :func:`abstract_state` (then a fresh start is an error).
-    verbose: print where training resumes from, and any step passed over.
-    config: the run's settings, checked against the checkpoint's.
-
-  Returns:
-    ``(state, step)``: the restored state and its step, or ``(target, 0)``.
+  ``checkpoint_dir`` ``None`` or without a complete step: a fresh start,
+  ``(target, 0)`` (an abstract target is then an error); else ``(state,
+  step)``. ``verbose`` prints where training resumes from.
 
   Example:
     >>> import tempfile, jax.numpy as jnp
@@ -569,11 +540,7 @@ class Checkpointer:
   next save and :meth:`close` wait for it. Each save first proves the folder
   writable (:class:`CheckpointWriteError` at the save that meets it).
 
-  Args:
-    directory: the checkpoint folder (created if needed).
-    every: save at steps that are multiples of ``every``.
-    max_to_keep: how many newest steps to keep (``None``: all).
-    config: optional JSON-able dict of settings saved with every step.
+  Saves at multiples of ``every``; ``config`` is saved with every step.
 
   Example:
     >>> import tempfile, jax.numpy as jnp
