@@ -200,24 +200,21 @@ def check_compatible(saved_tree: Any, target: Any, where: str) -> None:
     "Resume with the configuration that wrote it, or use a new "
     "checkpoint folder."
   )
-  for name, leaf in wanted.items():
+  for name in [*wanted, *(n for n in saved if n not in wanted)]:
     if name not in saved:
-      raise ValueError(
-        f"{where} does not match the target state: the target's leaf "
-        f"'{name}' ({_signature(leaf)}) is not in the checkpoint. {hint}"
-      )
-    got, want = _signature(saved[name]), _signature(leaf)
-    if got != want:
-      raise ValueError(
-        f"{where} does not match the target state at '{name}': the "
-        f"checkpoint holds {got}, the target expects {want}. {hint}"
-      )
-  for name, leaf in saved.items():
-    if name not in wanted:
-      raise ValueError(
-        f"{where} does not match the target state: the checkpoint's leaf "
-        f"'{name}' ({_signature(leaf)}) is not in the target. {hint}"
-      )
+      problem = f"the target's leaf '{name}' ({_signature(wanted[name])})"
+      problem = f": {problem} is not in the checkpoint"
+    elif name not in wanted:
+      problem = f"the checkpoint's leaf '{name}' ({_signature(saved[name])})"
+      problem = f": {problem} is not in the target"
+    elif (got := _signature(saved[name])) != (want := _signature(wanted[name])):
+      problem = f" at '{name}': the checkpoint holds {got}, the target expects"
+      problem = f"{problem} {want}"
+    else:
+      continue
+    raise ValueError(
+      f"{where} does not match the target state{problem}. {hint}"
+    )
 
 
 def check_config(
@@ -497,18 +494,14 @@ def maybe_restore(
         "several hosts, put it on a file system they all share."
       )
   if not steps:
-    abstract = [
-      jax.tree_util.keystr(path)
-      for path, x in jax.tree_util.tree_flatten_with_path(target)[0]
-      if isinstance(x, jax.ShapeDtypeStruct)
-    ]
-    if abstract:
-      raise ValueError(
-        f"no complete checkpoint in {checkpoint_dir} to fill the abstract "
-        f"target (leaf {abstract[0]} is a jax.ShapeDtypeStruct); pass a "
-        "freshly initialised state to start from step 0 when there is no "
-        "checkpoint."
-      )
+    for path, x in jax.tree_util.tree_flatten_with_path(target)[0]:
+      if isinstance(x, jax.ShapeDtypeStruct):
+        raise ValueError(
+          f"no complete checkpoint in {checkpoint_dir} to fill the abstract "
+          f"target (leaf {jax.tree_util.keystr(path)} is a "
+          "jax.ShapeDtypeStruct); pass a freshly initialised state to start "
+          "from step 0 when there is no checkpoint."
+        )
     if verbose and checkpoint_dir is not None:
       print(f"No checkpoint in {checkpoint_dir}, starting from step 0")
     return target, 0
