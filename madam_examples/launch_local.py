@@ -1,30 +1,26 @@
 """Runs a multi-process JAX program on one machine, for development and tests.
 
-``jax.distributed`` joins one process per host into one runtime; on one
-machine several processes can do the same, each with its own CPU devices,
-their collectives going over Gloo on ``127.0.0.1``. That is the code path of
-a TPU pod or a GPU cluster, minus the hardware. This launcher starts ``-n``
-processes of a module (default :mod:`madam_examples.sharded_train`) with
-``--coordinator-address 127.0.0.1:PORT --num-processes N --process-id I``
-appended to the given arguments, on a free port::
+``jax.distributed`` joins one process per host into one runtime; here each
+process has its own CPU devices and their collectives go over Gloo on
+``127.0.0.1``: the code path of a TPU pod or a GPU cluster, minus the
+hardware. This starts ``-n`` processes of a module (default
+:mod:`madam_examples.sharded_train`) with ``--coordinator-address
+127.0.0.1:PORT --num-processes N --process-id I`` appended::
 
   python -m madam_examples.launch_local -n 2 -- --mesh data=2,fsdp=2 \\
       --simulate-devices 2 --steps 50
 
-It streams process 0's output (the others' goes to ``--log-dir``, or to a
-temporary folder whose path it prints), and when one process exits with an
-error or is killed, it stops every other process and exits with that
-status, printing one line that says which process failed and the last lines
-of its log. ``--timeout`` bounds the whole run; a process that never reaches
-the coordinator makes the others stop after the program's own
-``--initialization-timeout``. The children are killed when the launcher
-dies (Linux), so no process is left behind.
+Process 0's output is streamed, the others' goes to ``--log-dir`` (default:
+a new temporary folder). When one process fails, every other one is stopped,
+and one line names it, followed by the last lines of its log. ``--timeout``
+bounds the run; the children die with the launcher (Linux).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import os
 import signal
@@ -56,34 +52,6 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def process_command(
-  module: str,
-  args: Sequence[str],
-  address: str,
-  num_processes: int,
-  process_id: int,
-) -> list[str]:
-  """The command line of process ``process_id``.
-
-  Example:
-    >>> process_command("m", ["--steps", "5"], "127.0.0.1:1234", 2, 1)[1:]
-    ['-m', 'm', '--steps', '5', '--coordinator-address', '127.0.0.1:1234', \
-'--num-processes', '2', '--process-id', '1']
-  """
-  return [
-    sys.executable,
-    "-m",
-    module,
-    *args,
-    "--coordinator-address",
-    address,
-    "--num-processes",
-    str(num_processes),
-    "--process-id",
-    str(process_id),
-  ]
-
-
 # Runs ``python -m MODULE ARGS`` after asking Linux to kill this process when
 # the launcher dies (PR_SET_PDEATHSIG); done in the child itself, after exec,
 # not between fork and exec: the launcher may be a multithreaded program (a
@@ -102,11 +70,20 @@ runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
 
 
-def _dying_with_parent(command: list[str]) -> list[str]:
-  """``[python, -m, module, *args]`` run so that it dies with this process."""
-  python, flag, module, *args = command
-  assert flag == "-m", command
-  return [python, "-c", _BOOTSTRAP, str(os.getpid()), module, *args]
+def process_command(module: str, args: Sequence[str], address: str, n: int,
+                    i: int) -> list[str]:  # fmt: skip
+  """The command line of process ``i`` of ``n``, which dies with this one.
+
+  Example:
+    >>> process_command("m", ["--steps", "5"], "127.0.0.1:1234", 2, 1)[-9:]
+    ['m', '--steps', '5', '--coordinator-address', '127.0.0.1:1234', \
+'--num-processes', '2', '--process-id', '1']
+  """
+  flags = (
+    f"--coordinator-address {address} --num-processes {n} --process-id {i}"
+  )
+  bootstrap = [sys.executable, "-c", _BOOTSTRAP, str(os.getpid())]
+  return [*bootstrap, module, *args, *flags.split()]
 
 
 def describe_status(code: int) -> str:
@@ -124,38 +101,14 @@ def describe_status(code: int) -> str:
   return f"exit status {code}"
 
 
-def _tail(path: str, lines: int = 5) -> str:
-  try:
-    with open(path, encoding="utf-8", errors="replace") as f:
-      text = f.read().splitlines()
-  except OSError:
-    return ""
-  return "\n".join(text[-lines:])
-
-
 class LocalCluster:
   """``num_processes`` cooperating processes of ``module`` on this machine.
 
-  Use it as a context manager: leaving the block stops every process that
-  is still running (SIGTERM, then SIGKILL after a grace period).
-
-  Args:
-    num_processes: how many processes.
-    args: the module's arguments, shared by all processes (the coordinator
-      flags are appended).
-    module: the module to run with ``python -m``.
-    log_dir: where processes 1.. write their output (``process_<i>.log``);
-      default a new temporary folder.
-    stdout: where process 0 writes its output (default: the launcher's).
-    env: the processes' environment (default: the launcher's).
-    port: the coordinator's port on ``127.0.0.1`` (default: a free one).
-
-  Attributes:
-    processes: the ``subprocess.Popen`` of each process, in process order.
-    address: the coordinator's ``host:port``.
-    log_paths: each process's log file (``None`` for process 0).
-
-  Example (two processes of sharded_train, two CPU devices each)::
+  Leaving the ``with`` block stops every process still running (SIGTERM,
+  then SIGKILL after a grace period). ``args`` go to every process;
+  processes 1.. write to ``log_dir/process_<i>.log`` (``log_paths``),
+  process 0 to ``stdout`` (default: the launcher's); ``port`` defaults to a
+  free one. Example (two processes of sharded_train, two CPU devices each)::
 
     with LocalCluster(2, ["--simulate-devices", "2", "--mesh", "data=4"]) as c:
       status = c.wait(timeout=600)
@@ -185,21 +138,16 @@ class LocalCluster:
     self._files: list[IO[Any]] = []
     try:
       for i in range(num_processes):
-        command = process_command(module, args, self.address, num_processes, i)
-        if i == 0:
-          out, path = stdout, None
-        else:
+        out, path = stdout, None
+        if i:
           path = os.path.join(self.log_dir, f"process_{i}.log")
           out = open(path, "w", encoding="utf-8")  # pylint: disable=consider-using-with
           self._files.append(out)
         self.log_paths.append(path)
+        command = process_command(module, args, self.address, num_processes, i)
+        err = subprocess.STDOUT if out is not None else None
         self.processes.append(
-          subprocess.Popen(  # pylint: disable=consider-using-with
-            _dying_with_parent(command),
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT if out is not None else None,
-          )
+          subprocess.Popen(command, env=env, stdout=out, stderr=err)  # pylint: disable=consider-using-with
         )
     except BaseException:
       self.stop()
@@ -293,40 +241,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     formatter_class=argparse.RawDescriptionHelpFormatter,
     epilog="Everything after -- goes to every process.",
   )
-  parser.add_argument(
-    "-n",
-    "--num-processes",
-    type=cli.positive_int,
-    required=True,
-    help="number of processes",
-  )
-  parser.add_argument(
-    "--module",
-    type=_module,
-    default=DEFAULT_MODULE,
-    help=f"the module to run (default {DEFAULT_MODULE})",
-  )
-  parser.add_argument(
-    "--timeout",
-    type=cli.positive_float,
-    default=None,
-    help="stop every process after this many seconds (exit status 124)",
-  )
-  parser.add_argument(
-    "--port",
-    type=cli.positive_int,
-    default=None,
-    help="the coordinator's port on 127.0.0.1 (default: a free one)",
-  )
-  parser.add_argument(
-    "--log-dir",
-    type=cli.output_dir,
-    default=None,
-    help="where processes 1.. write their output",
-  )
-  parser.add_argument(
-    "args", nargs=argparse.REMAINDER, help="the module's arguments, after --"
-  )
+  add = parser.add_argument
+  add("-n", "--num-processes", type=cli.positive_int, required=True)
+  add("--module", type=_module, default=DEFAULT_MODULE, help=DEFAULT_MODULE)
+  add("--timeout", type=cli.positive_float, help="seconds (then status 124)")
+  add("--port", type=cli.positive_int, help="default: a free one")
+  add("--log-dir", type=cli.output_dir, help="output of processes 1..")
+  add("args", nargs=argparse.REMAINDER, help="the module's arguments")
   args = parser.parse_args(argv)
   if args.args and args.args[0] == "--":
     args.args = args.args[1:]
@@ -336,29 +257,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 @cli.one_line_errors(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  n, module = args.num_processes, args.module
   cluster = LocalCluster(
-    args.num_processes,
-    args.args,
-    module=args.module,
-    log_dir=args.log_dir,
-    port=args.port,
+    n, args.args, module=module, log_dir=args.log_dir, port=args.port
   )
-  print(
-    f"launch_local: {args.num_processes} processes of {args.module} on "
-    f"{cluster.address} (pids {', '.join(map(str, cluster.pids))}); "
-    f"logs of processes 1.. in {cluster.log_dir}",
-    file=sys.stderr,
-    flush=True,
-  )
+  say = functools.partial(print, "launch_local:", file=sys.stderr, flush=True)
+  pids = ", ".join(map(str, cluster.pids))
+  say(f"{n} processes of {module} on {cluster.address} (pids {pids}); logs "
+      f"of processes 1.. in {cluster.log_dir}")  # fmt: skip
 
   def stop(signum, frame):  # Ctrl-C, or a scheduler's SIGTERM
     del frame
     cluster.stop()
-    print(
-      f"launch_local: stopped by {signal.Signals(signum).name}",
-      file=sys.stderr,
-      flush=True,
-    )
+    say(f"stopped by {signal.Signals(signum).name}")
     sys.exit(128 + signum)
 
   signal.signal(signal.SIGINT, stop)
@@ -367,15 +278,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = cluster.wait(args.timeout)
   if code:
     print(cluster.failure, file=sys.stderr, flush=True)
-    failed = cluster.failed
-    if failed is not None and cluster.log_paths[failed]:
-      tail = _tail(cluster.log_paths[failed])
+    log = cluster.log_paths[cluster.failed or 0]
+    with contextlib.suppress(OSError):
+      with open(log or "", encoding="utf-8", errors="replace") as f:
+        tail = "\n".join(f.read().splitlines()[-5:])
       if tail:
-        print(
-          f"launch_local: last lines of process {failed}:\n{tail}",
-          file=sys.stderr,
-          flush=True,
-        )
+        say(f"last lines of process {cluster.failed}:\n{tail}")
   return code if code >= 0 else 128 - code
 
 

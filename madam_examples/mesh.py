@@ -22,11 +22,7 @@ from madam_examples.cli import InputError
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over every device
 COLLECTIVES = (
-  "all-reduce",
-  "all-gather",
-  "reduce-scatter",
-  "collective-permute",
-  "all-to-all",
+  "all-reduce all-gather reduce-scatter collective-permute all-to-all"
 )
 
 
@@ -83,24 +79,14 @@ def make_mesh(
   """A ``(data, fsdp)`` mesh over ``devices`` (default: all, all hosts)."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = parse_mesh(spec, len(devices))
-  auto = jax.sharding.AxisType.Auto
-  return jax.make_mesh(
-    tuple(sizes[a] for a in MESH_AXES),
-    MESH_AXES,
-    devices=devices,
-    axis_types=(auto,) * len(MESH_AXES),
-  )
+  shape, auto = tuple(sizes.values()), (jax.sharding.AxisType.Auto,) * 2
+  return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=auto)
 
 
 def local_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> slice:
   """The rows of a global batch that this process's devices hold."""
-  spans = [
-    idx[0]
-    for idx in sharding.addressable_devices_indices_map(global_shape).values()
-  ]
-  rows = {
-    (s.start or 0, global_shape[0] if s.stop is None else s.stop) for s in spans
-  }
+  index = sharding.addressable_devices_indices_map(global_shape).values()
+  rows = {i[0].indices(global_shape[0])[:2] for i in index}
   lo, hi = min(a for a, _ in rows), max(b for _, b in rows)
   if sum(b - a for a, b in rows) != hi - lo:
     raise ValueError(
@@ -125,7 +111,11 @@ def collectives_in_hlo(hlo_text: str) -> list[str]:
     ['all-reduce']
   """
   return sorted(
-    {op for op in COLLECTIVES if re.search(rf"\b{op}(-start)?\(", hlo_text)}
+    {
+      op
+      for op in COLLECTIVES.split()
+      if re.search(rf"\b{op}(-start)?\(", hlo_text)
+    }
   )
 
 
@@ -168,6 +158,4 @@ def global_array(x: Any, sharding: NamedSharding) -> jax.Array:
       impl=jax.random.key_impl(x),
     )
   host = np.asarray(x)
-  return jax.make_array_from_callback(
-    host.shape, sharding, lambda index: host[index]
-  )
+  return jax.make_array_from_callback(host.shape, sharding, host.__getitem__)

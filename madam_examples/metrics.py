@@ -116,3 +116,17 @@ def write_metrics(path: str, metrics: dict[str, Any]) -> None:
   with open(path + ".tmp", "w", encoding="utf-8") as f:
     json.dump(metrics, f, indent=1)
   os.replace(path + ".tmp", path)
+
+
+def log_summary(metrics: dict[str, Any], state: Any, log: Any) -> None:
+  """Logs the skipped steps, the model size, the bytes on each of this
+  process's devices and the collectives (``--check-collectives``)."""
+  if metrics["skipped_steps"]:
+    log(
+      f"{metrics['skipped_steps']} step(s) skipped in all (non-finite loss "
+      "or gradient)"
+    )
+  log(f"mesh {metrics['mesh']}; parameters {metrics['parameters']}")
+  memory.log_memory(state, log)
+  for name, found in metrics.get("collectives", {}).items():
+    log(f"collectives in the {name.replace('_', ' ')}: {found or 'none'}")

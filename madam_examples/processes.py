@@ -30,6 +30,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from madam_examples import cli
+
 BARRIER_TIMEOUT_S = 600.0
 _PREFIX = "madam_examples"
 _COUNT = [0]
@@ -140,14 +142,9 @@ def gather(values: np.ndarray) -> np.ndarray:
   raw = np.frombuffer(values.tobytes(), np.uint8).astype(np.int32)
   sync("gather")
   gathered = np.asarray(multihost_utils.process_allgather(raw))
-  return np.stack(
-    [
-      np.frombuffer(row.astype(np.uint8).tobytes(), values.dtype).reshape(
-        values.shape
-      )
-      for row in gathered
-    ]
-  )
+  as_bytes = gathered.astype(np.uint8).tobytes()
+  shape = (len(gathered), *values.shape)
+  return np.frombuffer(as_bytes, values.dtype).reshape(shape)
 
 
 def _cpu_platform(args: argparse.Namespace) -> bool:
@@ -155,30 +152,21 @@ def _cpu_platform(args: argparse.Namespace) -> bool:
   return bool(args.simulate_devices) or platforms == "cpu"
 
 
-class _Deadline:
-  """Ends the process with one line if a block does not finish in time.
-
-  JAX's own timeout on the coordinator aborts the process with a C++ stack
-  trace; this fires first, prints ``message`` on stderr and exits with
-  status 2.
-  """
-
-  def __init__(self, seconds: float, message: str):
-    self._timer = threading.Timer(seconds, self._expire)
-    self._timer.daemon = True
-    self._message = message
-
-  def _expire(self) -> None:
-    sys.stdout.flush()
-    print(self._message, file=sys.stderr, flush=True)
-    os._exit(2)
-
-  def __enter__(self) -> _Deadline:
-    self._timer.start()
-    return self
-
-  def __exit__(self, *exc_info) -> None:
-    self._timer.cancel()
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  """The flags :func:`initialise_runtime` reads."""
+  add = parser.add_argument
+  add("--simulate-devices", type=cli.positive_int, default=None,
+      help="split the host CPU into this many JAX devices (a mesh without "
+      "accelerators)")  # fmt: skip
+  add("--distributed", action="store_true",
+      help="call jax.distributed.initialize() (auto-detects Cloud TPU, "
+      "SLURM, Open MPI)")  # fmt: skip
+  add("--coordinator-address", default=None, help="host:port of process 0")
+  add("--num-processes", type=cli.positive_int, default=None)
+  add("--process-id", type=cli.nonnegative_int, default=None)
+  add("--initialization-timeout", type=cli.positive_int, default=300,
+      help="seconds to wait for every process at the coordinator (default "
+      "300)")  # fmt: skip
 
 
 def initialise_runtime(args: argparse.Namespace, prog: str) -> None:
@@ -194,7 +182,7 @@ def initialise_runtime(args: argparse.Namespace, prog: str) -> None:
   if args.distributed or args.coordinator_address:
     if _cpu_platform(args):
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    timeout = getattr(args, "initialization_timeout", 300)
+    timeout = args.initialization_timeout
     who = (
       "this process"
       if args.process_id is None
@@ -208,10 +196,21 @@ def initialise_runtime(args: argparse.Namespace, prog: str) -> None:
       "and its own --process-id (on one machine, python -m "
       "madam_examples.launch_local does it)."
     )
-    with _Deadline(timeout, message):
+
+    def expire():  # before JAX's own timeout, which aborts with a C++ trace
+      sys.stdout.flush()
+      print(message, file=sys.stderr, flush=True)
+      os._exit(2)
+
+    timer = threading.Timer(timeout, expire)
+    timer.daemon = True
+    timer.start()
+    try:
       jax.distributed.initialize(
         coordinator_address=args.coordinator_address,
         num_processes=args.num_processes,
         process_id=args.process_id,
         initialization_timeout=timeout + 60,
       )
+    finally:
+      timer.cancel()

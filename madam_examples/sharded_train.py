@@ -1,14 +1,12 @@
 r"""Madam on a device mesh: data parallel plus fully sharded (FSDP) training.
 
-The examples' causal Transformer (:class:`madam_examples.models.CharTransformer`)
-learns characters of the standard library's docstrings with Madam
-(arXiv:2006.14560) on a mesh with two axes: ``data`` splits the batch;
-``fsdp`` splits the batch too, and every parameter tensor and its optimizer
-state along one dimension (ZeRO-3 / FSDP). Madam's update is elementwise and
-its per-tensor bound is computed once, at ``init``, so the compiled update
-has no collective (``--check-collectives``). Zero-initialised leaves, which a
-multiplicative update cannot move, are trained by Adam
-(``madam_optax.with_additive_fallback``).
+A causal Transformer (:class:`madam_examples.models.CharTransformer`) learns
+the standard library's docstrings with Madam (arXiv:2006.14560) on a mesh:
+``data`` splits the batch; ``fsdp`` splits it too, and every parameter and
+its optimizer state along one dimension (ZeRO-3 / FSDP). Madam's update is
+elementwise and its per-tensor bound fixed at ``init``, so the compiled
+update has no collective (``--check-collectives``). Zero-initialised leaves,
+which a multiplicative update cannot move, are trained by Adam.
 
   python -m madam_examples.sharded_train --mesh data=2,fsdp=4 \
       --simulate-devices 8                             # one host
@@ -28,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from functools import partial
 import os
 import sys
 import time
@@ -44,7 +43,6 @@ import optax
 from madam_examples import checkpointing
 from madam_examples import cli
 from madam_examples import data
-from madam_examples import memory
 from madam_examples import mesh as mesh_lib
 from madam_examples import metrics as metrics_lib
 from madam_examples import models
@@ -52,6 +50,8 @@ from madam_examples import optimizers
 from madam_examples import processes
 from madam_examples import step
 from madam_examples import tasks
+
+PROG = "python -m madam_examples.sharded_train"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,29 +72,9 @@ class Config:
   log_every: int = 50
 
 
-# Settings that a checkpoint must agree with to be resumed: all but the mesh
-# (a resume may change the layout), the length and the logging.
-RESUMABLE_CHANGES = ("mesh", "steps", "log_every")
-
-
-def checkpoint_config(config: Config) -> dict[str, Any]:
-  """The settings saved with every checkpoint and checked on resume."""
-  return {
-    k: v
-    for k, v in dataclasses.asdict(config).items()
-    if k not in RESUMABLE_CHANGES
-  }
-
-
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
-  """How a run is carried out, beyond the model and training settings.
-
-  Attributes:
-    checkpoint_dir: save the training state here and resume from it.
-    checkpoint_every: steps between checkpoints (the last step is saved too).
-    max_bad_steps: stop after this many consecutive skipped steps.
-  """
+  """Checkpointing (the last step is saved too) and the bad-step limit."""
 
   checkpoint_dir: str | None = None
   checkpoint_every: int = checkpointing.DEFAULT_EVERY
@@ -106,27 +86,19 @@ class BadStepsError(RuntimeError):
 
 
 def check_config(config: Config, mesh: jax.sharding.Mesh) -> None:
-  """Raises ``InputError`` if the mesh cannot split the model or the batch.
-
-  ``Partitioning.fsdp`` splits every tensor along a dimension of size
-  ``dim`` or ``4 * dim``; attention splits ``dim`` into ``heads``; every
-  device takes an equal share of the global batch.
-  """
-  fsdp = mesh.shape["fsdp"]
-  if config.dim % config.heads:
-    raise cli.InputError(
-      f"--dim {config.dim} is not a multiple of --heads {config.heads}."
-    )
-  if config.dim % fsdp:
-    raise cli.InputError(
-      f"--dim {config.dim} must be a multiple of the fsdp mesh size {fsdp}, "
-      "which splits every parameter tensor along it."
-    )
-  if config.batch_size % mesh.size:
-    raise cli.InputError(
-      f"--batch-size {config.batch_size} must be a multiple of the "
-      f"{mesh.size} devices of the mesh, which split every batch."
-    )
+  """Raises ``InputError`` if the mesh cannot split the model or the batch."""
+  dim, fsdp, n = config.dim, mesh.shape["fsdp"], mesh.size
+  if dim % config.heads:
+    message = f"--dim {dim} is not a multiple of --heads {config.heads}."
+  elif dim % fsdp:
+    message = (f"--dim {dim} must be a multiple of the fsdp mesh size {fsdp}, "
+               "which splits every parameter tensor along it.")  # fmt: skip
+  elif config.batch_size % n:
+    message = (f"--batch-size {config.batch_size} must be a multiple of "
+               f"the {n} devices of the mesh, which split every batch.")  # fmt: skip
+  else:
+    return
+  raise cli.InputError(message)
 
 
 @dataclasses.dataclass
@@ -134,193 +106,121 @@ class Setup:
   """Everything a run needs, built on a mesh."""
 
   mesh: jax.sharding.Mesh
-  graphdef: Any
-  txs: dict[str, optax.GradientTransformation]
+  tx: optax.GradientTransformation
   state: step.TrainState  # params, optimizer states, key, step: sharded
   state_sharding: Any
   batch_sharding: NamedSharding
+  checked_step: Any  # jitted (state, batch) -> (state, loss, applied)
   train_step: Any  # jitted (state, batch) -> (state, loss)
   eval_loss: Any  # jitted (state, batch) -> loss
-  checked_step: Any  # jitted (state, batch) -> (state, loss, applied)
-
-
-def _model(
-  config: Config, partitioning: models.Partitioning | None
-) -> models.CharTransformer:
-  return models.CharTransformer(
-    len(data.VOCAB),
-    config.context,
-    config.dim,
-    config.layers,
-    config.heads,
-    partitioning=partitioning,
-    rngs=nnx.Rngs(config.seed),
-  )
 
 
 def setup(config: Config, devices: Sequence[Any] | None = None) -> Setup:
   """Builds the sharded model, optimizer and jitted steps on a mesh.
 
-  The initial state (parameters, Madam's second moment and per-tensor
-  bounds, Adam's moments for the additive leaves) is computed whole on this
-  process's first device, the same on every process (same seeds), and then
-  laid out on the mesh: each parameter as the Transformer's
-  ``Partitioning.fsdp`` annotations say, its optimizer state likewise
-  (:func:`madam_examples.mesh.state_shardings`), the scalars replicated. Each process fills only
-  its own devices, so building the state needs no communication between
-  processes. (A model too large for one device is created inside a jitted
-  function instead, as in Flax's sharding guide.)
+  The initial state is computed whole on this process's first device (the
+  same on every process), then laid out on the mesh as the Transformer's
+  ``Partitioning.fsdp`` annotations say, its optimizer state likewise, the
+  scalars replicated: each process fills only its own devices.
   """
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   check_config(config, mesh)
+  sizes = (config.context, config.dim, config.layers, config.heads)
+  model = lambda partitioning: models.CharTransformer(
+    len(data.VOCAB), *sizes, partitioning=partitioning,
+    rngs=nnx.Rngs(config.seed))  # fmt: skip
   with jax.default_device(jax.local_devices()[0]):
-    _, params = nnx.split(_model(config, None))
-    params = {"model": nnx.as_pure(params)}
-    txs = {
-      "model": optimizers.make_optimizer(
-        "madam",
-        config.learning_rate,
-        params["model"],
-        p_scale=config.p_scale,
-        additive_learning_rate=config.additive_learning_rate,
-      )
-    }
-    whole = step.init_state(params, txs, jax.random.key(config.seed))
+    params = {"model": nnx.as_pure(nnx.split(model(None))[1])}
+    tx = optimizers.make_optimizer(
+      "madam", config.learning_rate, params["model"], p_scale=config.p_scale,
+      additive_learning_rate=config.additive_learning_rate)  # fmt: skip
+    whole = step.init_state(params, {"model": tx}, jax.random.key(config.seed))
   with jax.set_mesh(mesh):
-    abstract = nnx.eval_shape(
-      lambda: _model(config, models.Partitioning.fsdp("fsdp"))
-    )
+    abstract = nnx.eval_shape(lambda: model(models.Partitioning.fsdp("fsdp")))
     graphdef, abstract_params = nnx.split(abstract)
     specs = nnx.as_pure(nnx.get_partition_spec(abstract_params))
   replicated = NamedSharding(mesh, P())
-  param_shardings = {
-    "model": jax.tree.map(
-      lambda spec: NamedSharding(mesh, spec),
-      specs,
-      is_leaf=lambda x: isinstance(x, P),
-    )
-  }
-  state_sharding = mesh_lib.state_shardings(whole, param_shardings, replicated)
+  is_spec = lambda x: isinstance(x, P)
+  named = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=is_spec)
+  state_sharding = mesh_lib.state_shardings(whole, {"model": named}, replicated)
   state = jax.tree.map(mesh_lib.global_array, whole, state_sharding)
   batch_sharding = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
-  tx = txs["model"]
 
   def loss_fn(weights, batch):
-    return tasks.next_char_loss(nnx.merge(graphdef, weights["model"]), batch)
+    return tasks.next_char_loss(nnx.merge(graphdef, weights), batch)
 
   def checked_step(state, batch):
     """One step, skipped (weights and optimizer state kept) when the loss
     or any gradient is not finite; ``applied`` says which. Under ``jit``
     the check is one global value: every process takes the same branch."""
-    weights = state.params["model"]
-    loss, grads = jax.value_and_grad(lambda w: loss_fn({"model": w}, batch))(
-      weights
+    weights, opt_state = state.params["model"], state.opt_state["model"]
+    loss, grads = jax.value_and_grad(loss_fn)(weights, batch)
+    finite = [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]
+    applied = jnp.isfinite(loss) & jnp.all(jnp.stack(finite))
+    new = step.apply_gradients(tx, grads, opt_state, weights)
+    keep = lambda n, o: jax.tree.map(partial(jnp.where, applied), n, o)
+    state = state._replace(
+      params={"model": keep(new[0], weights)},
+      opt_state={"model": keep(new[1], opt_state)},
+      key=jax.random.split(state.key)[0],
+      step=state.step + 1,
     )
-    applied = jnp.isfinite(loss) & jnp.all(
-      jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
-    )
-    params, opt_state = step.apply_gradients(
-      tx, grads, state.opt_state["model"], weights
-    )
-    keep = lambda new, old: jnp.where(applied, new, old)
-    params = jax.tree.map(keep, params, weights)
-    opt_state = jax.tree.map(keep, opt_state, state.opt_state["model"])
-    key = jax.random.split(state.key)[0]
-    return (
-      state._replace(
-        params={"model": params},
-        opt_state={"model": opt_state},
-        key=key,
-        step=state.step + 1,
-      ),
-      loss,
-      applied,
-    )
-
-  def train_step(state, batch):
-    return checked_step(state, batch)[:2]
-
-  def eval_loss(state, batch):
-    return loss_fn(state.params, batch)
+    return state, loss, applied
 
   # Shardings pinned in and out: the state keeps its layout step after step.
-  train_step = jax.jit(
-    train_step,
-    in_shardings=(state_sharding, batch_sharding),
-    out_shardings=(state_sharding, None),
-    donate_argnums=0,
-  )
-  checked_step = jax.jit(
-    checked_step,
-    in_shardings=(state_sharding, batch_sharding),
-    out_shardings=(state_sharding, replicated, replicated),
-    donate_argnums=0,
-  )
-  eval_loss = jax.jit(
-    eval_loss,
-    in_shardings=(state_sharding, batch_sharding),
-    out_shardings=replicated,
-  )
-  return Setup(
-    mesh,
-    graphdef,
-    txs,
-    state,
-    state_sharding,
-    batch_sharding,
-    train_step,
-    eval_loss,
-    checked_step,
-  )
+  jit = partial(jax.jit, in_shardings=(state_sharding, batch_sharding))
+  outs = (state_sharding, replicated, replicated)
+  checked = jit(checked_step, out_shardings=outs, donate_argnums=0)
+  plain = jit(lambda s, b: checked_step(s, b)[:2], out_shardings=outs[:2],
+              donate_argnums=0)  # fmt: skip
+  evaluate = jit(lambda s, b: loss_fn(s.params["model"], b),
+                 out_shardings=replicated)  # fmt: skip
+  run = (mesh, tx, state, state_sharding, batch_sharding)
+  return Setup(*run, checked, plain, evaluate)
 
 
 def optimizer_update(run: Setup):
   """The optimizer update alone, ``(state, grads) -> state``, jitted with the
-  run's shardings (the train step without the forward and backward passes):
-  for inspecting what it compiles to. ``grads`` has the params' structure."""
+  run's shardings: to inspect what it compiles to (no collective)."""
 
   def update(state, grads):
     params, opt_state = step.apply_gradients(
-      run.txs["model"],
-      grads["model"],
-      state.opt_state["model"],
-      state.params["model"],
+      run.tx, grads["model"], state.opt_state["model"], state.params["model"]
     )
-    return state._replace(
-      params={"model": params}, opt_state={"model": opt_state}
-    )
+    return state._replace(params={"model": params},
+                          opt_state={"model": opt_state})  # fmt: skip
 
-  return jax.jit(
-    update,
-    in_shardings=(run.state_sharding, run.state_sharding.params),
-    out_shardings=run.state_sharding,
-  )
+  shardings = (run.state_sharding, run.state_sharding.params)
+  return jax.jit(update, in_shardings=shardings, out_shardings=shardings[0])
+
+
+def collectives(config: Config, run: Setup, state: Any) -> dict[str, list]:
+  """The collectives XLA compiles into the train step and into the optimizer
+  update alone (none: Madam's update is elementwise)."""
+  rows = np.zeros((config.batch_size, config.context + 1), np.int32)
+  batch = mesh_lib.device_batch(rows, run.batch_sharding)
+  lowered = {
+    "train_step": run.train_step.lower(state, batch),
+    "optimizer_update": optimizer_update(run).lower(state, state.params),
+  }
+  return {
+    k: mesh_lib.collectives_in_hlo(v.compile().as_text())
+    for k, v in lowered.items()
+  }
 
 
 def global_batch_rows(
   tokens: np.ndarray, step_index: int, batch_size: int, context: int, seed: int
 ) -> np.ndarray:
-  """The ``step_index``-th global batch of windows (``context + 1`` tokens
-  each); the same on every process."""
+  """The ``step_index``-th global batch: the same on every process."""
   rng = np.random.default_rng([seed, step_index])
   starts = rng.integers(0, len(tokens) - context - 1, batch_size)
   return np.stack([tokens[s : s + context + 1] for s in starts])
 
 
 def local_value(x: jax.Array) -> np.ndarray:
-  """A replicated array's value, read from this process's first copy (a
-  global array spanning other processes cannot be read whole)."""
+  """A replicated array's value, from this process's first copy."""
   return np.asarray(x.addressable_data(0))
-
-
-def _checkpoint_tree(
-  state: step.TrainState, skipped: int, replicated: NamedSharding
-) -> dict[str, Any]:
-  """What a checkpoint holds: the training state and the skipped count."""
-  count = jax.make_array_from_callback(
-    (), replicated, lambda _: np.asarray(skipped, np.int32)
-  )
-  return {"train_state": state, "skipped_steps": count}
 
 
 def train(
@@ -330,92 +230,80 @@ def train(
   log: Any = None,
   options: RunOptions | None = None,
 ) -> dict[str, Any]:
-  """Trains to ``config.steps`` steps (resuming from a checkpoint if any).
+  """Trains to ``config.steps`` steps, resuming from a checkpoint if any.
 
-  Args:
-    config: the model and training settings.
-    devices: the mesh's devices (default: all, on every process).
-    log: a ``print``-like function, or ``None``.
-    options: checkpointing, bad-step limit.
-
-  Returns:
-    A dict: ``losses`` (this run's training losses, from ``resumed_from``
-    on), ``valid_losses``, ``final_valid_loss``, ``skipped_steps`` (in all,
-    since step 0), ``resumed_from``, ``step_seconds`` (wall time of each
-    step here), ``run`` (the :class:`Setup`) and ``state``.
-
-  Raises:
-    BadStepsError: after ``options.max_bad_steps`` consecutive skipped steps.
+  Returns a dict: ``losses`` (from ``resumed_from`` on), ``valid_losses``,
+  ``final_valid_loss``, ``skipped_steps`` (since step 0), ``resumed_from``,
+  ``step_seconds``, ``run`` (the :class:`Setup`) and ``state``; raises
+  :class:`BadStepsError` after ``max_bad_steps`` consecutive skipped steps.
   """
-  options = options or RunOptions()
-  log = log or (lambda message: None)
-  run = setup(config, devices)
+  options, log = options or RunOptions(), log or (lambda message: None)
+  # What a checkpoint must agree with: all but the mesh (a resume may change
+  # the layout), the length and the logging.
+  ckpt_config = dataclasses.asdict(config)
+  for resumable in ("mesh", "steps", "log_every"):
+    del ckpt_config[resumable]
+  run, folder = setup(config, devices), options.checkpoint_dir
+  sizes = (config.batch_size, config.context)
   replicated = NamedSharding(run.mesh, P())
   text = data.load_stdlib_text()
 
   def batch(tokens, index, seed):
-    return mesh_lib.device_batch(
-      global_batch_rows(tokens, index, config.batch_size, config.context, seed),
-      run.batch_sharding,
+    rows = global_batch_rows(tokens, index, *sizes, seed)
+    return mesh_lib.device_batch(rows, run.batch_sharding)
+
+  def saved(state, skipped):  # what a checkpoint holds
+    count = jax.make_array_from_callback(
+      (), replicated, lambda _: np.asarray(skipped, np.int32)
     )
+    return {"train_state": state, "skipped_steps": count}
 
   valid = batch(text.valid, 0, config.seed + 1)
   # Processes may get here far apart (each built its model op by op); CPU
   # collectives give up after 30 s, so meet before the first one.
   processes.sync("setup")
   state, start, skipped, ckpt, last_saved = run.state, 0, 0, None, None
-  if options.checkpoint_dir is not None:
+  if folder is not None:
+    leader = jax.process_index() == 0
     restored, start = checkpointing.maybe_restore(
-      options.checkpoint_dir,
-      _checkpoint_tree(state, 0, replicated),
-      verbose=jax.process_index() == 0,
-      config=checkpoint_config(config),
+      folder, saved(state, 0), verbose=leader, config=ckpt_config
     )
     state = restored["train_state"]
     skipped = int(local_value(restored["skipped_steps"]))
     last_saved = start or None
-    ckpt = checkpointing.Checkpointer(
-      options.checkpoint_dir,
-      options.checkpoint_every,
-      config=checkpoint_config(config),
-    )
-  # Compiled before the first step, and met after: compiling may take
-  # some processes much longer than others.
+    every = options.checkpoint_every
+    ckpt = checkpointing.Checkpointer(folder, every, config=ckpt_config)
+  # Compiled before the first step and met after: compiling may take some
+  # processes much longer than others.
   first = batch(text.train, start, config.seed)
   step_fn = run.checked_step.lower(state, first).compile()
   eval_fn = run.eval_loss.lower(state, valid).compile()
   processes.sync("compiled")
   losses, valid_losses, seconds, streak = [], [], [], 0
   try:
-    for index in range(start, config.steps):
-      done = index + 1
+    for done in range(start + 1, config.steps + 1):
       begin = time.perf_counter()
-      b = batch(text.train, index, config.seed)
+      b = batch(text.train, done - 1, config.seed)
       state, loss, applied = step_fn(state, b)
       applied = bool(local_value(applied))  # the same on every process
       seconds.append(time.perf_counter() - begin)
       losses.append(loss)
-      if applied:
-        streak = 0
-      else:
-        skipped, streak = skipped + 1, streak + 1
+      streak = 0 if applied else streak + 1
+      if not applied:
+        skipped += 1
         log(
           f"step {done:5d}  non-finite loss or gradient: update skipped on "
           f"every process ({skipped} skipped in all)"
         )
-        if streak >= options.max_bad_steps:
-          kept = (
-            f"the last checkpoint, step {last_saved} in "
-            f"{options.checkpoint_dir}, is kept"
-            if last_saved
-            else "no checkpoint was written"
-          )
-          raise BadStepsError(
-            f"stopped at step {done}: {streak} consecutive steps "
-            f"({done - streak + 1} to {done}) had a non-finite loss or "
-            f"gradient (--max-bad-steps {options.max_bad_steps}); {kept}. "
-            "Lower --learning-rate or check the data, then rerun."
-          )
+      if streak >= options.max_bad_steps:
+        kept = f"the last checkpoint, step {last_saved} in {folder}, is kept"
+        raise BadStepsError(
+          f"stopped at step {done}: {streak} consecutive steps "
+          f"({done - streak + 1} to {done}) had a non-finite loss or "
+          f"gradient (--max-bad-steps {options.max_bad_steps}); "
+          f"{kept if last_saved else 'no checkpoint was written'}. "
+          "Lower --learning-rate or check the data, then rerun."
+        )
       if done % config.log_every == 0 or done == config.steps:
         valid_losses.append((done, float(local_value(eval_fn(state, valid)))))
         log(
@@ -424,156 +312,44 @@ def train(
           f"({sum(seconds):.1f} s)"
         )
       # Checkpoints only after applied updates: the last one is good.
-      if (
-        ckpt is not None
-        and streak == 0
-        and ckpt.maybe_save(
-          done,
-          _checkpoint_tree(state, skipped, replicated),
-          force=done == config.steps,
-        )
-      ):
-        last_saved = done
+      if ckpt and not streak:
+        last = done == config.steps
+        if ckpt.maybe_save(done, saved(state, skipped), force=last):
+          last_saved = done
   finally:
     if ckpt is not None:
       ckpt.close()
-  return {
-    "losses": [float(local_value(x)) for x in losses],
-    "valid_losses": valid_losses,
-    "run": run,
-    "state": state,
-    "final_valid_loss": float(local_value(eval_fn(state, valid))),
-    "skipped_steps": skipped,
-    "resumed_from": start,
-    "step_seconds": seconds,
-  }
-
-
-# -------------------------------------------------------------- command line
-
-
-PROG = "python -m madam_examples.sharded_train"
-
-
-def _flag_type(field: dataclasses.Field) -> Any:
-  """The argparse type of a :class:`Config` field: sizes and counts are
-  positive, the seed is 0 or more, the rates and scales positive."""
-  if field.name == "seed":
-    return cli.nonnegative_int
-  if isinstance(field.default, int):
-    return cli.positive_int
-  if isinstance(field.default, float):
-    return cli.positive_float
-  return type(field.default)
+  losses = [float(local_value(x)) for x in losses]
+  return dict(losses=losses, valid_losses=valid_losses, run=run, state=state,
+              final_valid_loss=float(local_value(eval_fn(state, valid))),
+              skipped_steps=skipped, resumed_from=start, step_seconds=seconds)  # fmt: skip
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = cli.ArgumentParser(
-    prog=PROG,
-    description=__doc__.split("\n\n")[0],
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-    epilog="Multi-host: see the module docstring "
-    "(python -m pydoc madam_examples.sharded_train).",
-  )
-  helps = {
-    "mesh": "AXIS=SIZE,... over the axes data and fsdp; one size may be -1 "
-    "(the rest); they multiply to the number of devices",
-    "batch_size": "global batch, over all devices and hosts",
-    "learning_rate": "Madam's learning rate",
-    "p_scale": "Madam's magnitude bound, in initial RMS of each tensor",
-    "additive_learning_rate": "Adam's, for the zero-initialised leaves",
-  }
+  parser = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+  kinds = {str: str, int: cli.positive_int, float: cli.positive_float}
   for field in dataclasses.fields(Config):
-    parser.add_argument(
-      "--" + field.name.replace("_", "-"),
-      type=_flag_type(field),
-      default=field.default,
-      help=f"{helps.get(field.name, '')} (default {field.default})".strip(),
-    )
-  parser.add_argument(
-    "--simulate-devices",
-    type=cli.positive_int,
-    default=None,
-    help="split the host CPU into this many JAX devices "
-    "(testing a mesh without accelerators)",
-  )
-  parser.add_argument(
-    "--distributed",
-    action="store_true",
-    help="call jax.distributed.initialize() (auto-detects "
-    "Cloud TPU, SLURM, Open MPI)",
-  )
-  parser.add_argument(
-    "--coordinator-address",
-    default=None,
-    help="host:port of process 0 (multi-host)",
-  )
-  parser.add_argument("--num-processes", type=cli.positive_int, default=None)
-  parser.add_argument("--process-id", type=cli.nonnegative_int, default=None)
-  parser.add_argument(
-    "--check-collectives",
-    action="store_true",
-    help="print the collectives XLA compiled into the "
-    "train step and into the optimizer update alone",
-  )
-  add_run_arguments(parser)
+    kind = kinds[type(field.default)]
+    kind = cli.nonnegative_int if field.name == "seed" else kind
+    flag = "--" + field.name.replace("_", "-")
+    parser.add_argument(flag, type=kind, default=field.default)
+  processes.add_arguments(parser)  # --distributed, --simulate-devices...
+  checkpointing.add_arguments(parser)
+  add = parser.add_argument
+  add("--check-collectives", action="store_true",
+      help="print the collectives compiled into step and update")  # fmt: skip
+  add("--metrics-out", type=cli.output_file, default=None,
+      help="write the run's figures as JSON here (process 0)")  # fmt: skip
+  add("--max-bad-steps", type=cli.positive_int, default=10,
+      help="stop after this many non-finite steps in a row")  # fmt: skip
   return parser.parse_args(argv)
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-  """The flags of multi-process runs, checkpoints, metrics and bad steps."""
-  parser.add_argument(
-    "--initialization-timeout",
-    type=cli.positive_int,
-    default=300,
-    help="seconds to wait for every process at the coordinator before "
-    "stopping with an error (default 300)",
-  )
-  checkpointing.add_arguments(parser)
-  parser.add_argument(
-    "--metrics-out",
-    type=cli.output_file,
-    default=None,
-    help="write the run's figures as JSON here (process 0): steps, "
-    "losses, final validation loss, skipped steps, per-leaf "
-    "checksums of parameters and optimizer state",
-  )
-  parser.add_argument(
-    "--max-bad-steps",
-    type=cli.positive_int,
-    default=RunOptions.max_bad_steps,
-    help="stop after this many consecutive steps with a non-finite loss "
-    f"or gradient (default {RunOptions.max_bad_steps})",
-  )
-
-
-def shared_settings(config: Config, args: argparse.Namespace) -> dict:
-  """What every process of a run must be started with: all but
-  ``--metrics-out`` (where a process writes) and the process's own id."""
-  return {
-    **dataclasses.asdict(config),
-    **dataclasses.asdict(run_options(args)),
-    "simulate_devices": args.simulate_devices,
-  }
-
-
-def run_options(args: argparse.Namespace) -> RunOptions:
-  """The :class:`RunOptions` of parsed command-line flags."""
-  return RunOptions(
-    checkpoint_dir=args.checkpoint_dir,
-    checkpoint_every=args.checkpoint_every,
-    max_bad_steps=args.max_bad_steps,
-  )
-
-
 def check_mesh(args: argparse.Namespace) -> None:
-  """Raises ``InputError`` unless ``--mesh`` fits the devices JAX sees; the
-  message says how to change the device count this run has."""
-  hint = (
-    f", or change --simulate-devices {args.simulate_devices}"
-    if args.simulate_devices
-    else ", or pass --simulate-devices N on a CPU host"
-  )
+  """Raises ``InputError`` unless ``--mesh`` fits the devices JAX sees."""
+  n = args.simulate_devices
+  hint = f"change --simulate-devices {n}" if n else "pass --simulate-devices N"
+  hint = f", or {hint}" + ("" if n else " on a CPU host")
   mesh_lib.parse_mesh(args.mesh, jax.device_count(), hint=hint)
 
 
@@ -581,75 +357,39 @@ def check_mesh(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   processes.initialise_runtime(args, PROG)
-  config = Config(
-    **{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+  config = Config(*(getattr(args, f.name) for f in dataclasses.fields(Config)))
+  options = RunOptions(
+    args.checkpoint_dir, args.checkpoint_every, args.max_bad_steps
   )
+  shared = {**dataclasses.asdict(config), **dataclasses.asdict(options)}
+  shared["simulate_devices"] = args.simulate_devices
   try:
-    processes.check_same_settings(
-      shared_settings(config, args), args.initialization_timeout
-    )
+    # All but --metrics-out (where a process writes) must agree.
+    processes.check_same_settings(shared, args.initialization_timeout)
   except processes.ProcessesDisagree as e:
     raise cli.InputError(str(e)) from None
   check_mesh(args)
   leader = jax.process_index() == 0
-
-  def log(message: str) -> None:
-    if leader:
-      print(message, flush=True)
-
+  log = lambda message: print(message, flush=True) if leader else None
   log(
     f"{jax.process_count()} process(es), {jax.device_count()} "
     f"{jax.devices()[0].platform} device(s); mesh {config.mesh}"
   )
   try:
-    result = train(config, log=log, options=run_options(args))
-  except (
-    BadStepsError,
-    checkpointing.CheckpointWriteError,
-    processes.ProcessesDisagree,
-    ValueError,
-  ) as e:  # damaged or mismatched checkpoints included
+    result = train(config, log=log, options=options)
+  except (BadStepsError, OSError, processes.ProcessesDisagree, ValueError) as e:
     message = " ".join(str(e).split())
     print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
     if isinstance(e, processes.ProcessesDisagree):
       sys.stdout.flush()  # jax.distributed's exit would wait for the
       os._exit(1)  # missing process: stop now
     return 1
-  if result["skipped_steps"]:
-    log(
-      f"{result['skipped_steps']} step(s) skipped in all (non-finite loss "
-      "or gradient)"
-    )
-  run, state = result["run"], result["state"]
-  log(
-    f"mesh {dict(run.mesh.shape)}; parameters "
-    f"{sum(x.size for x in jax.tree.leaves(state.params))}"
-  )
-  memory.log_memory(state, log)
-  if args.check_collectives:
-    batch = mesh_lib.device_batch(
-      np.zeros((config.batch_size, config.context + 1), np.int32),
-      run.batch_sharding,
-    )
-    step_hlo = run.train_step.lower(state, batch).compile().as_text()
-    update_hlo = (
-      optimizer_update(run).lower(state, state.params).compile().as_text()
-    )
-    log(
-      f"collectives in the train step: {mesh_lib.collectives_in_hlo(step_hlo)}"
-    )
-    log(
-      "collectives in the optimizer update: "
-      f"{mesh_lib.collectives_in_hlo(update_hlo) or 'none'}"
-    )
   # Computed on every process whether or not it writes them: run_metrics
   # is a collective, and --metrics-out may be given to process 0 only.
   metrics = metrics_lib.run_metrics(config, result)
   if args.check_collectives:
-    metrics["collectives"] = {
-      "train_step": mesh_lib.collectives_in_hlo(step_hlo),
-      "optimizer_update": mesh_lib.collectives_in_hlo(update_hlo),
-    }
+    metrics["collectives"] = collectives(config, result["run"], result["state"])
+  metrics_lib.log_summary(metrics, result["state"], log)
   if args.metrics_out and leader:
     metrics_lib.write_metrics(args.metrics_out, metrics)
     log(f"wrote {args.metrics_out}")
