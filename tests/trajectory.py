@@ -2,7 +2,7 @@
 
 ``python -m tests.trajectory`` (from the repository root) writes
 ``tests/data/madam_trajectory.npz``; it was written by the code whose state
-fixed the weight bound at ``init``, and ``tests/test_abstract_init.py``
+fixed the weight bound at ``init``, and ``tests/test_trajectory.py``
 checks that today's code gives the same bits.
 """
 
