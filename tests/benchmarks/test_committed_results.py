@@ -24,6 +24,7 @@ SCRIPTS = {
   "scaling_cpu": "scaling",
   "step_memory": "step_memory",
   "step_memory_24": "step_memory",
+  "step_memory_budget": "step_memory",
   "step_time_b1_cpu": "step_time",
   "step_time_cpu": "step_time",
   "step_time_floor_cpu": "step_time",
