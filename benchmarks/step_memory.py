@@ -434,25 +434,53 @@ def measure(name: str, s: Shape) -> dict:
 
 
 def largest_depth(name: str, s: Shape, budget: float, log) -> dict:
-  """The most blocks whose step needs at most ``budget`` bytes (bisection).
+  """The most blocks whose step needs at most ``budget`` bytes.
 
-  The step's bytes grow linearly with the depth, so two compiles (depths 1
-  and 2) predict it; the prediction is then checked by compiling there.
+  From two blocks on, the step's bytes grow by the same amount per block,
+  so depths 2 and 3 predict the answer; one block is not on that line (a
+  scan of length one compiles to a different program, and XLA may need
+  more temporaries for it than for two), so it never enters the
+  prediction. The prediction and its neighbour are then compiled, and a
+  bisection between the deepest depth known to fit and the shallowest
+  known not to settles the answer on compiled steps only.
   """
-  one, two = (measure(name, s._replace(depth=k))["whole_step"] for k in (1, 2))
-  per_block = two - one
-  depth = max(0, int((budget - one) // per_block) + 1)
-  while depth > 0:
-    row = measure(name, s._replace(depth=depth))
-    log(f"  {name}: {depth} blocks need {row['whole_step'] / 2**30:.2f} GiB")
-    if row["whole_step"] <= budget:
-      above = measure(name, s._replace(depth=depth + 1))
-      if above["whole_step"] > budget:
-        return dict(row, depth=depth, next_whole_step=above["whole_step"])
-      depth += 1
-    else:
-      depth -= 1
-  return dict(config=name, depth=0)
+  rows: dict[int, dict] = {}
+
+  def at(depth: int) -> dict:
+    if depth not in rows:
+      rows[depth] = measure(name, s._replace(depth=depth))
+      log(
+        f"  {name}: {depth} blocks need "
+        f"{rows[depth]['whole_step'] / 2**30:.2f} GiB"
+      )
+    return rows[depth]
+
+  two, three = at(2)["whole_step"], at(3)["whole_step"]
+  per_block = three - two
+  if per_block <= 0:
+    raise ValueError(
+      f"{name}: 3 blocks need {three} bytes, no more than 2 ({two}); the "
+      "step's bytes must grow with the depth to search for a budget"
+    )
+  guess = max(1, 2 + math.floor((budget - two) / per_block))
+  at(guess)
+  at(guess + 1)
+
+  def bounds() -> tuple[int, int | None]:
+    fit = [d for d, r in rows.items() if r["whole_step"] <= budget]
+    over = [d for d, r in rows.items() if r["whole_step"] > budget]
+    return max(fit, default=0), min(over, default=None)
+
+  lo, hi = bounds()
+  while hi is None:  # every depth tried fits: double until one does not
+    at(2 * lo)
+    lo, hi = bounds()
+  while hi - lo > 1:
+    at((lo + hi) // 2)
+    lo, hi = bounds()
+  if lo == 0:
+    return dict(config=name, depth=0, next_whole_step=rows[1]["whole_step"])
+  return dict(rows[lo], depth=lo, next_whole_step=rows[hi]["whole_step"])
 
 
 def encode_stacked(spec: dict, seed: int = 0) -> tuple[dict, dict]:

@@ -88,3 +88,55 @@ def test_quick_main_writes_the_whole_step(step_memory, harness, tmp_path):
   md = (tmp_path / "step_memory.md").read_text()
   assert f"| **{RECOMMENDED}** |" in md
   assert data["results"] == json.loads(json.dumps(results["results"]))
+
+
+# The recommended path's whole step, bytes, on the 768-wide decoder, as
+# compiled on the reference CPU (depths 1 to 4): one block needs more than
+# two (a scan of length one compiles differently).
+_MEASURED = {1: 208767108, 2: 205918864, 3: 213548252, 4: 221177640}
+
+
+def _fake_measure(calls):
+  def measure(name, s):
+    calls.append(s.depth)
+    if s.depth in _MEASURED:
+      whole = _MEASURED[s.depth]
+    else:
+      whole = _MEASURED[2] + (s.depth - 2) * (_MEASURED[3] - _MEASURED[2])
+    return dict(config=name, parameters=s.depth, whole_step=whole)
+
+  return measure
+
+
+@pytest.mark.parametrize("gib", [0.19, 0.195, 0.2, 2.0, 16.0])
+def test_budget_search_finds_the_largest_depth(step_memory, monkeypatch, gib):
+  calls = []
+  monkeypatch.setattr(step_memory, "measure", _fake_measure(calls))
+  budget = gib * 2**30
+  row = step_memory.largest_depth(
+    RECOMMENDED, step_memory.Shape(), budget, lambda *_: None
+  )
+  whole = _fake_measure([])
+  fits = [
+    d
+    for d in range(1, 3000)
+    if whole(RECOMMENDED, step_memory.Shape(depth=d))["whole_step"] <= budget
+  ]
+  assert row["depth"] == max(fits, default=0)
+  if row["depth"]:
+    assert row["whole_step"] <= budget < row["next_whole_step"]
+  assert len(calls) == len(set(calls)) <= 12  # each depth compiled once
+
+
+def test_budget_search_refuses_a_step_that_does_not_grow(
+  step_memory, monkeypatch
+):
+  monkeypatch.setattr(
+    step_memory,
+    "measure",
+    lambda name, s: dict(config=name, whole_step=1000),
+  )
+  with pytest.raises(ValueError, match="must grow with the depth"):
+    step_memory.largest_depth(
+      RECOMMENDED, step_memory.Shape(), 2**30, lambda *_: None
+    )
