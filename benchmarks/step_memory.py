@@ -436,59 +436,78 @@ def measure(name: str, s: Shape) -> dict:
 def largest_depth(name: str, s: Shape, budget: float, log) -> dict:
   """The most blocks whose step needs at most ``budget`` bytes.
 
-  From two blocks on, the step's bytes grow by the same amount per block,
-  so depths 2 and 3 predict the answer; one block is not on that line (a
-  scan of length one compiles to a different program, and XLA may need
-  more temporaries for it than for two), so it never enters the
-  prediction. The prediction and its neighbour are then compiled, and a
-  bisection between the deepest depth known to fit and the shallowest
-  known not to settles the answer on compiled steps only.
+  Beyond a couple of blocks the step's bytes grow linearly with the depth
+  (one block more of weights, state and, unscanned, activations), so the
+  compiles at 2 and 4 blocks predict the answer; a scanned step at 1 block
+  can need more than at 2 (XLA unrolls a scan of length 1), so depth 1 is
+  not used for the prediction. The prediction is then checked by compiling
+  around it, and a bisection between a depth that fits and one that does
+  not settles the rest, so a wrong prediction costs compiles, not the answer.
   """
   rows: dict[int, dict] = {}
 
-  def at(depth: int) -> dict:
+  def fits(depth: int) -> bool:
     if depth not in rows:
       rows[depth] = measure(name, s._replace(depth=depth))
-      log(
-        f"  {name}: {depth} blocks need "
-        f"{rows[depth]['whole_step'] / 2**30:.2f} GiB"
-      )
-    return rows[depth]
+      gib = rows[depth]["whole_step"] / 2**30
+      log(f"  {name}: {depth} blocks need {gib:.2f} GiB")
+    return rows[depth]["whole_step"] <= budget
 
-  two, three = at(2)["whole_step"], at(3)["whole_step"]
-  per_block = three - two
-  if per_block <= 0:
-    raise ValueError(
-      f"{name}: 3 blocks need {three} bytes, no more than 2 ({two}); the "
-      "step's bytes must grow with the depth to search for a budget"
+  if not fits(1):
+    return dict(
+      config=name,
+      depth=0,
+      parameters=0,
+      whole_step=0,
+      next_whole_step=rows[1]["whole_step"],
     )
-  guess = max(1, 2 + math.floor((budget - two) / per_block))
-  at(guess)
-  at(guess + 1)
-
-  def bounds() -> tuple[int, int | None]:
-    fit = [d for d, r in rows.items() if r["whole_step"] <= budget]
-    over = [d for d, r in rows.items() if r["whole_step"] > budget]
-    return max(fit, default=0), min(over, default=None)
-
-  lo, hi = bounds()
-  while hi is None:  # every depth tried fits: double until one does not
-    at(2 * lo)
-    lo, hi = bounds()
+  lo, hi = 1, None  # lo fits; hi, once known, does not
+  if fits(2):
+    lo = 2
+    fits(4)
+    per_block = (rows[4]["whole_step"] - rows[2]["whole_step"]) / 2
+    guess = (
+      2
+      if per_block <= 0
+      else 2 + int((budget - rows[2]["whole_step"]) // per_block)
+    )
+    guess = max(guess, 2)
+    for depth in (4, guess, guess + 1):
+      if fits(depth):
+        lo = max(lo, depth)
+      elif hi is None or depth < hi:
+        hi = depth
+    while hi is None:  # the prediction was low: double until one fails
+      if fits(2 * lo):
+        lo = 2 * lo
+      else:
+        hi = 2 * lo
+  else:
+    hi = 2
+  over = [d for d in rows if d > lo and rows[d]["whole_step"] > budget]
+  hi = min(over) if over else lo + 1
+  fits(hi)
   while hi - lo > 1:
-    at((lo + hi) // 2)
-    lo, hi = bounds()
-  if lo == 0:
-    return dict(config=name, depth=0, next_whole_step=rows[1]["whole_step"])
+    mid = (lo + hi) // 2
+    if fits(mid):
+      lo = mid
+    else:
+      hi = mid
   return dict(rows[lo], depth=lo, next_whole_step=rows[hi]["whole_step"])
 
 
 def encode_stacked(spec: dict, seed: int = 0) -> tuple[dict, dict]:
   """Codes and scales of fresh weights, one tensor made and encoded at a time.
 
-  A stacked part's tensors are encoded alone (a scale each) and stacked; its
-  scales are shaped ``(n, 1, ...)`` to broadcast against the codes.
+  A stacked part's tensors are encoded alone (a scale each) and written into
+  the part's stacked buffers in place (a donated update), so its codes never
+  exist twice; its scales are shaped ``(n, 1, ...)`` to broadcast against
+  the codes.
   """
+  put = jax.jit(
+    lambda buf, x, i: jax.tree.map(lambda b, v: b.at[i].set(v), buf, x),
+    donate_argnums=0,
+  )
   codes, scales = {}, {}
   for p, sub in spec.items():
     if p not in lns_layers.STACKED:
@@ -498,11 +517,17 @@ def encode_stacked(spec: dict, seed: int = 0) -> tuple[dict, dict]:
       continue
     n = jax.tree.leaves(sub, is_leaf=_is_spec)[0][1][0]
     one = _unstacked(sub)
-    parts = [
-      madam_optax.lns_encode_tree(init_params(one, seed + 1 + i), INT8)
-      for i in range(n)
-    ]
-    codes[p] = jax.tree.map(lambda *xs: jnp.stack(xs), *[q[0] for q in parts])
+    stacked, part_scales = None, []
+    for i in range(n):
+      c, m = madam_optax.lns_encode_tree(init_params(one, seed + 1 + i), INT8)
+      if stacked is None:
+        stacked = jax.tree.map(
+          lambda x, n=n: jnp.zeros((n,) + x.shape, x.dtype), c
+        )
+      stacked = put(stacked, c, i)
+      part_scales.append(m)
+      del c
+    codes[p] = stacked
     scales[p] = jax.tree.map(
       lambda c, *xs: (
         None
@@ -510,16 +535,39 @@ def encode_stacked(spec: dict, seed: int = 0) -> tuple[dict, dict]:
         else jnp.stack(xs).reshape((len(xs),) + (1,) * (c.ndim - 1))
       ),
       codes[p],
-      *[q[1] for q in parts],
+      *part_scales,
       is_leaf=lambda x: x is None,
     )
-    del parts
   return codes, scales
 
 
+def _status_gib(field: str) -> float | None:
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1]) / 2**20  # kB
+  except OSError:
+    pass
+  return None
+
+
 def peak_rss_gib() -> float:
-  """This process's peak resident memory so far (Linux: kB)."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  """This process's peak resident memory (``VmHWM``; else ``getrusage``)."""
+  peak = _status_gib("VmHWM")
+  if peak is None:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  return peak
+
+
+def reset_peak_rss() -> bool:
+  """Restarts ``VmHWM`` from the current resident memory (Linux 4.0+)."""
+  try:
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
 
 
 def real_run(s: Shape, steps: int, log) -> dict:
@@ -536,6 +584,9 @@ def real_run(s: Shape, steps: int, log) -> dict:
   state = lns_layers.init(txs, codes)
   rss_init = peak_rss_gib()
   log(f"  initialised: peak RSS {rss_init:.2f} GiB")
+  rss_ready = _status_gib("VmRSS")
+  # From here on the peak is the steps' own (where the OS allows a reset).
+  steps_only = reset_peak_rss()
   jitted = jax.jit(step, donate_argnums=(0, 1))
   rng = np.random.default_rng(0)
   losses, seconds = [], []
@@ -557,9 +608,110 @@ def real_run(s: Shape, steps: int, log) -> dict:
     peak_rss_gib_at_start=rss_start,
     peak_rss_gib_after_init=rss_init,
     peak_rss_gib=peak_rss_gib(),
+    peak_rss_is_the_steps_own=steps_only,
+    rss_gib_before_the_steps=rss_ready,
     code_dtypes=sorted(
       {str(x.dtype) for x in jax.tree.leaves(codes["layers"])}
     ),
+  )
+
+
+# ------------------------------------- the same training result as today
+
+TRAIN_SHAPE = Shape(depth=2, width=64, vocab=96, seq=32, batch=16)
+TRAIN_PATHS = {
+  "lns factored (today's step)": "lns factored",
+  RECOMMENDED: RECOMMENDED,
+}
+
+
+def _text_batches(ids, s: Shape, n: int, seed: int) -> list[jax.Array]:
+  rng = np.random.default_rng(seed)
+  starts = rng.integers(0, len(ids) - s.seq - 1, (n, s.batch))
+  return [
+    jnp.asarray(np.stack([ids[i : i + s.seq + 1] for i in row]), jnp.int32)
+    for row in starts
+  ]
+
+
+def training_comparison(
+  steps: int,
+  seeds=(0, 1, 2),
+  s: Shape = TRAIN_SHAPE,
+  learning_rate: float = 0.05,
+  log=print,
+) -> dict:
+  """Validation perplexity of a small decoder trained by each path.
+
+  Python's own docstrings (``madam_examples.data``, 90 % to train, the rest
+  to validate; 96 characters), ``steps`` steps of ``lns_madam(int8,
+  factored=True)`` at ``learning_rate`` on every seed: today's int8 step
+  (whole vocabulary matrices, ``lns_value_and_grad`` of the unrolled
+  model) and the recommended layer-at-a-time step. Each path's step is
+  compiled once and trains every seed.
+  """
+  from madam_examples import data  # pylint: disable=import-outside-toplevel
+
+  ids = data.encode_text(data.stdlib_docstring_corpus(max_chars=300_000))
+  cut = int(0.9 * len(ids))
+  valid = _text_batches(ids[cut:], s, 8, 12345)
+
+  def make():
+    return madam_optax.lns_madam(
+      INT8, learning_rate=learning_rate, factored=True
+    )
+
+  rows = []
+  for label, name in TRAIN_PATHS.items():
+    if CONFIGS[name][0] == "layered":
+      spec = layered_spec(s)
+      txs = layered_txs(spec, make)
+      step = lns_layers.train_step(MODEL, txs, INT8, compute_dtype=BF16)
+      evaluate = lns_layers.loss_of_weights(MODEL)
+
+      def start(seed, spec=spec, txs=txs):
+        codes, scales = encode_stacked(spec, seed)
+        return codes, lns_layers.init(txs, codes), scales
+    else:
+      spec = flat_spec(s)
+      tx = with_fallback(spec, make())
+      step = lns_step(tx)
+      evaluate = unrolled_loss
+
+      def start(seed, spec=spec, tx=tx):
+        codes, scales = madam_optax.lns_encode_tree(
+          init_params(spec, seed), INT8
+        )
+        return codes, tx.init(codes), scales
+
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+    valid_loss = jax.jit(
+      lambda c, m, b, evaluate=evaluate: evaluate(
+        madam_optax.lns_decode_tree(c, m, INT8), b
+      )
+    )
+    perplexities = []
+    for seed in seeds:
+      codes, state, scales = start(seed)
+      for batch in _text_batches(ids[:cut], s, steps, seed):
+        codes, state, _ = jitted(codes, state, scales, batch)
+      losses = [float(valid_loss(codes, scales, b)) for b in valid]
+      perplexities.append(float(np.exp(np.mean(losses))))
+      log(f"  {label}, seed {seed}: perplexity {perplexities[-1]:.3f}")
+    rows.append(
+      dict(
+        path=label,
+        perplexity=perplexities,
+        mean=float(np.mean(perplexities)),
+        std=float(np.std(perplexities)),
+      )
+    )
+  return dict(
+    shape=s._asdict(),
+    steps=steps,
+    seeds=list(seeds),
+    learning_rate=learning_rate,
+    rows=rows,
   )
 
 
@@ -636,16 +788,50 @@ def markdown_body(results: dict) -> str:
       )
     run = budget.get("run")
     if run:
+      during = (
+        "peak resident memory of the process during the steps"
+        if run.get("peak_rss_is_the_steps_own")
+        else "peak resident memory of the process (making the codes included)"
+      )
+      before = run.get("rss_gib_before_the_steps")
       lines += [
         "",
         f"Run: {run['steps']} steps of `{RECOMMENDED}` at {run['depth']} "
-        f"blocks ({run['parameters']:,} parameters, codes "
-        f"{', '.join(run['code_dtypes'])}): peak resident memory of the "
-        f"process {run['peak_rss_gib']:.2f} GiB ({run['peak_rss_gib_after_init']:.2f}"
-        f" GiB after making the codes and state; {run['peak_rss_gib_at_start']:.2f}"
-        f" GiB at start); losses {', '.join(f'{x:.3f}' for x in run['losses'])};"
-        f" seconds per step {', '.join(str(x) for x in run['step_seconds'])}.",
+        f"blocks ({run['parameters']:,} parameters; the blocks' leaves "
+        f"{', '.join(run['code_dtypes'])}): {during} "
+        f"{run['peak_rss_gib']:.2f} GiB"
+        + (
+          f" (resident before the first step {before:.2f} GiB"
+          if before is not None
+          else " ("
+        )
+        + f"; peak while making the codes and state "
+        f"{run['peak_rss_gib_after_init']:.2f} GiB; "
+        f"{run['peak_rss_gib_at_start']:.2f} GiB at start); losses "
+        f"{', '.join(f'{x:.3f}' for x in run['losses'])}; seconds per step "
+        f"{', '.join(str(x) for x in run['step_seconds'])}.",
       ]
+    lines.append("")
+  training = results.get("training")
+  if training:
+    sh = training["shape"]
+    lines += [
+      "## The same training result as today's step",
+      "",
+      f"A {sh['depth']}-block decoder (width {sh['width']}, the 96 "
+      f"characters of Python's docstrings, sequence {sh['seq']}, batch "
+      f"{sh['batch']}), {training['steps']} steps of `lns_madam(int8, "
+      f"factored=True)` at {training['learning_rate']:g}; validation "
+      f"perplexity, seeds {', '.join(map(str, training['seeds']))}.",
+      "",
+      "| step | perplexity per seed | mean | std |",
+      "|---|---|---:|---:|",
+    ]
+    for r in training["rows"]:
+      lines.append(
+        f"| {r['path']} | {', '.join(f'{x:.3f}' for x in r['perplexity'])}"
+        f" | {r['mean']:.3f} | {r['std']:.3f} |"
+      )
     lines.append("")
   return "\n".join(lines)
 
@@ -672,6 +858,13 @@ def parse_args(argv=None):
   )
   parser.add_argument(
     "--no-table", action="store_true", help="only the budget (no tables)"
+  )
+  parser.add_argument(
+    "--train-steps",
+    type=int,
+    default=0,
+    help="also train a small decoder this many steps by today's int8 step "
+    "and the recommended one, 3 seeds, and compare validation perplexity",
   )
   parser.add_argument(
     "--configs",
@@ -730,6 +923,8 @@ def main(argv=None, log=harness.progress) -> dict:
       log(f"running {args.run_steps} steps at {depth} blocks ...")
       budget["run"] = real_run(base._replace(depth=depth), args.run_steps, log)
     results["budget"] = budget
+  if args.train_steps:
+    results["training"] = training_comparison(args.train_steps, log=log)
   harness.write_results(args.out, args.name, results, REPORT, log)
   return results
 
