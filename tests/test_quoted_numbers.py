@@ -264,6 +264,49 @@ def whole_step_table() -> str:
   return f"{r['parameters']:,} parameters", "\n".join(lines)
 
 
+def _budget_row(config: str) -> dict:
+  for row in results("step_memory_budget")["budget"]["rows"]:
+    if row["config"] == config:
+      return row
+  raise KeyError(config)
+
+
+@quote("README.md")
+def budget_decoders_readme() -> str:
+  adam = _budget_row("adam, scanned")
+  lns = _budget_row("lns factored, scanned + release + bf16 compute")
+  gib = results("step_memory_budget")["budget"]["gib"]
+  return (
+    f"in a {gib:g} GiB step that is a decoder of {lns['depth']} blocks "
+    f"({lns['parameters']:,} parameters) against Adam's {adam['depth']} "
+    f"({adam['parameters']:,})"
+  )
+
+
+@quote("docs/lns.md")
+def budget_decoders_docs() -> str:
+  budget = results("step_memory_budget")["budget"]
+  adam = _budget_row("adam, scanned")
+  factored = _budget_row("madam factored, scanned")
+  lns = _budget_row("lns factored, scanned + release + bf16 compute")
+  run = budget["run"]
+  assert run["peak_rss_is_the_steps_own"] and run["depth"] == lns["depth"]
+  return (
+    f"whose compiled step needs at most {budget['gib']:g} GiB: "
+    f"{adam['depth']} blocks ({adam['parameters']:,} parameters) for "
+    f"`optax.adam`, {factored['depth']} ({factored['parameters']:,}) for "
+    f"`madam(factored=True)` and {lns['depth']} ({lns['parameters']:,}) for "
+    "the int8 layer-at-a-time path, "
+    f"{lns['parameters'] / adam['parameters']:.1f} times Adam's parameters. "
+    f"Three real steps of the int8 path at {run['depth']} blocks on the "
+    f"2-core CPU: the process held {run['rss_gib_before_the_steps']:.2f} GiB "
+    f"before the first step and peaked at {run['peak_rss_gib']:.2f} GiB "
+    f"during the steps, against XLA's {lns['whole_step'] / 2**30:.2f} GiB for "
+    f"the step itself; it started at {run['peak_rss_gib_at_start']:.2f} GiB "
+    "before any model existed"
+  )
+
+
 # ------------------------------------------------------- memory and state
 
 
