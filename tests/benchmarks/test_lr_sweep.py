@@ -400,13 +400,17 @@ def test_unknown_optimizer_or_schedule_is_refused(lr_sweep):
 def test_quick_study_trains_each_budget_and_writes_the_report(
   lr_sweep, harness, tmp_path
 ):
+  # The recipe arm with the first moment: it runs Madam (b1 = 0.9) on the
+  # kernels and Adam on the biases, so one real run covers both optimizers
+  # and the recipe's record and report row (the plain arms are the same loop
+  # with another optimizer_factory, tested above).
   results = lr_sweep.main(
     [
       "--quick",
       "--tasks",
       "mlp",
       "--optimizers",
-      "madam",
+      "recipe_b1",
       "--budgets",
       "1,2",
       "--out",
@@ -416,24 +420,29 @@ def test_quick_study_trains_each_budget_and_writes_the_report(
   )
   saved = json.loads((tmp_path / "lr_sweep.json").read_text())
   assert list(saved["cells"]) == [
-    "mlp/x1/step/madam/p3",
-    "mlp/x2/step/madam/p3",
+    "mlp/x1/step/recipe_b1/p3",
+    "mlp/x2/step/recipe_b1/p3",
   ]
   short, long = (
     np.asarray(saved["cells"][k]["values"]) for k in saved["cells"]
   )
   assert short.shape == long.shape == (len(lr_sweep.LEARNING_RATES), 2)
+  assert np.all(np.isfinite(short)) and np.all(np.isfinite(long))
   assert [saved["cells"][k]["steps"] for k in saved["cells"]] == [10, 20]
   assert not np.array_equal(short, long)
   assert saved == json.loads(json.dumps(results))
   for record in saved["cells"].values():
     assert tuple(record["machine"]) == harness.MACHINE_KEYS
+    assert record["recipe"]["b1"] == 0.9
+    assert record["recipe"]["additive"] == (
+      f"optax.adam({lr_sweep.RECIPE_ADDITIVE_LR:g}), same schedule"
+    )
   assert saved["machine"]["command"] == (
-    "python benchmarks/lr_sweep.py --quick --tasks mlp --optimizers madam "
-    "--budgets 1,2"
+    "python benchmarks/lr_sweep.py --quick --tasks mlp --optimizers "
+    "recipe_b1 --budgets 1,2"
   )
   table = (tmp_path / "lr_sweep.md").read_text()
-  assert "| Madam, p_scale 3 |" in table and "lr=0.01" in table
+  assert "| Madam recipe, b1 0.9, p_scale 3 |" in table and "lr=0.01" in table
   for figure in ("lr_sweep.png", "lr_sweep_best.png"):
     assert (tmp_path / figure).read_bytes()[:4] == b"\x89PNG"
 
