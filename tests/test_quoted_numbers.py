@@ -307,6 +307,19 @@ def budget_decoders_docs() -> str:
   )
 
 
+@quote("docs/lns.md")
+def layered_training_result() -> str:
+  data = results("step_memory_training")["training"]
+  today, layered = data["rows"]
+  return (
+    f"{data['steps']} steps of `lns_madam(int8, factored=True)` at "
+    f"{data['learning_rate']:g}, {len(data['seeds'])} seeds: validation "
+    f"perplexity {today['mean']:.2f} ± {today['std']:.2f} by today's int8 "
+    f"step and {layered['mean']:.2f} ± {layered['std']:.2f} by the "
+    "layer-at-a-time step"
+  )
+
+
 # ------------------------------------------------------- memory and state
 
 

@@ -25,6 +25,7 @@ SCRIPTS = {
   "step_memory": "step_memory",
   "step_memory_24": "step_memory",
   "step_memory_budget": "step_memory",
+  "step_memory_training": "step_memory",
   "step_time_b1_cpu": "step_time",
   "step_time_cpu": "step_time",
   "step_time_floor_cpu": "step_time",
