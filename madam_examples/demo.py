@@ -173,7 +173,7 @@ def run_sweep(args: argparse.Namespace) -> None:
     print(_row(LABELS[opt], r["accuracy"].mean(1), ">8.1f"))
   print("final training loss (nats; nan: a seed diverged)")
   for opt, r in results.items():
-    print(_row(LABELS[opt], r["train_loss"].mean(1), ">8.3g"))
+    print(_row(LABELS[opt], r["train_loss"].mean(1), ">8.2g"))
   summary: dict[str, dict] = {}
   print(f"good rates: within {GOOD_WITHIN_POINTS:g} point of the best mean")
   for opt, r in results.items():

@@ -28,6 +28,15 @@ def test_quick_sweep_shows_every_rate_default_and_spread(tmp_path, capsys):
   assert "held-out accuracy (%)" in text and "final training loss" in text
   for label in demo.LABELS.values():
     assert label in text
+    # Each row of both tables: the label, then nine separate numbers.
+    rows = [
+      line[len(label) :]
+      for line in text.splitlines()
+      if line.startswith(label) and "trained" not in line and "*" not in line
+    ]
+    assert len(rows) == 2, rows
+    for row in rows:
+      assert len([float(x) for x in row.split()]) == 9, row
   assert "spread" in text and "within 1 point" in text
   assert (out / "sweep.png").read_bytes()[:8] == PNG_MAGIC
   saved = json.loads((out / "sweep.json").read_text())
