@@ -139,6 +139,7 @@ def study_best_rates() -> str:
   "README.md",
   "docs/index.md",
   "madam_optax/_src/alias.py",
+  "notebooks/01_quickstart.ipynb",
   "notebooks/02_learning_rate_robustness.ipynb",
 )
 def learning_rate_story() -> str:
@@ -317,6 +318,36 @@ def layered_training_result() -> str:
     f"perplexity {today['mean']:.2f} ± {today['std']:.2f} by today's int8 "
     f"step and {layered['mean']:.2f} ± {layered['std']:.2f} by the "
     "layer-at-a-time step"
+  )
+
+
+@quote("docs/checkpointing.md")
+def checkpoint_bytes_table() -> str:
+  data = results("checkpoint_bytes")
+  names = {
+    "madam": "`madam`, float32",
+    "madam_bf16": "`madam`, bfloat16 second moment",
+    "lns_madam_int8": "`lns_madam`, 8-bit codes",
+    "lns_madam_int8_bf16": "`lns_madam`, 8-bit codes, bfloat16 second moment",
+    "adam": "`optax.adam`, float32",
+  }
+  rows = {r["optimizer"]: r for r in data["rows"]}
+  lines = [
+    "| optimizer | full training state: disk (memory) | parameters only: "
+    "disk (memory) |",
+    "|---|---:|---:|",
+  ]
+  for key, name in names.items():
+    full, params = rows[key]["full"], rows[key]["params"]
+    lines.append(
+      f"| {name} | {full['disk_bytes_per_param']:.2f} "
+      f"({full['memory_bytes_per_param']:.2f}) | "
+      f"{params['disk_bytes_per_param']:.2f} "
+      f"({params['memory_bytes_per_param']:.2f}) |"
+    )
+  return (
+    f"({data['n_params'] / 1e6:.2f}M parameters) after {data['steps']} steps",
+    ("\n".join(lines)),
   )
 
 
