@@ -160,51 +160,30 @@ def learning_rate_story() -> str:
 
 @quote("README.md")
 def transformer_gap() -> str:
-  cells = results("lr_sweep")["cells"]
-  gaps = []
-  for budget in ("x4", "x16"):
-    madam = cells[f"transformer/{budget}/step/madam/p2"]
-    adam = cells[f"transformer/{budget}/step/adam"]
-    best = lambda c: np.nanmin(np.mean(c["values"], axis=1))
-    gaps.append((100 * (best(madam) / best(adam) - 1), madam["steps"]))
-  (a, n), (b, m) = gaps
+  (a, b), (n, m) = [_arm_gap(x, "madam") for x in (4, 16)], _steps(4, 16)
   return f"({a:.0f} % worse perplexity at {n} steps, {b:.0f} % at {m}"
 
 
 @quote("README.md")
 def recipe_gap() -> str:
   """The Transformer recipe (with b1) against the best-tuned Adam."""
-  cells = results("lr_sweep")["cells"]
-  best = lambda c: np.nanmin(np.mean(c["values"], axis=1))
-  parts = []
-  for budget in ("x4", "x16"):
-    recipe = cells[f"transformer/{budget}/step/recipe_b1/p2"]
-    adam = cells[f"transformer/{budget}/step/adam"]
-    gap = 100 * (best(recipe) / best(adam) - 1)
-    parts.append((f"{gap:+.1f}", recipe["steps"]))
-  (a, n), (b, m) = parts
-  return f"({a} % at {n} steps, {b} % at {m} against Adam's best"
+  (a, b), (n, m) = [_arm_gap(x, "recipe_b1") for x in (4, 16)], _steps(4, 16)
+  return f"({a:+.1f} % at {n} steps, {b:+.1f} % at {m} against Adam's best"
 
 
 @quote("docs/zero_and_sign.md")
 def recipe_page_gaps() -> str:
   """The zero-and-sign page's gaps: Madam, the recipe and the recipe + b1."""
-  cells = results("lr_sweep")["cells"]
-  best = lambda c: np.nanmin(np.mean(c["values"], axis=1))
-
-  def gap(budget, arm):
-    adam = best(cells[f"transformer/{budget}/step/adam"])
-    return 100 * (best(cells[f"transformer/{budget}/step/{arm}/p2"]) / adam - 1)
-
-  steps = [cells[f"transformer/{b}/step/adam"]["steps"] for b in ("x4", "x16")]
+  gap = _arm_gap
+  n, m = _steps(4, 16)
   return (
-    f"ends {gap('x4', 'madam'):.0f} % ({steps[0]:,} steps) to "
-    f"{gap('x16', 'madam'):.0f} % ({steps[1]:,} steps) behind a tuned Adam"
+    f"ends {gap(4, 'madam'):.0f} % ({n:,} steps) to "
+    f"{gap(16, 'madam'):.0f} % ({m:,} steps) behind a tuned Adam"
   ), (
-    f"the recipe came within {gap('x4', 'recipe'):.1f} % of the best-tuned "
-    f"Adam at {steps[0]:,} steps ({gap('x4', 'recipe_b1'):+.1f} % with "
-    f"`b1=0.9`) and within {gap('x16', 'recipe'):.1f} % "
-    f"({gap('x16', 'recipe_b1'):.1f} %) at {steps[1]:,}"
+    f"the recipe came within {gap(4, 'recipe'):.1f} % of the best-tuned "
+    f"Adam at {n:,} steps ({gap(4, 'recipe_b1'):+.1f} % with "
+    f"`b1=0.9`) and within {gap(16, 'recipe'):.1f} % "
+    f"({gap(16, 'recipe_b1'):.1f} %) at {m:,}"
   )
 
 
@@ -1102,6 +1081,17 @@ def _gap(ppl: float, budget: int) -> float:
   """Per cent above the best-tuned Adam's perplexity at ``budget``."""
   adam, _ = _best_mean(_cell(_transformer_key(budget, "adam"))["values"])
   return 100 * (ppl / adam - 1)
+
+
+def _arm_gap(budget: int, arm: str) -> float:
+  """An arm's best perplexity at ``budget``, per cent above the best Adam's."""
+  ppl, _ = _best_mean(_cell(_transformer_key(budget, arm))["values"])
+  return _gap(ppl, budget)
+
+
+def _steps(*budgets: int) -> list[int]:
+  """The Transformer's steps at each budget."""
+  return [_cell(_transformer_key(b, "adam"))["steps"] for b in budgets]
 
 
 def _ppl_gap(ppl: float, budget: int) -> str:
