@@ -187,12 +187,17 @@ def recipe_page_gaps() -> str:
   )
 
 
+def _find(rows, **match) -> dict:
+  """The first row (a dict) holding every ``key=value`` of ``match``."""
+  for row in rows:
+    if all(row[k] == v for k, v in match.items()):
+      return row
+  raise KeyError(match)
+
+
 def _step_memory_row(config: str, stem: str = "step_memory") -> dict:
   (model,) = results(stem)["results"].values()
-  for row in model["rows"]:
-    if row["config"] == config:
-      return row
-  raise KeyError(config)
+  return _find(model["rows"], config=config)
 
 
 @quote("README.md")
@@ -245,10 +250,7 @@ def whole_step_table() -> str:
 
 
 def _budget_row(config: str) -> dict:
-  for row in results("step_memory_budget")["budget"]["rows"]:
-    if row["config"] == config:
-      return row
-  raise KeyError(config)
+  return _find(results("step_memory_budget")["budget"]["rows"], config=config)
 
 
 @quote("README.md")
@@ -334,12 +336,8 @@ def checkpoint_bytes_table() -> str:
 
 
 def _step_row(tree: str, optimizer: str, stem: str = "step_time_cpu") -> dict:
-  for t in results(stem)["trees"]:
-    if t["tree"] == tree:
-      for row in t["rows"]:
-        if row["optimizer"] == optimizer:
-          return row
-  raise KeyError((stem, tree, optimizer))
+  rows = _find(results(stem)["trees"], tree=tree)["rows"]
+  return _find(rows, optimizer=optimizer)
 
 
 @quote("README.md")
@@ -355,10 +353,7 @@ def state_bytes() -> str:
 
 
 def _lns_memory_row(model: str, config: str) -> dict:
-  for row in results("lns_memory")["results"][model]["rows"]:
-    if row["config"] == config:
-      return row
-  raise KeyError((model, config))
+  return _find(results("lns_memory")["results"][model]["rows"], config=config)
 
 
 @quote("README.md")
@@ -378,10 +373,8 @@ def int8_bytes() -> str:
 
 
 def _bits_row(model: str, method: str, **match) -> dict:
-  for row in results("lns_bits")["results"][model]["rows"]:
-    if row["method"] == method and all(row[k] == v for k, v in match.items()):
-      return row
-  raise KeyError((model, method, match))
+  rows = results("lns_bits")["results"][model]["rows"]
+  return _find(rows, method=method, **match)
 
 
 @quote("docs/lns.md")
@@ -960,10 +953,8 @@ def first_moment_step_time() -> str:
 
 
 def _first_moment_bytes(config: str) -> str:
-  for row in results("lns_first_moment_memory")["memory"]["rows"]:
-    if row["config"] == config:
-      return f"{row['bytes_per_param']:.3f}"
-  raise KeyError(config)
+  rows = results("lns_first_moment_memory")["memory"]["rows"]
+  return f"{_find(rows, config=config)['bytes_per_param']:.3f}"
 
 
 @quote("docs/maths.md")
