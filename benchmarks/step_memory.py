@@ -652,9 +652,8 @@ def training_comparison(
   """
   from madam_examples import data  # pylint: disable=import-outside-toplevel
 
-  ids = data.encode_text(data.stdlib_docstring_corpus(max_chars=300_000))
-  cut = int(0.9 * len(ids))
-  valid = _text_batches(ids[cut:], s, 8, 12345)
+  text = data.load_stdlib_text(max_chars=300_000)  # the last 10 % held out
+  valid = _text_batches(text.valid, s, 8, 12345)
 
   def make():
     return madam_optax.lns_madam(
@@ -693,7 +692,7 @@ def training_comparison(
     perplexities = []
     for seed in seeds:
       codes, state, scales = start(seed)
-      for batch in _text_batches(ids[:cut], s, steps, seed):
+      for batch in _text_batches(text.train, s, steps, seed):
         codes, state, _ = jitted(codes, state, scales, batch)
       losses = [float(valid_loss(codes, scales, b)) for b in valid]
       perplexities.append(float(np.exp(np.mean(losses))))
