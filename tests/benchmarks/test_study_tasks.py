@@ -12,24 +12,12 @@ import pytest
 import scipy.linalg
 
 from madam_examples import data
-from madam_examples import loop
 from madam_examples import models
-from madam_examples import step
 from tests.benchmarks.conftest import load_benchmark
+from tests.examples.test_tasks import _train
 
 gan_metric = load_benchmark("study_tasks")
 tasks = gan_metric
-STEPS = 25
-
-
-def _train(task, optimizer="madam", lr=0.01, steps=STEPS):
-  txs = loop.task_optimizers(task, optimizer, lr)
-  state = loop.init_task_state(task, txs, jax.random.key(0))
-  chunk = jax.jit(
-    lambda s: step.train_chunk(task.losses, txs, s, task.data, steps)
-  )
-  new_state, sums = chunk(state)
-  return state, new_state, jax.device_get(sums)
 
 
 def _reference_fd(x, y):
