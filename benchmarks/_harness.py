@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from madam_examples import cli
 from madam_examples.memory import bytes_per_device  # noqa: F401 (re-exported)
 from madam_examples.memory import tree_bytes  # noqa: F401 (re-exported)
 import madam_optax
@@ -387,6 +388,11 @@ def parse_args(
   args = parser.parse_args(argv)
   args.quick = args.quick or os.environ.get("MADAM_QUICK") == "1"
   args.out = results_dir(args.out, quick=args.quick, replot=args.replot)
+  if args.out is not None and not args.replot:
+    try:  # proven before any measurement, not after it
+      cli.output_dir(str(args.out))
+    except argparse.ArgumentTypeError as e:
+      parser.error(f"argument --out: {e}")
   args.command = command_line(
     script, argv if argv is not None else sys.argv[1:]
   )

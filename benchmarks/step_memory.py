@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from madam_examples import cli
 from madam_examples import lns_layers
 import madam_optax
 
@@ -845,12 +846,15 @@ def parse_args(argv=None):
   parser = harness.argument_parser(__doc__, "step_memory")
   parser.add_argument(
     "--budget-gib",
-    type=float,
+    type=cli.positive_float,
     default=None,
     help="find the largest decoder whose step fits this many GiB, and run it",
   )
   parser.add_argument(
-    "--run-steps", type=int, default=3, help="real steps of the budget run"
+    "--run-steps",
+    type=cli.positive_int,
+    default=3,
+    help="real steps of the budget run",
   )
   parser.add_argument(
     "--no-run", action="store_true", help="skip the budget's real run"
@@ -860,7 +864,7 @@ def parse_args(argv=None):
   )
   parser.add_argument(
     "--train-steps",
-    type=int,
+    type=cli.nonnegative_int,
     default=0,
     help="also train a small decoder this many steps by today's int8 step "
     "and the recommended one, 3 seeds, and compare validation perplexity",

@@ -405,3 +405,13 @@ def test_stored_for_training(harness):
   )
   np.testing.assert_allclose(new["dense0"]["bias"], -1e-3, rtol=1e-3)
   assert new["dense0"]["kernel"].dtype == jnp.int16
+
+
+@pytest.mark.parametrize("out", ["/proc/x", "/etc/passwd"])
+def test_an_unwritable_out_fails_before_any_work(harness, out, capsys):
+  parser = harness.argument_parser("A script.", "demo")
+  with pytest.raises(SystemExit) as exit_info:
+    harness.parse_args(parser, ["--out", out], "benchmarks/demo.py")
+  assert exit_info.value.code == 2
+  (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+  assert "argument --out:" in line and out in line
