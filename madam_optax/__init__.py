@@ -42,6 +42,7 @@ from madam_optax._src.partition import partitioned_madam
 from madam_optax._src.partition import with_additive_fallback
 from madam_optax._src.second_moment import ScaleBySecondMomentState
 from madam_optax._src.second_moment import scale_by_second_moment
+from madam_optax._src.state_sharding import state_shardings
 
 __version__ = "0.2.0.dev0"
 
@@ -93,5 +94,6 @@ __all__ = (
   "scale_by_factored_second_moment",
   "scale_by_moments",
   "scale_by_second_moment",
+  "state_shardings",
   "with_additive_fallback",
 )

@@ -150,7 +150,7 @@ def test_lns_scale_is_the_same_number_as_the_bound():
   w = jnp.array([[0.3, -1.2], [2.0, 0.01]])
   bound = madam_optax.initial_max_magnitude(w, 2.0)
   state = madam_optax.clip_weight_magnitude(2.0).init(w)
-  assert float(state.max_magnitude[0]) == float(bound)
+  assert float(state.max_magnitude) == float(bound)
   _, w_max = madam_optax.lns_encode(w, LNSFormat.spanning(127), p_scale=2.0)
   assert float(w_max) == float(bound)
 

@@ -368,7 +368,7 @@ def test_madam_keeps_huge_weights(dtype, top, jit):
     new, _, state = _step(
       madam_optax.madam(), {"w": jnp.ones(3, dtype)}, params, jit=jit
     )
-    bound = state[-1].max_magnitude[0]
+    bound = state[-1].max_magnitude["w"]
     assert np.isfinite(float(bound)) and float(bound) > 0
     got = np.asarray(new["w"], np.float64)
     want = np.asarray(w, np.float64) * np.exp(-0.01 * np.sign(w))

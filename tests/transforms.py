@@ -60,10 +60,6 @@ EXTRA_ARGS = "extra_args"
 MAP_PARAMS = "map_params"
 MISMATCHED_TREES = "mismatched_trees"
 
-FLAT_STATE = (
-  "per-tensor bounds in a flat tuple: optax.tree.map_params' placeholder "
-  "init gives an empty tuple, which does not match the state"
-)
 PARTITION_FIRST = (
   "optax.partition maps over the updates with the labels' structure first: "
   "JAX's pytree error (naming the differing keys) comes before ours, which "
@@ -394,7 +390,6 @@ CASES = (
     hyperparams={"p_scale": 0.8},
     complete=_after_adam,
     invariants=frozenset({BOUNDED, FINITE}),
-    known_failures={MAP_PARAMS: FLAT_STATE},
   ),
   Case(
     "log_quantise_nearest",
@@ -404,7 +399,6 @@ CASES = (
     fmt=FLOAT_GRID,
     complete=_after_madam,
     invariants=MADAM_INVARIANTS | {ON_GRID},
-    known_failures={MAP_PARAMS: FLAT_STATE},
   ),
   Case(
     "log_quantise_stochastic",
@@ -414,14 +408,12 @@ CASES = (
     fmt=FLOAT_GRID,
     complete=_after_madam,
     invariants=MADAM_INVARIANTS | {ON_GRID},
-    known_failures={MAP_PARAMS: FLAT_STATE},
   ),
   Case(
     "madam",
     madam_optax.madam,
     hyperparams=MADAM_HYPERPARAMS,
     invariants=MADAM_INVARIANTS,
-    known_failures={MAP_PARAMS: FLAT_STATE},
   ),
   Case(
     "madam_bf16_state",
@@ -429,14 +421,12 @@ CASES = (
     hyperparams=MADAM_HYPERPARAMS,
     static={"state_dtype": jnp.bfloat16},
     invariants=MADAM_INVARIANTS,
-    known_failures={MAP_PARAMS: FLAT_STATE},
   ),
   Case(
     "madam_b1",
     madam_optax.madam,
     hyperparams={**MADAM_HYPERPARAMS, "b1": 0.9},
     invariants=MADAM_INVARIANTS,
-    known_failures={MAP_PARAMS: FLAT_STATE},
   ),
   Case(
     "madam_with_additive_fallback",
@@ -444,7 +434,7 @@ CASES = (
     hyperparams=MADAM_HYPERPARAMS,
     wrap=_with_additive_fallback,
     invariants=MADAM_INVARIANTS,
-    known_failures={MAP_PARAMS: FLAT_STATE, MISMATCHED_TREES: PARTITION_FIRST},
+    known_failures={MISMATCHED_TREES: PARTITION_FIRST},
   ),
   Case(
     "scale_by_factored_second_moment",
@@ -473,7 +463,6 @@ CASES = (
     # normaliser's is at most sqrt((1 - b2**t) / (1 - b2))), so six steps at
     # rate 1 can shrink a weight by e**-60: a 1e-21 underflows.
     invariants=MADAM_INVARIANTS - {SIGN_STEP, NONZERO},
-    known_failures={MAP_PARAMS: FLAT_STATE},
   ),
   Case(
     "lns_level_step",

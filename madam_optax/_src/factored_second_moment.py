@@ -254,12 +254,15 @@ def _zeros_without_axis(p: Any, axis: int, dtype: Any) -> jax.Array:
   # The reduction's result carries p's sharding of the remaining axes (with
   # explicit mesh axes in its type; eagerly as the computed layout), so each
   # statistic is sharded along its dimension. Only its layout is used.
+  # A tensor known by shape (jax.ShapeDtypeStruct) gives the same, abstractly.
+  if tree_utils.is_abstract(p):
+    return jnp.zeros_like(
+      jax.eval_shape(lambda q: jnp.sum(q, axis=axis), p), dtype=dtype
+    )
   return jnp.zeros_like(jnp.sum(p, axis=axis), dtype=dtype)
 
 
-def _is_variable(x: Any) -> bool:
-  """Array wrappers such as Flax NNX ``Variable``s (duck-typed: no Flax import)."""
-  return hasattr(x, "get_value") and hasattr(x, "set_value")
+_is_variable = tree_utils.is_variable
 
 
 def _placeholder(dtype: Any) -> jax.Array:
@@ -398,7 +401,8 @@ def scale_by_factored_second_moment(
       # the factored statistics and placeholders are plain arrays.
       value = p.get_value() if _is_variable(p) else p
       dtype = state_dtype or validation.leaf_dtype(value)
-      value = jnp.asarray(value, dtype=validation.leaf_dtype(value))
+      if not tree_utils.is_abstract(value):
+        value = jnp.asarray(value, dtype=validation.leaf_dtype(value))
       axes = factored_axes(value.shape, min_dim)
       if axes is None:
         full = jax.tree.map(lambda x: jnp.zeros_like(x, dtype=dtype), p)

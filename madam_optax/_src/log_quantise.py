@@ -20,10 +20,10 @@ class LogQuantiseState(NamedTuple):
   """State of :func:`log_quantise`.
 
   Attributes:
-    max_magnitude: a tuple with one scalar per parameter tensor, in
-      ``jax.tree.leaves(params)`` order: the grid's largest magnitude
-      :math:`w_{max}`, fixed at ``init`` (a flat tuple, as in
-      :class:`madam_optax.ClipWeightMagnitudeState`).
+    max_magnitude: a tree shaped like ``params`` with one scalar per tensor:
+      the grid's largest magnitude :math:`w_{max}`, fixed at ``init`` (as in
+      :class:`madam_optax.ClipWeightMagnitudeState`, whose notes on Flax NNX
+      Variables, the 0.2 format and init from shapes hold here too).
     key: the PRNG key for stochastic rounding (carried, unused, by ``nearest``).
   """
 
@@ -111,18 +111,13 @@ def log_quantise(
 
   def init_fn(params):
     validation.check_float_leaves(params, "log_quantise")
-    bounds = []
-    for path, p in jax.tree_util.tree_flatten_with_path(
-      params, is_leaf=tree_utils.is_masked
-    )[0]:
-      if tree_utils.is_masked(p):
-        bounds.append(p)
-        continue
-      bound = (
-        magnitude_bound.initial_max_magnitude(p, p_scale)
-        if max_magnitude is None
-        else fixed_bound()
-      )
+
+    def bound_of(path, p):
+      if max_magnitude is not None:
+        return fixed_bound()
+      if tree_utils.is_abstract(p):
+        return magnitude_bound.abstract_bound(p)
+      bound = magnitude_bound.initial_max_magnitude(p, p_scale)
       v = validation.concrete_value(bound)
       if v is not None and (not math.isfinite(v) or v <= 0):
         raise ValueError(
@@ -132,9 +127,11 @@ def log_quantise(
           "it with `optax.masked` or train it additively "
           "(`madam_optax.with_additive_fallback`)."
         )
-      bounds.append(bound)
+      return bound
+
     return LogQuantiseState(
-      max_magnitude=tuple(bounds), key=lns.initial_key(seed, rng)
+      max_magnitude=tree_utils.per_tensor_tree(bound_of, params),
+      key=lns.initial_key(seed, rng),
     )
 
   def fixed_bound():
@@ -146,7 +143,9 @@ def log_quantise(
     updates, params = validation.as_arrays((updates, params))
     validation.check_same_structure(updates, params, "log_quantise")
     validation.check_float_leaves(params, "log_quantise")
-    bounds = tuple(state.max_magnitude)
+    bounds = tree_utils.per_tensor_tuple(state.max_magnitude)
+    if max_magnitude is None:
+      magnitude_bound.check_bounds_concrete(bounds, "log_quantise")
     key, keys = lns.split_key(state.key, len(bounds), rng)
     if max_magnitude is not None:
       # The current value, so that a change under optax.inject_hyperparams

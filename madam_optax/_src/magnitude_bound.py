@@ -27,12 +27,17 @@ class ClipWeightMagnitudeState(NamedTuple):
   """State of :func:`clip_weight_magnitude`.
 
   Attributes:
-    max_magnitude: a tuple with one scalar per parameter tensor, in
-      ``jax.tree.leaves(params)`` order (float32, or float64 for float64
-      parameters): the bounds :math:`w_{max}` fixed at ``init``. A flat tuple
-      rather than a tree shaped like ``params``, so that wrappers that attach
-      per-tensor metadata to the parameter tree (Flax NNX's sharding
-      annotations on ``nnx.Param``) do not give a scalar its tensor's sharding.
+    max_magnitude: a tree shaped like ``params`` with one scalar per tensor
+      (float32, or float64 for float64 parameters): the bounds
+      :math:`w_{max}` fixed at ``init``. Shaped like ``params``, so that
+      ``optax.tree.map_params`` finds it; a Flax NNX ``Variable`` becomes a
+      plain scalar there, so the Variable's sharding annotation is not
+      copied onto it (:func:`madam_optax.state_shardings` gives it a
+      replicated sharding). A flat tuple of the scalars, in
+      ``jax.tree.leaves(params)`` order (madam-optax 0.2's format), is
+      accepted too. Initialised from shapes (``jax.ShapeDtypeStruct``
+      leaves), the bounds are ``jax.ShapeDtypeStruct`` scalars: they depend
+      on the initial weights' values.
   """
 
   max_magnitude: Any
@@ -115,6 +120,27 @@ def _round_down(bound: jax.Array, dtype: Any) -> jax.Array:
   return lax.select(up, numerics.step_away_from(rounded, rounded), rounded)
 
 
+def abstract_bound(p: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+  """The shape, dtype and sharding of the bound of a tensor known by shape."""
+  return jax.eval_shape(initial_max_magnitude, p)
+
+
+ABSTRACT_BOUNDS = (
+  "{transform}: the state's weight bounds are abstract "
+  "(jax.ShapeDtypeStruct): the state was initialised from shapes, and each "
+  "bound, p_scale * RMS(w0), needs the initial weights' values. Initialise "
+  "it with `tx.init(params)` on arrays (under jax.jit with out_shardings "
+  "from madam_optax.state_shardings for sharded parameters), or restore it "
+  "from a checkpoint using this state as the target."
+)
+
+
+def check_bounds_concrete(bounds: Any, transform: str) -> None:
+  """A ``ValueError`` if a state's bounds are abstract (init from shapes)."""
+  if any(tree_utils.is_abstract(b) for b in jax.tree.leaves(bounds)):
+    raise ValueError(ABSTRACT_BOUNDS.format(transform=transform))
+
+
 def _fixed_bound(max_magnitude: Any, p: Any) -> jax.Array:
   """``max_magnitude`` as the bound of tensor ``p``, in its compute dtype."""
   return jnp.asarray(
@@ -132,7 +158,9 @@ def current_bounds(
   ``p_scale`` bound is fixed from the initial weights).
   """
   if max_magnitude is None:
-    return state.max_magnitude
+    bounds = tree_utils.per_tensor_tuple(state.max_magnitude)
+    check_bounds_concrete(bounds, "clip_weight_magnitude")
+    return bounds
   return tree_utils.per_tensor_tuple(
     jax.tree.map(lambda p: _fixed_bound(max_magnitude, p), params)
   )
@@ -295,8 +323,8 @@ def warn_on_zero_leaves(params: Any, transform: str) -> None:
   ):
     if tree_utils.is_masked(p) or p is None:
       continue
-    if isinstance(p, jax.core.Tracer):
-      return  # traced: values unknown
+    if isinstance(p, jax.core.Tracer) or tree_utils.is_abstract(p):
+      return  # traced or abstract: values unknown
     p = jnp.asarray(p)
     if p.size == 0 or not p.is_fully_addressable:
       continue
@@ -397,12 +425,17 @@ def clip_weight_magnitude(
     validation.check_float_leaves(params, "clip_weight_magnitude")
     if validation.concrete_value(warn_zero_leaves) != 0.0:
       warn_on_zero_leaves(params, "madam (clip_weight_magnitude)")
-    if max_magnitude is None:
-      bounds = initial_max_magnitude(params, p_scale)
-    else:
-      bounds = jax.tree.map(lambda p: _fixed_bound(max_magnitude, p), params)
+
+    def bound(path, p):
+      del path
+      if max_magnitude is not None:
+        return _fixed_bound(max_magnitude, p)
+      if tree_utils.is_abstract(p):
+        return abstract_bound(p)
+      return initial_max_magnitude(p, p_scale)
+
     return ClipWeightMagnitudeState(
-      max_magnitude=tree_utils.per_tensor_tuple(bounds)
+      max_magnitude=tree_utils.per_tensor_tree(bound, params)
     )
 
   def update_fn(updates, state, params=None, **extra_args):

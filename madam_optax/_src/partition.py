@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from madam_optax._src import alias
+from madam_optax._src import tree_utils
 
 MULTIPLICATIVE = "multiplicative"
 ADDITIVE = "additive"
@@ -45,9 +46,7 @@ ADDITIVE_NAMES = (
 ADDITIVE_LEARNING_RATE = 3e-2
 
 
-def _is_variable(x: Any) -> bool:
-  """Array wrappers such as Flax NNX ``Variable``s (duck-typed: no Flax import)."""
-  return hasattr(x, "get_value") and hasattr(x, "set_value")
+_is_variable = tree_utils.is_variable
 
 
 def multiplicative_labels(params: Any, *, min_ndim: int = 0) -> Any:

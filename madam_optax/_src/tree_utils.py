@@ -23,6 +23,38 @@ def is_masked(x: Any) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
+def is_variable(x: Any) -> bool:
+  """Array wrappers such as Flax NNX ``Variable``s (duck-typed: no Flax import)."""
+  return hasattr(x, "get_value") and hasattr(x, "set_value")
+
+
+def is_abstract(x: Any) -> bool:
+  """Whether ``x`` has a shape and dtype but no value (``jax.ShapeDtypeStruct``)."""
+  return isinstance(x, jax.ShapeDtypeStruct)
+
+
+def per_tensor_tree(fn: Callable[[Any, Any], Any], params: Any) -> Any:
+  """``fn(path, tensor)`` for each tensor of ``params``, as a params-shaped tree.
+
+  The result has the structure of ``params`` with plain values where the
+  tensors were: a Flax NNX ``Variable`` is unwrapped (``fn`` sees its value),
+  so its metadata (a sharding per axis) is not copied onto a per-tensor
+  scalar; ``optax.MaskedNode`` and ``None`` leaves are kept as they are.
+  Being shaped like ``params``, such an entry is found by
+  ``optax.tree.map_params``, and ``jax.tree.leaves`` of it follows
+  ``jax.tree.leaves(params)``.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(
+    params, is_leaf=lambda x: is_masked(x) or is_variable(x)
+  )
+  return treedef.unflatten(  # type: ignore[attr-defined]
+    [
+      p if is_masked(p) else fn(path, p.get_value() if is_variable(p) else p)
+      for path, p in leaves
+    ]
+  )
+
+
 def tree_map_unzip(
   fn: Callable[..., Sequence[Any]], tree: Any, *rest: Any, n_out: int = 2
 ) -> tuple[Any, ...]:
@@ -40,10 +72,10 @@ def tree_map_unzip(
 def per_tensor_tuple(tree: Any) -> tuple[Any, ...]:
   """The leaves of ``tree`` (``MaskedNode`` included) as a flat tuple.
 
-  States keep per-tensor scalars in this form rather than in a tree shaped
-  like ``params``, so that wrappers which attach per-tensor metadata to the
-  parameter tree (Flax NNX's sharding annotations on ``nnx.Param``) do not
-  give a scalar its tensor's sharding.
+  The per-tensor entries of a state (:func:`per_tensor_tree`), in
+  ``jax.tree.leaves(params)`` order. A flat tuple of such entries (the state
+  format of madam-optax 0.2) gives the same tuple, so states saved in that
+  format still update.
   """
   return tuple(jax.tree.leaves(tree, is_leaf=is_masked))
 
