@@ -98,19 +98,6 @@ def owned_by_param(path, leaf, params):
   return leaf.ndim > 0 and name in params and leaf.shape == params[name].shape
 
 
-def state_shardings(state, params, mesh):
-  """The FSDP rule: a per-parameter state leaf is sharded like its parameter;
-  the rest (step counts, per-tensor bounds, PRNG keys) is replicated."""
-
-  def rule(path, leaf):
-    if owned_by_param(path, leaf, params):
-      return params[owning_param(path)].sharding
-    assert leaf.size <= 2, f"unexpected large state leaf {path}"
-    return NamedSharding(mesh, P())
-
-  return jax.tree_util.tree_map_with_path(rule, state)
-
-
 def assert_state_sharded_like_params(state, params):
   n_array_leaves = 0
   for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
@@ -231,7 +218,7 @@ def test_jit_init_keeps_param_shardings(eight_devices, name, axis_type):
     # of zeros, for optax.adam as for Madam: pin out_shardings, as below.)
     assert_state_sharded_like_params(jax.jit(tx.init)(params), params)
   # With out_shardings from the FSDP rule (what a training script pins).
-  out_shardings = state_shardings(jax.eval_shape(tx.init, params), params, mesh)
+  out_shardings = madam_optax.state_shardings(tx, params)
   state = jax.jit(tx.init, out_shardings=out_shardings)(params)
   assert_state_sharded_like_params(state, params)
 
@@ -297,7 +284,7 @@ def test_sharded_run_matches_single_device_run(eight_devices, name):
     return update_step(tx)(params, fake_grads(params, t), state)
 
   def layout(state):
-    return jax.device_put(state, state_shardings(state, sharded, mesh))
+    return jax.device_put(state, madam_optax.state_shardings(tx, sharded))
 
   single_state = tx.init(single)
   reference = run_steps(step, single, single_state)
@@ -320,7 +307,7 @@ def test_sharded_run_matches_single_device_run(eight_devices, name):
 def compiled_update_text(tx, mesh, params):
   shardings = param_shardings(mesh)
   state = tx.init(params)
-  state_sh = state_shardings(state, params, mesh)
+  state_sh = madam_optax.state_shardings(tx, params)
   state = jax.device_put(state, state_sh)
   grads = jax.device_put(fake_grads(params, 1.0), shardings)
   step = jax.jit(
@@ -344,7 +331,7 @@ def test_init_bound_is_the_only_reduction(eight_devices):
   mesh = make_mesh(eight_devices)
   params = sharded_params(mesh)
   tx = madam_optax.madam()
-  out_sh = state_shardings(jax.eval_shape(tx.init, params), params, mesh)
+  out_sh = madam_optax.state_shardings(tx, params)
   init_text = (
     jax.jit(tx.init, out_shardings=out_sh).lower(params).compile().as_text()
   )
@@ -375,7 +362,7 @@ def test_any_tensor_split_any_way(eight_devices, shape, split_dim, seed):
   assert set(per_device.values()) == {2 * w.nbytes // 8}
   # From the same state (the bound's sum is ordered differently per layout).
   single_state = tx.init({"w": w})
-  state = jax.device_put(single_state, state_shardings(state, params, mesh))
+  state = jax.device_put(single_state, madam_optax.state_shardings(tx, params))
   step = jax.jit(update_step(tx))
   sharded = step(params, fake_grads(params, 1.0), state)
   single = step({"w": w}, fake_grads({"w": w}, 1.0), single_state)
@@ -509,7 +496,7 @@ def test_lns_madam_on_sharded_codes(eight_devices):
   assert assert_state_sharded_like_params(tx.init(sharded), sharded) == len(
     codes
   )
-  state_sh = state_shardings(jax.eval_shape(tx.init, sharded), sharded, mesh)
+  state_sh = madam_optax.state_shardings(tx, sharded)
   state = jax.jit(tx.init, out_shardings=state_sh)(sharded)
   assert assert_state_sharded_like_params(state, sharded) == len(codes)
 
