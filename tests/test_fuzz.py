@@ -670,7 +670,10 @@ def _clip_bounds(state):
   is_clip = lambda x: isinstance(x, madam_optax.ClipWeightMagnitudeState)
   found = [x for x in jax.tree.leaves(state, is_leaf=is_clip) if is_clip(x)]
   assert len(found) == 1, found
-  return jax.tree.leaves(found[0].max_magnitude)  # in params' leaf order
+  # In params' leaf order, a masked leaf's MaskedNode included.
+  return jax.tree.leaves(
+    found[0].max_magnitude, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
+  )
 
 
 @pytest.mark.parametrize("name", list(FLOAT_HYPER))

@@ -76,6 +76,10 @@ AT_F32_MAX = np.array(
 )
 TINY = np.full((N,), 1e-20, np.float32)
 ONES = np.ones((STEPS, N), np.float32)
+ZEROS = np.zeros((N,), np.float32)
+# Gradients at float32's maximum: the first moment's bias-corrected mean of
+# them rounded to inf (from step 2, and forever after).
+AT_F32_MAX_GRADS = np.full((STEPS, N), np.finfo(np.float32).max, np.float32)
 
 
 @functools.cache
@@ -182,6 +186,8 @@ def test_weights_lie_on_the_lns_grid(case, w0, grad_seq, lr, p_scale):
 @given(w0=any_weights, grad_seq=grads, lr=learning_rates)
 @example(w0=HUGE, grad_seq=ONES, lr=0.01)
 @example(w0=AT_F32_MAX, grad_seq=-ONES, lr=1.0)
+@example(w0=ZEROS, grad_seq=AT_F32_MAX_GRADS, lr=1.0)
+@example(w0=HUGE, grad_seq=-AT_F32_MAX_GRADS, lr=0.01)
 def test_no_nan_or_inf_from_finite_input(case, w0, grad_seq, lr):
   assert np.all(np.isfinite(weights_after(case, w0, grad_seq, lr)))
 

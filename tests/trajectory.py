@@ -2,8 +2,13 @@
 
 ``python -m tests.trajectory`` (from the repository root) writes
 ``tests/data/madam_trajectory.npz``; it was written by the code whose state
-fixed the weight bound at ``init``, and ``tests/test_trajectory.py``
-checks that today's code gives the same bits.
+fixed the weight bound at ``init`` and kept the bounds in a flat tuple, and
+``tests/test_trajectory.py`` checks that today's code gives the same bits.
+One rewrite since: the ``b1`` variant's first moment, when its mean got a
+guard against rounding to inf near float32's largest value (with the guard
+after it, XLA compiles the mean's two products and sum differently, so a
+few entries differ in their last bits; every parameter and second moment
+kept its bits).
 """
 
 from __future__ import annotations

@@ -77,9 +77,19 @@ def updated_mean(
   :func:`first_moment_scalars` in that dtype.
   """
   ct = g.dtype
-  return lax.add(
+  mean = lax.add(
     lax.mul(lax.convert_element_type(a, ct), mu),
     lax.mul(lax.convert_element_type(one_minus_a, ct), g),
+  )
+  # A weighted mean of finite numbers is finite, but near the dtype's largest
+  # value its two rounded products and their rounded sum can land beyond it
+  # (inf, kept by every later step): such a mean is the largest value. Two
+  # selects, so that a NaN stays NaN and other values keep their bits.
+  top = np.asarray(np.finfo(ct).max, ct)
+  return lax.select(
+    lax.gt(mean, top),
+    lax.full_like(mean, top),
+    lax.select(lax.lt(mean, -top), lax.full_like(mean, -top), mean),
   )
 
 
