@@ -56,10 +56,6 @@ class CheckpointWriteError(OSError):
   """A checkpoint folder that this process cannot write into."""
 
 
-class _Damage(Exception):
-  """Why a step cannot be read (becomes a DamagedCheckpointError)."""
-
-
 def _one_line(error: BaseException, limit: int = 200) -> str:
   text = " ".join(str(error).split()) or type(error).__name__
   return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -118,23 +114,14 @@ def check_compatible(saved_tree: Any, target: Any, where: str) -> None:
     ValueError: checkpoint 7 does not match the target state at 'w': the checkpoint holds float32[4, 3], the target expects float32[4, 5]. ...
   """
   saved, wanted = _signatures(saved_tree), _signatures(target)
-  for name in [*wanted, *(n for n in saved if n not in wanted)]:
-    if name not in saved:
-      problem = f": the target's leaf '{name}' ({wanted[name]}) is not in "
-      problem += "the checkpoint"
-    elif name not in wanted:
-      problem = f": the checkpoint's leaf '{name}' ({saved[name]}) is not in "
-      problem += "the target"
-    elif saved[name] != wanted[name]:
-      problem = f" at '{name}': the checkpoint holds {saved[name]}, the "
-      problem += f"target expects {wanted[name]}"
-    else:
-      continue
-    raise ValueError(
-      f"{where} does not match the target state{problem}. It was written by "
-      "a different model or optimizer configuration: resume with that "
-      "configuration, or use a new checkpoint folder."
-    )
+  for name in sorted(set(saved) | set(wanted)):
+    if saved.get(name) != wanted.get(name):
+      raise ValueError(
+        f"{where} does not match the target state at '{name}': the "
+        f"checkpoint holds {saved.get(name, 'nothing')}, the target expects "
+        f"{wanted.get(name, 'nothing')}. It was written by another model or "
+        "optimizer: resume with that configuration, or use a new folder."
+      )
 
 
 def _normalise_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -203,44 +190,6 @@ def check_writable(directory: str, step: int) -> None:
       "the folder writable (or free space on its disk), or save into "
       "another folder (--checkpoint-dir)."
     )
-
-
-# ----------------------------------------------------------------- Orbax
-
-
-def _read_json(path: epath.Path, what: str) -> dict[str, Any]:
-  try:
-    value = json.loads(path.read_bytes())
-    if not isinstance(value, dict):
-      raise ValueError("not a JSON object")
-  except FileNotFoundError as e:
-    raise _Damage(f"its {what} is missing") from e
-  except (OSError, ValueError) as e:
-    raise _Damage(f"its {what} is unreadable: {_one_line(e, 80)}") from e
-  return value
-
-
-def _read(directory: str, step: int, target: Any, config: dict | None) -> Any:
-  where, path = f"checkpoint step {step} in {directory}", epath.Path(directory)
-  path = path / str(step)
-  meta = _read_json(path / "_CHECKPOINT_METADATA", "_CHECKPOINT_METADATA")
-  _read_json(path / "default" / "_METADATA", "default/_METADATA")
-  if config is not None:
-    saved = (meta.get("custom_metadata") or {}).get("config")
-    check_config(saved, config, where)
-  # A handler, not a manager: no barrier, so a process that fails here
-  # still reaches the verdict of all processes.
-  handler = ocp.StandardCheckpointHandler()
-  try:
-    check_compatible(handler.metadata(path / "default").tree, target, where)
-    args = ocp.args.StandardRestore(abstract_state(target))
-    return handler.restore(path / "default", args=args)
-  except (OSError, KeyError, ValueError) as e:
-    if str(e).startswith(where):  # a config or tree mismatch: not damage
-      raise
-    raise _Damage(f"an array could not be read: {_one_line(e)}") from e
-  finally:
-    handler.close()
 
 
 def all_steps(directory: str | os.PathLike | None) -> list[int]:
@@ -319,18 +268,31 @@ def restore(
   """
   directory = os.path.abspath(directory)
   steps = all_steps(directory)
-  if step is None and steps:
-    step = steps[-1]
+  step = steps[-1] if step is None and steps else step
   if step is None or step not in steps:
     which = "" if step is None else f"step {step} "
     raise ValueError(
       f"no complete checkpoint {which}in {directory} (complete steps: {steps})."
     )
-  damage, result = None, None
+  where, path = f"checkpoint step {step} in {directory}", epath.Path(directory)
+  # A handler, not a manager (whose opening is a barrier): a process that
+  # fails here still reaches the verdict shared by all processes.
+  handler, damage, result = ocp.StandardCheckpointHandler(), None, None
   try:
-    result = _read(directory, step, target, config)
-  except _Damage as e:
-    damage = str(e)
+    meta = json.loads((path / str(step) / "_CHECKPOINT_METADATA").read_bytes())
+    if config is not None:
+      saved = (meta.get("custom_metadata") or {}).get("config")
+      check_config(saved, config, where)
+    item = path / str(step) / "default"
+    check_compatible(handler.metadata(item).tree, target, where)
+    args = ocp.args.StandardRestore(abstract_state(target))
+    result = handler.restore(item, args=args)
+  except (AttributeError, OSError, LookupError, ValueError) as e:
+    if str(e).startswith(where):  # a config or tree mismatch: not damage
+      raise
+    damage = f"{type(e).__name__}: {_one_line(e)}"
+  finally:
+    handler.close()
   damage = _verdict(damage, "could not read it")
   if damage is not None:
     raise DamagedCheckpointError(directory, step, damage)

@@ -1,12 +1,9 @@
-"""Bytes held by a tree of arrays: in all, and on each device.
-
-The one byte counter of the examples: parameter bytes of float weights
-against LNS codes (``lns_digits``), and the per-device bytes of a sharded
-model and optimizer state (``sharded_train``).
-"""
+"""Bytes held by a tree of arrays, in all and on each device: float weights
+against LNS codes (``lns_digits``), a sharded state (``sharded_train``)."""
 
 from __future__ import annotations
 
+import collections
 import math
 from typing import Any, Callable
 
@@ -55,11 +52,8 @@ def bytes_per_device(tree: Any) -> dict[Any, int]:
   A replicated array counts in full on every device that holds a copy; an
   array split over ``n`` devices counts ``1/n`` on each.
 
-  Args:
-    tree: a pytree of ``jax.Array``s (other leaves are skipped).
-
-  Returns:
-    ``{device: bytes}`` over the devices holding any shard.
+  Returns ``{device: bytes}`` over the devices holding any shard of
+  ``tree``'s ``jax.Array``s (other leaves are skipped).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -67,29 +61,8 @@ def bytes_per_device(tree: Any) -> dict[Any, int]:
     >>> list(counts.values())
     [12]
   """
-  totals: dict[Any, int] = {}
+  totals: dict[Any, int] = collections.Counter()
   for leaf in jax.tree.leaves(tree):
     for shard in getattr(leaf, "addressable_shards", ()):
-      totals[shard.device] = totals.get(shard.device, 0) + _leaf_bytes(
-        shard.data
-      )
-  return totals
-
-
-def log_memory(state: Any, log: Callable[[str], None]) -> None:
-  """The params' and optimizer state's bytes on each of this process's
-  devices (every device of a single-process run)."""
-  model_bytes = bytes_per_device(state.params)
-  opt_bytes = bytes_per_device(state.opt_state)
-  devices = sorted(model_bytes, key=lambda d: d.id)
-  where = (
-    f"all {len(devices)} devices"
-    if len(devices) == jax.device_count()
-    else f"this process's {len(devices)} of {jax.device_count()} devices"
-  )
-  log(f"memory on {where}:")
-  for device in devices:
-    log(
-      f"  {device}: params {model_bytes[device] / 1024:.1f} KiB, optimizer "
-      f"state {opt_bytes.get(device, 0) / 1024:.1f} KiB"
-    )
+      totals[shard.device] += _leaf_bytes(shard.data)
+  return dict(totals)

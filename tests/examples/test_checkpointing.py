@@ -416,8 +416,9 @@ def test_mismatched_optimizer_is_a_clear_error(tmp_path):
   target = {"params": params, "opt_state": optax.adam(1e-3).init(params)}
   with pytest.raises(
     ValueError,
-    match=r"'opt_state\.0\.mu\.b'.*not in the "
-    r"checkpoint.*different model or optimizer",
+    match=r"at 'opt_state\.0\.mu\.b': the checkpoint holds nothing, the "
+    r"target expects float32\[3\]\. It was written by another model or "
+    r"optimizer",
   ):
     checkpointing.maybe_restore(tmp_path, target)
 
@@ -449,14 +450,18 @@ def test_mismatched_width_and_dtype_are_clear_errors(tmp_path):
     )
   with pytest.raises(
     ValueError,
-    match=r"'extra' \(int32\[\]\) is not in the "
-    "checkpoint",
+    match=r"at 'extra': the checkpoint holds nothing, the target expects "
+    r"int32\[\]",
   ):
     checkpointing.restore(
       tmp_path,
       {"params": params, "extra": jnp.int32(0), "opt_state": tx.init(params)},
     )
-  with pytest.raises(ValueError, match=r"checkpoint's leaf 'params\.b'"):
+  with pytest.raises(
+    ValueError,
+    match=r"at 'params\.b': the checkpoint holds float32\[3\], the target "
+    "expects nothing",
+  ):
     checkpointing.restore(
       tmp_path, {"params": {"w": params["w"]}, "opt_state": tx.init(params)}
     )
@@ -657,7 +662,10 @@ def test_lost_step_metadata_no_longer_skips_the_configuration_check(
   restored, step = checkpointing.maybe_restore(tmp_path, state, config=config)
   assert step == 1
   chex.assert_trees_all_equal(restored, state)
-  assert "_CHECKPOINT_METADATA is missing" in capsys.readouterr().out
+  assert re.search(
+    r"step 2 .* is damaged \(FileNotFoundError: .*_CHECKPOINT_METADATA",
+    capsys.readouterr().out,
+  )
 
 
 def test_only_step_damaged_stops_with_one_line(tmp_path):
@@ -666,8 +674,8 @@ def test_only_step_damaged_stops_with_one_line(tmp_path):
   _truncate(_array_files(str(tmp_path / "3"))[0])
   with pytest.raises(
     checkpointing.DamagedCheckpointError,
-    match=r"^checkpoint step 3 .* is damaged \(an array "
-    r"could not be read: .*\)\. Move or delete the "
+    match=r"^checkpoint step 3 .* is damaged \(\w+: .*\)\. Move or "
+    r"delete the "
     r"folder .*3 \(a rerun then resumes from the "
     r"previous complete step, or from step 0 if "
     r"there is none\)",
