@@ -1,8 +1,7 @@
 """Checkpoint and resume training states with Orbax, safely under preemption.
 
-A *training state* is any pytree of arrays (parameters, integer LNS codes,
-optimizer states, typed PRNG keys); the step number names the checkpoint.
-Recipe (what ``madam-demo --checkpoint-dir`` does)::
+A training state is any pytree of arrays (parameters, LNS codes, optimizer
+states, typed PRNG keys); the step number names the checkpoint::
 
   state, start = checkpointing.maybe_restore(ckpt_dir, state, config=config)
   with checkpointing.Checkpointer(ckpt_dir, every=100, config=config) as ckpt:
@@ -11,11 +10,10 @@ Recipe (what ``madam-demo --checkpoint-dir`` does)::
       ckpt.maybe_save(step + 1, state)
     ckpt.maybe_save(steps, state, force=True)
 
-Orbax's ``CheckpointManager`` saves atomically (a save cut short is never
-listed), lists the complete steps and keeps ``max_to_keep``. Added here: the
-saved ``config`` and tree are checked before any array is read; a damaged
-latest step is passed over and its files left where they are; each save
-first proves the folder writable; every JAX process reaches the same
+Orbax saves atomically, lists the complete steps and keeps ``max_to_keep``.
+Added here: the saved ``config`` and tree are checked before any array is
+read; a damaged step is passed over and its files left where they are; each
+save first proves the folder writable; every process reaches the same
 verdict. More: ``docs/checkpointing.md``.
 """
 
@@ -61,30 +59,6 @@ def _one_line(error: BaseException, limit: int = 200) -> str:
   return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def abstract_state(state: Any, shardings: Any = None) -> Any:
-  """The restore target for ``state`` (live, or ``jax.ShapeDtypeStruct``s):
-  shapes, dtypes and its shardings, or ``shardings`` for another layout.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> abstract_state({'w': jnp.zeros((2, 3), jnp.int8)})['w'].dtype
-    dtype('int8')
-  """
-  leaves, treedef = jax.tree.flatten(state)
-  if shardings is None:
-    targets = [getattr(x, "sharding", None) for x in leaves]
-  else:
-    targets = treedef.flatten_up_to(shardings)
-  return treedef.unflatten(
-    [
-      jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-      if hasattr(x, "dtype")
-      else x
-      for x, s in zip(leaves, targets)
-    ]
-  )
-
-
 # ----------------------------------------------------------------- checks
 
 
@@ -102,78 +76,37 @@ def _signatures(tree: Any) -> dict[str, str]:
   return out
 
 
-def check_compatible(saved_tree: Any, target: Any, where: str) -> None:
-  """Raises ``ValueError`` naming the first path where two trees differ.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> check_compatible({'w': jnp.zeros((4, 3))}, {'w': jnp.zeros((4, 5))},
-    ...                  'checkpoint 7')  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    ValueError: checkpoint 7 does not match the target state at 'w': the checkpoint holds float32[4, 3], the target expects float32[4, 5]. ...
-  """
-  saved, wanted = _signatures(saved_tree), _signatures(target)
-  for name in sorted(set(saved) | set(wanted)):
-    if saved.get(name) != wanted.get(name):
-      raise ValueError(
-        f"{where} does not match the target state at '{name}': the "
-        f"checkpoint holds {saved.get(name, 'nothing')}, the target expects "
-        f"{wanted.get(name, 'nothing')}. It was written by another model or "
-        "optimizer: resume with that configuration, or use a new folder."
-      )
+def _settings(config: dict[str, Any]) -> dict[str, str]:
+  """Each setting as it reads back from JSON (tuples become lists), as text."""
+  return {k: repr(v) for k, v in json.loads(json.dumps(config)).items()}
 
 
-def _normalise_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
-  """``config`` as it reads back from JSON (tuples become lists...)."""
-  if config is None:
-    return None
-  try:
-    return json.loads(json.dumps(dict(config), sort_keys=True))
-  except (TypeError, ValueError) as e:
-    raise ValueError(
-      f"config must be JSON-able (a dict of numbers, strings, lists): {e}."
-    ) from e
-
-
-def check_config(
-  saved: dict | None, wanted: dict[str, Any], where: str
-) -> None:
-  """Raises ``ValueError`` naming every setting where two configs differ
-  (``saved`` ``None``: none stored, nothing checked).
-
-  Example:
-    >>> check_config({'lr': 0.01, 'levels': 127}, {'lr': 0.01, 'levels': 100},
-    ...              'checkpoint 7')  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    ValueError: checkpoint 7 was written with another configuration (levels: checkpoint 127, this run 100). ...
-  """
-  if saved is None:
-    return
-  wanted = _normalise_config(wanted) or {}
-  fmt = lambda d, k: repr(d[k]) if k in d else "(not set)"
+def _check_same(saved: dict, wanted: dict, where: str, what: str) -> None:
+  """Raises ``ValueError`` naming each key where the two dicts differ."""
+  show = lambda d, k: d[k] if k in d else "(not set)"
   diffs = [
-    f"{k}: checkpoint {fmt(saved, k)}, this run {fmt(wanted, k)}"
+    f"{k}: checkpoint {show(saved, k)}, this run {show(wanted, k)}"
     for k in sorted(set(saved) | set(wanted))
-    if saved.get(k, KeyError) != wanted.get(k, KeyError)
+    if saved.get(k) != wanted.get(k)
   ]
   if diffs:
+    more = f"; {len(diffs) - 3} more" if len(diffs) > 3 else ""
     raise ValueError(
-      f"{where} was written with another configuration ({'; '.join(diffs)})."
-      " Resume with that configuration, or use a new checkpoint folder."
+      f"{where} was written with another {what} ({'; '.join(diffs[:3])}"
+      f"{more}). Resume with the configuration that wrote it, or use a new "
+      "checkpoint folder."
     )
 
 
 def _verdict(problem: str | None, what: str) -> str | None:
   """The first problem any process met: every process gets the same."""
-  ok = processes.gather(np.array([problem is None])).ravel()
+  ok = processes.gather([problem is None]).ravel()
   if problem is None and not ok.all():
     return f"process {int(np.argmin(ok))} {what}"
   return problem
 
 
-def check_writable(directory: str, step: int) -> None:
+def _check_writable(directory: str, step: int) -> None:
   """Raises :class:`CheckpointWriteError` unless ``directory`` takes a file
   on every process (a background save would fail one save later)."""
   problem = None
@@ -193,19 +126,9 @@ def check_writable(directory: str, step: int) -> None:
 
 
 def all_steps(directory: str | os.PathLike | None) -> list[int]:
-  """The complete (finalised) checkpoint steps in ``directory``, ascending.
-
-  Listed by Orbax without a manager (opening one is a barrier); folders of
-  saves cut short are not steps.
-
-  Example:
-    >>> import os, tempfile, jax.numpy as jnp
-    >>> d = tempfile.mkdtemp()
-    >>> _ = save(d, 10, {'w': jnp.ones(3)})
-    >>> os.mkdir(os.path.join(d, '20.orbax-checkpoint-tmp-1700000000'))
-    >>> all_steps(d), latest_step(d)          # the cut-short save is no step
-    ([10], 10)
-  """
+  """The complete checkpoint steps in ``directory``, ascending, listed by
+  Orbax without a manager (whose opening is a barrier): a save cut short
+  is not a step."""
   if directory is None or not os.path.isdir(directory):
     return []
   return sorted(ocp.utils.checkpoint_steps(os.path.abspath(directory)))
@@ -258,8 +181,9 @@ def restore(
   """Restores checkpoint ``step`` (default: the latest complete one) into
   ``target``'s shapes, dtypes and shardings.
 
-  ``target`` is a live state or its :func:`abstract_state`; every setting
-  of ``config`` that differs from the saved one is an error.
+  ``target``: a live state, or ``jax.ShapeDtypeStruct``s with the shardings
+  to restore onto; every setting of ``config`` that differs from the saved
+  one is an error.
 
   Raises:
     DamagedCheckpointError: a file of the step is missing or unreadable on
@@ -280,13 +204,13 @@ def restore(
   handler, damage, result = ocp.StandardCheckpointHandler(), None, None
   try:
     meta = json.loads((path / str(step) / "_CHECKPOINT_METADATA").read_bytes())
-    if config is not None:
-      saved = (meta.get("custom_metadata") or {}).get("config")
-      check_config(saved, config, where)
+    saved = (meta.get("custom_metadata") or {}).get("config")
+    if config is not None and saved is not None:
+      _check_same(_settings(saved), _settings(config), where, "configuration")
     item = path / str(step) / "default"
-    check_compatible(handler.metadata(item).tree, target, where)
-    args = ocp.args.StandardRestore(abstract_state(target))
-    result = handler.restore(item, args=args)
+    stored = _signatures(handler.metadata(item).tree)
+    _check_same(stored, _signatures(target), where, "model or optimizer")
+    result = handler.restore(item, args=ocp.args.StandardRestore(target))
   except (AttributeError, OSError, LookupError, ValueError) as e:
     if str(e).startswith(where):  # a config or tree mismatch: not damage
       raise
@@ -327,7 +251,7 @@ def maybe_restore(
   if checkpoint_dir is not None:
     checkpoint_dir = os.path.abspath(checkpoint_dir)
     steps = all_steps(checkpoint_dir)
-    seen = processes.gather(np.array([steps[-1] if steps else -1, len(steps)]))
+    seen = processes.gather([steps[-1] if steps else -1, len(steps)])
     if (seen != seen[0]).any():
       views = ", ".join(f"process {i}: {s}" for i, s in enumerate(seen[:, 0]))
       raise ValueError(
@@ -335,15 +259,16 @@ def maybe_restore(
         f"(latest step {views}). On several hosts, put the folder on a file "
         "system they all share."
       )
+  leaves = jax.tree_util.tree_flatten_with_path(target)[0]
+  abstract = [p for p, x in leaves if isinstance(x, jax.ShapeDtypeStruct)]
+  if not steps and abstract:
+    raise ValueError(
+      f"no complete checkpoint in {checkpoint_dir} to fill the abstract "
+      f"target (leaf {jax.tree_util.keystr(abstract[0])} is a "
+      "jax.ShapeDtypeStruct); pass a freshly initialised state to start "
+      "from step 0."
+    )
   if not steps:
-    for path, x in jax.tree_util.tree_flatten_with_path(target)[0]:
-      if isinstance(x, jax.ShapeDtypeStruct):
-        raise ValueError(
-          f"no complete checkpoint in {checkpoint_dir} to fill the abstract "
-          f"target (leaf {jax.tree_util.keystr(path)} is a "
-          "jax.ShapeDtypeStruct); pass a freshly initialised state to start "
-          "from step 0."
-        )
     if verbose and checkpoint_dir is not None:
       print(f"No checkpoint in {checkpoint_dir}, starting from step 0")
     return target, 0
@@ -396,7 +321,8 @@ class Checkpointer:
     if every < 1:
       raise ValueError(f"--checkpoint-every must be >= 1, got {every}.")
     self.directory, self.every = os.path.abspath(directory), int(every)
-    self.metadata = {"config": _normalise_config(config)}
+    config = None if config is None else json.loads(json.dumps(config))
+    self.metadata = {"config": config}
     self._manager = ocp.CheckpointManager(
       self.directory,
       item_handlers=ocp.StandardCheckpointHandler(),
@@ -418,7 +344,7 @@ class Checkpointer:
     self._manager.wait_until_finished()
     if step in self._manager.all_steps():
       return False
-    check_writable(self.directory, step)
+    _check_writable(self.directory, step)
     args = ocp.args.StandardSave(state)
     self._manager.save(
       step, args=args, force=True, custom_metadata=self.metadata
@@ -439,18 +365,10 @@ class Checkpointer:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   """Adds ``--checkpoint-dir`` and ``--checkpoint-every`` to a CLI parser."""
-  group = parser.add_argument_group("checkpointing (Orbax)")
-  group.add_argument(
-    "--checkpoint-dir",
-    type=cli.output_dir,
-    default=None,
-    help="save checkpoints here, and resume from the latest complete one "
-    "when there is one (proven writable before training starts)",
-  )
-  group.add_argument(
-    "--checkpoint-every",
-    type=cli.positive_int,
-    default=DEFAULT_EVERY,
-    help=f"steps between checkpoints (default {DEFAULT_EVERY}); the last "
-    "step is always saved",
-  )
+  add = parser.add_argument_group("checkpointing (Orbax)").add_argument
+  add("--checkpoint-dir", type=cli.output_dir,
+      help="save checkpoints here, and resume from the latest complete one "
+      "(proven writable before training starts)")  # fmt: skip
+  add("--checkpoint-every", type=cli.positive_int, default=DEFAULT_EVERY,
+      help=f"steps between checkpoints (default {DEFAULT_EVERY}); the last "
+      "step is always saved")  # fmt: skip

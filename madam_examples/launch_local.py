@@ -84,19 +84,6 @@ def process_command(module: str, args: Sequence[str], address: str, n: int,
   return [*bootstrap, module, *args, *flags.split()]
 
 
-def describe_status(code: int) -> str:
-  """``"exit status 3"`` or ``"killed by SIGKILL"``.
-
-  Example:
-    >>> describe_status(-9)
-    'killed by SIGKILL'
-  """
-  if code >= 0:
-    return f"exit status {code}"
-  names = {-s.value: s.name for s in signal.Signals}
-  return f"killed by {names.get(code, f'signal {-code}')}"
-
-
 class LocalCluster:
   """``num_processes`` cooperating processes of ``module`` on this machine.
 
@@ -147,25 +134,20 @@ class LocalCluster:
       self.stop()
       raise
 
-  @property
-  def pids(self) -> list[int]:
-    """The processes' ids, in process order."""
-    return [p.pid for p in self.processes]
-
   def poll(self) -> int | None:
     """``None`` while all run; else 0 when all ended well, or the status of
     the first that failed (after which every other one is stopped)."""
     codes = [p.poll() for p in self.processes]
     for i, code in enumerate(codes):
       if code not in (None, 0):
+        signals = {-s.value: s.name for s in signal.Signals}
+        how = f"killed by {signals.get(code, f'signal {-code}')}"
         log = self.log_paths[i]
-        self.failed, self.failure = (
-          i,
-          (
-            f"launch_local: process {i} of {self.num_processes} ended with "
-            f"{describe_status(code)}; stopping the others"
-            + (f" (its log: {log})" if log else "")
-          ),
+        self.failed = i
+        self.failure = (
+          f"launch_local: process {i} of {self.num_processes} ended with "
+          f"{f'exit status {code}' if code > 0 else how}; stopping the "
+          "others" + (f" (its log: {log})" if log else "")
         )
         self.stop()
         return code
@@ -190,17 +172,14 @@ class LocalCluster:
 
   def stop(self) -> None:
     """Stops every process still running: SIGTERM, then SIGKILL."""
-    running = [p for p in self.processes if p.poll() is None]
-    for p in running:
-      with contextlib.suppress(ProcessLookupError):
-        p.terminate()
+    for p in self.processes:
+      p.terminate()  # nothing if it has ended
     deadline = time.monotonic() + GRACE_SECONDS
-    for p in running:
+    for p in self.processes:
       try:
         p.wait(max(deadline - time.monotonic(), 0.01))
       except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-          p.kill()
+        p.kill()
         p.wait()
     for f in self._files:
       f.close()
@@ -253,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     n, args.args, module=module, log_dir=args.log_dir, port=args.port
   )
   say = functools.partial(print, "launch_local:", file=sys.stderr, flush=True)
-  pids = ", ".join(map(str, cluster.pids))
+  pids = ", ".join(str(p.pid) for p in cluster.processes)
   say(f"{n} processes of {module} on {cluster.address} (pids {pids}); logs "
       f"of processes 1.. in {cluster.log_dir}")  # fmt: skip
 

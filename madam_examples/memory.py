@@ -25,16 +25,9 @@ def _leaf_bytes(x: Any) -> int:
 def tree_bytes(tree: Any, where: Callable[[Any], bool] | None = None) -> int:
   """The bytes of every array in ``tree`` (global, whatever the sharding).
 
-  Args:
-    tree: a pytree of arrays (JAX or NumPy; Flax ``nnx.State`` included),
-      or of ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``: the
-      bytes they would take); ``None`` leaves and leaves without storage
-      (Python numbers, strings) count nothing.
-    where: if given, only leaves for which ``where(leaf)`` is true count.
-
-  Returns:
-    The sum of the leaves' ``nbytes``: an ``int8`` code counts 1 byte, a
-    ``float32`` weight 4.
+  ``tree``: arrays (JAX, NumPy, Flax ``nnx.State``) or
+  ``jax.ShapeDtypeStruct`` (the bytes they would take); other leaves count
+  nothing. ``where``: if given, only the leaves it is true for count.
 
   Example:
     >>> import jax.numpy as jnp

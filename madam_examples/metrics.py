@@ -1,16 +1,14 @@
-"""What a ``sharded_train`` run did, as JSON (``--metrics-out``) and logged.
+"""What a ``sharded_train`` run did: as JSON (``--metrics-out``), and logged.
 
-Losses, skipped steps, per-leaf checksums (float64 sums of absolute values,
-over all processes) of the parameters and the optimizer state, bytes per
-device and step times: runs on different layouts, or resumed ones, can be
-compared from outside.
+Losses, skipped steps, bytes per device and step times, so that runs on
+different layouts, or resumed ones, can be compared from outside (their
+parameters: from the last checkpoint, ``--checkpoint-dir``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from typing import Any, Callable
 
@@ -21,32 +19,6 @@ from madam_examples import memory
 from madam_examples import processes
 
 
-def leaf_checksums(tree: Any) -> dict[str, float]:
-  """Float64 sum of absolute values of each leaf (whole, over processes).
-
-  Each process sums one copy of each shard it holds, and the per-process
-  sums are added in process order, so the same layout gives the same bits.
-  A collective: every process must call it.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> leaf_checksums({'w': jnp.array([1.5, -2.0])})
-    {"['w']": 3.5}
-  """
-  names, local = [], []
-  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    names.append(jax.tree_util.keystr(path))
-    local.append(
-      math.fsum(
-        float(np.sum(np.abs(np.asarray(shard.data, np.float64))))
-        for shard in x.addressable_shards
-        if shard.replica_id == 0
-      )
-    )
-  per_process = processes.gather(np.asarray(local, np.float64))
-  return {name: math.fsum(per_process[:, i]) for i, name in enumerate(names)}
-
-
 def run_metrics(config: Any, result: dict[str, Any]) -> dict[str, Any]:
   """What a run did, JSON-able (a collective: every process calls it).
 
@@ -54,10 +26,11 @@ def run_metrics(config: Any, result: dict[str, Any]) -> dict[str, Any]:
   when the skip decision is global.
   """
   state, skipped = result["state"], result["skipped_steps"]
-  params = leaf_checksums(state.params)
-  opt_state = leaf_checksums(state.opt_state)
   times = np.asarray(result["step_seconds"][1:] or result["step_seconds"])
-  quantiles = [float(np.percentile(times, q) * 1e3) for q in (50, 25, 75)]
+  step_ms = None
+  if len(times):
+    step_ms = {k: float(np.percentile(times, q) * 1e3)
+               for k, q in (("median", 50), ("q1", 25), ("q3", 75))}  # fmt: skip
   return {
     "steps": result["resumed_from"] + len(result["losses"]),
     "resumed_from": result["resumed_from"],
@@ -71,22 +44,14 @@ def run_metrics(config: Any, result: dict[str, Any]) -> dict[str, Any]:
     "valid_losses": result["valid_losses"],
     "final_valid_loss": result["final_valid_loss"],
     "skipped_steps": skipped,
-    "skipped_steps_per_process": processes.gather(np.array(skipped)).tolist(),
-    "param_checksum": math.fsum(params.values()),
-    "param_checksums": params,
-    "opt_state_checksums": opt_state,
-    "all_finite": bool(
-      np.isfinite([*params.values(), *opt_state.values()]).all()
-    ),
+    "skipped_steps_per_process": processes.gather(skipped).tolist(),
     "param_bytes_per_device": max(
       memory.bytes_per_device(state.params).values()
     ),
     "opt_state_bytes_per_device": max(
       memory.bytes_per_device(state.opt_state).values()
     ),
-    "step_time_ms": dict(zip(("median", "q1", "q3"), quantiles))
-    if len(times)
-    else None,
+    "step_time_ms": step_ms,
   }
 
 

@@ -304,7 +304,7 @@ def test_no_checkpoint_starts_from_step_zero(tmp_path, capsys):
     r"\['w'\] is a jax.ShapeDtypeStruct",
   ):
     checkpointing.maybe_restore(
-      tmp_path / "empty", checkpointing.abstract_state(state)
+      tmp_path / "empty", jax.eval_shape(lambda: state)
     )
 
 
@@ -356,7 +356,7 @@ def test_config_mismatch_names_every_differing_setting(tmp_path):
     checkpointing.maybe_restore(tmp_path, state, config=other)
   # Without a config (or saved without one) only the tree is checked.
   chex.assert_trees_all_equal(checkpointing.restore(tmp_path, state), state)
-  with pytest.raises(ValueError, match="config must be JSON-able"):
+  with pytest.raises(TypeError, match="not JSON serializable"):
     checkpointing.save(tmp_path, 2, state, config={"fmt": object()})
 
 
@@ -416,9 +416,8 @@ def test_mismatched_optimizer_is_a_clear_error(tmp_path):
   target = {"params": params, "opt_state": optax.adam(1e-3).init(params)}
   with pytest.raises(
     ValueError,
-    match=r"at 'opt_state\.0\.mu\.b': the checkpoint holds nothing, the "
-    r"target expects float32\[3\]\. It was written by another model or "
-    r"optimizer",
+    match=r"written with another model or optimizer \(.*opt_state\.0\.mu\.b: "
+    r"checkpoint \(not set\), this run float32\[3\]",
   ):
     checkpointing.maybe_restore(tmp_path, target)
 
@@ -433,8 +432,8 @@ def test_mismatched_width_and_dtype_are_clear_errors(tmp_path):
   tx_wide = madam_optax.with_additive_fallback(wide, madam_optax.madam())
   with pytest.raises(
     ValueError,
-    match=r"step 1 .* at '\S+\.b': the checkpoint "
-    r"holds float32\[3\], the target expects float32\[5\]",
+    match=r"step 1 .* another model or optimizer \(\S+\.b: checkpoint "
+    r"float32\[3\], this run float32\[5\]; .*; 2 more\)",
   ):
     checkpointing.restore(
       tmp_path, {"params": wide, "opt_state": tx_wide.init(wide)}
@@ -442,16 +441,14 @@ def test_mismatched_width_and_dtype_are_clear_errors(tmp_path):
   codes, _ = madam_optax.lns_encode_tree(params, FMT)
   with pytest.raises(
     ValueError,
-    match=r"'params\.w': the checkpoint holds "
-    r"float32\[4, 3\], the target expects int8\[4, 3\]",
+    match=r"params\.w: checkpoint float32\[4, 3\], this run int8\[4, 3\]",
   ):
     checkpointing.restore(
       tmp_path, {"params": codes, "opt_state": tx.init(params)}
     )
   with pytest.raises(
     ValueError,
-    match=r"at 'extra': the checkpoint holds nothing, the target expects "
-    r"int32\[\]",
+    match=r"extra: checkpoint \(not set\), this run int32\[\]",
   ):
     checkpointing.restore(
       tmp_path,
@@ -459,8 +456,7 @@ def test_mismatched_width_and_dtype_are_clear_errors(tmp_path):
     )
   with pytest.raises(
     ValueError,
-    match=r"at 'params\.b': the checkpoint holds float32\[3\], the target "
-    "expects nothing",
+    match=r"params\.b: checkpoint float32\[3\], this run \(not set\)",
   ):
     checkpointing.restore(
       tmp_path, {"params": {"w": params["w"]}, "opt_state": tx.init(params)}
@@ -482,8 +478,10 @@ def test_restore_onto_mesh_from_abstract_state(tmp_path, eight_devices):
   }
   checkpointing.save(tmp_path, 4, state)
   shardings = jax.tree.map(lambda x: _sharding(x, mesh), state)
-  target = checkpointing.abstract_state(
-    jax.eval_shape(lambda: state), shardings
+  target = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    jax.eval_shape(lambda: state),
+    shardings,
   )
   assert isinstance(target["params"]["w"], jax.ShapeDtypeStruct)
   restored = checkpointing.restore(tmp_path, target)
