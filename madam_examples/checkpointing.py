@@ -62,6 +62,27 @@ def _one_line(error: BaseException, limit: int = 200) -> str:
 # ----------------------------------------------------------------- checks
 
 
+def _is_key(x: Any) -> bool:
+  dtype = getattr(x, "dtype", None)
+  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _typed_keys(target: Any, restored: Any) -> Any:
+  """Typed PRNG keys where ``target`` has them (steps saved by earlier
+  versions of this module hold their raw data)."""
+
+  def rewrap(t, x):
+    if not _is_key(t) or _is_key(x):
+      return x
+    impl: list[Any] = []
+    jax.eval_shape(lambda k: impl.append(jax.random.key_impl(k)), t)
+    key = jax.random.wrap_key_data(x, impl=impl[0])
+    sharding = getattr(t, "sharding", None)
+    return key if sharding is None else jax.device_put(key, sharding)
+
+  return jax.tree.map(rewrap, target, restored)
+
+
 def _signatures(tree: Any) -> dict[str, str]:
   """``dtype[shape]`` of each leaf, by dotted path (a typed PRNG key as the
   raw data Orbax stores)."""
@@ -69,7 +90,7 @@ def _signatures(tree: Any) -> dict[str, str]:
   for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
     if not hasattr(x, "dtype"):
       x = np.asarray(x)
-    elif jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    elif _is_key(x):
       x = jax.eval_shape(jax.random.key_data, x)
     name = ".".join(ocp.tree.str_keypath(path))
     out[name] = f"{np.dtype(x.dtype).name}{list(x.shape)}"
@@ -211,6 +232,7 @@ def restore(
     stored = _signatures(handler.metadata(item).tree)
     _check_same(stored, _signatures(target), where, "model or optimizer")
     result = handler.restore(item, args=ocp.args.StandardRestore(target))
+    result = _typed_keys(target, result)
   except (AttributeError, OSError, LookupError, ValueError) as e:
     if str(e).startswith(where):  # a config or tree mismatch: not damage
       raise

@@ -409,6 +409,16 @@ def test_every_part_and_alias_state_round_trips(tmp_path):
   )
 
 
+def test_raw_key_data_of_earlier_checkpoints_restores_as_typed_keys(tmp_path):
+  """Earlier versions saved typed PRNG keys as their raw data; Orbax now
+  stores typed keys itself. An old step still resumes with typed keys."""
+  key = jax.random.key(5)
+  checkpointing.save(tmp_path, 1, {"key": jax.random.key_data(key), "n": 1})
+  restored = checkpointing.restore(tmp_path, {"key": jax.random.key(0), "n": 0})
+  assert restored["key"].dtype == key.dtype and restored["n"] == 1
+  chex.assert_trees_all_equal(_raw(restored["key"]), _raw(key))
+
+
 def test_mismatched_optimizer_is_a_clear_error(tmp_path):
   params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
   saved = {"params": params, "opt_state": madam_optax.madam().init(params)}
