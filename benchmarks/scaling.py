@@ -89,7 +89,7 @@ def measure(
     b = batch(step)
     jax.block_until_ready(b)
     start = time.perf_counter()
-    state, loss = compiled(state, b)  # the executable compiled above
+    state, loss, _ = compiled(state, b)  # the executable compiled above
     jax.block_until_ready(loss)
     times.append(time.perf_counter() - start)
   update_times = []

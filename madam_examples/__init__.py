@@ -7,7 +7,7 @@ LNS codes), ``loop`` (runs, evaluations, checkpoints), ``tasks`` (data, model,
 loss and metric of each family), ``memory`` (byte counts), ``mesh`` (device
 meshes and global batches), ``checkpointing``, ``processes`` (multi-process
 start-up, settings compared across processes, barriers with timeouts),
-``metrics`` (the sharded run's checksums and metrics file),
+``metrics`` (the sharded run's metrics file),
 ``lns_layers`` (int8 decoder training one block at a time), ``cli`` (argument
 types, output paths proven writable, one-line errors). Scripts on them:
 ``demo``, ``lns_digits``, ``lns_transformer``, ``sharded_train``,

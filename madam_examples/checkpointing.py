@@ -1,8 +1,7 @@
 """Checkpoint and resume training states with Orbax, safely under preemption.
 
-A *training state* is any pytree of arrays (parameters, integer LNS codes,
-optimizer states, typed PRNG keys); the step number names the checkpoint.
-Recipe (what ``madam-demo --checkpoint-dir`` does)::
+A training state is any pytree of arrays (parameters, LNS codes, optimizer
+states, typed PRNG keys); the step number names the checkpoint::
 
   state, start = checkpointing.maybe_restore(ckpt_dir, state, config=config)
   with checkpointing.Checkpointer(ckpt_dir, every=100, config=config) as ckpt:
@@ -11,12 +10,11 @@ Recipe (what ``madam-demo --checkpoint-dir`` does)::
       ckpt.maybe_save(step + 1, state)
     ckpt.maybe_save(steps, state, force=True)
 
-Orbax's ``CheckpointManager`` saves atomically (a save cut short is never
-listed), lists the complete steps and keeps ``max_to_keep``. Here: typed PRNG
-keys are stored as raw data; the saved ``config`` and tree are checked
-before any array is read; a damaged latest step is passed over (nothing is
-ever renamed, moved or deleted); each save first proves the folder writable;
-every JAX process reaches the same verdict. More: ``docs/checkpointing.md``.
+Orbax saves atomically, lists the complete steps and keeps ``max_to_keep``.
+Added here: the saved ``config`` and tree are checked before any array is
+read; a damaged step is passed over and its files left where they are; each
+save first proves the folder writable; every process reaches the same
+verdict. More: ``docs/checkpointing.md``.
 """
 
 from __future__ import annotations
@@ -42,13 +40,13 @@ DEFAULT_EVERY = 100
 class DamagedCheckpointError(ValueError):
   """A complete (finalised) checkpoint step whose files cannot be read."""
 
-  def __init__(self, directory: str | os.PathLike, step: int, reason: str):
-    self.directory, self.step, self.reason = os.fspath(directory), step, reason
+  def __init__(self, directory: str, step: int, reason: str):
+    self.step, self.reason = step, reason
     super().__init__(
-      f"checkpoint step {step} in {self.directory} is damaged ({reason}). "
-      f"Move or delete the folder {step_path(directory, step)} (a rerun "
-      "then resumes from the previous complete step, or from step 0 if "
-      "there is none), or restore it from a copy."
+      f"checkpoint step {step} in {directory} is damaged ({reason}). Move or "
+      f"delete the folder {os.path.join(directory, str(step))} (a rerun then "
+      "resumes from the previous complete step, or from step 0 if there is "
+      "none), or restore it from a copy."
     )
 
 
@@ -56,27 +54,12 @@ class CheckpointWriteError(OSError):
   """A checkpoint folder that this process cannot write into."""
 
 
-class _Damage(Exception):
-  """Internal: why a step is damaged (becomes DamagedCheckpointError)."""
-
-
-def absolute(directory: str | os.PathLike) -> str:
-  """``directory`` made absolute (Orbax reads only absolute paths); links
-  are kept, not resolved, so messages name the folder the user gave."""
-  return os.path.abspath(os.fspath(directory))
-
-
-def step_path(directory: str | os.PathLike, step: int) -> str:
-  """The folder of checkpoint ``step`` in ``directory``."""
-  return os.path.join(absolute(directory), str(int(step)))
-
-
 def _one_line(error: BaseException, limit: int = 200) -> str:
   text = " ".join(str(error).split()) or type(error).__name__
   return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-# ------------------------------------------------------- PRNG keys, targets
+# ----------------------------------------------------------------- checks
 
 
 def _is_key(x: Any) -> bool:
@@ -84,191 +67,74 @@ def _is_key(x: Any) -> bool:
   return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
-def _storable(state: Any) -> Any:
-  return jax.tree.map(
-    lambda x: jax.random.key_data(x) if _is_key(x) else x, state
-  )
+def _typed_keys(target: Any, restored: Any) -> Any:
+  """Typed PRNG keys where ``target`` has them (steps saved by earlier
+  versions of this module hold their raw data)."""
 
-
-def _abstract_leaf(x: Any) -> Any:
-  """What Orbax restores a leaf of the target as (shape, dtype, sharding)."""
-  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  if _is_key(x):
-    data = jax.eval_shape(jax.random.key_data, x)
-    sharding = getattr(x, "sharding", None)
-    if isinstance(x, jax.Array):
-      sharding = jax.random.key_data(x).sharding
-    elif isinstance(
-      sharding, jax.sharding.NamedSharding
-    ):  # raw data: 1 dim more
-      sharding = jax.sharding.NamedSharding(sharding.mesh, jax.P())
-    return jax.ShapeDtypeStruct(
-      data.shape, data.dtype, sharding=sharding or default
-    )
-  if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):
-    return jax.ShapeDtypeStruct(
-      x.shape, x.dtype, sharding=x.sharding or default
-    )
-  return x  # NumPy arrays and Python scalars are restored as such.
-
-
-def _rewrap_keys(target: Any, restored: Any) -> Any:
-  def rewrap(t, r):
-    if not _is_key(t):
-      return r
-    impl = []
+  def rewrap(t, x):
+    if not _is_key(t) or _is_key(x):
+      return x
+    impl: list[Any] = []
     jax.eval_shape(lambda k: impl.append(jax.random.key_impl(k)), t)
-    key = jax.random.wrap_key_data(r, impl=impl[0])
+    key = jax.random.wrap_key_data(x, impl=impl[0])
     sharding = getattr(t, "sharding", None)
-    return jax.device_put(key, sharding) if sharding is not None else key
+    return key if sharding is None else jax.device_put(key, sharding)
 
   return jax.tree.map(rewrap, target, restored)
 
 
-def abstract_state(state: Any, shardings: Any = None) -> Any:
-  """The restore target for ``state`` (live, or ``jax.ShapeDtypeStruct``s):
-  shapes, dtypes and its shardings, or ``shardings`` for another layout.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> abstract_state({'w': jnp.zeros((2, 3), jnp.int8)})['w'].dtype
-    dtype('int8')
-  """
-  leaves, treedef = jax.tree.flatten(state)
-  targets = (
-    [getattr(x, "sharding", None) for x in leaves]
-    if shardings is None
-    else treedef.flatten_up_to(shardings)
-  )
-  return treedef.unflatten(
-    [
-      jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-      if hasattr(x, "shape") and hasattr(x, "dtype")
-      else x
-      for x, s in zip(leaves, targets)
-    ]
-  )
+def _signatures(tree: Any) -> dict[str, str]:
+  """``dtype[shape]`` of each leaf, by dotted path (a typed PRNG key as the
+  raw data Orbax stores)."""
+  out = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if not hasattr(x, "dtype"):
+      x = np.asarray(x)
+    elif _is_key(x):
+      x = jax.eval_shape(jax.random.key_data, x)
+    name = ".".join(ocp.tree.str_keypath(path))
+    out[name] = f"{np.dtype(x.dtype).name}{list(x.shape)}"
+  return out
 
 
-# ----------------------------------------------------------------- checks
+def _settings(config: dict[str, Any]) -> dict[str, str]:
+  """Each setting as it reads back from JSON (tuples become lists), as text."""
+  return {k: repr(v) for k, v in json.loads(json.dumps(config)).items()}
 
 
-def normalise_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
-  """``config`` as it reads back from JSON (tuples become lists...)."""
-  if config is None:
-    return None
-  if not isinstance(config, dict):
-    raise ValueError(f"config must be a dict of settings, got {type(config)}.")
-  try:
-    return json.loads(json.dumps(config, sort_keys=True))
-  except TypeError as e:
-    raise ValueError(
-      f"config must be JSON-able (numbers, strings, lists, dicts): {e}. "
-      "Convert other values with str() first."
-    ) from e
-
-
-def _signature(x: Any) -> str:
-  if not (hasattr(x, "shape") and hasattr(x, "dtype")):
-    x = np.asarray(x)
-  return f"{np.dtype(x.dtype).name}{list(x.shape)}"
-
-
-def _flat(tree: Any) -> dict[str, Any]:
-  return {
-    ".".join(ocp.tree.str_keypath(path)): leaf
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-  }
-
-
-def check_compatible(saved_tree: Any, target: Any, where: str) -> None:
-  """Raises ``ValueError`` naming the first path where two trees differ.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> check_compatible({'w': jnp.zeros((4, 3))}, {'w': jnp.zeros((4, 5))},
-    ...                  'checkpoint 7')  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    ValueError: checkpoint 7 does not match the target state at 'w': the checkpoint holds float32[4, 3], the target expects float32[4, 5]. ...
-  """
-  saved = _flat(saved_tree)
-  wanted = _flat(jax.tree.map(_abstract_leaf, target))
-  hint = (
-    "The checkpoint was written by a different model or optimizer "
-    "configuration (optimizer, layer sizes, LNS format, state dtype). "
-    "Resume with the configuration that wrote it, or use a new "
-    "checkpoint folder."
-  )
-  for name in [*wanted, *(n for n in saved if n not in wanted)]:
-    if name not in saved:
-      problem = f"the target's leaf '{name}' ({_signature(wanted[name])})"
-      problem = f": {problem} is not in the checkpoint"
-    elif name not in wanted:
-      problem = f"the checkpoint's leaf '{name}' ({_signature(saved[name])})"
-      problem = f": {problem} is not in the target"
-    elif (got := _signature(saved[name])) != (want := _signature(wanted[name])):
-      problem = f" at '{name}': the checkpoint holds {got}, the target expects"
-      problem = f"{problem} {want}"
-    else:
-      continue
-    raise ValueError(
-      f"{where} does not match the target state{problem}. {hint}"
-    )
-
-
-def check_config(
-  saved: dict | None, wanted: dict[str, Any], where: str
-) -> None:
-  """Raises ``ValueError`` naming every setting where two configs differ
-  (``saved`` ``None``: none stored, nothing checked).
-
-  Example:
-    >>> check_config({'lr': 0.01, 'levels': 127}, {'lr': 0.01, 'levels': 100},
-    ...              'checkpoint 7')  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    ValueError: checkpoint 7 was written with another configuration (levels: checkpoint 127, this run 100). ...
-  """
-  if saved is None:
-    return
-  wanted = normalise_config(wanted) or {}
-  fmt = lambda d, k: repr(d[k]) if k in d else "(not set)"
+def _check_same(saved: dict, wanted: dict, where: str, what: str) -> None:
+  """Raises ``ValueError`` naming each key where the two dicts differ."""
+  show = lambda d, k: d[k] if k in d else "(not set)"
   diffs = [
-    f"{k}: checkpoint {fmt(saved, k)}, this run {fmt(wanted, k)}"
+    f"{k}: checkpoint {show(saved, k)}, this run {show(wanted, k)}"
     for k in sorted(set(saved) | set(wanted))
-    if saved.get(k, KeyError) != wanted.get(k, KeyError)
+    if saved.get(k) != wanted.get(k)
   ]
   if diffs:
+    more = f"; {len(diffs) - 3} more" if len(diffs) > 3 else ""
     raise ValueError(
-      f"{where} was written with another configuration ({'; '.join(diffs)})."
-      " Resume with the configuration that wrote it, or use a new "
+      f"{where} was written with another {what} ({'; '.join(diffs[:3])}"
+      f"{more}). Resume with the configuration that wrote it, or use a new "
       "checkpoint folder."
     )
 
 
-def _all_ok(ok: bool) -> list[bool]:
-  """Every process's ``ok``, in process order (a collective)."""
-  return [bool(x) for x in processes.gather(np.array([ok], np.bool_)).ravel()]
-
-
 def _verdict(problem: str | None, what: str) -> str | None:
-  """The first problem any process met (every process gets the same)."""
-  verdicts = _all_ok(problem is None)
-  if all(verdicts) or problem is not None:
-    return problem
-  return f"process {verdicts.index(False)} {what}"
+  """The first problem any process met: every process gets the same."""
+  ok = processes.gather([problem is None]).ravel()
+  if problem is None and not ok.all():
+    return f"process {int(np.argmin(ok))} {what}"
+  return problem
 
 
-def check_writable(directory: str | os.PathLike, step: int) -> None:
+def _check_writable(directory: str, step: int) -> None:
   """Raises :class:`CheckpointWriteError` unless ``directory`` takes a file
   on every process (a background save would fail one save later)."""
-  directory, problem = os.fspath(directory), None
+  problem = None
   try:
     os.makedirs(directory, exist_ok=True)
-    fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=directory)
-    os.close(fd)
-    os.remove(probe)
+    with tempfile.TemporaryFile(dir=directory):
+      pass
   except OSError as e:
     problem = e.strerror or _one_line(e)
   problem = _verdict(problem, "cannot write there")
@@ -280,93 +146,13 @@ def check_writable(directory: str | os.PathLike, step: int) -> None:
     )
 
 
-# ----------------------------------------------------------------- Orbax
-
-
-def _manager(directory: str, max_to_keep=None, asynchronous=False):
-  return ocp.CheckpointManager(
-    directory,
-    item_handlers=ocp.StandardCheckpointHandler(),
-    options=ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep,
-      enable_async_checkpointing=asynchronous,
-      cleanup_tmp_directories=True,  # saves cut short by a crash
-    ),
-  )
-
-
-def _write(manager, step: int, state: Any, config: dict | None) -> None:
-  manager.save(
-    int(step),
-    args=ocp.args.StandardSave(_storable(state)),
-    force=True,
-    custom_metadata=None if config is None else {"config": config},
-  )
-
-
-def _read_json(path: str, what: str) -> dict[str, Any]:
-  if not os.path.exists(path):
-    raise _Damage(f"its {what} is missing")
-  try:
-    with open(path, "rb") as f:
-      value = json.loads(f.read().decode("utf-8"))
-  except (OSError, UnicodeDecodeError, ValueError) as e:
-    raise _Damage(f"its {what} is unreadable: {_one_line(e, 80)}") from e
-  if not isinstance(value, dict):
-    raise _Damage(f"its {what} is not a JSON object")
-  return value
-
-
-def _read(directory: str, step: int, target: Any, config: dict | None) -> Any:
-  where, path = (
-    f"checkpoint step {step} in {directory}",
-    step_path(directory, step),
-  )
-  # Orbax's files: the step's metadata (holds the config) and the item's.
-  meta = _read_json(
-    os.path.join(path, "_CHECKPOINT_METADATA"), "_CHECKPOINT_METADATA"
-  )
-  _read_json(os.path.join(path, "default", "_METADATA"), "default/_METADATA")
-  if config is not None:
-    check_config(
-      (meta.get("custom_metadata") or {}).get("config"), config, where
-    )
-  # The handler, not a manager: it has no barrier, so a process that fails
-  # here still reaches the verdict shared by all processes.
-  handler, item = ocp.StandardCheckpointHandler(), epath.Path(path) / "default"
-  try:
-    metadata = handler.metadata(item)
-    check_compatible(getattr(metadata, "tree", metadata), target, where)
-    abstract = jax.tree.map(_abstract_leaf, target)
-    restored = handler.restore(item, args=ocp.args.StandardRestore(abstract))
-  except (OSError, KeyError) as e:
-    raise _Damage(f"an array could not be read: {_one_line(e)}") from e
-  except ValueError as e:
-    if str(e).startswith(where):  # a config or tree mismatch: not damage
-      raise
-    raise _Damage(f"an array could not be read: {_one_line(e)}") from e
-  finally:
-    handler.close()
-  return _rewrap_keys(target, restored)
-
-
 def all_steps(directory: str | os.PathLike | None) -> list[int]:
-  """The complete (finalised) checkpoint steps in ``directory``, ascending.
-
-  Listed by Orbax without a manager (opening one is a barrier); folders of
-  saves cut short are not steps.
-
-  Example:
-    >>> import os, tempfile, jax.numpy as jnp
-    >>> d = tempfile.mkdtemp()
-    >>> _ = save(d, 10, {'w': jnp.ones(3)})
-    >>> os.mkdir(os.path.join(d, '20.orbax-checkpoint-tmp-1700000000'))
-    >>> all_steps(d), latest_step(d)          # the cut-short save is no step
-    ([10], 10)
-  """
+  """The complete checkpoint steps in ``directory``, ascending, listed by
+  Orbax without a manager (whose opening is a barrier): a save cut short
+  is not a step."""
   if directory is None or not os.path.isdir(directory):
     return []
-  return sorted(ocp.utils.checkpoint_steps(absolute(directory)))
+  return sorted(ocp.utils.checkpoint_steps(os.path.abspath(directory)))
 
 
 def latest_step(directory: str | os.PathLike) -> int | None:
@@ -397,20 +183,13 @@ def save(
     >>> restore(d, state, config={'optimizer': 'madam'})['params']['w']
     Array([ 0.5, -2. ], dtype=float32)
   """
-  directory = absolute(directory)
-  check_writable(directory, step)
-  manager = _manager(directory, max_to_keep)
-  try:
-    if step in manager.all_steps():
+  with Checkpointer(directory, max_to_keep=max_to_keep, config=config) as c:
+    if not c.maybe_save(step, state, force=True):
       raise ValueError(
-        f"step {step} is already saved in {directory}; restore it with "
+        f"step {step} is already saved in {c.directory}; restore it with "
         "`maybe_restore`, or save under a new step number."
       )
-    _write(manager, step, state, normalise_config(config))
-    manager.wait_until_finished()
-  finally:
-    manager.close()
-  return step_path(directory, step)
+  return os.path.join(c.directory, str(step))
 
 
 def restore(
@@ -423,28 +202,43 @@ def restore(
   """Restores checkpoint ``step`` (default: the latest complete one) into
   ``target``'s shapes, dtypes and shardings.
 
-  ``target`` is a live state or its :func:`abstract_state`; every setting
-  of ``config`` that differs from the saved one is an error.
+  ``target``: a live state, or ``jax.ShapeDtypeStruct``s with the shardings
+  to restore onto; every setting of ``config`` that differs from the saved
+  one is an error.
 
   Raises:
     DamagedCheckpointError: a file of the step is missing or unreadable on
       some process (every process raises it).
-    ValueError: no such checkpoint, or its config or tree differs (the
-      message names what differs).
+    ValueError: no such checkpoint, or its config or tree differs.
   """
-  directory = absolute(directory)
+  directory = os.path.abspath(directory)
   steps = all_steps(directory)
-  step = (steps[-1] if steps else None) if step is None else step
+  step = steps[-1] if step is None and steps else step
   if step is None or step not in steps:
+    which = "" if step is None else f"step {step} "
     raise ValueError(
-      f"no complete checkpoint {'' if step is None else f'step {step} '}in "
-      f"{directory} (complete steps: {steps})."
+      f"no complete checkpoint {which}in {directory} (complete steps: {steps})."
     )
-  damage, result = None, None
+  where, path = f"checkpoint step {step} in {directory}", epath.Path(directory)
+  # A handler, not a manager (whose opening is a barrier): a process that
+  # fails here still reaches the verdict shared by all processes.
+  handler, damage, result = ocp.StandardCheckpointHandler(), None, None
   try:
-    result = _read(directory, step, target, config)
-  except _Damage as e:
-    damage = str(e)
+    meta = json.loads((path / str(step) / "_CHECKPOINT_METADATA").read_bytes())
+    saved = (meta.get("custom_metadata") or {}).get("config")
+    if config is not None and saved is not None:
+      _check_same(_settings(saved), _settings(config), where, "configuration")
+    item = path / str(step) / "default"
+    stored = _signatures(handler.metadata(item).tree)
+    _check_same(stored, _signatures(target), where, "model or optimizer")
+    result = handler.restore(item, args=ocp.args.StandardRestore(target))
+    result = _typed_keys(target, result)
+  except (AttributeError, OSError, LookupError, ValueError) as e:
+    if str(e).startswith(where):  # a config or tree mismatch: not damage
+      raise
+    damage = f"{type(e).__name__}: {_one_line(e)}"
+  finally:
+    handler.close()
   damage = _verdict(damage, "could not read it")
   if damage is not None:
     raise DamagedCheckpointError(directory, step, damage)
@@ -460,13 +254,11 @@ def maybe_restore(
 ) -> tuple[Any, int]:
   """Resumes from the latest complete checkpoint, or starts from ``target``.
 
-  A damaged step is passed over (a message says so) and the previous one is
-  tried; its files stay where they are, and a later save of that step
-  number is skipped. When no earlier step is left, the error is raised.
-
-  ``checkpoint_dir`` ``None`` or without a complete step: a fresh start,
-  ``(target, 0)`` (an abstract target is then an error); else ``(state,
-  step)``. ``verbose`` prints where training resumes from.
+  A damaged step is passed over (a message says so, its files stay where
+  they are) and the previous one tried; with none left, the error is
+  raised. Returns ``(state, step)``, or ``(target, 0)`` when
+  ``checkpoint_dir`` is ``None`` or holds no complete step (an abstract
+  target is then an error). ``verbose`` prints where training resumes from.
 
   Example:
     >>> import tempfile, jax.numpy as jnp
@@ -477,63 +269,56 @@ def maybe_restore(
     >>> maybe_restore(d, {'w': jnp.zeros(2)}, verbose=False)
     ({'w': Array([1., 1.], dtype=float32)}, 5)
   """
-  steps = []
+  steps: list[int] = []
   if checkpoint_dir is not None:
-    checkpoint_dir = absolute(checkpoint_dir)
+    checkpoint_dir = os.path.abspath(checkpoint_dir)
     steps = all_steps(checkpoint_dir)
-    latest = np.array([steps[-1] if steps else -1, len(steps)], np.int64)
-    seen = processes.gather(latest)
-    if not (seen == seen[0]).all():
-      views = ", ".join(
-        f"process {i}: {r[0] if r[0] >= 0 else 'none'}"
-        for i, r in enumerate(seen)
-      )
+    seen = processes.gather([steps[-1] if steps else -1, len(steps)])
+    if (seen != seen[0]).any():
+      views = ", ".join(f"process {i}: {s}" for i, s in enumerate(seen[:, 0]))
       raise ValueError(
         f"the processes see different checkpoints in {checkpoint_dir} "
-        f"(latest step {views}). Every process must see the same folder: on "
-        "several hosts, put it on a file system they all share."
+        f"(latest step {views}). On several hosts, put the folder on a file "
+        "system they all share."
       )
+  leaves = jax.tree_util.tree_flatten_with_path(target)[0]
+  abstract = [p for p, x in leaves if isinstance(x, jax.ShapeDtypeStruct)]
+  if not steps and abstract:
+    raise ValueError(
+      f"no complete checkpoint in {checkpoint_dir} to fill the abstract "
+      f"target (leaf {jax.tree_util.keystr(abstract[0])} is a "
+      "jax.ShapeDtypeStruct); pass a freshly initialised state to start "
+      "from step 0."
+    )
   if not steps:
-    for path, x in jax.tree_util.tree_flatten_with_path(target)[0]:
-      if isinstance(x, jax.ShapeDtypeStruct):
-        raise ValueError(
-          f"no complete checkpoint in {checkpoint_dir} to fill the abstract "
-          f"target (leaf {jax.tree_util.keystr(path)} is a "
-          "jax.ShapeDtypeStruct); pass a freshly initialised state to start "
-          "from step 0 when there is no checkpoint."
-        )
     if verbose and checkpoint_dir is not None:
       print(f"No checkpoint in {checkpoint_dir}, starting from step 0")
     return target, 0
-  for i in range(len(steps) - 1, -1, -1):
+  for step, earlier in zip(steps[::-1], [*steps[-2::-1], None]):
     try:
-      state = restore(checkpoint_dir, target, steps[i], config=config)
+      state = restore(checkpoint_dir, target, step, config=config)
+      break
     except DamagedCheckpointError as e:
-      if i == 0:
+      if earlier is None:
         raise
       if verbose:
         print(
-          f"Checkpoint step {steps[i]} in {checkpoint_dir} is damaged "
+          f"Checkpoint step {step} in {checkpoint_dir} is damaged "
           f"({e.reason}); its files are left as they are (later saves pass "
-          f"over step {steps[i]}), trying step {steps[i - 1]}",
+          f"over step {step}), trying step {earlier}",
           flush=True,
         )
-      continue
-    if verbose:
-      print(f"Resumed from step {steps[i]} in {checkpoint_dir}")
-    return state, steps[i]
-  raise AssertionError("unreachable: the loop returns or raises")
+  if verbose:
+    print(f"Resumed from step {step} in {checkpoint_dir}")
+  return state, step
 
 
 class Checkpointer:
   """Periodic, atomic background saves for a training loop.
 
-  Orbax's asynchronous checkpointing copies the arrays to host memory before
-  :meth:`maybe_save` returns and writes them while training goes on; the
-  next save and :meth:`close` wait for it. Each save first proves the folder
-  writable (:class:`CheckpointWriteError` at the save that meets it).
-
-  Saves at multiples of ``every``; ``config`` is saved with every step.
+  Orbax copies the arrays to host memory before :meth:`maybe_save` returns
+  and writes them while training goes on; the next save and :meth:`close`
+  wait for it. Saves at multiples of ``every``, each with ``config``.
 
   Example:
     >>> import tempfile, jax.numpy as jnp
@@ -557,26 +342,36 @@ class Checkpointer:
   ):
     if every < 1:
       raise ValueError(f"--checkpoint-every must be >= 1, got {every}.")
-    self.directory, self.every = absolute(directory), int(every)
-    self.config = normalise_config(config)
-    self._manager = _manager(self.directory, max_to_keep, asynchronous=True)
+    self.directory, self.every = os.path.abspath(directory), int(every)
+    config = None if config is None else json.loads(json.dumps(config))
+    self.metadata = {"config": config}
+    self._manager = ocp.CheckpointManager(
+      self.directory,
+      item_handlers=ocp.StandardCheckpointHandler(),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, cleanup_tmp_directories=True
+      ),
+    )
 
   def maybe_save(self, step: int, state: Any, *, force: bool = False) -> bool:
     """Saves when ``step`` is a multiple of ``every`` (or ``force``) and new:
-    a step already in the folder (even a damaged one) is never overwritten."""
+    a step already in the folder (even a damaged one) is never overwritten.
+
+    Raises:
+      CheckpointWriteError: the folder does not take a file (on any process).
+    """
     step = int(step)
     if not force and step % self.every:
       return False
     self._manager.wait_until_finished()
     if step in self._manager.all_steps():
       return False
-    check_writable(self.directory, step)
-    _write(self._manager, step, state, self.config)
+    _check_writable(self.directory, step)
+    args = ocp.args.StandardSave(state)
+    self._manager.save(
+      step, args=args, force=True, custom_metadata=self.metadata
+    )
     return True
-
-  def restore(self, target: Any) -> tuple[Any, int]:
-    """``maybe_restore(self.directory, target, config=self.config)``."""
-    return maybe_restore(self.directory, target, config=self.config)
 
   def close(self) -> None:
     """Waits for the pending save and releases Orbax's resources."""
@@ -592,18 +387,10 @@ class Checkpointer:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   """Adds ``--checkpoint-dir`` and ``--checkpoint-every`` to a CLI parser."""
-  group = parser.add_argument_group("checkpointing (Orbax)")
-  group.add_argument(
-    "--checkpoint-dir",
-    type=cli.output_dir,
-    default=None,
-    help="save checkpoints here, and resume from the latest complete one "
-    "when there is one (proven writable before training starts)",
-  )
-  group.add_argument(
-    "--checkpoint-every",
-    type=cli.positive_int,
-    default=DEFAULT_EVERY,
-    help=f"steps between checkpoints (default {DEFAULT_EVERY}); the last "
-    "step is always saved",
-  )
+  add = parser.add_argument_group("checkpointing (Orbax)").add_argument
+  add("--checkpoint-dir", type=cli.output_dir,
+      help="save checkpoints here, and resume from the latest complete one "
+      "(proven writable before training starts)")  # fmt: skip
+  add("--checkpoint-every", type=cli.positive_int, default=DEFAULT_EVERY,
+      help=f"steps between checkpoints (default {DEFAULT_EVERY}); the last "
+      "step is always saved")  # fmt: skip

@@ -1,7 +1,6 @@
 """Runs a multi-process JAX program on one machine, for development and tests.
 
-``jax.distributed`` joins one process per host into one runtime; here each
-process has its own CPU devices and their collectives go over Gloo on
+Each process has its own CPU devices, their collectives going over Gloo on
 ``127.0.0.1``: the code path of a TPU pod or a GPU cluster, minus the
 hardware. This starts ``-n`` processes of a module (default
 :mod:`madam_examples.sharded_train`) with ``--coordinator-address
@@ -11,9 +10,9 @@ hardware. This starts ``-n`` processes of a module (default
       --simulate-devices 2 --steps 50
 
 Process 0's output is streamed, the others' goes to ``--log-dir`` (default:
-a new temporary folder). When one process fails, every other one is stopped,
-and one line names it, followed by the last lines of its log. ``--timeout``
-bounds the run; the children die with the launcher (Linux).
+a new temporary folder). When one process fails, the others are stopped and
+one line names it, followed by the end of its log. ``--timeout`` bounds the
+run; the processes die with the launcher (Linux).
 """
 
 from __future__ import annotations
@@ -52,10 +51,9 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-# Runs ``python -m MODULE ARGS`` after asking Linux to kill this process when
-# the launcher dies (PR_SET_PDEATHSIG); done in the child itself, after exec,
-# not between fork and exec: the launcher may be a multithreaded program (a
-# test with JAX loaded), where running Python code before exec can deadlock.
+# ``python -m MODULE ARGS``, killed when the launcher dies (PR_SET_PDEATHSIG,
+# asked after exec: Python code between fork and exec can deadlock a
+# multithreaded launcher, such as a test with JAX loaded).
 _BOOTSTRAP = """
 import ctypes, os, runpy, signal, sys
 parent, module = int(sys.argv[1]), sys.argv[2]
@@ -86,29 +84,13 @@ def process_command(module: str, args: Sequence[str], address: str, n: int,
   return [*bootstrap, module, *args, *flags.split()]
 
 
-def describe_status(code: int) -> str:
-  """``"exit status 3"`` or ``"killed by SIGKILL"``.
-
-  Example:
-    >>> describe_status(-9)
-    'killed by SIGKILL'
-  """
-  if code < 0:
-    try:
-      return f"killed by {signal.Signals(-code).name}"
-    except ValueError:
-      return f"killed by signal {-code}"
-  return f"exit status {code}"
-
-
 class LocalCluster:
   """``num_processes`` cooperating processes of ``module`` on this machine.
 
-  Leaving the ``with`` block stops every process still running (SIGTERM,
-  then SIGKILL after a grace period). ``args`` go to every process;
-  processes 1.. write to ``log_dir/process_<i>.log`` (``log_paths``),
-  process 0 to ``stdout`` (default: the launcher's); ``port`` defaults to a
-  free one. Example (two processes of sharded_train, two CPU devices each)::
+  ``args`` go to every process; processes 1.. write to
+  ``log_dir/process_<i>.log`` (``log_paths``), process 0 to ``stdout``
+  (default: the launcher's). Leaving the ``with`` block stops every process
+  still running (SIGTERM, then SIGKILL). Example::
 
     with LocalCluster(2, ["--simulate-devices", "2", "--mesh", "data=4"]) as c:
       status = c.wait(timeout=600)
@@ -125,25 +107,24 @@ class LocalCluster:
     env: dict[str, str] | None = None,
     port: int | None = None,
   ):
-    if num_processes < 1:
-      raise ValueError(f"-n must be at least 1, got {num_processes}.")
     self.num_processes = num_processes
     self.address = f"{HOST}:{port or free_port()}"
     self.log_dir = log_dir or tempfile.mkdtemp(prefix="launch_local-")
     os.makedirs(self.log_dir, exist_ok=True)
     self.processes: list[subprocess.Popen] = []
-    self.log_paths: list[str | None] = []
+    self.log_paths: list[str | None] = [None]
+    self.log_paths += [
+      os.path.join(self.log_dir, f"process_{i}.log")
+      for i in range(1, num_processes)
+    ]
     self.failure: str | None = None  # one line, once one has failed
     self.failed: int | None = None  # the process that failed first
     self._files: list[IO[Any]] = []
     try:
-      for i in range(num_processes):
-        out, path = stdout, None
-        if i:
-          path = os.path.join(self.log_dir, f"process_{i}.log")
-          out = open(path, "w", encoding="utf-8")  # pylint: disable=consider-using-with
+      for i, path in enumerate(self.log_paths):
+        out = open(path, "w", encoding="utf-8") if path else stdout  # pylint: disable=consider-using-with
+        if path:
           self._files.append(out)
-        self.log_paths.append(path)
         command = process_command(module, args, self.address, num_processes, i)
         err = subprocess.STDOUT if out is not None else None
         self.processes.append(
@@ -153,36 +134,28 @@ class LocalCluster:
       self.stop()
       raise
 
-  @property
-  def pids(self) -> list[int]:
-    """The processes' ids, in process order."""
-    return [p.pid for p in self.processes]
-
   def poll(self) -> int | None:
     """``None`` while all run; else 0 when all ended well, or the status of
     the first that failed (after which every other one is stopped)."""
     codes = [p.poll() for p in self.processes]
     for i, code in enumerate(codes):
       if code not in (None, 0):
+        signals = {-s.value: s.name for s in signal.Signals}
+        how = f"killed by {signals.get(code, f'signal {-code}')}"
         log = self.log_paths[i]
         self.failed = i
         self.failure = (
           f"launch_local: process {i} of {self.num_processes} ended with "
-          f"{describe_status(code)}; stopping the others"
-          + (f" (its log: {log})" if log else "")
+          f"{f'exit status {code}' if code > 0 else how}; stopping the "
+          "others" + (f" (its log: {log})" if log else "")
         )
         self.stop()
         return code
-    if all(code == 0 for code in codes):
-      return 0
-    return None
+    return 0 if all(code == 0 for code in codes) else None
 
   def wait(self, timeout: float | None = None) -> int:
-    """Waits for every process; returns 0 or the first failure's status.
-
-    A failure stops every other process. After ``timeout`` seconds all are
-    stopped and the status is 124.
-    """
+    """Waits for every process; returns 0 or the first failure's status
+    (the others are stopped), or 124 after ``timeout`` seconds."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
       code = self.poll()
@@ -199,17 +172,14 @@ class LocalCluster:
 
   def stop(self) -> None:
     """Stops every process still running: SIGTERM, then SIGKILL."""
-    running = [p for p in self.processes if p.poll() is None]
-    for p in running:
-      with contextlib.suppress(ProcessLookupError):
-        p.terminate()
+    for p in self.processes:
+      p.terminate()  # nothing if it has ended
     deadline = time.monotonic() + GRACE_SECONDS
-    for p in running:
+    for p in self.processes:
       try:
         p.wait(max(deadline - time.monotonic(), 0.01))
       except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-          p.kill()
+        p.kill()
         p.wait()
     for f in self._files:
       f.close()
@@ -262,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     n, args.args, module=module, log_dir=args.log_dir, port=args.port
   )
   say = functools.partial(print, "launch_local:", file=sys.stderr, flush=True)
-  pids = ", ".join(map(str, cluster.pids))
+  pids = ", ".join(str(p.pid) for p in cluster.processes)
   say(f"{n} processes of {module} on {cluster.address} (pids {pids}); logs "
       f"of processes 1.. in {cluster.log_dir}")  # fmt: skip
 

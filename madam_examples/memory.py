@@ -1,12 +1,9 @@
-"""Bytes held by a tree of arrays: in all, and on each device.
-
-The one byte counter of the examples: parameter bytes of float weights
-against LNS codes (``lns_digits``), and the per-device bytes of a sharded
-model and optimizer state (``sharded_train``).
-"""
+"""Bytes held by a tree of arrays, in all and on each device: float weights
+against LNS codes (``lns_digits``), a sharded state (``sharded_train``)."""
 
 from __future__ import annotations
 
+import collections
 import math
 from typing import Any, Callable
 
@@ -28,16 +25,9 @@ def _leaf_bytes(x: Any) -> int:
 def tree_bytes(tree: Any, where: Callable[[Any], bool] | None = None) -> int:
   """The bytes of every array in ``tree`` (global, whatever the sharding).
 
-  Args:
-    tree: a pytree of arrays (JAX or NumPy; Flax ``nnx.State`` included),
-      or of ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``: the
-      bytes they would take); ``None`` leaves and leaves without storage
-      (Python numbers, strings) count nothing.
-    where: if given, only leaves for which ``where(leaf)`` is true count.
-
-  Returns:
-    The sum of the leaves' ``nbytes``: an ``int8`` code counts 1 byte, a
-    ``float32`` weight 4.
+  ``tree``: arrays (JAX, NumPy, Flax ``nnx.State``) or
+  ``jax.ShapeDtypeStruct`` (the bytes they would take); other leaves count
+  nothing. ``where``: if given, only the leaves it is true for count.
 
   Example:
     >>> import jax.numpy as jnp
@@ -55,11 +45,8 @@ def bytes_per_device(tree: Any) -> dict[Any, int]:
   A replicated array counts in full on every device that holds a copy; an
   array split over ``n`` devices counts ``1/n`` on each.
 
-  Args:
-    tree: a pytree of ``jax.Array``s (other leaves are skipped).
-
-  Returns:
-    ``{device: bytes}`` over the devices holding any shard.
+  Returns ``{device: bytes}`` over the devices holding any shard of
+  ``tree``'s ``jax.Array``s (other leaves are skipped).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -67,29 +54,8 @@ def bytes_per_device(tree: Any) -> dict[Any, int]:
     >>> list(counts.values())
     [12]
   """
-  totals: dict[Any, int] = {}
+  totals: dict[Any, int] = collections.Counter()
   for leaf in jax.tree.leaves(tree):
     for shard in getattr(leaf, "addressable_shards", ()):
-      totals[shard.device] = totals.get(shard.device, 0) + _leaf_bytes(
-        shard.data
-      )
-  return totals
-
-
-def log_memory(state: Any, log: Callable[[str], None]) -> None:
-  """The params' and optimizer state's bytes on each of this process's
-  devices (every device of a single-process run)."""
-  model_bytes = bytes_per_device(state.params)
-  opt_bytes = bytes_per_device(state.opt_state)
-  devices = sorted(model_bytes, key=lambda d: d.id)
-  where = (
-    f"all {len(devices)} devices"
-    if len(devices) == jax.device_count()
-    else f"this process's {len(devices)} of {jax.device_count()} devices"
-  )
-  log(f"memory on {where}:")
-  for device in devices:
-    log(
-      f"  {device}: params {model_bytes[device] / 1024:.1f} KiB, optimizer "
-      f"state {opt_bytes.get(device, 0) / 1024:.1f} KiB"
-    )
+      totals[shard.device] += _leaf_bytes(shard.data)
+  return dict(totals)

@@ -1,10 +1,8 @@
-"""Device meshes and global batches for data-parallel plus FSDP training.
+"""Device meshes, shardings and global batches for data parallel plus FSDP.
 
-A ``(data, fsdp)`` mesh: the batch is split over both axes, and the
-parameters (with their optimizer state) over ``fsdp``. Every process builds
-only its own rows of a global batch, so a run is the same whatever the
-number of hosts. Also: the cross-device collectives in compiled HLO, to
-check that Madam's update needs none.
+A ``(data, fsdp)`` mesh: the batch is split over both axes, the parameters
+and their optimizer state over ``fsdp``. Each process builds only its own
+rows of a global batch. Also: the collectives in compiled HLO.
 """
 
 from __future__ import annotations
@@ -31,26 +29,23 @@ def parse_mesh(
 ) -> dict[str, int]:
   """``"data=2,fsdp=4"`` -> ``{"data": 2, "fsdp": 4}`` (a missing axis is 1).
 
-  One size may be ``-1``: it takes the devices the others leave. Raises
+  One size may be ``-1``: the devices the others leave. Raises
   ``InputError`` (a ``ValueError``) for unknown axes, bad sizes, or a product
-  that is not ``num_devices``; ``hint`` ends the message of the last (e.g.
-  how to get more devices).
+  that is not ``num_devices`` (``hint`` ends that message).
 
   Example:
     >>> parse_mesh("data=-1,fsdp=2", 8)
     {'data': 4, 'fsdp': 2}
   """
-  sizes = dict.fromkeys(MESH_AXES, 1)
-  seen = set()
-  for item in filter(None, (s.strip() for s in spec.split(","))):
-    match = re.fullmatch(r"(\w+)\s*=\s*(-?\d+)", item)
-    if not match or match[1] not in MESH_AXES or match[1] in seen:
-      raise InputError(
-        f"--mesh {spec!r}: expected comma-separated AXIS=SIZE with AXIS in "
-        f"{MESH_AXES}, each at most once, e.g. 'data=2,fsdp=4'."
-      )
-    seen.add(match[1])
-    sizes[match[1]] = int(match[2])
+  items = [re.fullmatch(r"(\w+)\s*=\s*(-?\d+)", s.strip())
+           for s in spec.split(",") if s.strip()]  # fmt: skip
+  names = [m[1] for m in items if m and m[1] in MESH_AXES]
+  if len(names) < len(items) or len(set(names)) < len(names):
+    raise InputError(
+      f"--mesh {spec!r}: expected comma-separated AXIS=SIZE with AXIS in "
+      f"{MESH_AXES}, each at most once, e.g. 'data=2,fsdp=4'."
+    )
+  sizes = dict.fromkeys(MESH_AXES, 1) | {m[1]: int(m[2]) for m in items if m}
   free = [a for a, n in sizes.items() if n == -1]
   if len(free) > 1 or any(n == 0 or n < -1 for n in sizes.values()):
     raise InputError(
@@ -104,19 +99,14 @@ def device_batch(rows: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 
 def collectives_in_hlo(hlo_text: str) -> list[str]:
-  """Cross-device collectives named in compiled HLO text (sorted).
+  """Cross-device collectives named in compiled HLO text, sorted.
 
   Example:
     >>> collectives_in_hlo("%x = f32[8]{0} all-reduce(f32[8]{0} %y)")
     ['all-reduce']
   """
-  return sorted(
-    {
-      op
-      for op in COLLECTIVES.split()
-      if re.search(rf"\b{op}(-start)?\(", hlo_text)
-    }
-  )
+  ops = COLLECTIVES.split()
+  return sorted(op for op in ops if re.search(rf"\b{op}(-start)?\(", hlo_text))
 
 
 def state_shardings(

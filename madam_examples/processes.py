@@ -1,21 +1,12 @@
 """What several JAX processes must agree on, checked without waiting forever.
 
-With ``jax.distributed`` every process runs the same program and must call
-the same collectives in the same order, or all of them wait forever. Three
-tools keep a run from hanging:
-
-* :func:`check_same_settings`: at start-up, each process publishes the
-  settings that must agree (mesh, steps, seeds, model, checkpointing) through
-  the coordination service, and every process stops with one line naming
-  the setting that differs and its value on each process.
-* :func:`sync`: a barrier with a timeout; when it expires, the error names
-  the processes that did not arrive.
-* :func:`gather`: every process's small NumPy array, behind such a barrier
-  (CPU collectives over Gloo give up after 30 s, so processes that are
-  minutes apart, one still compiling, meet at the barrier first).
-
-A per-process setting (where a process writes its metrics) must never
-change which of these a process calls. With one process, all are trivial.
+With ``jax.distributed`` every process must call the same collectives in
+the same order, or all of them wait forever. :func:`check_same_settings`
+stops every process at start-up, naming the setting that differs;
+:func:`sync` is a barrier whose timeout names the processes that did not
+arrive; :func:`gather` meets at such a barrier first (CPU collectives over
+Gloo give up after 30 s, and one process may still be compiling). With one
+process, all are trivial.
 """
 
 from __future__ import annotations
@@ -61,8 +52,7 @@ def sync(name: str, timeout_s: float | None = None) -> None:
     return
   timeout_s = BARRIER_TIMEOUT_S if timeout_s is None else timeout_s
   _COUNT[0] += 1
-  key = f"{_PREFIX}/{name}/{_COUNT[0]}"
-  client = _client()
+  key, client = f"{_PREFIX}/{name}/{_COUNT[0]}", _client()
   client.key_value_set(f"{key}/arrived/{jax.process_index()}", "1")
   try:
     client.wait_at_barrier(key, int(timeout_s * 1000))
@@ -71,13 +61,11 @@ def sync(name: str, timeout_s: float | None = None) -> None:
     missing = [
       str(i) for i in range(jax.process_count()) if str(i) not in arrived
     ]
-    who = (
-      f"process {', '.join(missing)}" if missing else "some process (unknown)"
-    )
     raise ProcessesDisagree(
-      f"{who} of {jax.process_count()} did not reach '{name}' within "
-      f"{timeout_s:g} s (this is process {jax.process_index()}); it is "
-      "stuck, was started late, or died: see its log."
+      f"process {', '.join(missing) or '(unknown)'} of {jax.process_count()} "
+      f"did not reach '{name}' within {timeout_s:g} s (this is process "
+      f"{jax.process_index()}); it is stuck, was started late, or died: see "
+      "its log."
     ) from e
 
 
@@ -92,64 +80,51 @@ def check_same_settings(settings: dict[str, Any], timeout_s: float) -> None:
   """Raises :class:`ProcessesDisagree` unless every process has ``settings``.
 
   Each process publishes its settings (JSON) through the coordination
-  service, meets the others (:func:`sync`), and compares every process's
-  with its own; the error names each setting that differs and its value
-  on every process. No collective: it works before any array exists.
+  service, meets the others (:func:`sync`) and compares theirs with its
+  own: no collective, so it works before any array exists.
 
   Example:
     >>> check_same_settings({"steps": 10}, 5.0)     # one process: nothing
   """
   if jax.process_count() == 1:
     return
-  mine = json.dumps(settings, sort_keys=True)
   key = f"{_PREFIX}-settings/"
-  _client().key_value_set(f"{key}{jax.process_index()}", mine)
+  _client().key_value_set(
+    f"{key}{jax.process_index()}", json.dumps(settings, sort_keys=True)
+  )
   sync("settings", timeout_s)
-  seen = {int(k.rsplit("/", 1)[-1]): json.loads(v) for k, v in _dir_get(key)}
+  seen = sorted(
+    (int(k.rsplit("/", 1)[-1]), json.loads(v)) for k, v in _dir_get(key)
+  )
   diffs = []
-  for name in sorted({n for s in seen.values() for n in s}):
-    values = [seen[i].get(name) for i in sorted(seen)]
-    if any(v != values[0] for v in values):
-      diffs.append(
-        f"{name}: "
-        + ", ".join(f"process {i} {v!r}" for i, v in zip(sorted(seen), values))
-      )
+  for name in sorted({n for _, s in seen for n in s}):
+    values = [(i, s.get(name)) for i, s in seen]
+    if any(v != values[0][1] for _, v in values):
+      each = ", ".join(f"process {i} {v!r}" for i, v in values)
+      diffs.append(f"{name}: {each}")
   if diffs:
     raise ProcessesDisagree(
-      "the processes were started with different settings ("
-      + "; ".join(diffs)
-      + "). Start every process with the same flags (only --metrics-out "
-      "may differ)."
+      f"the processes were started with different settings ({'; '.join(diffs)}"
+      "). Start every process with the same flags (only --metrics-out may "
+      "differ)."
     )
 
 
-def gather(values: np.ndarray) -> np.ndarray:
-  """Every process's ``values`` (same shape and dtype on all), stacked in
-  process order: shape ``(process_count, *values.shape)``.
-
-  Exact for any dtype (the bytes travel, so float64 stays float64 without
-  ``jax_enable_x64``). A collective: every process must call it.
+def gather(values: Any) -> np.ndarray:
+  """Every process's small integer array ``values`` (the same shape on all),
+  stacked in process order. A collective: every process must call it.
 
   Example:
-    >>> gather(np.array([1.5, 2.0]))      # one process
-    array([[1.5, 2. ]])
+    >>> gather([3, 1])      # one process
+    array([[3, 1]], dtype=int32)
   """
-  values = np.ascontiguousarray(values)
+  values = np.asarray(values, np.int32)
   if jax.process_count() == 1:
     return values[None]
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 
-  raw = np.frombuffer(values.tobytes(), np.uint8).astype(np.int32)
   sync("gather")
-  gathered = np.asarray(multihost_utils.process_allgather(raw))
-  as_bytes = gathered.astype(np.uint8).tobytes()
-  shape = (len(gathered), *values.shape)
-  return np.frombuffer(as_bytes, values.dtype).reshape(shape)
-
-
-def _cpu_platform(args: argparse.Namespace) -> bool:
-  platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
-  return bool(args.simulate_devices) or platforms == "cpu"
+  return np.asarray(multihost_utils.process_allgather(values))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -180,14 +155,12 @@ def initialise_runtime(args: argparse.Namespace, prog: str) -> None:
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", args.simulate_devices)
   if args.distributed or args.coordinator_address:
-    if _cpu_platform(args):
+    platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS")
+    if args.simulate_devices or platforms == "cpu":
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     timeout = args.initialization_timeout
-    who = (
-      "this process"
-      if args.process_id is None
-      else f"process {args.process_id} of {args.num_processes}"
-    )
+    who = f"process {args.process_id} of {args.num_processes}"
+    who = "this process" if args.process_id is None else who
     where = args.coordinator_address or "the auto-detected coordinator"
     message = (
       f"{prog}: error: {who}: not every process reached the coordinator at "

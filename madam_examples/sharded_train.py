@@ -3,10 +3,9 @@ r"""Madam on a device mesh: data parallel plus fully sharded (FSDP) training.
 A causal Transformer (:class:`madam_examples.models.CharTransformer`) learns
 the standard library's docstrings with Madam (arXiv:2006.14560) on a mesh:
 ``data`` splits the batch; ``fsdp`` splits it too, and every parameter and
-its optimizer state along one dimension (ZeRO-3 / FSDP). Madam's update is
-elementwise and its per-tensor bound fixed at ``init``, so the compiled
-update has no collective (``--check-collectives``). Zero-initialised leaves,
-which a multiplicative update cannot move, are trained by Adam.
+its optimizer state (ZeRO-3 / FSDP). Madam's update is elementwise, so it
+compiles to no collective (``--check-collectives``). Adam trains the
+zero-initialised leaves, which a multiplicative update cannot move.
 
   python -m madam_examples.sharded_train --mesh data=2,fsdp=4 \
       --simulate-devices 8                             # one host
@@ -15,11 +14,9 @@ which a multiplicative update cannot move, are trained by Adam.
       --simulate-devices 2          # two processes on this machine
 
 Each process builds only its rows of every global batch, so the run is the
-same whatever the number of hosts; processes started with different settings
-stop at once (:mod:`madam_examples.processes`). ``--checkpoint-dir`` saves
-and resumes with Orbax, onto the same mesh or another; a step whose loss or
-gradient is not finite is skipped on every process; ``--metrics-out`` writes
-what the run did as JSON. The whole story: ``docs/distributed.md``.
+same whatever the number of hosts. ``--checkpoint-dir`` saves and resumes
+onto the same mesh or another; a step whose loss or gradient is not finite
+is skipped on every process. The whole story: ``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -110,8 +107,7 @@ class Setup:
   state: step.TrainState  # params, optimizer states, key, step: sharded
   state_sharding: Any
   batch_sharding: NamedSharding
-  checked_step: Any  # jitted (state, batch) -> (state, loss, applied)
-  train_step: Any  # jitted (state, batch) -> (state, loss)
+  train_step: Any  # jitted (state, batch) -> (state, loss, applied)
   eval_loss: Any  # jitted (state, batch) -> loss
 
 
@@ -119,9 +115,8 @@ def setup(config: Config, devices: Sequence[Any] | None = None) -> Setup:
   """Builds the sharded model, optimizer and jitted steps on a mesh.
 
   The initial state is computed whole on this process's first device (the
-  same on every process), then laid out on the mesh as the Transformer's
-  ``Partitioning.fsdp`` annotations say, its optimizer state likewise, the
-  scalars replicated: each process fills only its own devices.
+  same on every process); each process then fills only its own devices'
+  shards, laid out as the model's ``Partitioning.fsdp`` annotations say.
   """
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   check_config(config, mesh)
@@ -171,12 +166,10 @@ def setup(config: Config, devices: Sequence[Any] | None = None) -> Setup:
   jit = partial(jax.jit, in_shardings=(state_sharding, batch_sharding))
   outs = (state_sharding, replicated, replicated)
   checked = jit(checked_step, out_shardings=outs, donate_argnums=0)
-  plain = jit(lambda s, b: checked_step(s, b)[:2], out_shardings=outs[:2],
-              donate_argnums=0)  # fmt: skip
   evaluate = jit(lambda s, b: loss_fn(s.params["model"], b),
                  out_shardings=replicated)  # fmt: skip
   run = (mesh, tx, state, state_sharding, batch_sharding)
-  return Setup(*run, checked, plain, evaluate)
+  return Setup(*run, checked, evaluate)
 
 
 def optimizer_update(run: Setup):
@@ -232,10 +225,10 @@ def train(
 ) -> dict[str, Any]:
   """Trains to ``config.steps`` steps, resuming from a checkpoint if any.
 
-  Returns a dict: ``losses`` (from ``resumed_from`` on), ``valid_losses``,
+  Returns ``losses`` (from ``resumed_from`` on), ``valid_losses``,
   ``final_valid_loss``, ``skipped_steps`` (since step 0), ``resumed_from``,
-  ``step_seconds``, ``run`` (the :class:`Setup`) and ``state``; raises
-  :class:`BadStepsError` after ``max_bad_steps`` consecutive skipped steps.
+  ``step_seconds``, ``run`` and ``state``; raises :class:`BadStepsError`
+  after ``max_bad_steps`` consecutive skipped steps.
   """
   options, log = options or RunOptions(), log or (lambda message: None)
   # What a checkpoint must agree with: all but the mesh (a resume may change
@@ -276,7 +269,7 @@ def train(
   # Compiled before the first step and met after: compiling may take some
   # processes much longer than others.
   first = batch(text.train, start, config.seed)
-  step_fn = run.checked_step.lower(state, first).compile()
+  step_fn = run.train_step.lower(state, first).compile()
   eval_fn = run.eval_loss.lower(state, valid).compile()
   processes.sync("compiled")
   losses, valid_losses, seconds, streak = [], [], [], 0

@@ -304,7 +304,7 @@ def test_no_checkpoint_starts_from_step_zero(tmp_path, capsys):
     r"\['w'\] is a jax.ShapeDtypeStruct",
   ):
     checkpointing.maybe_restore(
-      tmp_path / "empty", checkpointing.abstract_state(state)
+      tmp_path / "empty", jax.eval_shape(lambda: state)
     )
 
 
@@ -354,12 +354,9 @@ def test_config_mismatch_names_every_differing_setting(tmp_path):
     ),
   ):
     checkpointing.maybe_restore(tmp_path, state, config=other)
-  with checkpointing.Checkpointer(tmp_path, config=other) as ckpt:
-    with pytest.raises(ValueError, match="learning_rate"):
-      ckpt.restore(state)
   # Without a config (or saved without one) only the tree is checked.
   chex.assert_trees_all_equal(checkpointing.restore(tmp_path, state), state)
-  with pytest.raises(ValueError, match="config must be JSON-able"):
+  with pytest.raises(TypeError, match="not JSON serializable"):
     checkpointing.save(tmp_path, 2, state, config={"fmt": object()})
 
 
@@ -412,6 +409,16 @@ def test_every_part_and_alias_state_round_trips(tmp_path):
   )
 
 
+def test_raw_key_data_of_earlier_checkpoints_restores_as_typed_keys(tmp_path):
+  """Earlier versions saved typed PRNG keys as their raw data; Orbax now
+  stores typed keys itself. An old step still resumes with typed keys."""
+  key = jax.random.key(5)
+  checkpointing.save(tmp_path, 1, {"key": jax.random.key_data(key), "n": 1})
+  restored = checkpointing.restore(tmp_path, {"key": jax.random.key(0), "n": 0})
+  assert restored["key"].dtype == key.dtype and restored["n"] == 1
+  chex.assert_trees_all_equal(_raw(restored["key"]), _raw(key))
+
+
 def test_mismatched_optimizer_is_a_clear_error(tmp_path):
   params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
   saved = {"params": params, "opt_state": madam_optax.madam().init(params)}
@@ -419,8 +426,8 @@ def test_mismatched_optimizer_is_a_clear_error(tmp_path):
   target = {"params": params, "opt_state": optax.adam(1e-3).init(params)}
   with pytest.raises(
     ValueError,
-    match=r"'opt_state\.0\.mu\.b'.*not in the "
-    r"checkpoint.*different model or optimizer",
+    match=r"written with another model or optimizer \(.*opt_state\.0\.mu\.b: "
+    r"checkpoint \(not set\), this run float32\[3\]",
   ):
     checkpointing.maybe_restore(tmp_path, target)
 
@@ -435,8 +442,8 @@ def test_mismatched_width_and_dtype_are_clear_errors(tmp_path):
   tx_wide = madam_optax.with_additive_fallback(wide, madam_optax.madam())
   with pytest.raises(
     ValueError,
-    match=r"step 1 .* at '\S+\.b': the checkpoint "
-    r"holds float32\[3\], the target expects float32\[5\]",
+    match=r"step 1 .* another model or optimizer \(\S+\.b: checkpoint "
+    r"float32\[3\], this run float32\[5\]; .*; 2 more\)",
   ):
     checkpointing.restore(
       tmp_path, {"params": wide, "opt_state": tx_wide.init(wide)}
@@ -444,22 +451,23 @@ def test_mismatched_width_and_dtype_are_clear_errors(tmp_path):
   codes, _ = madam_optax.lns_encode_tree(params, FMT)
   with pytest.raises(
     ValueError,
-    match=r"'params\.w': the checkpoint holds "
-    r"float32\[4, 3\], the target expects int8\[4, 3\]",
+    match=r"params\.w: checkpoint float32\[4, 3\], this run int8\[4, 3\]",
   ):
     checkpointing.restore(
       tmp_path, {"params": codes, "opt_state": tx.init(params)}
     )
   with pytest.raises(
     ValueError,
-    match=r"'extra' \(int32\[\]\) is not in the "
-    "checkpoint",
+    match=r"extra: checkpoint \(not set\), this run int32\[\]",
   ):
     checkpointing.restore(
       tmp_path,
       {"params": params, "extra": jnp.int32(0), "opt_state": tx.init(params)},
     )
-  with pytest.raises(ValueError, match=r"checkpoint's leaf 'params\.b'"):
+  with pytest.raises(
+    ValueError,
+    match=r"params\.b: checkpoint float32\[3\], this run \(not set\)",
+  ):
     checkpointing.restore(
       tmp_path, {"params": {"w": params["w"]}, "opt_state": tx.init(params)}
     )
@@ -480,8 +488,10 @@ def test_restore_onto_mesh_from_abstract_state(tmp_path, eight_devices):
   }
   checkpointing.save(tmp_path, 4, state)
   shardings = jax.tree.map(lambda x: _sharding(x, mesh), state)
-  target = checkpointing.abstract_state(
-    jax.eval_shape(lambda: state), shardings
+  target = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    jax.eval_shape(lambda: state),
+    shardings,
   )
   assert isinstance(target["params"]["w"], jax.ShapeDtypeStruct)
   restored = checkpointing.restore(tmp_path, target)
@@ -660,7 +670,10 @@ def test_lost_step_metadata_no_longer_skips_the_configuration_check(
   restored, step = checkpointing.maybe_restore(tmp_path, state, config=config)
   assert step == 1
   chex.assert_trees_all_equal(restored, state)
-  assert "_CHECKPOINT_METADATA is missing" in capsys.readouterr().out
+  assert re.search(
+    r"step 2 .* is damaged \(FileNotFoundError: .*_CHECKPOINT_METADATA",
+    capsys.readouterr().out,
+  )
 
 
 def test_only_step_damaged_stops_with_one_line(tmp_path):
@@ -669,8 +682,8 @@ def test_only_step_damaged_stops_with_one_line(tmp_path):
   _truncate(_array_files(str(tmp_path / "3"))[0])
   with pytest.raises(
     checkpointing.DamagedCheckpointError,
-    match=r"^checkpoint step 3 .* is damaged \(an array "
-    r"could not be read: .*\)\. Move or delete the "
+    match=r"^checkpoint step 3 .* is damaged \(\w+: .*\)\. Move or "
+    r"delete the "
     r"folder .*3 \(a rerun then resumes from the "
     r"previous complete step, or from step 0 if "
     r"there is none\)",
