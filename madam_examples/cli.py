@@ -236,17 +236,32 @@ def quick_requested(args: argparse.Namespace) -> bool:
   return bool(getattr(args, "quick", False) or os.environ.get(QUICK_ENV) == "1")
 
 
-def resolve_steps(args: argparse.Namespace, default: int) -> int:
-  """``--steps`` if given, else :data:`QUICK_STEPS` when quick, else ``default``.
+def add_run_flags(parser: argparse.ArgumentParser, steps: int) -> None:
+  """Adds ``--steps`` (default ``steps``), ``--seed`` and ``--quick``, the
+  same in every command; parse them with :func:`parse_run_args`."""
+  add = parser.add_argument
+  add("--steps", type=positive_int, help=f"training steps (default {steps})")
+  add("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
+  add_quick_flag(parser)
+
+
+def parse_run_args(
+  parser: argparse.ArgumentParser, argv: Any, steps: int
+) -> argparse.Namespace:
+  """``parser.parse_args(argv)``; ``quick`` is also set by ``MADAM_QUICK=1``,
+  and ``steps`` defaults to :data:`QUICK_STEPS` when quick, else ``steps``.
 
   Example:
-    >>> import argparse
-    >>> resolve_steps(argparse.Namespace(steps=7, quick=True), 1000)
-    7
+    >>> parser = ArgumentParser()
+    >>> add_run_flags(parser, 1000)
+    >>> parse_run_args(parser, ["--quick"], 1000).steps
+    20
   """
-  if args.steps is not None:
-    return int(args.steps)
-  return QUICK_STEPS if quick_requested(args) else int(default)
+  args = parser.parse_args(argv)
+  args.quick = quick_requested(args)
+  if args.steps is None:
+    args.steps = QUICK_STEPS if args.quick else steps
+  return args
 
 
 def one_line_errors(prog: str) -> Callable[[_F], _F]:

@@ -204,20 +204,16 @@ def _stdlib_docstrings() -> str:
       except Exception:  # pylint: disable=broad-except
         continue
       add(module)
-      for attr in sorted(vars(module)):
-        if attr.startswith("_"):
-          continue
-        obj = vars(module)[attr]
-        if getattr(obj, "__module__", None) != module.__name__:
+      for attr, obj in sorted(vars(module).items()):
+        mine = getattr(obj, "__module__", None) == module.__name__
+        if attr.startswith("_") or not mine:
           continue
         if inspect.isclass(obj) or inspect.isfunction(obj):
           add(obj)
         if inspect.isclass(obj):
-          for member in sorted(vars(obj)):
-            if not member.startswith("_") and inspect.isfunction(
-              vars(obj)[member]
-            ):
-              add(vars(obj)[member])
+          for member, fn in sorted(vars(obj).items()):
+            if not member.startswith("_") and inspect.isfunction(fn):
+              add(fn)
   return "".join(pieces)
 
 

@@ -101,30 +101,15 @@ def init_task_state(
 
 
 def task_optimizers(
-  task: Task,
-  optimizer: Optimizer,
-  learning_rate: Any,
-  *,
-  schedule: str = "constant",
-  steps: int = 1,
-  **options: Any,
+  task: Task, optimizer: Optimizer, learning_rate: Any, **options: Any
 ) -> dict[str, optax.GradientTransformation]:
-  """One optimizer per component of ``task``, by name or factory.
-
-  A name goes to ``optimizers.make_optimizers`` with the task's ``p_scale``
-  and ``options``; a factory is called as ``optimizer(learning_rate,
-  params)`` per component, with the scheduled learning rate.
-  """
-  reference = reference_params(task)
-  if callable(optimizer):
-    lr = optimizers_lib.learning_rate_schedule(learning_rate, schedule, steps)
-    return {c: optimizer(lr, p) for c, p in reference.items()}
+  """One optimizer per component of ``task``, by name or factory
+  (:func:`madam_examples.optimizers.make_optimizers`, the task's
+  ``p_scale``)."""
   return optimizers_lib.make_optimizers(
-    reference,
+    reference_params(task),
     optimizer,
     learning_rate,
-    schedule=schedule,
-    steps=steps,
     p_scale=task.p_scale,
     **options,
   )
@@ -153,30 +138,19 @@ def make_run_fn(
   """
   num_evals = max(steps // eval_every, 1)
   eval_every = steps // num_evals
+  options.update(schedule=schedule, steps=steps, lns_format=lns_format)
 
   def run(key, learning_rate, data):
     seed = jax.random.randint(jax.random.fold_in(key, 1), (), 0, 2**31 - 1)
-    txs = task_optimizers(
-      task,
-      optimizer,
-      learning_rate,
-      schedule=schedule,
-      steps=steps,
-      lns_format=lns_format,
-      seed=seed,
-      **options,
-    )
+    txs = task_optimizers(task, optimizer, learning_rate, seed=seed, **options)
     state = init_task_state(task, txs, key, lns_format=lns_format)
 
     def chunk(s, _):
       s, sums = step_lib.train_chunk(
         task.losses, txs, s, data, eval_every, lns_format=lns_format
       )
-      mean_losses = jax.tree.map(lambda x: x / eval_every, sums)
-      return s, {
-        **mean_losses,
-        **task.evaluate(step_lib.weights(s, lns_format), data),
-      }
+      metrics = task.evaluate(step_lib.weights(s, lns_format), data)
+      return s, {**jax.tree.map(lambda x: x / eval_every, sums), **metrics}
 
     _, history = jax.lax.scan(chunk, state, None, length=num_evals)
     return history
@@ -184,19 +158,13 @@ def make_run_fn(
   return run
 
 
-# ----------------------------------------------------------------- train
-
-
-def _history_path(checkpoint_dir: str) -> str:
-  return os.path.join(os.fspath(checkpoint_dir), "history.json")
-
-
 def _load_history(checkpoint_dir: str | None, start: int) -> dict[str, list]:
   """The evaluations up to ``start`` saved beside the checkpoints."""
   if checkpoint_dir is None or start == 0:
     return {"step": []}
   try:
-    with open(_history_path(checkpoint_dir), encoding="utf-8") as f:
+    path = os.path.join(checkpoint_dir, "history.json")
+    with open(path, encoding="utf-8") as f:
       saved = json.load(f)
   except (OSError, ValueError):
     return {"step": []}
@@ -205,7 +173,7 @@ def _load_history(checkpoint_dir: str | None, start: int) -> dict[str, list]:
 
 
 def _save_history(checkpoint_dir: str, history: dict[str, list]) -> None:
-  path = _history_path(checkpoint_dir)
+  path = os.path.join(checkpoint_dir, "history.json")
   with open(path + ".tmp", "w", encoding="utf-8") as f:
     json.dump(history, f)
   os.replace(path + ".tmp", path)
@@ -311,15 +279,9 @@ def train(
   steps = task.steps if steps is None else steps
   eval_every = min(task.eval_every if eval_every is None else eval_every, steps)
   options = dict(optimizer_options or {})
+  settings = dict(schedule=schedule, steps=steps, lns_format=lns_format)
   txs = task_optimizers(
-    task,
-    optimizer,
-    learning_rate,
-    schedule=schedule,
-    steps=steps,
-    lns_format=lns_format,
-    seed=seed,
-    **options,
+    task, optimizer, learning_rate, seed=seed, **settings, **options
   )
   compile_start = time.perf_counter()
   state = jax.jit(
