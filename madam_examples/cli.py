@@ -29,11 +29,8 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 class InputError(ValueError):
-  """Bad input from the user: a flag's value, a path, a file's contents.
-
-  Its message names the input and the fix; the commands print it as one
-  line (:func:`one_line_errors`).
-  """
+  """Bad input from the user (a flag, a path, a file's contents); its message
+  names the input and the fix, printed as one line (:func:`one_line_errors`)."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -104,11 +101,9 @@ def _nearest_existing(path: str) -> str:
 def _prove_writable(path: str, is_folder: bool) -> None:
   """Raises ``OSError`` unless ``path`` can be written, proven by doing it.
 
-  The missing folders are made; then a probe file is created in folder
-  ``path`` and removed, or file ``path`` is opened for appending (and
-  removed if this call created it); then the folders made are removed.
-  Nothing that existed before is touched. Processes may prove the same
-  path at once: one that finds a folder gone (another's, removed) retries.
+  A probe file is created in folder ``path``, or file ``path`` opened for
+  appending; whatever this made is removed again. Processes may prove the
+  same path at once: one that finds a folder gone (another's) retries.
   """
   folder = os.path.abspath(path if is_folder else os.path.dirname(path) or ".")
   for attempt in range(5):
@@ -143,26 +138,6 @@ def _prove_writable(path: str, is_folder: bool) -> None:
           break
 
 
-def prove_writable_file(path: str) -> None:
-  """Raises ``OSError`` unless file ``path`` can be written (see
-  :func:`output_file`); an existing file is left unchanged.
-
-  Example:
-    >>> import tempfile, os
-    >>> f = os.path.join(tempfile.mkdtemp(), 'out', 'metrics.json')
-    >>> prove_writable_file(f)
-    >>> os.path.exists(os.path.dirname(f))       # proven, then removed
-    False
-  """
-  if os.path.isdir(path):
-    raise IsADirectoryError(21, "is a folder", path)
-  _prove_writable(path, is_folder=False)
-
-
-def _reason(error: OSError) -> str:
-  return error.strerror or type(error).__name__
-
-
 def output_dir(text: str) -> str:
   """argparse type: a folder the outputs can be written to (made if missing).
 
@@ -188,8 +163,9 @@ def output_dir(text: str) -> str:
   try:
     _prove_writable(text, is_folder=True)
   except OSError as e:
+    reason = e.strerror or type(e).__name__
     raise argparse.ArgumentTypeError(
-      f"cannot write into folder {text!r}: {_reason(e)}"
+      f"cannot write into folder {text!r}: {reason}"
     ) from None
   return text
 
@@ -218,10 +194,11 @@ def output_file(text: str) -> str:
       f"cannot write {text!r}: {parent!r} is not a folder"
     )
   try:
-    prove_writable_file(text)
+    _prove_writable(text, is_folder=False)
   except OSError as e:
+    reason = e.strerror or type(e).__name__
     raise argparse.ArgumentTypeError(
-      f"cannot write {text!r}: {_reason(e)}"
+      f"cannot write {text!r}: {reason}"
     ) from None
   return text
 
@@ -265,12 +242,9 @@ def parse_run_args(
 
 
 def one_line_errors(prog: str) -> Callable[[_F], _F]:
-  """Decorates a command's ``main``: an :class:`InputError` becomes one line.
-
-  The line, ``PROG: error: MESSAGE``, goes to stderr and the command exits
-  with status 2, as for a bad flag; other exceptions (bugs) keep their
-  traceback.
-  """
+  """Decorates a command's ``main``: an :class:`InputError` becomes one line,
+  ``PROG: error: MESSAGE`` on stderr, and exit status 2, as for a bad flag;
+  other exceptions (bugs) keep their traceback."""
 
   def decorate(main: _F) -> _F:
     @functools.wraps(main)

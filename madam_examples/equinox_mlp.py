@@ -133,13 +133,9 @@ def train(
     model, opt_state, loss = step(model, opt_state, x_train[idx], y_train[idx])
     losses.append(loss)
   test_accuracy = float(accuracy(model, x_test, y_test))
-  return Result(
-    model,
-    labels,
-    np.asarray(jax.device_get(losses)),
-    test_accuracy,
-    time.perf_counter() - start,
-  )
+  seconds = time.perf_counter() - start
+  losses = np.asarray(jax.device_get(losses))
+  return Result(model, labels, losses, test_accuracy, seconds)
 
 
 def describe_labels(labels: Any) -> str:

@@ -123,28 +123,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
   acc_lns = float(lns_history["accuracy"][-1])
   float_bytes = memory.tree_bytes(float_state.params)
   lns_bytes = memory.tree_bytes(lns_state.params)
-  rows = [
+  row = "{:<28}{:>11}{:>13}{:>11}{:>9}".format
+  print(row("optimizer", "test acc %", "param bytes", "compile s", "train s"))
+  for name, acc, nbytes, h in [
     ("madam (float32 weights)", acc_float, float_bytes, float_history),
     (f"lns_madam ({fmt.dtype} weights)", acc_lns, lns_bytes, lns_history),
-  ]
-  print(
-    f"{'optimizer':<28} {'test acc %':>10} {'param bytes':>12} "
-    f"{'compile s':>10} {'train s':>8}"
-  )
-  for name, acc, nbytes, history in rows:
-    print(
-      f"{name:<28} {acc:>10.2f} {nbytes:>12d} "
-      f"{float(history['compile_seconds']):>10.1f} "
-      f"{float(history['train_seconds']):>8.1f}"
-    )
-  print(
-    "(compile: compiling the step and the evaluation; train: the steps "
-    "and evaluations, compilation excluded)"
-  )
-  print(
-    "weight-matrix dtypes seen during LNS training: "
-    f"{', '.join(sorted(dtypes))}"
-  )
+  ]:
+    seconds = [
+      f"{float(h[k]):.1f}" for k in ("compile_seconds", "train_seconds")
+    ]
+    print(row(name, f"{acc:.2f}", nbytes, *seconds))
+  print("(compile: the step and the evaluation; train: compiled steps)")
+  seen = ", ".join(sorted(dtypes))
+  print(f"weight-matrix dtypes seen during LNS training: {seen}")
   return dict(
     float_accuracy=acc_float,
     lns_accuracy=acc_lns,

@@ -41,7 +41,6 @@ from madam_examples import tasks
 import madam_optax
 
 INT8 = madam_optax.LNSFormat.spanning(127)
-# The additive optimizers of the float leaves, by name: rate -> tx.
 ADDITIVE: dict[str, Callable[..., optax.GradientTransformation]] = {
   "adam": lambda lr, min_dim: optax.adam(lr),
   "adam_bf16": lambda lr, min_dim: optax.adam(lr, mu_dtype=jnp.bfloat16),

@@ -256,19 +256,17 @@ def train(
     task: e.g. from :func:`madam_examples.tasks.build_task`.
     optimizer: ``"madam"``, ``"adam"``, ``"sgd"``, ``"lns_madam"`` (with
       ``lns_format``), or a factory ``(learning_rate, params) -> tx``.
-    learning_rate: the (peak) learning rate.
+    learning_rate, schedule: the peak rate; ``"cosine"`` (decay to 0 over
+      ``steps``) or ``"constant"``.
     seed: initialisation, batch-sampling and stochastic-rounding seed.
-    steps: training steps (default ``task.steps``).
-    eval_every: steps between evaluations (default ``task.eval_every``).
-    schedule: ``"cosine"`` (decay to 0 over ``steps``) or ``"constant"``.
+    steps, eval_every: default ``task.steps`` and ``task.eval_every``.
     lns_format: train the leaves Madam can move as LNS codes of this format.
     optimizer_options: further keywords of
-      :func:`madam_examples.optimizers.make_optimizer` (e.g. ``rounding``,
-      ``state_dtype``).
+      :func:`madam_examples.optimizers.make_optimizer`.
     callback: called with (steps done, metrics, state) after each
       evaluation, and with (start step, {}, state) before training.
-    checkpoint_dir: the folder for this run's checkpoints, or ``None``.
-    checkpoint_every: steps between checkpoints.
+    checkpoint_dir, checkpoint_every: this run's checkpoint folder (or
+      ``None``) and the steps between checkpoints.
 
   Returns:
     The final state and the history: ``{"step": ..., name: values}``, one

@@ -85,14 +85,10 @@ class CNN(nnx.Module):
 class Partitioning(NamedTuple):
   """How a :class:`CharTransformer`'s parameters are split over a mesh.
 
-  Each field is a ``PartitionSpec``-style tuple of mesh-axis names (or
-  ``None``) given to ``nnx.with_partitioning``; building the model under
-  ``jax.set_mesh(mesh)`` then creates every parameter already sharded.
-
-  Attributes:
-    kernel: every dense kernel, shape (in, out).
-    vector: every bias and LayerNorm scale and offset.
-    embedding: the token and position tables, shape (rows, dim).
+  ``PartitionSpec``-style tuples of mesh-axis names (or ``None``) for every
+  dense ``kernel`` (in, out), every bias and LayerNorm ``vector``, and the
+  ``embedding`` tables (rows, dim), given to ``nnx.with_partitioning``: a
+  model built under ``jax.set_mesh(mesh)`` is created already sharded.
   """
 
   kernel: tuple[str | None, ...]
@@ -101,12 +97,9 @@ class Partitioning(NamedTuple):
 
   @classmethod
   def fsdp(cls, axis: str = "fsdp") -> Partitioning:
-    """Fully sharded: every tensor split once over ``axis``.
-
-    Kernels along their input dimension, vectors along their only one, the
-    embedding tables along the model dimension; so a mesh axis of size ``n``
-    needs ``dim % n == 0``, whatever the vocabulary size.
-    """
+    """Fully sharded: every tensor split once over ``axis``, the embedding
+    tables along the model dimension (an axis of size ``n`` needs
+    ``dim % n == 0``, whatever the vocabulary size)."""
     return cls((axis, None), (axis,), (None, axis))
 
 

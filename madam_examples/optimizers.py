@@ -5,11 +5,9 @@ variant hands some leaves to Adam, by one of two policies (``leaves``):
 
 * ``"recipe"``, the Transformer recipe (``madam_optax.madam_labels``): Madam
   trains the hidden weight matrices; embeddings, the output head, norms and
-  biases go to Adam at ``madam_optax.ADDITIVE_LEARNING_RATE``, under the same
-  schedule as Madam;
-* ``"zero"``: only the leaves that are all zero at initialisation (Flax's
-  biases, LayerNorm offsets) go to Adam(1e-3), unscheduled
-  (``madam_optax.with_additive_fallback``).
+  biases go to Adam at ``madam_optax.ADDITIVE_LEARNING_RATE``, scheduled;
+* ``"zero"``: only the leaves all zero at initialisation (Flax's biases,
+  LayerNorm offsets) go to Adam(1e-3), unscheduled.
 
 ``"auto"`` (the default) is the recipe for a model with an embedding table
 and ``"zero"`` otherwise. Learning rates are floats, traced scalars (the

@@ -65,10 +65,10 @@ def encode_lns(
   over seeds).
 
   Args:
-    params: float parameters, concrete or traced.
-    reference: concrete parameters of the same structure (any seed).
-    fmt: the codes' format.
-    p_scale: each tensor's scale as a multiple of its RMS (SPEC step 1).
+    params, reference: float parameters (may be traced), and concrete ones
+      of the same structure (any seed), from which ``labels`` are taken.
+    fmt, p_scale: the codes' format, and each tensor's scale as a multiple
+      of its RMS (SPEC step 1).
     labels: ``reference -> labels`` (``"multiplicative"`` leaves are
       encoded); ``madam_optax.madam_labels`` for the Transformer recipe.
 
@@ -176,8 +176,7 @@ def train_chunk(
 ) -> tuple[TrainState, dict]:
   """``num_steps`` train steps in a loop; returns the summed losses.
 
-  ``num_steps`` may be traced (a ``fori_loop`` bound), so one compiled chunk
-  serves every chunk length (evaluation and checkpoint intervals).
+  ``num_steps`` may be traced, so one compiled chunk serves every length.
   """
   zeros = {f"{c}_loss": jnp.zeros((), jnp.float32) for c in losses}
 

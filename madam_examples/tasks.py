@@ -190,16 +190,14 @@ def build_task(
 
   Args:
     name: ``"mlp"``, ``"cnn"`` or ``"transformer"``.
-    data_path: for ``mlp``/``cnn``, a CIFAR-10 python-pickle folder instead of
-      the digits; for ``transformer``, a text file or a folder of ``.txt``
-      files instead of the standard-library docstrings.
+    data_path: a CIFAR-10 python-pickle folder (``mlp``, ``cnn``), or a text
+      file or folder of ``.txt`` files (``transformer``).
     quick: :data:`~madam_examples.cli.QUICK_STEPS` steps (and, for the
       Transformer, a shorter corpus).
     max_unknown_fraction: see :func:`madam_examples.data.load_text_files`.
 
   Raises:
-    InputError: (a ``ValueError``) for an unknown task, or data that cannot
-      be used (see the loaders).
+    InputError: (a ``ValueError``) for an unknown task or unusable data.
   """
   if name not in TASKS:
     raise InputError(f"unknown task {name!r}; choose one of {TASKS}.")
