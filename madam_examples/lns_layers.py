@@ -15,8 +15,8 @@ decodes each chunk and block again, takes its gradient with ``jax.vjp`` and,
 with ``release=True``, applies that tensor's update to its codes and
 optimizer state at once, in place: at any time one block's or chunk's
 weights and gradient exist in float. ``release=False`` stacks the gradients
-and updates afterwards; :func:`reference_step` is the plain step. All three
-give the same codes (tested).
+and updates afterwards. Both give the codes of the plain step (the whole
+loss's ``madam_optax.lns_value_and_grad``, then every update; tested).
 
 Reference: Bernstein et al., arXiv:2006.14560.
 """
@@ -216,31 +216,3 @@ def loss_of_weights(model: Decoder) -> Callable[[dict, Any], jax.Array]:
     return model.loss(logits.reshape(*logits.shape[:-2], -1), batch)
 
   return loss
-
-
-def reference_step(
-  model: Decoder,
-  txs: dict[str, optax.GradientTransformation],
-  fmt: madam_optax.LNSFormat,
-  *,
-  compute_dtype: Any = None,
-) -> Callable[..., tuple[dict, dict, jax.Array]]:
-  """The plain step: the whole loss's gradient, then every update.
-
-  The same signature as :func:`train_step`; the gradient is
-  ``madam_optax.lns_value_and_grad``'s (all weights decoded at once).
-  """
-
-  def step(codes, opt_state, max_magnitudes, batch):
-    loss, grads = madam_optax.lns_value_and_grad(
-      loss_of_weights(model), max_magnitudes, fmt, compute_dtype=compute_dtype
-    )(codes, batch)
-    new_codes, new_state = {}, {}
-    for p in PARTS:
-      update = lambda g, s, c, p=p: _update(txs[p], g, s, c)  # noqa: E731
-      new_codes[p], new_state[p] = (
-        jax.vmap(update) if p in STACKED else update
-      )(grads[p], opt_state[p], codes[p])
-    return new_codes, new_state, loss
-
-  return step
