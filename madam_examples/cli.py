@@ -1,14 +1,11 @@
 """What the example commands share: argument types and one-line errors.
 
-Every example command fails fast on careless input with one line on stderr,
-``PROG: error: WHAT``, and exit status 2, never a traceback: flag values are
-checked as they are parsed (:func:`positive_int`, :func:`positive_float`,
-...), every output is proven writable by creating it (:func:`output_dir`,
-:func:`output_file`; also as root, to whom ``os.access`` says yes) before any
-training, and bad data raises :class:`InputError`, which
-:func:`one_line_errors` prints as that line. ``--quick`` means
-:data:`QUICK_STEPS` steps everywhere (:func:`add_quick_flag`). This module
-imports no JAX.
+Careless input ends every command with one line on stderr, ``PROG: error:
+WHAT``, and exit status 2, never a traceback: flags are checked as they are
+parsed, every output is proven writable by creating it before any training
+(also as root, to whom ``os.access`` says yes), and bad data raises
+:class:`InputError`, which :func:`one_line_errors` prints as that line.
+``--quick`` means :data:`QUICK_STEPS` steps everywhere. Imports no JAX.
 """
 
 from __future__ import annotations
@@ -21,8 +18,7 @@ import sys
 import tempfile
 from typing import Any, Callable, TypeVar
 
-# ``--quick`` (or MADAM_QUICK=1): this many training steps, in every command.
-QUICK_STEPS = 20
+QUICK_STEPS = 20  # --quick (or MADAM_QUICK=1): this many steps, everywhere
 QUICK_ENV = "MADAM_QUICK"
 QUICK_HELP = (
   f"a smoke test: {QUICK_STEPS} steps unless --steps is given "
@@ -33,19 +29,12 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 class InputError(ValueError):
-  """Bad input from the user: a flag's value, a path, a file's contents.
-
-  Its message names the input, what was expected, and the fix. The commands
-  print it as one line (:func:`one_line_errors`); from Python it is a
-  ``ValueError``.
-  """
+  """Bad input from the user (a flag, a path, a file's contents); its message
+  names the input and the fix, printed as one line (:func:`one_line_errors`)."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
-  """``argparse.ArgumentParser`` whose errors are one line, exit status 2.
-
-  argparse prints the usage before the error; here the error line stands
-  alone (``--help`` prints the usage).
+  """``argparse.ArgumentParser`` whose errors are one line (no usage dump).
 
   Example:
     >>> parser = ArgumentParser(prog="demo")
@@ -59,11 +48,14 @@ class ArgumentParser(argparse.ArgumentParser):
     self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _number(text: str, kind: Callable[[str], Any], what: str) -> Any:
+def _number(text: str, kind: type, what: str, ok: Callable, rule: str) -> Any:
   try:
-    return kind(text)
+    value = kind(text)
   except ValueError:
     raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+  if not ok(value):
+    raise argparse.ArgumentTypeError(f"must be {rule}, got {text.strip()}")
+  return value
 
 
 def positive_int(text: str) -> int:
@@ -73,18 +65,12 @@ def positive_int(text: str) -> int:
     >>> positive_int("3")
     3
   """
-  value = _number(text, int, "a whole number")
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-  return value
+  return _number(text, int, "a whole number", lambda v: v >= 1, "at least 1")
 
 
 def nonnegative_int(text: str) -> int:
   """argparse type: an integer >= 0 (seeds)."""
-  value = _number(text, int, "a whole number")
-  if value < 0:
-    raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-  return value
+  return _number(text, int, "a whole number", lambda v: v >= 0, "0 or more")
 
 
 def positive_float(text: str) -> float:
@@ -94,18 +80,14 @@ def positive_float(text: str) -> float:
     >>> positive_float("1e-3")
     0.001
   """
-  value = _number(text, float, "a number")
-  if not (math.isfinite(value) and value > 0):
-    raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-  return value
+  ok = lambda v: math.isfinite(v) and v > 0
+  return _number(text, float, "a number", ok, "positive")
 
 
 def fraction(text: str) -> float:
   """argparse type: a number in [0, 1]."""
-  value = _number(text, float, "a number")
-  if not 0 <= value <= 1:
-    raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-  return value
+  ok = lambda v: 0 <= v <= 1
+  return _number(text, float, "a number", ok, "between 0 and 1")
 
 
 def _nearest_existing(path: str) -> str:
@@ -116,108 +98,51 @@ def _nearest_existing(path: str) -> str:
   return path
 
 
-def _reason(error: OSError) -> str:
-  return error.strerror or type(error).__name__
+def _prove_writable(path: str, is_folder: bool) -> None:
+  """Raises ``OSError`` unless ``path`` can be written, proven by doing it.
 
-
-def _make_folders(folder: str) -> list[str]:
-  """Makes ``folder`` and its missing parents; returns those it made,
-  deepest first (so that they can be removed in that order)."""
-  made = []
-  path = os.path.abspath(folder)
-  while not os.path.lexists(path):
-    made.append(path)
-    path = os.path.dirname(path)
-  for path in reversed(list(made)):
-    try:
-      os.mkdir(path)
-    except FileExistsError:  # another process made it meanwhile
-      made.remove(path)
-    except OSError:
-      _remove_folders(made[made.index(path) + 1 :])
-      raise
-  return made
-
-
-def _remove_folders(made: list[str]) -> None:
-  """Removes the folders :func:`_make_folders` made, if still empty."""
-  for path in made:
-    try:
-      os.rmdir(path)
-    except OSError:  # another process's probe or output is in it: keep it
-      return
-
-
-def prove_writable_dir(path: str) -> None:
-  """Raises ``OSError`` unless a file can be created in folder ``path``.
-
-  Proven by doing it, not with ``os.access`` (which says yes to root even
-  under ``/proc`` or on a read-only mount): the missing folders are made,
-  a probe file is created in the folder and removed, and so are the folders
-  this call made. Nothing that existed before is touched. Several
-  processes may prove the same folder at once.
-
-  Example:
-    >>> import tempfile, os
-    >>> d = os.path.join(tempfile.mkdtemp(), 'a', 'b')
-    >>> prove_writable_dir(d)
-    >>> os.path.exists(os.path.dirname(d))           # proven, then removed
-    False
+  A probe file is created in folder ``path``, or file ``path`` opened for
+  appending; whatever this made is removed again. Processes may prove the
+  same path at once: one that finds a folder gone (another's) retries.
   """
-  if os.path.lexists(path) and not os.path.isdir(path):
-    raise NotADirectoryError(20, "exists and is not a folder", path)
+  folder = os.path.abspath(path if is_folder else os.path.dirname(path) or ".")
   for attempt in range(5):
-    made = _make_folders(path)
+    made = []  # the missing folders, deepest first
+    missing = folder
+    while not os.path.lexists(missing):
+      made.append(missing)
+      missing = os.path.dirname(missing)
     try:
-      fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=path)
-    except FileNotFoundError:  # another process removed a folder it made
-      _remove_folders(made)
+      os.makedirs(folder, exist_ok=True)
+      if is_folder:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+      else:
+        existed = os.path.lexists(path)
+        with open(path, "a", encoding="utf-8"):
+          pass
+        if not existed:
+          os.remove(path)
+      return
+    except FileNotFoundError:
       if attempt == 4:
         raise
-      continue
-    except OSError:
-      _remove_folders(made)
-      raise
-    os.close(fd)
-    os.remove(probe)
-    _remove_folders(made)
-    return
-
-
-def prove_writable_file(path: str) -> None:
-  """Raises ``OSError`` unless file ``path`` can be written.
-
-  Its folder is proven as in :func:`prove_writable_dir`, then the file
-  itself is opened for appending (an existing file is left unchanged), and
-  removed again if this call created it.
-
-  Example:
-    >>> import tempfile, os
-    >>> f = os.path.join(tempfile.mkdtemp(), 'out', 'metrics.json')
-    >>> prove_writable_file(f)
-    >>> os.path.exists(f)
-    False
-  """
-  if os.path.isdir(path):
-    raise IsADirectoryError(21, "is a folder", path)
-  folder = os.path.dirname(os.path.abspath(path))
-  made = _make_folders(folder)
-  try:
-    existed = os.path.lexists(path)
-    with open(path, "a", encoding="utf-8"):
-      pass
-    if not existed:
-      os.remove(path)
-  finally:
-    _remove_folders(made)
+    finally:
+      for made_folder in made:
+        try:
+          os.rmdir(made_folder)
+        except FileNotFoundError:  # never made
+          continue
+        except OSError:  # another process's probe or output is in it
+          break
 
 
 def output_dir(text: str) -> str:
-  """argparse type: a folder the outputs can be written to.
+  """argparse type: a folder the outputs can be written to (made if missing).
 
-  Proven by creating a file in it (:func:`prove_writable_dir`), also when
-  running as root; whatever the check made is removed again, so a run that
-  fails leaves nothing behind.
+  Proven by creating a file in it, also when running as root; whatever the
+  check made is removed again, so a run that fails leaves nothing behind.
 
   Example:
     >>> output_dir(".")
@@ -236,10 +161,11 @@ def output_dir(text: str) -> str:
       f"cannot make folder {text!r}: {parent!r} is not a folder"
     )
   try:
-    prove_writable_dir(text)
+    _prove_writable(text, is_folder=True)
   except OSError as e:
+    reason = e.strerror or type(e).__name__
     raise argparse.ArgumentTypeError(
-      f"cannot write into folder {text!r}: {_reason(e)}"
+      f"cannot write into folder {text!r}: {reason}"
     ) from None
   return text
 
@@ -247,9 +173,8 @@ def output_dir(text: str) -> str:
 def output_file(text: str) -> str:
   """argparse type: a file that can be written (its folder made if missing).
 
-  Proven by opening it for appending (:func:`prove_writable_file`), also
-  when running as root; an existing file is left as it was, and whatever
-  the check made is removed again.
+  Proven by opening it for appending, also when running as root; an
+  existing file is left as it was, and whatever the check made is removed.
 
   Example:
     >>> output_file("/etc/passwd/x.json")
@@ -269,16 +194,17 @@ def output_file(text: str) -> str:
       f"cannot write {text!r}: {parent!r} is not a folder"
     )
   try:
-    prove_writable_file(text)
+    _prove_writable(text, is_folder=False)
   except OSError as e:
+    reason = e.strerror or type(e).__name__
     raise argparse.ArgumentTypeError(
-      f"cannot write {text!r}: {_reason(e)}"
+      f"cannot write {text!r}: {reason}"
     ) from None
   return text
 
 
 def add_quick_flag(parser: argparse.ArgumentParser) -> None:
-  """Adds ``--quick``, the same in every command (:data:`QUICK_HELP`)."""
+  """Adds ``--quick``, the same in every command."""
   parser.add_argument("--quick", action="store_true", help=QUICK_HELP)
 
 
@@ -287,32 +213,38 @@ def quick_requested(args: argparse.Namespace) -> bool:
   return bool(getattr(args, "quick", False) or os.environ.get(QUICK_ENV) == "1")
 
 
-def resolve_steps(args: argparse.Namespace, default: int) -> int:
-  """``--steps`` if given, else :data:`QUICK_STEPS` when quick, else ``default``.
+def add_run_flags(parser: argparse.ArgumentParser, steps: int) -> None:
+  """Adds ``--steps`` (default ``steps``), ``--seed`` and ``--quick``, the
+  same in every command; parse them with :func:`parse_run_args`."""
+  add = parser.add_argument
+  add("--steps", type=positive_int, help=f"training steps (default {steps})")
+  add("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
+  add_quick_flag(parser)
+
+
+def parse_run_args(
+  parser: argparse.ArgumentParser, argv: Any, steps: int
+) -> argparse.Namespace:
+  """``parser.parse_args(argv)``; ``quick`` is also set by ``MADAM_QUICK=1``,
+  and ``steps`` defaults to :data:`QUICK_STEPS` when quick, else ``steps``.
 
   Example:
-    >>> import argparse
-    >>> resolve_steps(argparse.Namespace(steps=7, quick=True), 1000)
-    7
+    >>> parser = ArgumentParser()
+    >>> add_run_flags(parser, 1000)
+    >>> parse_run_args(parser, ["--quick"], 1000).steps
+    20
   """
-  if args.steps is not None:
-    return int(args.steps)
-  return QUICK_STEPS if quick_requested(args) else int(default)
+  args = parser.parse_args(argv)
+  args.quick = quick_requested(args)
+  if args.steps is None:
+    args.steps = QUICK_STEPS if args.quick else steps
+  return args
 
 
 def one_line_errors(prog: str) -> Callable[[_F], _F]:
-  """Decorates a command's ``main``: an :class:`InputError` becomes one line.
-
-  The line, ``PROG: error: MESSAGE``, goes to stderr and the command exits
-  with status 2, as for a bad flag; other exceptions (bugs) keep their
-  traceback.
-
-  Args:
-    prog: the command's name as the user typed it (the parser's ``prog``).
-
-  Returns:
-    A decorator.
-  """
+  """Decorates a command's ``main``: an :class:`InputError` becomes one line,
+  ``PROG: error: MESSAGE`` on stderr, and exit status 2, as for a bad flag;
+  other exceptions (bugs) keep their traceback."""
 
   def decorate(main: _F) -> _F:
     @functools.wraps(main)

@@ -1,11 +1,9 @@
 """Offline data for the examples: nothing here touches the network.
 
 * Images: scikit-learn's bundled handwritten digits (1797 greyscale 8x8
-  images, 10 classes), or a user's own CIFAR-10 directory in the standard
-  python-pickle format (``data_batch_1`` ... ``data_batch_5``, ``test_batch``).
-* Text: a character-level corpus made of the docstrings of a fixed list of
-  Python standard-library modules (real English prose that ships with every
-  Python), or a user's own text files.
+  images, 10 classes), or the user's CIFAR-10 in the python-pickle format.
+* Text: the docstrings of a fixed list of standard-library modules (English
+  prose that ships with every Python), or the user's own text files.
 
 Every loader is deterministic: the same call returns the same arrays.
 """
@@ -17,27 +15,25 @@ import importlib
 import inspect
 import os
 import pickle
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 import warnings
 
 import numpy as np
 
 from madam_examples.cli import InputError
 
-# The printable ASCII range plus newline: the char-level LM's vocabulary.
-# Anything else maps to UNKNOWN_CHAR.
+# The char-level LM's vocabulary: printable ASCII and newline; anything else
+# is read as UNKNOWN_CHAR. User text with a larger share of unknown
+# characters than MAX_UNKNOWN_FRACTION (random bytes, UTF-16) is refused.
 VOCAB = "\n" + "".join(chr(c) for c in range(32, 127))
 UNKNOWN_CHAR = "?"
-# User text with a larger share of characters outside VOCAB is refused
-# (random bytes, another script, UTF-16): it would train on '?'s.
 MAX_UNKNOWN_FRACTION = 0.05
 CIFAR10_FIX = (
   "pass the cifar-10-batches-py folder of the 'CIFAR-10 python "
   "version' (data_batch_1 ... data_batch_5 and test_batch)"
 )
 
-# Standard-library modules whose docstrings make the built-in corpus. Fixed and
-# sorted so the corpus is the same on every run of a given Python version.
+# The built-in corpus's modules: fixed, so it is the same on every run.
 STDLIB_CORPUS_MODULES = tuple(
   """
   argparse ast asyncio base64 bisect calendar collections contextlib copy
@@ -63,11 +59,8 @@ class ImageData(NamedTuple):
 
 
 class TextData(NamedTuple):
-  """Train/validation token ids (int32) over ``vocab``.
-
-  ``unknown`` counts the characters of the text outside ``vocab`` (encoded
-  as ``UNKNOWN_CHAR``).
-  """
+  """Train/validation token ids (int32) over ``vocab``; ``unknown`` counts
+  the text's characters outside ``vocab`` (encoded as ``UNKNOWN_CHAR``)."""
 
   train: np.ndarray
   valid: np.ndarray
@@ -85,19 +78,14 @@ def load_digits(
 ) -> ImageData:
   """scikit-learn's bundled 8x8 digits, split once, stratified by class.
 
-  Pixels are scaled to [0, 1] (``/ 16``); with ``standardise`` the images are
-  then shifted and scaled by the training split's mean and standard deviation
-  (two scalars, from the training images only),
-  ``x <- (x - mean_train) / std_train``. The split
-  (``sklearn.model_selection.train_test_split`` with ``stratify``) keeps the
-  ten classes' shares equal in both parts.
+  Pixels are scaled to [0, 1]; with ``standardise``, then to
+  ``(x - mean_train) / std_train`` (two scalars from the training images).
 
   Args:
     test_fraction: the share of the 1797 images held out for testing (the
       default 0.25 holds out 450).
     seed: the seed of the one fixed split.
-    standardise: standardised images (classifiers) or images in [0, 1]
-      (the GAN, whose generator draws them in [-1, 1] as ``2 x - 1``).
+    standardise: standardised images (classifiers) or images in [0, 1].
 
   Returns:
     ``ImageData`` with images of shape (N, 8, 8, 1), float32.
@@ -140,42 +128,28 @@ def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
       f"{path} is not a CIFAR-10 python batch (it holds a "
       f"{type(batch).__name__}, not a dict); {CIFAR10_FIX}."
     )
-  data = batch.get(b"data", batch.get("data"))
-  labels = batch.get(b"labels", batch.get("labels"))
-  if data is None or labels is None:
+  data = np.asarray(batch.get(b"data", []), dtype=np.uint8)
+  labels = np.asarray(batch.get(b"labels", []), np.int32)
+  if data.ndim != 2 or data.shape[1] != 3072 or labels.shape != data.shape[:1]:
     raise InputError(
-      f"{path} is not a CIFAR-10 python batch: it needs the keys "
-      f"b'data' (N x 3072 uint8) and b'labels'; {CIFAR10_FIX}."
-    )
-  data = np.asarray(data, dtype=np.uint8)
-  if data.ndim != 2 or data.shape[1] != 3072:
-    raise InputError(
-      f"{path}: b'data' has shape {data.shape}; CIFAR-10 batches hold rows "
-      "of 3072 bytes (3 x 32 x 32, channel-major)."
-    )
-  labels = np.asarray(labels, np.int32)
-  if labels.shape != (len(data),):
-    raise InputError(
-      f"{path}: {len(data)} images but labels of shape {labels.shape}; a "
-      "CIFAR-10 batch has one label per image."
+      f"{path}: b'data' has shape {data.shape} and b'labels' "
+      f"{labels.shape}; a CIFAR-10 batch holds N rows of 3072 bytes "
+      f"(3 x 32 x 32, channel-major) and N labels; {CIFAR10_FIX}."
     )
   images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
   return images.astype(np.float32) / 255.0, labels
 
 
 def load_cifar10(directory: str | os.PathLike) -> ImageData:
-  """A user's CIFAR-10 in the standard python-pickle format.
+  """A user's CIFAR-10 in the python-pickle format, images in [0, 1].
 
   Args:
     directory: the ``cifar-10-batches-py`` folder, holding ``data_batch_1``
       ... ``data_batch_5`` (any that exist are used) and ``test_batch``.
 
-  Returns:
-    ``ImageData`` with images of shape (N, 32, 32, 3) in [0, 1].
-
   Raises:
-    InputError: (a ``ValueError``) if ``directory`` is missing, not a folder,
-      or holds no readable CIFAR-10 batches.
+    InputError: (a ``ValueError``) if ``directory`` holds no readable
+      CIFAR-10 batches.
   """
   directory = os.fspath(directory)
   if not os.path.isdir(directory):
@@ -203,10 +177,9 @@ def encode_text(text: str, vocab: str = VOCAB) -> np.ndarray:
 def stdlib_docstring_corpus(max_chars: int | None = None) -> str:
   """English prose from the docstrings of ``STDLIB_CORPUS_MODULES``.
 
-  For each module (in order): the module docstring, then the docstrings of its
-  public classes and functions and their public methods, in sorted name order.
-  Modules that fail to import on this platform are skipped. The text is built
-  once per process (about 400,000 characters) and cut to ``max_chars``.
+  For each module in turn: its docstring, then those of its public classes,
+  functions and methods, in name order (about 400,000 characters, built
+  once per process, cut to ``max_chars``).
   """
   text = _stdlib_docstrings()
   return text[:max_chars] if max_chars else text
@@ -231,20 +204,16 @@ def _stdlib_docstrings() -> str:
       except Exception:  # pylint: disable=broad-except
         continue
       add(module)
-      for attr in sorted(vars(module)):
-        if attr.startswith("_"):
-          continue
-        obj = vars(module)[attr]
-        if getattr(obj, "__module__", None) != module.__name__:
+      for attr, obj in sorted(vars(module).items()):
+        mine = getattr(obj, "__module__", None) == module.__name__
+        if attr.startswith("_") or not mine:
           continue
         if inspect.isclass(obj) or inspect.isfunction(obj):
           add(obj)
         if inspect.isclass(obj):
-          for member in sorted(vars(obj)):
-            if not member.startswith("_") and inspect.isfunction(
-              vars(obj)[member]
-            ):
-              add(vars(obj)[member])
+          for member, fn in sorted(vars(obj).items()):
+            if not member.startswith("_") and inspect.isfunction(fn):
+              add(fn)
   return "".join(pieces)
 
 
@@ -272,61 +241,36 @@ def load_stdlib_text(
   return _split_text(stdlib_docstring_corpus(max_chars), valid_fraction)
 
 
-def _text_file_list(path: str) -> list[str]:
+def load_text_files(
+  path: str | os.PathLike,
+  valid_fraction: float = 0.1,
+  *,
+  max_unknown_fraction: float = MAX_UNKNOWN_FRACTION,
+) -> TextData:
+  """A user's own text: one file, or a folder's ``.txt`` files in name order.
+
+  Read as UTF-8 (undecodable bytes replaced); the last ``valid_fraction``
+  of the characters is held out. Characters outside ``VOCAB`` are encoded
+  as ``UNKNOWN_CHAR``; more than ``max_unknown_fraction`` of them, a
+  missing path, no ``.txt`` file or under 100 characters raise
+  :class:`~madam_examples.cli.InputError` (a ``ValueError``).
+  """
+  path = os.fspath(path)
+  files = [path]
   if not os.path.exists(path):
     raise InputError(
       f"{path!r} does not exist; expected a text file or a "
       "folder of .txt files."
     )
-  if not os.path.isdir(path):
-    return [path]
-  files = sorted(
-    os.path.join(path, n)
-    for n in os.listdir(path)
-    if n.endswith(".txt") and os.path.isfile(os.path.join(path, n))
-  )
+  if os.path.isdir(path):
+    names = sorted(n for n in os.listdir(path) if n.endswith(".txt"))
+    files = [os.path.join(path, n) for n in names]
+    files = [f for f in files if os.path.isfile(f)]
   if not files:
     raise InputError(
       f"folder {path!r} holds no .txt files; put UTF-8 text in files ending "
       "in .txt there (other files are ignored), or give one text file."
     )
-  return files
-
-
-def load_text_files(
-  paths: str | os.PathLike | Sequence[str | os.PathLike],
-  valid_fraction: float = 0.1,
-  *,
-  max_unknown_fraction: float = MAX_UNKNOWN_FRACTION,
-) -> TextData:
-  """A user's own text: one file, a folder of ``.txt`` files, or a list.
-
-  Files are read as UTF-8 (undecodable bytes replaced) and concatenated in
-  sorted order; the last ``valid_fraction`` of the characters is held out.
-  Characters outside ``VOCAB`` (printable ASCII and newline) are encoded as
-  ``UNKNOWN_CHAR``; the result's ``unknown`` counts them.
-
-  Args:
-    paths: a text file, a folder (its ``.txt`` files), or a list of files.
-    valid_fraction: the share of the characters held out for validation.
-    max_unknown_fraction: the largest share of characters outside ``VOCAB``
-      accepted; 1 accepts anything.
-
-  Returns:
-    ``TextData`` over ``VOCAB``.
-
-  Raises:
-    InputError: (a ``ValueError``) if a path is missing or unreadable, a
-      folder holds no ``.txt`` file, the text is shorter than 100
-      characters, or more than ``max_unknown_fraction`` of it is unknown
-      (random bytes, UTF-16, another script).
-  """
-  if isinstance(paths, (str, os.PathLike)):
-    files = _text_file_list(os.fspath(paths))
-  else:
-    files = [os.fspath(p) for p in paths]
-  if not files:
-    raise InputError("no text files given.")
   texts = []
   for f in files:
     try:

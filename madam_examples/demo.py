@@ -137,10 +137,10 @@ def _check_out(folder: str, stem: str) -> None:
   """Opens the output files now, before the first step (root included)."""
   try:
     for ext in (".png", ".json"):
-      cli.prove_writable_file(os.path.join(folder, stem + ext))
-  except OSError as e:
+      cli.output_file(os.path.join(folder, stem + ext))
+  except argparse.ArgumentTypeError as e:
     raise cli.InputError(
-      f"argument --out: cannot write to {folder!r} ({e.strerror or e})"
+      f"argument --out: cannot write to {folder!r} ({e})"
     ) from None
 
 

@@ -1,24 +1,18 @@
 """An Equinox MLP trained with Madam on scikit-learn's digits.
 
-Equinox models are plain pytrees: arrays, ``None`` for absent parts (here the
-bias of a ``Linear`` built with ``use_bias=False``) and non-array leaves (here
-the activation function). The usual Equinox pattern applies unchanged:
+Equinox models are plain pytrees with ``None`` for absent parts (here a
+``Linear`` without bias) and non-array leaves (the activation). The usual
+Equinox pattern applies unchanged:
 
 * ``eqx.filter(model, eqx.is_inexact_array)`` keeps the trainable arrays and
-  puts ``None`` everywhere else; the optimizer is built and initialised on
-  that tree.
-* ``madam_optax.with_additive_fallback`` labels each array: Madam multiplies
-  weights, so a zero-initialised leaf (the ``LayerNorm`` offset, all zeros)
-  would never move; it goes to Adam(1e-3), everything else to Madam.
-* ``eqx.filter_value_and_grad`` gives gradients with the same ``None``
-  leaves, ``tx.update`` needs the filtered parameters (Madam's step is
-  relative to the weights), and ``eqx.apply_updates`` skips the ``None``\\ s.
+  puts ``None`` elsewhere; the optimizer is built and initialised on it.
+* ``madam_optax.with_additive_fallback`` sends the zero-initialised
+  ``LayerNorm`` offset, which Madam could never move, to Adam(1e-3).
+* ``tx.update`` needs the filtered parameters (Madam's step is relative to
+  the weights), and ``eqx.apply_updates`` skips the ``None`` leaves.
 
-Run it with ``python -m madam_examples.equinox_mlp`` (``--quick`` or
-``MADAM_QUICK=1`` for a 20-step smoke test); the data ship with scikit-learn.
-
-Reference: Bernstein et al., "Learning compositional functions via
-multiplicative weight updates", NeurIPS 2020, arXiv:2006.14560.
+Run it with ``python -m madam_examples.equinox_mlp`` (``--quick`` for a
+20-step smoke test). Reference: Bernstein et al., arXiv:2006.14560.
 """
 
 from __future__ import annotations
@@ -45,12 +39,7 @@ ADDITIVE_LR = 1e-3
 
 
 class MLP(eqx.Module):
-  """64 -> hidden -> LayerNorm -> activation -> 10, no bias in the head.
-
-  The head's bias is ``None`` and the activation is a plain function, so
-  ``eqx.filter(model, eqx.is_inexact_array)`` has two ``None`` leaves; the
-  ``LayerNorm`` offset starts at zero, so Madam alone could not train it.
-  """
+  """64 -> hidden -> LayerNorm -> activation -> 10, no bias in the head."""
 
   hidden: eqx.nn.Linear
   norm: eqx.nn.LayerNorm
@@ -121,18 +110,8 @@ def train(
   hidden: int = 128,
   seed: int = 0,
 ) -> Result:
-  """Trains :class:`MLP` on the digits with Madam and the additive fallback.
-
-  Args:
-    steps: training steps (at least 1).
-    learning_rate: Madam's learning rate.
-    batch_size: images per step, drawn with replacement.
-    hidden: width of the hidden layer.
-    seed: seeds the initial weights and the batches.
-
-  Returns:
-    A :class:`Result` with the trained model and its test accuracy.
-  """
+  """Trains :class:`MLP` on the digits with Madam and the additive fallback,
+  ``steps`` batches of ``batch_size`` images drawn with replacement."""
   if steps < 1:
     raise ValueError(f"steps must be at least 1, got {steps}")
   digits = data.load_digits()
@@ -154,13 +133,9 @@ def train(
     model, opt_state, loss = step(model, opt_state, x_train[idx], y_train[idx])
     losses.append(loss)
   test_accuracy = float(accuracy(model, x_test, y_test))
-  return Result(
-    model,
-    labels,
-    np.asarray(jax.device_get(losses)),
-    test_accuracy,
-    time.perf_counter() - start,
-  )
+  seconds = time.perf_counter() - start
+  losses = np.asarray(jax.device_get(losses))
+  return Result(model, labels, losses, test_accuracy, seconds)
 
 
 def describe_labels(labels: Any) -> str:
@@ -182,27 +157,12 @@ PROG = "python -m madam_examples.equinox_mlp"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = cli.ArgumentParser(
-    prog=PROG,
-    description="Train an Equinox MLP on scikit-learn's digits with Madam "
-    "(Adam for the zero-initialised LayerNorm offset).",
-  )
+  parser = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+  cli.add_run_flags(parser, DEFAULT_STEPS)
   add = parser.add_argument
-  add("--steps", type=cli.positive_int, help=f"steps (default {DEFAULT_STEPS})")
-  add(
-    "--lr",
-    type=cli.positive_float,
-    default=DEFAULT_LR,
-    help="Madam's rate (0.01)",
-  )
-  add(
-    "--batch-size", type=cli.positive_int, default=64, help="batch (default 64)"
-  )
-  add("--seed", type=cli.nonnegative_int, default=0, help="seed (default 0)")
-  cli.add_quick_flag(parser)
-  args = parser.parse_args(argv)
-  args.steps = cli.resolve_steps(args, DEFAULT_STEPS)
-  return args
+  add("--lr", type=cli.positive_float, default=DEFAULT_LR, help="rate (0.01)")
+  add("--batch-size", type=cli.positive_int, default=64, help="batch (64)")
+  return cli.parse_run_args(parser, argv, DEFAULT_STEPS)
 
 
 @cli.one_line_errors(PROG)

@@ -1,22 +1,16 @@
 """A Flax NNX classifier trained with int8 weights (LNS-Madam), beside float Madam.
 
 The model's weight tensors are encoded once into 8-bit log-number-system
-codes (``madam_optax.lns_encode``) and stay ``int8`` from then on: every
-training step decodes them for the forward pass, takes the gradient with
-respect to the decoded weights (``madam_optax.lns_value_and_grad``), and
+codes and stay ``int8`` from then on: every step decodes them for the forward
+pass, takes the gradient with respect to the decoded weights, and
 ``madam_optax.lns_madam`` updates the codes in the integer domain
-(:mod:`madam_examples.step`). The zero-initialised biases stay in float and
-are trained additively (``madam_optax.with_additive_fallback``), the
-library's recipe for leaves Madam cannot move. Float Madam trains the same
-model from the same initial weights on the same batches. Data:
-scikit-learn's bundled handwritten digits (no download).
+(:mod:`madam_examples.step`). The zero-initialised biases stay float, trained
+by Adam. Float Madam trains the same model from the same initial weights on
+the same batches of scikit-learn's digits.
 
-Run it with ``python -m madam_examples.lns_digits`` (``--quick`` or
-``MADAM_QUICK=1`` for a 20-step smoke test; ``--model cnn`` for the CNN;
-``--help`` for the flags).
+  python -m madam_examples.lns_digits [--model cnn] [--quick]
 
-Reference: Bernstein et al., "Learning compositional functions via
-multiplicative weight updates", NeurIPS 2020, arXiv:2006.14560.
+Reference: Bernstein et al., arXiv:2006.14560.
 """
 
 from __future__ import annotations
@@ -79,51 +73,28 @@ def _levels(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
   """The command line's parser: every flag with its help and default."""
   parser = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-  parser.add_argument(
-    "--model",
-    choices=sorted(MODELS),
-    default="mlp",
-    help="; ".join(f"{k}: {v}" for k, v in DESCRIPTIONS.items())
-    + " (default mlp)",
-  )
-  parser.add_argument(
-    "--steps",
-    type=cli.positive_int,
-    default=None,
-    help=f"training steps of {BATCH} images, for each of the two runs "
-    f"(default {DEFAULT_STEPS}; {cli.QUICK_STEPS} with --quick)",
-  )
-  parser.add_argument(
+  add = parser.add_argument
+  models_help = "; ".join(f"{k}: {v}" for k, v in DESCRIPTIONS.items())
+  add("--model", choices=sorted(MODELS), default="mlp", help=models_help)
+  add(
     "--levels",
     type=_levels,
     default=DEFAULT_LEVELS,
-    help="LNS magnitude levels, spanning a ratio e**4 below each tensor's "
-    "scale: up to 127 the codes are int8, above (to 32767) int16 "
+    help="LNS magnitude levels: int8 codes up to 127, int16 above "
     f"(default {DEFAULT_LEVELS})",
   )
-  parser.add_argument(
-    "--seed",
-    type=cli.nonnegative_int,
-    default=0,
-    help="seed of the initial weights, the batches and the stochastic "
-    "rounding (default 0)",
-  )
-  cli.add_quick_flag(parser)
+  cli.add_run_flags(parser, DEFAULT_STEPS)
   return parser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  args = build_parser().parse_args(argv)
-  args.steps = cli.resolve_steps(args, DEFAULT_STEPS)
-  return args
+  return cli.parse_run_args(build_parser(), argv, DEFAULT_STEPS)
 
 
 @cli.one_line_errors(PROG)
 def main(argv: Sequence[str] | None = None) -> dict:
-  """Trains float Madam and int8 LNS-Madam from the same initial weights.
-
-  Returns the two test accuracies, parameter bytes and the kernel dtypes seen.
-  """
+  """Trains float Madam and int8 LNS-Madam from the same initial weights;
+  returns the test accuracies, parameter bytes and kernel dtypes seen."""
   args = parse_args(argv)
   task = digits_task(args.model, args.steps)
   fmt = madam_optax.LNSFormat.spanning(args.levels)
@@ -152,28 +123,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
   acc_lns = float(lns_history["accuracy"][-1])
   float_bytes = memory.tree_bytes(float_state.params)
   lns_bytes = memory.tree_bytes(lns_state.params)
-  rows = [
+  row = "{:<28}{:>11}{:>13}{:>11}{:>9}".format
+  print(row("optimizer", "test acc %", "param bytes", "compile s", "train s"))
+  for name, acc, nbytes, h in [
     ("madam (float32 weights)", acc_float, float_bytes, float_history),
     (f"lns_madam ({fmt.dtype} weights)", acc_lns, lns_bytes, lns_history),
-  ]
-  print(
-    f"{'optimizer':<28} {'test acc %':>10} {'param bytes':>12} "
-    f"{'compile s':>10} {'train s':>8}"
-  )
-  for name, acc, nbytes, history in rows:
-    print(
-      f"{name:<28} {acc:>10.2f} {nbytes:>12d} "
-      f"{float(history['compile_seconds']):>10.1f} "
-      f"{float(history['train_seconds']):>8.1f}"
-    )
-  print(
-    "(compile: compiling the step and the evaluation; train: the steps "
-    "and evaluations, compilation excluded)"
-  )
-  print(
-    "weight-matrix dtypes seen during LNS training: "
-    f"{', '.join(sorted(dtypes))}"
-  )
+  ]:
+    seconds = [
+      f"{float(h[k]):.1f}" for k in ("compile_seconds", "train_seconds")
+    ]
+    print(row(name, f"{acc:.2f}", nbytes, *seconds))
+  print("(compile: the step and the evaluation; train: compiled steps)")
+  seen = ", ".join(sorted(dtypes))
+  print(f"weight-matrix dtypes seen during LNS training: {seen}")
   return dict(
     float_accuracy=acc_float,
     lns_accuracy=acc_lns,

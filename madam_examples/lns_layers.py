@@ -1,32 +1,24 @@
 """Training a decoder on int8 LNS codes, one layer's float weights at a time.
 
 A language model ``token table -> blocks x L -> output matrix`` keeps its
-weights as int8 codes (``madam_optax.lns_encode_tree``) and is trained by
-``lns_madam`` in a step that never holds the model, or its gradient, in
-float. The parameters come in four parts:
+weights as int8 codes and is trained by ``lns_madam`` in a step that never
+holds the model, or its gradient, in float. The parameters come in four parts:
+``"layers"`` (the ``L`` blocks stacked on a leading axis, run by
+``jax.lax.scan``); ``"tokens"`` ``(k, c, d)`` and ``"output"`` ``(k, d, c)``
+(the token table and output matrix, their vocabulary split into ``k``
+tensors of ``c`` entries, each with its own scale and statistics); and
+``"other"`` (positions, final LayerNorm, ...).
 
-* ``"layers"``: the ``L`` blocks stacked on a leading axis, run by
-  ``jax.lax.scan``;
-* ``"tokens"`` (``(k, c, d)``) and ``"output"`` (``(k, d, c)``): the token
-  table and the output matrix, their vocabulary of ``k * c`` split into
-  ``k`` tensors of ``c`` entries (each with its own scale and statistics);
-* ``"other"``: the small rest (positions, final LayerNorm, ...).
+Forwards, the step decodes the token rows it looks up, each block (keeping
+only its input) and each output chunk (keeping only the logits). Backwards it
+decodes each chunk and block again, takes its gradient with ``jax.vjp`` and,
+with ``release=True``, applies that tensor's update to its codes and
+optimizer state at once, in place: at any time one block's or chunk's
+weights and gradient exist in float. ``release=False`` stacks the gradients
+and updates afterwards. Both give the codes of the plain step (the whole
+loss's ``madam_optax.lns_value_and_grad``, then every update; tested).
 
-The step decodes the token rows it looks up, then each block inside the
-forward scan (keeping only the block's input), then each output chunk
-(keeping only the logits). Backwards it decodes each output chunk and each
-block again, takes its gradient with ``jax.vjp`` and, with
-``release=True``, applies that tensor's update to its codes and optimizer
-state at once, written back in place; a token chunk's gradient is built
-from the looked-up rows' and applied in the same way. So at any time one
-block's or one chunk's weights and gradient exist in float. With
-``release=False`` the step stacks the gradients and updates every part
-afterwards; :func:`reference_step` is the plain step
-(``madam_optax.lns_value_and_grad`` of the whole loss, then the update).
-All three give the same codes (tested).
-
-Reference: Bernstein et al., "Learning compositional functions via
-multiplicative weight updates", NeurIPS 2020, arXiv:2006.14560.
+Reference: Bernstein et al., arXiv:2006.14560.
 """
 
 from __future__ import annotations
@@ -224,31 +216,3 @@ def loss_of_weights(model: Decoder) -> Callable[[dict, Any], jax.Array]:
     return model.loss(logits.reshape(*logits.shape[:-2], -1), batch)
 
   return loss
-
-
-def reference_step(
-  model: Decoder,
-  txs: dict[str, optax.GradientTransformation],
-  fmt: madam_optax.LNSFormat,
-  *,
-  compute_dtype: Any = None,
-) -> Callable[..., tuple[dict, dict, jax.Array]]:
-  """The plain step: the whole loss's gradient, then every update.
-
-  The same signature as :func:`train_step`; the gradient is
-  ``madam_optax.lns_value_and_grad``'s (all weights decoded at once).
-  """
-
-  def step(codes, opt_state, max_magnitudes, batch):
-    loss, grads = madam_optax.lns_value_and_grad(
-      loss_of_weights(model), max_magnitudes, fmt, compute_dtype=compute_dtype
-    )(codes, batch)
-    new_codes, new_state = {}, {}
-    for p in PARTS:
-      update = lambda g, s, c, p=p: _update(txs[p], g, s, c)  # noqa: E731
-      new_codes[p], new_state[p] = (
-        jax.vmap(update) if p in STACKED else update
-      )(grads[p], opt_state[p], codes[p])
-    return new_codes, new_state, loss
-
-  return step

@@ -2,35 +2,30 @@
 
 The examples' Transformer language model (``tasks.build_task("transformer")``)
 trained by the recipe (``madam_optax.madam_labels``): its hidden weight
-matrices (attention and MLP kernels) are stored as 8-bit log-number-system
-codes and trained by ``madam_optax.lns_madam(fmt, factored=True)``, one
-second-moment statistic per row and per column of each matrix; the token and
-position embeddings, the output head, LayerNorms and biases stay float32 and
-go to an additive optimizer (``--additive``), because a multiplicative update
-never changes a weight's sign and Adam moves embedding entries across
-zero. The script prints the validation perplexity before and after, and
-the bytes per parameter the training state holds.
+matrices are stored as 8-bit log-number-system codes and trained by
+``madam_optax.lns_madam(fmt, factored=True)`` (one second-moment statistic
+per row and per column); the embeddings, output head, LayerNorms and biases
+stay float32 and go to an additive optimizer, because a multiplicative update
+never changes a weight's sign. It prints the validation perplexity before and
+after, and the bytes per parameter the training state holds.
 
   python -m madam_examples.lns_transformer --steps 400
   python -m madam_examples.lns_transformer --additive factored
 
-``--additive``: ``adam`` (float32 moments, 8 bytes of state per float
-parameter), ``adam_bf16`` (Adam with a bfloat16 first moment: 6 bytes) or
-``factored`` (Adafactor's factored second moment without a first moment, one
-statistic per row and per column of each float matrix: about 0 bytes).
+``--additive``: ``adam`` (8 bytes of state per float parameter),
+``adam_bf16`` (a bfloat16 first moment: 6 bytes) or ``factored``
+(Adafactor's factored second moment, no first moment: about 0 bytes). The
+model is small (width 32), so its matrices are factored from 8 rows and
+columns (Adafactor's default 128 is meant for large models).
 
-The model is small (width 32), so its matrices are factored from
-``--min-dim-size-to-factor 8`` (Adafactor's default 128 is meant for large
-models), and its float leaves weigh more than in a large model.
-
-Reference: Bernstein et al., "Learning compositional functions via
-multiplicative weight updates", NeurIPS 2020, arXiv:2006.14560; Shazeer and
-Stern, "Adafactor", arXiv:1804.04235.
+Reference: Bernstein et al., arXiv:2006.14560; Shazeer and Stern,
+"Adafactor", arXiv:1804.04235.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -46,7 +41,6 @@ from madam_examples import tasks
 import madam_optax
 
 INT8 = madam_optax.LNSFormat.spanning(127)
-# The additive optimizers of the float leaves, by name: rate -> tx.
 ADDITIVE: dict[str, Callable[..., optax.GradientTransformation]] = {
   "adam": lambda lr, min_dim: optax.adam(lr),
   "adam_bf16": lambda lr, min_dim: optax.adam(lr, mu_dtype=jnp.bfloat16),
@@ -57,23 +51,11 @@ ADDITIVE: dict[str, Callable[..., optax.GradientTransformation]] = {
 }
 
 
-def encode_recipe(
-  params: Any,
-  reference: Any,
-  fmt: madam_optax.LNSFormat,
-  *,
-  p_scale: float,
-) -> tuple[Any, Any]:
-  """LNS codes of the leaves the recipe gives Madam; the rest stay float.
-
-  The leaves are chosen from concrete ``reference`` parameters by
-  ``madam_optax.madam_labels`` (the hidden weight matrices), so ``params``
-  may be traced. Returns ``(codes, max_magnitudes)``, ``None`` scales where
-  a leaf stays float.
-  """
-  return step_lib.encode_lns(
-    params, reference, fmt, p_scale=p_scale, labels=madam_optax.madam_labels
-  )
+# ``(params, reference, fmt, p_scale=...) -> (codes, max_magnitudes)``: LNS
+# codes of the leaves the recipe gives Madam (the hidden weight matrices).
+encode_recipe = functools.partial(
+  step_lib.encode_lns, labels=madam_optax.madam_labels
+)
 
 
 def recipe_optimizer(
@@ -84,14 +66,9 @@ def recipe_optimizer(
   additive_learning_rate: Any = madam_optax.ADDITIVE_LEARNING_RATE,
   min_dim_size_to_factor: int = 8,
   seed: Any = 0,
-  **lns_options: Any,
 ) -> optax.GradientTransformation:
-  """``lns_madam(int8, factored=True)`` on the codes, ``additive`` on the rest.
-
-  ``codes`` is a concrete tree from :func:`encode_recipe`, used only for
-  labelling (integer codes are ``madam_labels``' multiplicative leaves,
-  whatever their names).
-  """
+  """``lns_madam(int8, factored=True)`` on the codes, ``additive`` on the
+  rest; ``codes`` (concrete, from :func:`encode_recipe`) labels the leaves."""
   return madam_optax.with_additive_fallback(
     codes,
     madam_optax.lns_madam(
@@ -100,7 +77,6 @@ def recipe_optimizer(
       factored=True,
       min_dim_size_to_factor=min_dim_size_to_factor,
       seed=seed,
-      **lns_options,
     ),
     ADDITIVE[additive](additive_learning_rate, min_dim_size_to_factor),
     min_ndim=2,
@@ -113,9 +89,7 @@ def make_run_fn(
   steps: int,
   *,
   additive: str = "adam",
-  min_dim_size_to_factor: int = 8,
   additive_learning_rate: float = madam_optax.ADDITIVE_LEARNING_RATE,
-  lns_options: dict[str, Any] | None = None,
 ) -> Callable[[jax.Array, Any, Any], tuple[step_lib.TrainState, dict]]:
   """A pure ``run(key, learning_rate, data) -> (state, metrics)`` (``vmap``-able).
 
@@ -143,9 +117,7 @@ def make_run_fn(
       schedule(learning_rate),
       additive=additive,
       additive_learning_rate=schedule(additive_learning_rate),
-      min_dim_size_to_factor=min_dim_size_to_factor,
       seed=seed,
-      **(lns_options or {}),
     )
     state = step_lib.init_state(
       {"model": codes}, {"model": tx}, train_key, {"model": scales}
@@ -164,10 +136,8 @@ def bytes_per_parameter(state: step_lib.TrainState) -> dict[str, float]:
   """What a training state holds between steps, per model parameter.
 
   ``weights``: the codes, their float32 scales and the float leaves;
-  ``optimizer``: the whole optimizer state (statistics, Adam's moments of the
-  float leaves, counts, PRNG key); ``total``: their sum. Bytes are the
-  arrays' (``madam_examples.memory.tree_bytes``); ``parameters`` is the
-  model's parameter count.
+  ``optimizer``: the whole optimizer state; ``total``: their sum;
+  ``parameters``: the model's parameter count.
   """
   n = sum(x.size for x in jax.tree.leaves(state.params))
   weights = memory.tree_bytes((state.params, state.max_magnitudes))
@@ -185,9 +155,8 @@ PROG = "python -m madam_examples.lns_transformer"
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+  cli.add_run_flags(p, 400)  # --quick: also a shorter corpus
   add = p.add_argument
-  add("--steps", type=cli.positive_int, help="training steps (default 400)")
-  add("--seed", type=cli.nonnegative_int, default=0, help="seed (default 0)")
   add("--lr", type=cli.positive_float, default=0.01, help="Madam's rate (0.01)")
   add(
     "--additive",
@@ -201,17 +170,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     help=f"its rate (default {madam_optax.ADDITIVE_LEARNING_RATE:g})",
     default=madam_optax.ADDITIVE_LEARNING_RATE,
   )
-  add(
-    "--min-dim-size-to-factor",
-    type=cli.positive_int,
-    default=8,
-    help="factor matrices at least this large in two dimensions (default 8)",
-  )
-  cli.add_quick_flag(p)
-  args = p.parse_args(argv)
-  args.quick = cli.quick_requested(args)  # also a shorter corpus
-  args.steps = cli.resolve_steps(args, 400)
-  return args
+  return cli.parse_run_args(p, argv, 400)
 
 
 @cli.one_line_errors(PROG)
@@ -225,19 +184,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args.steps,
     additive=args.additive,
     additive_learning_rate=args.additive_lr,
-    min_dim_size_to_factor=args.min_dim_size_to_factor,
   )
   state, metrics = jax.jit(run)(jax.random.key(args.seed), args.lr, task.data)
   held = bytes_per_parameter(state)
-  model, scales = state.params["model"], state.max_magnitudes["model"]
-  encoded = [
-    c
-    for c, m in zip(
-      jax.tree.leaves(model),
-      jax.tree.leaves(scales, is_leaf=lambda x: x is None),
-    )
-    if m is not None
-  ]
+  leaves = jax.tree.leaves(state.params["model"])
+  encoded = [c for c in leaves if jnp.issubdtype(c.dtype, jnp.integer)]
   n_codes = sum(c.size for c in encoded)
   code_dtypes = sorted({str(c.dtype) for c in encoded})
   before = float(metrics["before"]["perplexity"])

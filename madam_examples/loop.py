@@ -1,23 +1,22 @@
-"""Training runs: the tasks' optimizers, a ``vmap``-able run, and ``train``.
+"""Training runs: a task's optimizers, a ``vmap``-able run, and ``train``.
 
-A :class:`Task` bundles a Flax NNX model (or two, for the GAN), its data, its
-losses and its evaluation metric; :mod:`madam_examples.tasks` builds them.
-Every run trains through :func:`madam_examples.step.train_step`, on float
-weights or, with ``lns_format``, on integer LNS codes (optimizer
-``"lns_madam"``):
+A :class:`Task` bundles a Flax NNX model (or two, for the GAN), its data,
+losses and evaluation; :mod:`madam_examples.tasks` builds them. Every run
+trains through :func:`madam_examples.step.train_step`, on float weights or,
+with ``lns_format``, on integer LNS codes (optimizer ``"lns_madam"``)::
 
   task = tasks.build_task("mlp")
   state, history = train(task, "madam", 0.01, steps=500)
   fmt = madam_optax.LNSFormat.spanning(127)          # int8 codes
   state, history = train(task, "lns_madam", 0.01, lns_format=fmt)
 
-Reference: Bernstein et al., "Learning compositional functions via
-multiplicative weight updates", NeurIPS 2020, arXiv:2006.14560.
+Reference: Bernstein et al., arXiv:2006.14560.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -39,26 +38,22 @@ import madam_optax
 Optimizer = str | Callable[[Any, Any], optax.GradientTransformation]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity
 class Task:
   """A model (or models), its data, losses and evaluation.
 
   Attributes:
-    name: e.g. ``"cnn"``.
-    description: one line for tables and plots.
-    metric: the evaluation metric's name (``"accuracy"`` in %,
-      ``"perplexity"``, ``"frechet_distance"``).
+    name, description: e.g. ``"cnn"``, and one line for tables and plots.
+    metric: the evaluation's headline (``"accuracy"`` in %, ``"perplexity"``).
     higher_is_better: the metric's direction.
     p_scale: Madam's ``p_scale`` for this family (paper: 3 for image nets and
       the GAN, 2 for the Transformer); also the LNS codes' scale.
-    steps: default number of training steps.
-    eval_every: steps between evaluations.
+    steps, eval_every: the default run length and evaluation interval.
     graphdefs: component name -> ``nnx.GraphDef``.
     init: key -> component name -> parameters.
     losses: component name -> ``loss(weights, data, key) -> scalar``, where
-      ``weights`` holds every component's float weights; the components are
-      updated in this order, each against its own loss with the others'
-      latest parameters held fixed (one step of each per train step).
+      ``weights`` holds every component's float weights; one step of each
+      component per train step, in this order, the others held fixed.
     evaluate: ``(weights, data) -> {metric: value, ...}``, jittable.
     data: the arrays the losses and the evaluation read.
   """
@@ -77,21 +72,15 @@ class Task:
   data: Any
 
 
-_REFERENCE_CACHE: dict[int, tuple[Task, Params]] = {}
-
-
+@functools.cache
 def reference_params(task: Task) -> Params:
   """Concrete parameters from seed 0, for labelling leaves (cached per task).
 
   Which leaves are zero at initialisation does not depend on the seed, so the
   labels from these serve every seed, including inside ``jit``/``vmap``.
   """
-  key = id(task)
-  if key not in _REFERENCE_CACHE:
-    with jax.ensure_compile_time_eval():  # concrete even inside a trace
-      params = jax.device_get(task.init(jax.random.key(0)))
-    _REFERENCE_CACHE[key] = (task, params)
-  return _REFERENCE_CACHE[key][1]
+  with jax.ensure_compile_time_eval():  # concrete even inside a trace
+    return jax.device_get(task.init(jax.random.key(0)))
 
 
 def init_task_state(
@@ -112,31 +101,15 @@ def init_task_state(
 
 
 def task_optimizers(
-  task: Task,
-  optimizer: Optimizer,
-  learning_rate: Any,
-  *,
-  schedule: str = "constant",
-  steps: int = 1,
-  **options: Any,
+  task: Task, optimizer: Optimizer, learning_rate: Any, **options: Any
 ) -> dict[str, optax.GradientTransformation]:
-  """One optimizer per component of ``task``, by name or factory.
-
-  A name goes to ``optimizers.make_optimizers`` with the task's ``p_scale``
-  and ``options`` (e.g. ``lns_format``, ``rounding``, ``state_dtype``); a
-  factory is called as ``optimizer(learning_rate, params)`` per component,
-  with the scheduled learning rate.
-  """
-  reference = reference_params(task)
-  if callable(optimizer):
-    lr = optimizers_lib.learning_rate_schedule(learning_rate, schedule, steps)
-    return {c: optimizer(lr, p) for c, p in reference.items()}
+  """One optimizer per component of ``task``, by name or factory
+  (:func:`madam_examples.optimizers.make_optimizers`, the task's
+  ``p_scale``)."""
   return optimizers_lib.make_optimizers(
-    reference,
+    reference_params(task),
     optimizer,
     learning_rate,
-    schedule=schedule,
-    steps=steps,
     p_scale=task.p_scale,
     **options,
   )
@@ -157,42 +130,27 @@ def make_run_fn(
   The history holds, for each of the ``steps // eval_every`` evaluations, the
   mean training losses since the last one and the evaluation metrics. With
   ``lns_format`` the model trains as LNS codes (LNS-Madam's rounding seed is
-  drawn from ``key``).
+  drawn from ``key``). Eight seeds in one program::
 
-  Example (eight seeds of int8 LNS-Madam in one program)::
-
-    run = make_run_fn(task, "lns_madam", 800, 800, schedule="constant",
-                      lns_format=madam_optax.LNSFormat.spanning(127))
+    run = make_run_fn(task, "madam", 800, 800)
     keys = jax.random.split(jax.random.key(0), 8)
-    history = jax.jit(jax.vmap(run, in_axes=(0, None, None)))(
-        keys, 0.01, task.data)
+    history = jax.jit(jax.vmap(run, (0, None, None)))(keys, 0.01, task.data)
   """
   num_evals = max(steps // eval_every, 1)
   eval_every = steps // num_evals
+  options.update(schedule=schedule, steps=steps, lns_format=lns_format)
 
   def run(key, learning_rate, data):
     seed = jax.random.randint(jax.random.fold_in(key, 1), (), 0, 2**31 - 1)
-    txs = task_optimizers(
-      task,
-      optimizer,
-      learning_rate,
-      schedule=schedule,
-      steps=steps,
-      lns_format=lns_format,
-      seed=seed,
-      **options,
-    )
+    txs = task_optimizers(task, optimizer, learning_rate, seed=seed, **options)
     state = init_task_state(task, txs, key, lns_format=lns_format)
 
     def chunk(s, _):
       s, sums = step_lib.train_chunk(
         task.losses, txs, s, data, eval_every, lns_format=lns_format
       )
-      mean_losses = jax.tree.map(lambda x: x / eval_every, sums)
-      return s, {
-        **mean_losses,
-        **task.evaluate(step_lib.weights(s, lns_format), data),
-      }
+      metrics = task.evaluate(step_lib.weights(s, lns_format), data)
+      return s, {**jax.tree.map(lambda x: x / eval_every, sums), **metrics}
 
     _, history = jax.lax.scan(chunk, state, None, length=num_evals)
     return history
@@ -200,19 +158,13 @@ def make_run_fn(
   return run
 
 
-# ----------------------------------------------------------------- train
-
-
-def _history_path(checkpoint_dir: str) -> str:
-  return os.path.join(os.fspath(checkpoint_dir), "history.json")
-
-
 def _load_history(checkpoint_dir: str | None, start: int) -> dict[str, list]:
-  """The evaluations up to ``start`` saved beside the checkpoints, if any."""
+  """The evaluations up to ``start`` saved beside the checkpoints."""
   if checkpoint_dir is None or start == 0:
     return {"step": []}
   try:
-    with open(_history_path(checkpoint_dir), encoding="utf-8") as f:
+    path = os.path.join(checkpoint_dir, "history.json")
+    with open(path, encoding="utf-8") as f:
       saved = json.load(f)
   except (OSError, ValueError):
     return {"step": []}
@@ -221,7 +173,7 @@ def _load_history(checkpoint_dir: str | None, start: int) -> dict[str, list]:
 
 
 def _save_history(checkpoint_dir: str, history: dict[str, list]) -> None:
-  path = _history_path(checkpoint_dir)
+  path = os.path.join(checkpoint_dir, "history.json")
   with open(path + ".tmp", "w", encoding="utf-8") as f:
     json.dump(history, f)
   os.replace(path + ".tmp", path)
@@ -262,19 +214,14 @@ def _run_config(
   options: Mapping[str, Any],
 ) -> dict[str, Any]:
   """The settings saved with every checkpoint and compared on resume."""
-  config = {
-    "task": task.name,
-    "optimizer": getattr(optimizer, "__name__", optimizer),
-    "learning_rate": float(learning_rate),
-    "seed": int(seed),
-    "steps": int(steps),
-    "schedule": schedule,
-  }
+  name = getattr(optimizer, "__name__", optimizer)
+  config = dict(task=task.name, optimizer=name, schedule=schedule)
+  config.update(
+    learning_rate=float(learning_rate), seed=int(seed), steps=int(steps)
+  )
   if lns_format is not None:
-    config["lns_format"] = {
-      "levels": int(lns_format.levels),
-      "base": float(lns_format.base),
-    }
+    levels, base = int(lns_format.levels), float(lns_format.base)
+    config["lns_format"] = {"levels": levels, "base": base}
   if options:
     config["options"] = {k: str(v) for k, v in sorted(options.items())}
   return config
@@ -297,56 +244,42 @@ def train(
 ) -> tuple[TrainState, dict[str, np.ndarray]]:
   """Trains ``task`` with one optimizer; a Python loop over jitted chunks.
 
-  With ``checkpoint_dir``, the :class:`~madam_examples.step.TrainState` (a
-  plain pytree: params or codes, optimizer states, PRNG key, step) and the
-  training losses summed since the last evaluation are saved every
-  ``checkpoint_every`` steps and at the end with
-  :mod:`madam_examples.checkpointing` (Orbax, atomic), together with the
-  evaluation history (``history.json`` in the same folder); a later call with
+  With ``checkpoint_dir``, the :class:`~madam_examples.step.TrainState` and
+  the training losses summed since the last evaluation are saved every
+  ``checkpoint_every`` steps and at the end (:mod:`.checkpointing`), with
+  the evaluation history beside them (``history.json``); a later call with
   the same folder resumes from the latest complete checkpoint and continues
-  bit for bit, mean training losses included, whether or not
-  ``checkpoint_every`` is a multiple of ``eval_every``. The run's settings are saved too, so a resume with another
+  bit for bit. The run's settings are saved too: a resume with another
   schedule, length, rate or LNS format is refused with a clear error.
 
   Args:
     task: e.g. from :func:`madam_examples.tasks.build_task`.
     optimizer: ``"madam"``, ``"adam"``, ``"sgd"``, ``"lns_madam"`` (with
       ``lns_format``), or a factory ``(learning_rate, params) -> tx``.
-    learning_rate: the (peak) learning rate.
+    learning_rate, schedule: the peak rate; ``"cosine"`` (decay to 0 over
+      ``steps``) or ``"constant"``.
     seed: initialisation, batch-sampling and stochastic-rounding seed.
-    steps: training steps (default ``task.steps``).
-    eval_every: steps between evaluations (default ``task.eval_every``).
-    schedule: ``"cosine"`` (decay to 0 over ``steps``) or ``"constant"``.
+    steps, eval_every: default ``task.steps`` and ``task.eval_every``.
     lns_format: train the leaves Madam can move as LNS codes of this format.
     optimizer_options: further keywords of
-      :func:`madam_examples.optimizers.make_optimizer` (e.g. ``rounding``,
-      ``state_dtype``).
-    callback: called after each evaluation with (steps done, metrics,
-      state), and once with (start step, {}, state) before training (e.g. a
-      progress bar).
-    checkpoint_dir: the folder for this run's checkpoints, or ``None``.
-    checkpoint_every: steps between checkpoints.
+      :func:`madam_examples.optimizers.make_optimizer`.
+    callback: called with (steps done, metrics, state) after each
+      evaluation, and with (start step, {}, state) before training.
+    checkpoint_dir, checkpoint_every: this run's checkpoint folder (or
+      ``None``) and the steps between checkpoints.
 
   Returns:
-    The final state and the history: ``{"step": ..., name: values}`` with
-    one entry per evaluation, plus three scalars: ``"resumed_from"`` (the
-    step training resumed from, 0 on a fresh start), ``"compile_seconds"``
-    (compiling the initialisation, the training chunk and the evaluation)
-    and ``"train_seconds"`` (the steps, evaluations and checkpoints,
-    compilation excluded: the steady-state time).
+    The final state and the history: ``{"step": ..., name: values}``, one
+    entry per evaluation, and three scalars: ``"resumed_from"`` (0 on a
+    fresh start), ``"compile_seconds"`` and ``"train_seconds"`` (the steps,
+    evaluations and checkpoints, compilation excluded).
   """
   steps = task.steps if steps is None else steps
   eval_every = min(task.eval_every if eval_every is None else eval_every, steps)
   options = dict(optimizer_options or {})
+  settings = dict(schedule=schedule, steps=steps, lns_format=lns_format)
   txs = task_optimizers(
-    task,
-    optimizer,
-    learning_rate,
-    schedule=schedule,
-    steps=steps,
-    lns_format=lns_format,
-    seed=seed,
-    **options,
+    task, optimizer, learning_rate, seed=seed, **settings, **options
   )
   compile_start = time.perf_counter()
   state = jax.jit(
@@ -381,22 +314,15 @@ def train(
     )
   history = _load_history(checkpoint_dir, start)
   if start < steps:
-    # Compiled ahead of the loop, so that its time is not the first chunk's.
-    compile_start = time.perf_counter()
-    chunk = (
-      jax.jit(
-        lambda s, d, n: step_lib.train_chunk(
-          task.losses, txs, s, d, n, lns_format=lns_format
-        )
-      )
-      .lower(state, task.data, jnp.int32(1))
-      .compile()
+    compile_start = time.perf_counter()  # compiled ahead of the loop
+    chunk = functools.partial(
+      step_lib.train_chunk, task.losses, txs, lns_format=lns_format
     )
-    evaluate = (
-      jax.jit(lambda s, d: task.evaluate(step_lib.weights(s, lns_format), d))
-      .lower(state, task.data)
-      .compile()
+    chunk = jax.jit(chunk).lower(state, task.data, jnp.int32(1)).compile()
+    evaluate = jax.jit(
+      lambda s, d: task.evaluate(step_lib.weights(s, lns_format), d)
     )
+    evaluate = evaluate.lower(state, task.data).compile()
     compile_seconds += time.perf_counter() - compile_start
   if callback is not None:
     callback(start, {}, state)

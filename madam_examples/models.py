@@ -1,15 +1,11 @@
 """Flax NNX models for three of the paper's families (arXiv:2006.14560, Figure 1).
 
-Small on purpose (they train on a 2-core CPU in seconds), but each has the
-structure that matters to a multiplicative optimizer: Flax's default
-zero-initialised biases and normalisation offsets, which Madam cannot move and
-which the examples hand to an additive optimizer with
-``madam_optax.with_additive_fallback``.
-
-* :class:`MLP`: a multilayer perceptron for flattened images.
-* :class:`CNN`: a small convolutional classifier.
-* :class:`CharTransformer`: a causal Transformer character language model,
-  optionally created sharded over a device mesh (:class:`Partitioning`).
+Small on purpose (they train on a 2-core CPU in seconds), but with what
+matters to a multiplicative optimizer: Flax's zero-initialised biases and
+normalisation offsets, which Madam cannot move (the examples hand them to
+Adam). :class:`MLP` and :class:`CNN` classify images; :class:`CharTransformer`
+is a causal character language model, optionally created sharded over a
+device mesh (:class:`Partitioning`).
 """
 
 from __future__ import annotations
@@ -52,14 +48,10 @@ class MLP(nnx.Module):
 class CNN(nnx.Module):
   """A small convolutional classifier: conv stages, then a dense head.
 
-  Stage ``i`` is a 3x3 convolution (``widths[i]`` channels, zero-initialised
-  bias) and a ReLU, with a 2x2 average pooling before every stage but the
-  first; the last stage's activations are flattened into the head. On the
-  8x8 digits with the default widths: conv 8, pool to 4x4, conv 16, dense
-  256 -> 10 (3,818 parameters), small on purpose: it trains on a 2-core CPU
-  in seconds, and the accuracy-versus-bits study trains it many times.
-
-  Input (N, H, W, C) with ``image_shape == (H, W, C)``.
+  Stage ``i`` is a 3x3 convolution (``widths[i]`` channels) and a ReLU, with
+  a 2x2 average pooling before every stage but the first. On the 8x8 digits:
+  conv 8, pool to 4x4, conv 16, dense 256 -> 10 (3,818 parameters). Input
+  (N, H, W, C) with ``image_shape == (H, W, C)``.
   """
 
   def __init__(
@@ -93,15 +85,10 @@ class CNN(nnx.Module):
 class Partitioning(NamedTuple):
   """How a :class:`CharTransformer`'s parameters are split over a mesh.
 
-  Each field is a ``PartitionSpec``-style tuple of mesh-axis names (or
-  ``None``) given to ``nnx.with_partitioning``; building the model under
-  ``jax.set_mesh(mesh)`` then creates every parameter already sharded.
-
-  Attributes:
-    kernel: every dense kernel, shape (in, out).
-    vector: every bias and LayerNorm scale and offset, shape (dim,) or
-      (4 dim,).
-    embedding: the token and position tables, shape (rows, dim).
+  ``PartitionSpec``-style tuples of mesh-axis names (or ``None``) for every
+  dense ``kernel`` (in, out), every bias and LayerNorm ``vector``, and the
+  ``embedding`` tables (rows, dim), given to ``nnx.with_partitioning``: a
+  model built under ``jax.set_mesh(mesh)`` is created already sharded.
   """
 
   kernel: tuple[str | None, ...]
@@ -110,61 +97,44 @@ class Partitioning(NamedTuple):
 
   @classmethod
   def fsdp(cls, axis: str = "fsdp") -> Partitioning:
-    """Fully sharded: every tensor split once over ``axis``.
-
-    Kernels along their input dimension, vectors along their only one, the
-    embedding tables along the model dimension; so a mesh axis of size ``n``
-    needs ``dim % n == 0``, whatever the vocabulary size.
-    """
+    """Fully sharded: every tensor split once over ``axis``, the embedding
+    tables along the model dimension (an axis of size ``n`` needs
+    ``dim % n == 0``, whatever the vocabulary size)."""
     return cls((axis, None), (axis,), (None, axis))
 
 
-def _initializer(init: Any, spec: tuple[str | None, ...] | None) -> Any:
+def _init(init: Any, spec: tuple[str | None, ...] | None) -> Any:
   return init if spec is None else nnx.with_partitioning(init, spec)
 
 
-class _Layers:
-  """The Transformer's dense and LayerNorm layers under one partitioning."""
+def _dense(din, dout, specs, rngs, bias=True) -> nnx.Linear:
+  kernel = _init(nnx.initializers.lecun_normal(), specs.kernel)
+  zeros = _init(nnx.initializers.zeros_init(), specs.vector)
+  return nnx.Linear(
+    din, dout, use_bias=bias, kernel_init=kernel, bias_init=zeros, rngs=rngs
+  )
 
-  def __init__(self, partitioning: Partitioning | None, rngs: nnx.Rngs):
-    self.specs = partitioning or Partitioning(None, None, None)
-    self.rngs = rngs
 
-  def dense(self, din: int, dout: int, *, bias: bool = True) -> nnx.Linear:
-    return nnx.Linear(
-      din,
-      dout,
-      use_bias=bias,
-      rngs=self.rngs,
-      kernel_init=_initializer(
-        nnx.initializers.lecun_normal(), self.specs.kernel
-      ),
-      bias_init=_initializer(nnx.initializers.zeros_init(), self.specs.vector),
-    )
-
-  def layer_norm(self, dim: int) -> nnx.LayerNorm:
-    return nnx.LayerNorm(
-      dim,
-      rngs=self.rngs,
-      scale_init=_initializer(nnx.initializers.ones_init(), self.specs.vector),
-      bias_init=_initializer(nnx.initializers.zeros_init(), self.specs.vector),
-    )
+def _layer_norm(dim, specs, rngs) -> nnx.LayerNorm:
+  ones = _init(nnx.initializers.ones_init(), specs.vector)
+  zeros = _init(nnx.initializers.zeros_init(), specs.vector)
+  return nnx.LayerNorm(dim, scale_init=ones, bias_init=zeros, rngs=rngs)
 
 
 class TransformerBlock(nnx.Module):
   """Pre-norm causal self-attention and MLP, each with a residual."""
 
-  def __init__(self, dim: int, num_heads: int, layers: _Layers):
+  def __init__(self, dim: int, num_heads: int, specs: Partitioning, rngs):
     self.num_heads = num_heads
-    self.norm1 = layers.layer_norm(dim)
+    self.norm1 = _layer_norm(dim, specs, rngs)
     # No bias on q, k, v: the key bias's gradient is exactly zero in exact
     # arithmetic (softmax ignores a per-row constant), so any optimizer that
     # normalises its gradient (Adam, Madam) would only amplify round-off.
-    self.qkv = layers.dense(dim, 3 * dim, bias=False)
-    self.out = layers.dense(dim, dim)
-    self.norm2 = layers.layer_norm(dim)
-    self.up = layers.dense(dim, 4 * dim)
-    self.down = layers.dense(4 * dim, dim)
+    self.qkv = _dense(dim, 3 * dim, specs, rngs, bias=False)
+    self.out = _dense(dim, dim, specs, rngs)
+    self.norm2 = _layer_norm(dim, specs, rngs)
+    self.up = _dense(dim, 4 * dim, specs, rngs)
+    self.down = _dense(4 * dim, dim, specs, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, t, d = x.shape
@@ -186,11 +156,9 @@ class CharTransformer(nnx.Module):
   and LayerNorm offsets zero (the additive optimizer's leaves under Madam).
 
   Args:
-    vocab_size: number of token ids.
-    context: the longest sequence (rows of the position table).
-    dim: model width (a multiple of ``num_heads``).
-    depth: number of blocks.
-    num_heads: attention heads.
+    vocab_size, context: the number of token ids; the longest sequence.
+    dim, depth, num_heads: the width (a multiple of ``num_heads``), the
+      number of blocks and of attention heads.
     partitioning: how to split the parameters over a mesh (e.g.
       ``Partitioning.fsdp()``); ``None`` for unsharded parameters.
     rngs: the parameters' random streams.
@@ -212,19 +180,17 @@ class CharTransformer(nnx.Module):
         f"the model width {dim} is not a multiple of the "
         f"number of heads {num_heads}."
       )
-    layers = _Layers(partitioning, rngs)
-    table_init = _initializer(
-      nnx.initializers.normal(0.02), layers.specs.embedding
-    )
+    specs = partitioning or Partitioning(None, None, None)
+    table_init = _init(nnx.initializers.normal(0.02), specs.embedding)
     self.embed = nnx.Embed(
       vocab_size, dim, embedding_init=table_init, rngs=rngs
     )
     self.position = nnx.Param(table_init(rngs.params(), (context, dim)))
     self.blocks = nnx.List(
-      [TransformerBlock(dim, num_heads, layers) for _ in range(depth)]
+      [TransformerBlock(dim, num_heads, specs, rngs) for _ in range(depth)]
     )
-    self.norm = layers.layer_norm(dim)
-    self.head = layers.dense(dim, vocab_size, bias=False)
+    self.norm = _layer_norm(dim, specs, rngs)
+    self.head = _dense(dim, vocab_size, specs, rngs, bias=False)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     x = self.embed(tokens) + self.position[: tokens.shape[-1]]

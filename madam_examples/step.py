@@ -1,22 +1,19 @@
 """The jittable training step every example shares, on float or LNS weights.
 
-Training is functional. A model is split once with ``nnx.split`` into a
-static ``graphdef`` and a pytree of parameters, and the losses ``nnx.merge``
-them back; the :class:`TrainState` (parameters, optimizer states, PRNG key,
-step) is a plain pytree. So the same step runs one model (the demo), a batch
-of seeds and learning rates under ``jax.vmap`` (the learning-rate study), a
-state sharded over a mesh (``sharded_train``), or under a checkpointer.
+Training is functional: a model is split once (``nnx.split``) into a static
+``graphdef`` and a pytree of parameters, which the losses ``nnx.merge`` back,
+and the :class:`TrainState` is a plain pytree. So the same step runs one
+model, a batch of seeds and rates under ``jax.vmap``, a state sharded over a
+mesh, or under a checkpointer. A state has one or more *components*
+(``"model"``; the GAN's ``"generator"`` and ``"discriminator"``), each with
+its own loss and optimizer.
 
-A state has one or more *components* (``"model"``; the GAN's
-``"generator"`` and ``"discriminator"``), each with its own loss and
-optimizer. LNS training is the same step on integer codes: the leaves Madam
-can move are encoded from their initial weights into LNS codes
-(:func:`encode_lns`), the losses see the decoded weights (:func:`weights`),
-and the gradients are ``madam_optax.lns_value_and_grad``'s, so LNS-Madam
-updates the codes in the integer domain.
+LNS training is the same step on integer codes: the leaves Madam can move are
+encoded into LNS codes (:func:`encode_lns`), the losses see the decoded
+weights (:func:`weights`), and the gradients are
+``madam_optax.lns_value_and_grad``'s, so LNS-Madam updates the codes.
 
-Reference: Bernstein et al., "Learning compositional functions via
-multiplicative weight updates", NeurIPS 2020, arXiv:2006.14560.
+Reference: Bernstein et al., arXiv:2006.14560.
 """
 
 from __future__ import annotations
@@ -36,8 +33,6 @@ Loss = Callable[[Params, Any, jax.Array], jax.Array]
 class TrainState(NamedTuple):
   """Everything a run carries from step to step; a plain pytree.
 
-  It jits, ``vmap``s, shards and checkpoints as it is.
-
   Attributes:
     params: component name -> trained leaves (float weights, or LNS codes
       where encoded).
@@ -55,9 +50,6 @@ class TrainState(NamedTuple):
   max_magnitudes: Params | None = None
 
 
-# ----------------------------------------------------------------- LNS codes
-
-
 def encode_lns(
   params: Any,
   reference: Any,
@@ -68,16 +60,15 @@ def encode_lns(
 ) -> tuple[Any, Any]:
   """LNS codes of the leaves Madam can move; the others stay float.
 
-  Like ``madam_optax.lns_encode_tree``, but the leaves to encode are chosen
-  from concrete ``reference`` parameters (``madam_optax.multiplicative_labels``:
-  not all zero at initialisation), so ``params`` may be traced (a ``vmap``
+  Like ``madam_optax.lns_encode_tree``, but the leaves are chosen from
+  concrete ``reference`` parameters, so ``params`` may be traced (a ``vmap``
   over seeds).
 
   Args:
-    params: float parameters, concrete or traced.
-    reference: concrete parameters of the same structure (any seed).
-    fmt: the codes' format.
-    p_scale: each tensor's scale as a multiple of its RMS (SPEC step 1).
+    params, reference: float parameters (may be traced), and concrete ones
+      of the same structure (any seed), from which ``labels`` are taken.
+    fmt, p_scale: the codes' format, and each tensor's scale as a multiple
+      of its RMS (SPEC step 1).
     labels: ``reference -> labels`` (``"multiplicative"`` leaves are
       encoded); ``madam_optax.madam_labels`` for the Transformer recipe.
 
@@ -110,9 +101,6 @@ def weights(
   )
 
 
-# ----------------------------------------------------------------- steps
-
-
 def init_state(
   params: Params,
   txs: Mapping[str, optax.GradientTransformation],
@@ -142,7 +130,8 @@ def train_step(
   *,
   lns_format: madam_optax.LNSFormat | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One update of every component; returns the new state and the losses.
+  """One update of every component, in turn; returns the new state and
+  ``{"<component>_loss": value}``.
 
   Args:
     losses: component name -> ``loss(weights, data, key)``.
@@ -151,9 +140,6 @@ def train_step(
     data: what the losses read (a dataset they sample from with ``key``, or
       this step's batch).
     lns_format: the format of the state's LNS codes, if any.
-
-  Returns:
-    The next state and ``{"<component>_loss": value}``.
   """
   key, *keys = jax.random.split(state.key, len(losses) + 1)
   params, opt_state, metrics = dict(state.params), dict(state.opt_state), {}
@@ -190,8 +176,7 @@ def train_chunk(
 ) -> tuple[TrainState, dict]:
   """``num_steps`` train steps in a loop; returns the summed losses.
 
-  ``num_steps`` may be traced (a ``fori_loop`` bound), so one compiled chunk
-  serves every chunk length (evaluation and checkpoint intervals).
+  ``num_steps`` may be traced, so one compiled chunk serves every length.
   """
   zeros = {f"{c}_loss": jnp.zeros((), jnp.float32) for c in losses}
 

@@ -1,13 +1,10 @@
 """The examples' tasks: data, model, loss and metric for each family.
 
-The paper's four families (arXiv:2006.14560, Figure 1), small enough for a
-2-core CPU: an MLP and a CNN classifying scikit-learn's digits (or the
-user's CIFAR-10), a causal Transformer character language model on the
-standard library's docstrings (or the user's text). Each is a
-:class:`madam_examples.loop.Task` that :func:`madam_examples.loop.train`
-trains. (The study's fourth family, a GAN, is in ``benchmarks/study_tasks.py``.)
-
-Example::
+Three of the paper's four families (arXiv:2006.14560, Figure 1), small
+enough for a 2-core CPU: an MLP and a CNN classifying scikit-learn's digits
+(or the user's CIFAR-10), and a causal Transformer character language model
+on the standard library's docstrings (or the user's text); the GAN is in
+``benchmarks/study_tasks.py``. Each is a :class:`madam_examples.loop.Task`::
 
   task = build_task("mlp")
   state, history = loop.train(task, "madam", 0.01)
@@ -30,7 +27,6 @@ from madam_examples.cli import QUICK_STEPS
 from madam_examples.cli import InputError
 
 TASKS = ("mlp", "cnn", "transformer")
-# Each task's training steps by default (quick: ``cli.QUICK_STEPS``).
 DEFAULT_STEPS = {"mlp": 600, "cnn": 300, "transformer": 400}
 
 
@@ -56,18 +52,6 @@ def _init_fn(make: Callable[[nnx.Rngs], nnx.Module]) -> tuple[Any, Callable]:
   return graphdef, init
 
 
-def _batched(
-  fn: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int = 500
-) -> jax.Array:
-  """``fn`` over ``x`` in chunks (``lax.map``) to bound memory."""
-  n = x.shape[0]
-  if n <= chunk:
-    return fn(x)
-  n = n - n % chunk
-  out = jax.lax.map(fn, x[:n].reshape(n // chunk, chunk, *x.shape[1:]))
-  return out.reshape(n, *out.shape[2:])
-
-
 def classification_task(
   name: str,
   description: str,
@@ -81,16 +65,9 @@ def classification_task(
 ) -> loop.Task:
   """An image classifier: random minibatches, test accuracy (%) and loss.
 
-  Args:
-    name, description: the task's name and one-line description.
-    images: e.g. ``data.load_digits()``.
-    make: ``rngs -> model`` mapping images (N, H, W, C) to logits.
-    batch_size: training minibatch (drawn with replacement at every step).
-    steps, eval_every: the task's default run length and evaluation interval.
-    max_eval: the most test images evaluated.
-
-  Returns:
-    A :class:`madam_examples.loop.Task` with one component, ``"model"``.
+  ``make`` is ``rngs -> model`` mapping images (N, H, W, C) to logits; the
+  task's one component is ``"model"``, its batches are drawn with
+  replacement, and at most ``max_eval`` test images are evaluated.
   """
   graphdef, init_model = _init_fn(make)
   data = {
@@ -106,8 +83,8 @@ def classification_task(
     return cross_entropy(logits, data["y"][idx])
 
   def evaluate(weights, data):
-    logits = _batched(nnx.merge(graphdef, weights["model"]), data["x_test"])
-    y = data["y_test"][: logits.shape[0]]
+    logits = nnx.merge(graphdef, weights["model"])(data["x_test"])
+    y = data["y_test"]
     return {
       "accuracy": 100.0 * jnp.mean(jnp.argmax(logits, -1) == y),
       "test_loss": cross_entropy(logits, y),
@@ -149,9 +126,8 @@ def language_model_task(
   """A :class:`models.CharTransformer` (4 heads) learning ``text``.
 
   Training windows of ``context + 1`` characters start at random offsets;
-  the metric is the perplexity on up to ``eval_windows`` consecutive
-  validation windows. ``source`` (where the text came from) ends the
-  description.
+  the metric is the perplexity on up to ``eval_windows`` validation
+  windows. ``source`` (where the text came from) ends the description.
   """
   if len(text.train) <= context + 1 or len(text.valid) < context + 1:
     raise InputError(
@@ -210,27 +186,18 @@ def build_task(
   """Builds one of ``TASKS`` on offline data (or the user's data).
 
   The models are small on purpose: the demo and the learning-rate study run
-  on a 2-core CPU in minutes. Point ``data_path`` at bigger data (and raise
-  ``steps``) for more.
+  on a 2-core CPU in minutes.
 
   Args:
     name: ``"mlp"``, ``"cnn"`` or ``"transformer"``.
-    data_path: for ``mlp``/``cnn``, a CIFAR-10 python-pickle folder instead of
-      the digits; for ``transformer``, a text file or a folder of ``.txt``
-      files instead of the standard-library docstrings.
-    quick: a smaller configuration (fewer steps, a shorter corpus, fewer
-      evaluation samples) for tests.
-    max_unknown_fraction: for ``transformer`` with ``data_path``, the largest
-      share of the text's characters outside the vocabulary that is accepted
-      (:func:`madam_examples.data.load_text_files`).
-
-  Returns:
-    A :class:`madam_examples.loop.Task`; with a text ``data_path``, its
-    description says how many characters were read and the share unknown.
+    data_path: a CIFAR-10 python-pickle folder (``mlp``, ``cnn``), or a text
+      file or folder of ``.txt`` files (``transformer``).
+    quick: :data:`~madam_examples.cli.QUICK_STEPS` steps (and, for the
+      Transformer, a shorter corpus).
+    max_unknown_fraction: see :func:`madam_examples.data.load_text_files`.
 
   Raises:
-    InputError: (a ``ValueError``) for an unknown task, or data that cannot
-      be used (see the loaders).
+    InputError: (a ``ValueError``) for an unknown task or unusable data.
   """
   if name not in TASKS:
     raise InputError(f"unknown task {name!r}; choose one of {TASKS}.")
