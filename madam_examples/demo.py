@@ -25,6 +25,7 @@ from typing import Sequence
 from matplotlib.figure import Figure
 import numpy as np
 
+from madam_examples import checkpointing
 from madam_examples import cli
 from madam_examples import data
 from madam_examples import loop
@@ -94,38 +95,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     help="--data text: the most non-ASCII allowed",
   )
   cli.add_quick_flag(p)
-  _add_checkpoint_arguments(p)
+  checkpointing.add_arguments(p)
   args = p.parse_args(argv)
-  if args.checkpoint_dir is not None:
-    if args.checkpoint_every < 1:
-      p.error(
-        f"argument --checkpoint-every: must be at least 1, got "
-        f"{args.checkpoint_every}"
-      )
-    try:
-      cli.output_dir(args.checkpoint_dir)
-    except argparse.ArgumentTypeError as e:
-      p.error(f"argument --checkpoint-dir: {e}")
   args.quick = cli.quick_requested(args)
   args.compare |= any(getattr(args, k) is not None for k in COMPARE)
   args.task = args.task or "mlp"
   args.optimizers = args.optimizers or ["madam", "adam"]
   args.schedule = args.schedule or "constant"
   return args
-
-
-def _add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
-  """``--checkpoint-dir``/``--checkpoint-every`` from the checkpointing module."""
-  try:
-    from madam_examples import checkpointing  # pylint: disable=import-outside-toplevel
-  except ImportError as e:  # Orbax missing: say so when the flag is used.
-    group = parser.add_argument_group("checkpointing (unavailable)")
-    group.add_argument(
-      "--checkpoint-dir", default=None, help=f"unavailable here: {e}"
-    )
-    group.add_argument("--checkpoint-every", type=int, default=100)
-    return
-  checkpointing.add_arguments(parser)
 
 
 def run_name(task: str, optimizer: str, lr: float, seed: int) -> str:

@@ -179,18 +179,6 @@ def _save_history(checkpoint_dir: str, history: dict[str, list]) -> None:
   os.replace(path + ".tmp", path)
 
 
-def _import_checkpointing():
-  try:
-    from madam_examples import checkpointing  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise RuntimeError(
-      "checkpointing needs madam_examples.checkpointing (Orbax); it could "
-      f"not be imported ({e}). Install the examples extra: "
-      "pip install 'madam-optax[examples]'."
-    ) from e
-  return checkpointing
-
-
 def _checkpoint_tree(
   state: TrainState, loss_sums: dict[str, Any], steps_since_eval: Any
 ) -> dict[str, Any]:
@@ -293,7 +281,9 @@ def train(
   since_eval = jnp.zeros((), jnp.int32)
   start, ckpt = 0, None
   if checkpoint_dir is not None:
-    checkpointing = _import_checkpointing()
+    # Orbax is imported by runs that checkpoint, only.
+    from madam_examples import checkpointing  # pylint: disable=import-outside-toplevel
+
     config = _run_config(
       task, optimizer, learning_rate, seed, steps, schedule, lns_format, options
     )
