@@ -109,8 +109,8 @@ def state_shardings(tx: optax.GradientTransformation, params: Any) -> Any:
     >>> state = jax.jit(tx.init, out_shardings=shardings)(params)
     >>> rms = state[0].rms['w']   # the second moment: sharded like 'w'
     >>> bound = state[3].max_magnitude['w']   # the bound: replicated
-    >>> print(rms.sharding.spec, bound.sharding.spec)
-    PartitionSpec(None, 'model') PartitionSpec()
+    >>> print(tuple(rms.sharding.spec), tuple(bound.sharding.spec))
+    (None, 'model') ()
 
   References:
     Optax's ``optax.tree.map_params``, whose placeholder init locates the
