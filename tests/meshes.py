@@ -1,6 +1,28 @@
-"""Shared set-up of the sharding tests: the 2 x 4 mesh and a small NNX model."""
+"""Shared set-up of the sharding tests: the 2 x 4 mesh, a small NNX model,
+and the collectives a compiled program's text is searched for."""
+
+import re
 
 import jax
+
+COLLECTIVES = (
+  "all-reduce",
+  "all-gather",
+  "reduce-scatter",
+  "collective-permute",
+  "all-to-all",
+)
+
+
+def collectives_in(compiled_text):
+  """The collectives (sorted names) in a compiled program's HLO text."""
+  return sorted(
+    {
+      op
+      for op in COLLECTIVES
+      if re.search(rf"\b{op}(-start)?\(", compiled_text)
+    }
+  )
 
 
 def make_mesh(devices, axis_type=jax.sharding.AxisType.Explicit):

@@ -11,13 +11,12 @@ the 8 simulated CPU devices of ``conftest.py`` (each statistic sharded with
 its dimension; the update's collectives listed exactly).
 """
 
-import re
-
 import chex
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from meshes import collectives_in
 from meshes import make_mesh
 from meshes import partitioned_mlp
 import numpy as np
@@ -706,13 +705,6 @@ def test_orbax_round_trip_then_resume_bitwise(tmp_path):
 
 # --------------------------------------------------------------- sharding
 
-COLLECTIVES = (
-  "all-reduce",
-  "all-gather",
-  "reduce-scatter",
-  "collective-permute",
-  "all-to-all",
-)
 # name: (shape, spec); "conv" and "dense" are factored over two sharded axes,
 # "embed" over a sharded row axis, "batched" is factored over its two last
 # axes and sharded over its first (a batch axis), "scale" is full.
@@ -762,12 +754,6 @@ def replicated_rest(state, mesh):
       else NamedSharding(mesh, P())
     ),
     state,
-  )
-
-
-def collectives_in(text):
-  return sorted(
-    {op for op in COLLECTIVES if re.search(rf"\b{op}(-start)?\(", text)}
   )
 
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from meshes import collectives_in
 from meshes import make_mesh
 import numpy as np
 import optax
@@ -27,13 +28,6 @@ from transforms import BY_NAME
 import madam_optax
 
 FLOAT_CASES = transforms.cases(codes=False)
-COLLECTIVES = (
-  "all-reduce",
-  "all-gather",
-  "reduce-scatter",
-  "collective-permute",
-  "all-to-all",
-)
 
 # name: (shape, spec over the ("data", "fsdp") mesh); a matrix to factor.
 LAYOUT = {
@@ -165,12 +159,6 @@ def sharded_params(mesh):
     )
     for key, (name, (shape, spec)) in zip(keys, sorted(LAYOUT.items()))
   }
-
-
-def collectives_in(text):
-  return sorted(
-    {op for op in COLLECTIVES if re.search(rf"\b{op}(-start)?\(", text)}
-  )
 
 
 def copies_in(text):

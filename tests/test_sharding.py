@@ -29,7 +29,6 @@ What is proved here (issue: pod-scale training):
 """
 
 import functools
-import re
 
 import chex
 import hypothesis
@@ -38,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from meshes import collectives_in
 from meshes import make_mesh
 from meshes import partitioned_mlp
 import numpy as np
@@ -49,13 +49,6 @@ from transforms import BY_NAME
 import madam_optax
 
 STEPS = 20
-COLLECTIVES = (
-  "all-reduce",
-  "all-gather",
-  "reduce-scatter",
-  "collective-permute",
-  "all-to-all",
-)
 
 # name: (shape, spec); every spec splits the tensor over all 8 devices.
 PARAM_LAYOUT = {
@@ -161,16 +154,6 @@ def update_step(tx):
     return optax.apply_updates(params, updates), state
 
   return step
-
-
-def collectives_in(compiled_text):
-  return sorted(
-    {
-      op
-      for op in COLLECTIVES
-      if re.search(rf"\b{op}(-start)?\(", compiled_text)
-    }
-  )
 
 
 # ---------------------------------------------------------------- shardings
