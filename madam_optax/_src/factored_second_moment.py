@@ -262,9 +262,6 @@ def _zeros_without_axis(p: Any, axis: int, dtype: Any) -> jax.Array:
   return jnp.zeros_like(jnp.sum(p, axis=axis), dtype=dtype)
 
 
-_is_variable = tree_utils.is_variable
-
-
 def _placeholder(dtype: Any) -> jax.Array:
   """The unused statistics of a tensor: one zero (Orbax refuses empty arrays)."""
   return jnp.zeros((), dtype)
@@ -399,7 +396,7 @@ def scale_by_factored_second_moment(
       # A Flax NNX Variable (its value, with metadata such as a sharding per
       # axis) keeps the metadata on the full statistic, which has its shape;
       # the factored statistics and placeholders are plain arrays.
-      value = p.get_value() if _is_variable(p) else p
+      value = p.get_value() if tree_utils.is_variable(p) else p
       dtype = state_dtype or validation.leaf_dtype(value)
       if not tree_utils.is_abstract(value):
         value = jnp.asarray(value, dtype=validation.leaf_dtype(value))
@@ -414,7 +411,7 @@ def scale_by_factored_second_moment(
         _placeholder(dtype),
       )
 
-    leaves, treedef = jax.tree.flatten(params, is_leaf=_is_variable)
+    leaves, treedef = jax.tree.flatten(params, is_leaf=tree_utils.is_variable)
     outs = [leaf(p) for p in leaves]
     row_rms, col_rms, rms = (
       treedef.unflatten([out[i] for out in outs]) for i in range(3)
@@ -512,15 +509,15 @@ def _axes_from_state(
   else is a ``ValueError``: the state was built for other parameters.
   """
   # A Flax NNX Variable counts as one leaf, whether or not it is unwrapped.
-  structure = jax.tree.structure(updates, is_leaf=_is_variable)
+  structure = jax.tree.structure(updates, is_leaf=tree_utils.is_variable)
   for what in ("row_rms", "col_rms", "rms"):
     tree = getattr(state, what)
-    if structure != jax.tree.structure(tree, is_leaf=_is_variable):  # type: ignore[operator]
+    if structure != jax.tree.structure(tree, is_leaf=tree_utils.is_variable):  # type: ignore[operator]
       raise ValueError(
         f"{_NAME}: the updates and optimizer-state trees do not match.\n"
         f"  updates: {structure}\n"
         f"  state.{what}: "
-        f"{jax.tree.structure(tree, is_leaf=_is_variable)}\n"
+        f"{jax.tree.structure(tree, is_leaf=tree_utils.is_variable)}\n"
         "Pass gradients with exactly the structure of the parameters the "
         "optimizer was initialised with."
       )

@@ -84,7 +84,7 @@ def updated_mean(
   # A weighted mean of finite numbers is finite, but near the dtype's largest
   # value its two rounded products and their rounded sum can land beyond it
   # (inf, kept by every later step): such a mean is the largest value. Two
-  # selects, so that a NaN stays NaN and other values keep their bits.
+  # selects, so that a NaN stays NaN and a mean within range is kept as is.
   top = np.asarray(np.finfo(ct).max, ct)
   return lax.select(
     lax.gt(mean, top),

@@ -46,9 +46,6 @@ ADDITIVE_NAMES = (
 ADDITIVE_LEARNING_RATE = 3e-2
 
 
-_is_variable = tree_utils.is_variable
-
-
 def multiplicative_labels(params: Any, *, min_ndim: int = 0) -> Any:
   """Labels each leaf ``"multiplicative"`` or ``"additive"`` for ``optax.partition``.
 
@@ -146,7 +143,7 @@ def madam_labels(
   patterns = [re.compile(p, re.IGNORECASE) for p in additive_names]
 
   def label(path, p):
-    if _is_variable(p):
+    if tree_utils.is_variable(p):
       p = p.get_value()
     if isinstance(p, jax.core.Tracer):
       raise ValueError(
@@ -163,7 +160,9 @@ def madam_labels(
       return ADDITIVE
     return MULTIPLICATIVE
 
-  return jax.tree_util.tree_map_with_path(label, params, is_leaf=_is_variable)
+  return jax.tree_util.tree_map_with_path(
+    label, params, is_leaf=tree_utils.is_variable
+  )
 
 
 def with_additive_fallback(

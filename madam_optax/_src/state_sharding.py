@@ -12,7 +12,8 @@ import optax
 from madam_optax._src import factored_second_moment
 from madam_optax._src import tree_utils
 
-_FACTORED = {"row_rms": "col", "col_rms": "row"}  # statistic: axis it drops
+# statistic: the index, in factored_axes, of the axis it averages over
+_FACTORED = {"row_rms": 1, "col_rms": 0}
 
 
 class _Owner:
@@ -143,7 +144,7 @@ def state_shardings(tx: optax.GradientTransformation, params: Any) -> Any:
     statistic = names[-1] if names else None
     axes = factored_second_moment.factored_axes(p.shape, 1)
     if statistic in _FACTORED and axes is not None:
-      dropped = axes[1] if _FACTORED[statistic] == "col" else axes[0]
+      dropped = axes[_FACTORED[statistic]]
       if leaf.shape == p.shape[:dropped] + p.shape[dropped + 1 :]:
         return _without_axis(p.sharding, len(p.shape), dropped, where)
     raise ValueError(
