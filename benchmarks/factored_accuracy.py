@@ -73,7 +73,9 @@ def factored_share(params: Any) -> float:
     min_dim_size_to_factor=MIN_DIM_SIZE_TO_FACTOR
   ).init(weights)
   factored = [
-    x for x, full in zip(weights, state.rms) if np.shape(full) != np.shape(x)
+    x
+    for x, full in zip(weights, state.rms_hat)
+    if np.shape(full) != np.shape(x)
   ]
   return sum(x.size for x in factored) / sum(x.size for x in weights)
 

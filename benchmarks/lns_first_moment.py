@@ -61,7 +61,7 @@ class Int8FirstMomentState(NamedTuple):
   count: jax.Array
   key: jax.Array
   q: Any  # int8 codes of u = m_hat / sqrt(v_hat)
-  rms: Any
+  rms_hat: Any  # sqrt(v_hat)
 
 
 def direction_bound(b1: float, b2: float) -> float:
@@ -83,15 +83,14 @@ def scale_by_moments_int8_mu(
       count=jnp.zeros([], jnp.int32),
       key=lns.initial_key(seed, "hash"),
       q=zeros(jnp.int8),
-      rms=zeros(jnp.float32),
+      rms_hat=zeros(jnp.float32),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     count = optax.safe_increment(state.count)
     f32 = np.dtype(np.float32)
-    sqrt_b2, sqrt_1mb2, corr = second_moment.moment_scalars(b2, count, f32)
-    old_corr = jnp.sqrt(1.0 - jnp.float32(b2) ** (count - 1).astype(f32))
+    sqrt_a, sqrt_1ma = second_moment.moment_scalars(b2, count, f32)
     a, one_minus_a = moments.first_moment_scalars(b1, count, f32)
     leaves, treedef = jax.tree.flatten(updates)
     key, keys = lns.split_key(state.key, len(leaves), "hash")
@@ -99,14 +98,13 @@ def scale_by_moments_int8_mu(
     def leaf(g, q, r, k):
       g = g.astype(f32)
       finite = jnp.isfinite(g)
-      # m_hat_{t-1} = u_{t-1} sqrt(v_hat_{t-1}) = u rms / old_corr (0 at t=1).
-      scale = jnp.where(count > 1, step_size / old_corr, 0.0)
-      m_old = q.astype(f32) * scale * r
+      # m_hat_{t-1} = u_{t-1} sqrt(v_hat_{t-1}) (0 at t=1, where q = r = 0).
+      m_old = q.astype(f32) * step_size * r
       new_r = jnp.where(
-        finite, second_moment.updated_root(g, r, sqrt_b2, sqrt_1mb2), r
+        finite, second_moment.updated_root(g, r, sqrt_a, sqrt_1ma), r
       )
       m = jnp.where(finite, moments.updated_mean(g, m_old, a, one_minus_a), 0.0)
-      u = second_moment.divided_by_root(m, new_r, corr)
+      u = second_moment.divided_by_root(m, new_r)
       code = lns.round_levels(u / step_size, "stochastic", k, "hash")
       new_q = jnp.where(finite, jnp.clip(code, -127, 127), q.astype(f32))
       u = jnp.where(finite, u, jnp.nan)
@@ -117,12 +115,12 @@ def scale_by_moments_int8_mu(
       for g, q, r, k in zip(
         leaves,
         treedef.flatten_up_to(state.q),
-        treedef.flatten_up_to(state.rms),
+        treedef.flatten_up_to(state.rms_hat),
         keys,
       )
     ]
-    u, q, rms = (treedef.unflatten([o[i] for o in outs]) for i in range(3))
-    return u, Int8FirstMomentState(count=count, key=key, q=q, rms=rms)
+    u, q, rms_hat = (treedef.unflatten([o[i] for o in outs]) for i in range(3))
+    return u, Int8FirstMomentState(count=count, key=key, q=q, rms_hat=rms_hat)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -24,17 +24,17 @@ larger than the caches: ``x + 1`` (reads 4 and writes 4 bytes per element) and
 must move per step divided by the faster of the two bandwidths; the bytes per
 parameter are (float32 unless stated):
 
-* madam: reads w, g, rms; writes w, rms: 5 x 4 = 20 (bf16 rms: 16). As
-  XLA:CPU compiles it (no multi-output fusion), one loop writes the new rms
+* madam: reads w, g, rms_hat; writes w, rms_hat: 5 x 4 = 20 (bf16 rms_hat: 16). As
+  XLA:CPU compiles it (no multi-output fusion), one loop writes the new rms_hat
   and a second reads it back with w and g: 28.
 * adam: reads w, g, mu, nu; writes w, mu, nu: 7 x 4 = 28.
 * sgd (no momentum): reads w, g; writes w: 3 x 4 = 12.
 * lion: reads w, g, mu; writes w, mu: 5 x 4 = 20.
 * fromage: the per-tensor norms of w and g need a pass over both before the
   update can start, then reads w, g and writes w: 2 x 8 + 4 = 20.
-* madam_b1 (``madam(b1=0.9)``): reads w, g, mu, rms; writes w, mu, rms:
+* madam_b1 (``madam(b1=0.9)``): reads w, g, mu, rms_hat; writes w, mu, rms_hat:
   7 x 4 = 28, Adam's bytes.
-* lns_madam: integer codes (1 or 2 bytes) read and written, g read, rms read
+* lns_madam: integer codes (1 or 2 bytes) read and written, g read, rms_hat read
   and written, from the actual dtypes (``lns_madam`` with its default
   stochastic rounding from hashed random bits, ``lns_madam_nearest`` with
   nearest rounding).

@@ -306,7 +306,7 @@ def test_state_dtype_is_selectable(state_dtype):
   params = MADAM.example_params()
   tx = madam_optax.madam(state_dtype=state_dtype)
   _, state = _run(tx, params)
-  for leaf in jax.tree.leaves(state[0].rms):
+  for leaf in jax.tree.leaves(state[0].rms_hat):
     assert leaf.dtype == state_dtype
   # bf16 state tracks the fp32 trajectory closely.
   fp32, _ = _run(madam_optax.madam(), params)
@@ -318,7 +318,7 @@ def test_state_is_one_buffer_plus_scalars():
   params = MADAM.example_params()
   state = madam_optax.madam().init(params)
   second_moment, clip_state, step_state, bound_state = state
-  chex.assert_trees_all_equal_shapes(second_moment.rms, params)
+  chex.assert_trees_all_equal_shapes(second_moment.rms_hat, params)
   others = (second_moment.count, clip_state, step_state, bound_state)
   assert all(x.ndim == 0 for x in jax.tree.leaves(others))
 

@@ -157,10 +157,10 @@ def test_factored_axes_follow_adafactor():
   ).init({k: jnp.zeros(s) for k, s in SHAPES.items()})
   for name, shape in SHAPES.items():
     if factored_axes(shape, MIN_DIM) is not None:
-      assert ours.rms[name].shape == ()
-      assert sorted([ours.row_rms[name].shape, ours.col_rms[name].shape]) == (
-        sorted([state.v_row[name].shape, state.v_col[name].shape])
-      ), name
+      assert ours.rms_hat[name].shape == ()
+      assert sorted(
+        [ours.row_rms_hat[name].shape, ours.col_rms_hat[name].shape]
+      ) == (sorted([state.v_row[name].shape, state.v_col[name].shape])), name
     else:
       assert state.v[name].shape == shape, name
 
@@ -257,7 +257,7 @@ def test_zero_gradients_give_zero_updates_and_no_nan():
     u, state = tx.update(params, state)
     chex.assert_trees_all_equal(u, params)
   chex.assert_trees_all_equal(
-    (state.row_rms["mat"], state.col_rms["mat"], state.rms["vec"]),
+    (state.row_rms_hat["mat"], state.col_rms_hat["mat"], state.rms_hat["vec"]),
     (jnp.zeros(12), jnp.zeros(20), jnp.zeros(20)),
   )
   # One nonzero entry: only it moves; the rest of its row and column stay 0.
@@ -306,16 +306,16 @@ def test_a_non_finite_gradient_gives_nan_there_and_keeps_the_statistics(
     "vec": bad_g["vec"].at[2].set(0.0),
   }
   _, zeroed_state = update(zeroed, state)
-  for stat, kept in (("row_rms", 5), ("col_rms", 6)):
+  for stat, kept in (("row_rms_hat", 5), ("col_rms_hat", 6)):
     got = np.asarray(getattr(bad_state, stat)["mat"])
     assert got[kept] == getattr(state, stat)["mat"][kept], stat
     np.testing.assert_array_equal(
       np.delete(got, kept),
       np.delete(np.asarray(getattr(zeroed_state, stat)["mat"]), kept),
     )
-  assert bad_state.rms["vec"][2] == state.rms["vec"][2]
-  chex.assert_tree_all_finite((bad_state.row_rms, bad_state.col_rms))
-  chex.assert_tree_all_finite(bad_state.rms)
+  assert bad_state.rms_hat["vec"][2] == state.rms_hat["vec"][2]
+  chex.assert_tree_all_finite((bad_state.row_rms_hat, bad_state.col_rms_hat))
+  chex.assert_tree_all_finite(bad_state.rms_hat)
   u2, _ = update(grads_seq[2], bad_state)
   chex.assert_tree_all_finite(u2)
 
@@ -324,7 +324,7 @@ def test_python_scalar_leaves():
   tx = madam_optax.scale_by_factored_second_moment(min_dim_size_to_factor=2)
   params = {"w": jnp.ones((3, 4)), "s": 1.0}
   state = tx.init(params)
-  assert state.rms["s"].dtype == jnp.float32
+  assert state.rms_hat["s"].dtype == jnp.float32
   u, _ = tx.update({"w": jnp.ones((3, 4)), "s": -2.0}, state)
   np.testing.assert_array_equal(u["w"], jnp.ones((3, 4)))
   assert u["s"] == -1.0
@@ -333,9 +333,9 @@ def test_python_scalar_leaves():
 def test_state_is_one_statistic_per_row_and_column():
   params = {"w": jnp.zeros((300, 200)), "b": jnp.zeros(200)}
   state = madam_optax.scale_by_factored_second_moment().init(params)
-  assert state.row_rms["w"].shape == (300,)
-  assert state.col_rms["w"].shape == (200,)
-  assert state.rms["w"].shape == () and state.rms["b"].shape == (200,)
+  assert state.row_rms_hat["w"].shape == (300,)
+  assert state.col_rms_hat["w"].shape == (200,)
+  assert state.rms_hat["w"].shape == () and state.rms_hat["b"].shape == (200,)
   total = sum(x.nbytes for x in jax.tree.leaves(state))
   # + the int32 count and three float32 zero placeholders.
   assert total == 4 * (300 + 200 + 200) + 4 + 3 * 4
@@ -393,7 +393,7 @@ def test_madam_factored_swaps_only_the_normaliser():
   _, state = _run(madam_optax.madam(), params)
   assert isinstance(state[0], madam_optax.ScaleBySecondMomentState)
   _, state = _run(tx, params)
-  assert state[0].row_rms["dense"]["kernel"].shape == (12,)
+  assert state[0].row_rms_hat["dense"]["kernel"].shape == (12,)
 
 
 def test_inject_hyperparams_matches_plain_call():
@@ -435,7 +435,7 @@ def test_min_dim_must_be_known_at_init():
     static_args=("min_dim_size_to_factor",),
   )(min_dim_size_to_factor=MIN_DIM)
   state = jax.jit(static.init)(params)
-  assert state.inner_state.row_rms["dense"]["kernel"].shape == (12,)
+  assert state.inner_state.row_rms_hat["dense"]["kernel"].shape == (12,)
 
 
 def test_schedule_and_multisteps():
@@ -505,7 +505,7 @@ def test_dtypes_preserved_and_stable_in_cond(dtype):
     tx = factored_madam()
     params = _params(dtype)
     state = tx.init(params)
-    assert state[0].row_rms["dense"]["kernel"].dtype == dtype
+    assert state[0].row_rms_hat["dense"]["kernel"].dtype == dtype
 
     @jax.jit
     def step(params, state, grads, pred):
@@ -529,7 +529,7 @@ def test_state_dtype_bfloat16():
   tx = factored_madam(state_dtype=jnp.bfloat16)
   bf16, state = _run(tx, params)
   for leaf in jax.tree.leaves(
-    (state[0].row_rms, state[0].col_rms, state[0].rms)
+    (state[0].row_rms_hat, state[0].col_rms_hat, state[0].rms_hat)
   ):
     assert leaf.dtype == jnp.bfloat16
   fp32, _ = _run(factored_madam(), params)
@@ -581,11 +581,11 @@ def test_errors():
   other = madam_optax.scale_by_factored_second_moment().init(
     {"w": jnp.zeros((9, 9))}
   )
-  assert other.rms["w"].shape == (9, 9)
+  assert other.rms_hat["w"].shape == (9, 9)
   tx.update({"w": jnp.ones((9, 9))}, other)  # follows the state: full
-  with pytest.raises(ValueError, match="rms"):
+  with pytest.raises(ValueError, match="rms_hat"):
     tx.update(
-      {"w": jnp.zeros((9, 9))}, state._replace(row_rms={"w": jnp.zeros(8)})
+      {"w": jnp.zeros((9, 9))}, state._replace(row_rms_hat={"w": jnp.zeros(8)})
     )
 
 
@@ -603,7 +603,7 @@ def test_madam_factored_converges():
   loss = lambda p: jnp.mean((x @ p["w"] - y) ** 2)
   tx = factored_madam(learning_rate=optax.cosine_decay_schedule(0.02, 600))
   state = tx.init(params)
-  assert state[0].row_rms["w"].shape == (32,)
+  assert state[0].row_rms_hat["w"].shape == (32,)
 
   @jax.jit
   def step(params, state):
@@ -645,8 +645,8 @@ def test_lns_madam_factored_converges_on_int8_codes():
     codes, state, value = step(codes, state)
   assert codes["w"].dtype == jnp.int8
   factored_state = state.inner_states["multiplicative"].inner_state[0]
-  assert factored_state.row_rms["w"].shape == (24,)
-  assert factored_state.col_rms["w"].shape == (16,)
+  assert factored_state.row_rms_hat["w"].shape == (24,)
+  assert factored_state.col_rms_hat["w"].shape == (16,)
   assert float(value) < 0.05 * initial
 
 
@@ -730,11 +730,11 @@ def expected_spec(name, statistic):
   shape, spec = LAYOUT[name]
   spec = tuple(spec) + (None,) * (len(shape) - len(spec))
   axes = factored_axes(shape, MIN_DIM)
-  if statistic == "rms":
+  if statistic == "rms_hat":
     return spec if axes is None else ()
   if axes is None:
     return ()
-  dropped = axes[1] if statistic == "row_rms" else axes[0]
+  dropped = axes[1] if statistic == "row_rms_hat" else axes[0]
   return tuple(s for d, s in enumerate(spec) if d != dropped)
 
 
@@ -790,7 +790,7 @@ def test_statistics_shard_with_their_dimension(eight_devices, axis_type):
   state = madam_optax.scale_by_factored_second_moment(
     min_dim_size_to_factor=MIN_DIM
   ).init(params)
-  for statistic in ("row_rms", "col_rms", "rms"):
+  for statistic in ("row_rms_hat", "col_rms_hat", "rms_hat"):
     for name, leaf in getattr(state, statistic).items():
       want = expected_spec(name, statistic)
       if leaf.ndim == 0:  # the placeholder of an unused one
@@ -800,9 +800,9 @@ def test_statistics_shard_with_their_dimension(eight_devices, axis_type):
         want, leaf.ndim
       ), (statistic, name, leaf.sharding.spec)
   # Every device holds 1/8 of each sharded statistic's entries.
-  assert state.row_rms["dense"].addressable_shards[0].data.shape == (32,)
-  assert state.col_rms["dense"].addressable_shards[0].data.shape == (8,)
-  assert state.row_rms["embed"].addressable_shards[0].data.shape == (12,)
+  assert state.row_rms_hat["dense"].addressable_shards[0].data.shape == (32,)
+  assert state.col_rms_hat["dense"].addressable_shards[0].data.shape == (8,)
+  assert state.row_rms_hat["embed"].addressable_shards[0].data.shape == (12,)
 
 
 def test_compiled_update_collectives_are_exactly_the_factor_means(
@@ -882,8 +882,8 @@ def test_lns_madam_factored_on_sharded_int8_codes(eight_devices):
     INT8, 0.1, factored=True, min_dim_size_to_factor=MIN_DIM, rounding="nearest"
   )
   state = tx.init(codes)
-  assert normalised(state[0].row_rms["dense"].sharding.spec, 1) == ("data",)
-  assert normalised(state[0].col_rms["dense"].sharding.spec, 1) == ("fsdp",)
+  assert normalised(state[0].row_rms_hat["dense"].sharding.spec, 1) == ("data",)
+  assert normalised(state[0].col_rms_hat["dense"].sharding.spec, 1) == ("fsdp",)
   state_sh = replicated_rest(state, mesh)
   state = jax.device_put(state, state_sh)
 
@@ -922,7 +922,7 @@ def test_nnx_optimizer_with_partitioned_variables(eight_devices):
       state = nnx.as_pure(nnx.state(optimizer))["opt_state"][0]
       return {
         (statistic, layer, kind): normalised(leaf.sharding.spec, leaf.ndim)
-        for statistic in ("row_rms", "col_rms", "rms")
+        for statistic in ("row_rms_hat", "col_rms_hat", "rms_hat")
         for layer, kind in (("l1", "kernel"), ("l1", "bias"), ("l2", "kernel"))
         for leaf in [getattr(state, statistic)[layer][kind]]
         if leaf.ndim
@@ -931,11 +931,11 @@ def test_nnx_optimizer_with_partitioned_variables(eight_devices):
     # l1's kernel is (16, 32) over (None, "fsdp"), l2's (32, 8) over
     # ("fsdp", None); the 1-D bias keeps a full statistic, sharded like it.
     expected = {
-      ("row_rms", "l1", "kernel"): (),
-      ("col_rms", "l1", "kernel"): ("fsdp",),
-      ("row_rms", "l2", "kernel"): ("fsdp",),
-      ("col_rms", "l2", "kernel"): (),
-      ("rms", "l1", "bias"): ("fsdp",),
+      ("row_rms_hat", "l1", "kernel"): (),
+      ("col_rms_hat", "l1", "kernel"): ("fsdp",),
+      ("row_rms_hat", "l2", "kernel"): ("fsdp",),
+      ("col_rms_hat", "l2", "kernel"): (),
+      ("rms_hat", "l1", "bias"): ("fsdp",),
     }
     x = jax.device_put(jnp.ones((8, 16)), NamedSharding(mesh, P("data")))
 
@@ -988,8 +988,8 @@ def test_flax_nnx_state_of_variables_as_params():
   state, step = trainer(params)
   pure_state, pure_step = trainer(pure)
   inner = state.inner_states["multiplicative"].inner_state[0]
-  assert isinstance(inner.row_rms["dense"]["kernel"], jax.Array)
-  assert isinstance(inner.rms["norm"]["scale"], nnx.Variable)
+  assert isinstance(inner.row_rms_hat["dense"]["kernel"], jax.Array)
+  assert isinstance(inner.rms_hat["norm"]["scale"], nnx.Variable)
   for _ in range(3):
     params, state = step(params, state)
     pure, pure_state = pure_step(pure, pure_state)

@@ -196,7 +196,7 @@ def test_an_array_b1_of_zero_keeps_the_buffer_and_todays_numbers():
     u_t, s_today = jax.jit(today.update)(grads, s_today, params)
     u_z, s_zero = jax.jit(zero.update)(grads, s_zero, params)
     _assert_same(u_z, u_t, f"updates at step {t + 1}")
-    _assert_same(s_zero[0].rms, s_today[0].rms, f"rms at step {t + 1}")
+    _assert_same(s_zero[0].rms_hat, s_today[0].rms_hat, f"rms at step {t + 1}")
     params = optax.apply_updates(params, u_t)
 
 
@@ -247,11 +247,11 @@ def test_a_nan_gradient_keeps_both_moments():
   state = tx.init(params)
   _, state = tx.update({"w": jnp.array([1.0, -1.0, 2.0, 1.0])}, state, params)
   for update in (tx.update, jax.jit(tx.update)):
-    g = {"w": jnp.array([np.nan, np.inf, -np.inf, 1.0])}
+    g = {"w": jnp.array([np.nan, np.inf, -np.inf, 2.0])}
     u, new_state = update(g, state, params)
     new = optax.apply_updates(params, u)["w"]
     assert np.all(np.isnan(new[:3])) and np.isfinite(new[3])
-    for buffer in ("mu", "rms"):
+    for buffer in ("mu", "rms_hat"):
       old_b = getattr(state[0], buffer)["w"]
       new_b = getattr(new_state[0], buffer)["w"]
       np.testing.assert_array_equal(new_b[:3], old_b[:3])
@@ -457,4 +457,4 @@ def test_mu_dtype_needs_b1_and_the_parameters_range():
     {"w": jnp.ones(3)}
   )
   assert state[0].mu["w"].dtype == jnp.bfloat16
-  assert state[0].rms["w"].dtype == jnp.float32
+  assert state[0].rms_hat["w"].dtype == jnp.float32

@@ -301,7 +301,7 @@ def test_a_nan_gradient_gives_a_nan_weight_and_keeps_its_statistic():
     new = optax.apply_updates(params, u)["w"]
     assert np.all(np.isnan(new[:3])) and np.isfinite(new[3])
     np.testing.assert_array_equal(
-      new_state[0].rms["w"][:3], state[0].rms["w"][:3]
+      new_state[0].rms_hat["w"][:3], state[0].rms_hat["w"][:3]
     )
 
 

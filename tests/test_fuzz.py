@@ -359,20 +359,18 @@ def _reference_second_moment(grads_seq, b2, dtype):
   outs = []
   if not grads_seq:
     return outs
-  r = np.zeros_like(grads_seq[0])
+  r = np.zeros_like(grads_seq[0])  # sqrt(v_hat)
   with np.errstate(all="ignore"):
     for t, g in enumerate(grads_seq, start=1):
       finite = np.isfinite(g)
       gf = np.where(finite, g, 0.0)
-      a, b = np.sqrt(b2) * r, np.sqrt(1.0 - b2) * np.abs(gf)
-      new_r = np.hypot(a, b)
-      corr = np.sqrt(1.0 - b2) if t == 1 else np.sqrt(1.0 - b2**t)
-      u = np.where(new_r > 0, gf * corr / np.where(new_r > 0, new_r, 1), 0.0)
+      # v_hat_t = a_t v_hat_{t-1} + (1 - a_t) g**2 (the bias-corrected EMA).
+      a_t = b2 * (1.0 - b2 ** (t - 1)) / (1.0 - b2**t)
+      new_r = np.hypot(np.sqrt(a_t) * r, np.sqrt(1.0 - a_t) * np.abs(gf))
+      u = np.where(new_r > 0, gf / np.where(new_r > 0, new_r, 1), 0.0)
       u = np.where(finite, u, np.nan)
       small = lambda x: (x != 0) & (x < 64 * tiny)
-      exact = ~(
-        small(a) | small(b) | small(np.abs(gf) * corr) | small(np.abs(u))
-      )
+      exact = ~(small(np.abs(gf)) | small(new_r) | small(np.abs(u)))
       r = np.where(finite, new_r, r)
       outs.append((u, exact))
   return outs
@@ -404,7 +402,7 @@ def _reference_factored(grads_seq, b2, min_dim, dtype):
   if axes is None:
     return _reference_second_moment(grads_seq, b2, dtype)
   row_axis, col_axis = axes
-  # Roots of the statistics, and root mean squares taken after scaling by the
+  # Roots of the bias-corrected statistics, and root mean squares taken after scaling by the
   # largest magnitude, so that float64 gradients of 1e307 do not overflow.
   rows = np.zeros(np.delete(shape, col_axis))
   cols = np.zeros(np.delete(shape, row_axis))
@@ -419,23 +417,25 @@ def _reference_factored(grads_seq, b2, min_dim, dtype):
   outs = []
   with np.errstate(all="ignore"):
     for t, g in enumerate(grads_seq, start=1):
+      a_t = b2 * (1.0 - b2 ** (t - 1)) / (1.0 - b2**t)
       new_rows = np.hypot(
-        np.sqrt(b2) * rows, np.sqrt(1 - b2) * rms(g, col_axis)
+        np.sqrt(a_t) * rows, np.sqrt(1 - a_t) * rms(g, col_axis)
       )
       new_cols = np.hypot(
-        np.sqrt(b2) * cols, np.sqrt(1 - b2) * rms(g, row_axis)
+        np.sqrt(a_t) * cols, np.sqrt(1 - a_t) * rms(g, row_axis)
       )
       rows = np.where(np.isfinite(new_rows), new_rows, rows)
       cols = np.where(np.isfinite(new_cols), new_cols, cols)
       overall = np.expand_dims(rms(rows, row_axis), row_axis)
       r = np.expand_dims(rows, col_axis)
       c = np.expand_dims(cols, row_axis)
-      # u = g / sqrt(v_hat), v_hat = r**2 c**2 / overall**2 / (1 - b2**t);
+      # u = g / sqrt(v_hat), v_hat = r**2 c**2 / overall**2 (each of the
+      # three bias-corrected);
       # g overall / (r c) from the four's mantissas and exponents, so that
       # no partial product over- or underflows (g of 1e-287 in a row of
       # 1e159 in float64).
       u = _product_over_product(g, np.expand_dims(overall, col_axis), r, c)
-      u = np.where((r > 0) & (c > 0), u * np.sqrt(1 - b2**t), 0.0)
+      u = np.where((r > 0) & (c > 0), u, 0.0)
       u = np.clip(u, -largest, largest)
       # Subnormal gradients or updates may be flushed to zero by XLA.
       small = lambda x: (x != 0) & (np.abs(x) < 64 * tiny)

@@ -625,7 +625,7 @@ def test_state_dtype_under_inject_hyperparams():
     warnings.simplefilter("error", DeprecationWarning)
     state = tx.init(params)
     _step(tx, {"w": jnp.ones(2)}, params, state)
-  assert state.inner_state[0].rms["w"].dtype == jnp.bfloat16
+  assert state.inner_state[0].rms_hat["w"].dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("jit", [False, True])

@@ -30,26 +30,29 @@ _PIECES = 3
 class ScaleByFactoredSecondMomentState(NamedTuple):
   """State of :func:`scale_by_factored_second_moment`.
 
-  Each of ``row_rms``, ``col_rms`` and ``rms`` is a tree with the parameters'
+  Each of ``row_rms_hat``, ``col_rms_hat`` and ``rms_hat`` is a tree with the parameters'
   structure. A factored tensor (see :func:`factored_axes`) keeps its two
-  statistics in ``row_rms`` and ``col_rms`` and a placeholder (a zero
-  scalar) in ``rms``; any other tensor keeps its full statistic in ``rms``
-  and placeholders in ``row_rms`` and ``col_rms``.
+  statistics in ``row_rms_hat`` and ``col_rms_hat`` and a placeholder (a zero
+  scalar) in ``rms_hat``; any other tensor keeps its full statistic in ``rms_hat``
+  and placeholders in ``row_rms_hat`` and ``col_rms_hat``.
 
   Attributes:
     count: number of updates applied so far (int32 scalar).
-    row_rms: for a factored tensor, the root of the un-bias-corrected EMA of
-      the squared gradients' mean over the column axis: the tensor's shape
-      without that axis.
-    col_rms: the same over the row axis: the shape without the row axis.
-    rms: for an unfactored tensor, ``sqrt(v)`` per entry, as in
+    row_rms_hat: for a factored tensor, the root of the bias-corrected EMA
+      of the squared gradients' mean over the column axis: the tensor's
+      shape without that axis.
+    col_rms_hat: the same over the row axis: the shape without the row axis.
+    rms_hat: for an unfactored tensor, ``sqrt(v_hat)`` per entry, as in
       :class:`madam_optax.ScaleBySecondMomentState`.
+
+  In earlier versions the fields were ``row_rms``, ``col_rms`` and ``rms`` and held
+  the roots of the un-bias-corrected averages.
   """
 
   count: jax.Array  # type: ignore[assignment]
-  row_rms: Any
-  col_rms: Any
-  rms: Any
+  row_rms_hat: Any
+  col_rms_hat: Any
+  rms_hat: Any
 
 
 def factored_axes(
@@ -144,8 +147,8 @@ def _rms_along(x: jax.Array, axis: int) -> jax.Array:
   Each slice along ``axis`` is multiplied by the power of two that brings its
   largest magnitude into ``[2, 4)`` (exact), squared and averaged there, and
   the root scaled back: gradients of 1e-30 or 1e30 give their RMS to float
-  rounding, slice by slice, whatever the other slices hold. An all-zero
-  slice gives 0.
+  rounding, slice by slice, whatever the other slices hold, and never more
+  than the slice's largest magnitude. An all-zero slice gives 0.
   """
   dtype = x.dtype
   largest = lax.reduce_max(lax.abs(x), (axis,))
@@ -161,7 +164,10 @@ def _rms_along(x: jax.Array, axis: int) -> jax.Array:
     lax.reduce_sum(lax.mul(scaled, scaled), (axis,)),
     np.asarray(x.shape[axis], dtype),
   )
-  return _times_power_of_two(lax.sqrt(mean_sq), lax.neg(to_unit), 2)
+  rms = _times_power_of_two(lax.sqrt(mean_sq), lax.neg(to_unit), 2)
+  # At most the largest magnitude, also where rounding would exceed it (to
+  # inf at float32's largest value); an inf entry still gives inf.
+  return lax.select(lax.gt(rms, largest), largest, rms)
 
 
 def _mantissa_exponent(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -187,25 +193,23 @@ def factored_leaf(
   row: jax.Array,
   col: jax.Array,
   axes: tuple[int, int],
-  coefficients: tuple[jax.Array, jax.Array, jax.Array],
+  coefficients: tuple[jax.Array, jax.Array],
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """One factored tensor's step: ``(update, new row_rms, new col_rms)``.
+  """One factored tensor's step: ``(update, new row_rms_hat, new col_rms_hat)``.
 
   The maths of :func:`scale_by_factored_second_moment`, with the statistics
-  kept as roots (``row_rms``, ``col_rms``) and updated with ``hypot``, and the
-  update ``g * c * R / (row_i * col_j)`` formed from mantissas and
+  kept as roots (``row_rms_hat``, ``col_rms_hat``) and updated with ``hypot``, and the
+  update ``g * R / (row_i * col_j)`` formed from mantissas and
   exponents, so that no intermediate over- or underflows.
   """
   ct = numerics.compute_dtype(g.dtype)
   g_ = lax.convert_element_type(g, ct)
-  sqrt_b2, sqrt_1mb2, correction = (
-    lax.convert_element_type(c, ct) for c in coefficients
-  )
+  sqrt_a, sqrt_1ma = (lax.convert_element_type(c, ct) for c in coefficients)
   row_axis, col_axis = axes
 
   def ema(old, now):
     old = lax.convert_element_type(old, ct)
-    new = numerics.hypot(lax.mul(sqrt_b2, old), lax.mul(sqrt_1mb2, now))
+    new = numerics.hypot(old, now, sqrt_a, sqrt_1ma)
     # Non-finite only where its row (column) holds a NaN or inf gradient,
     # since the root mean square of finite entries never overflows: that
     # statistic stays as it was.
@@ -217,25 +221,29 @@ def factored_leaf(
   # the row axis keeps its index in new_row).
   overall = _rms_along(new_row, row_axis)
 
-  # u_ij = g_ij * b_i * c_j with b_i = correction * R / row_i, c_j = 1/col_j,
+  # u_ij = g_ij * b_i * c_j with b_i = R / row_i, c_j = 1/col_j (the
+  # statistics are bias-corrected: no correction factor is left),
   # each as a mantissa in [0.5, 1) and an exponent. A zero statistic (its
   # gradients were all zero, so g_ij = 0 too) gets b_i = 0 or c_j = 0:
   # 0/0 := 0.
-  m_cor, e_cor = jnp.frexp(correction)
   m_all, e_all = _mantissa_exponent(_expand(overall, row_axis, new_row.shape))
   m_row, e_row = _mantissa_exponent(new_row)
-  m_b, e_b = _mantissa_exponent(_ratio(lax.mul(m_cor, m_all), m_row))
-  e_b = lax.add(e_b, lax.sub(lax.add(e_cor, e_all), e_row))
+  m_b, e_b = _mantissa_exponent(_ratio(m_all, m_row))
+  e_b = lax.add(e_b, lax.sub(e_all, e_row))
   m_col, e_col = _mantissa_exponent(new_col)
   m_c, e_c = _mantissa_exponent(_ratio(lax.full_like(m_col, 1), m_col))
   e_c = lax.sub(e_c, e_col)
 
   shape = g.shape
+  # g's own mantissa too: a product of three mantissas in [0.5, 1) stays
+  # normal where g itself, times two of them, could not (g near 1e-38).
+  m_g, e_g = jnp.frexp(g_)
   mantissa = lax.mul(
-    g_, lax.mul(_expand(m_b, col_axis, shape), _expand(m_c, row_axis, shape))
+    m_g, lax.mul(_expand(m_b, col_axis, shape), _expand(m_c, row_axis, shape))
   )
   exponent = lax.add(
-    _expand(e_b, col_axis, shape), _expand(e_c, row_axis, shape)
+    e_g,
+    lax.add(_expand(e_b, col_axis, shape), _expand(e_c, row_axis, shape)),
   )
   u = _times_power_of_two(mantissa, exponent, _PIECES)
   # The rank-one fit can ask for more than the dtype holds (a lone 1 in a
@@ -244,8 +252,8 @@ def factored_leaf(
   u = lax.clamp(lax.neg(largest), u, largest)
   return (
     lax.convert_element_type(u, g.dtype),
-    lax.convert_element_type(new_row, row.dtype),
-    lax.convert_element_type(new_col, col.dtype),
+    numerics.to_state_dtype(new_row, row.dtype),
+    numerics.to_state_dtype(new_col, col.dtype),
   )
 
 
@@ -318,8 +326,12 @@ def scale_by_factored_second_moment(
     :func:`madam_optax.scale_by_second_moment` does. No reduction is added:
     the row and column statistics already see the bad entry.
 
-  The statistics are stored as roots (:math:`\sqrt{r_i}`, :math:`\sqrt{c_j}`)
-  and updated with ``hypot``; each row's (column's) mean square is taken after
+  The statistics are stored as bias-corrected roots
+  (:math:`\sqrt{r_i / (1 - \beta_2^t)}`, :math:`\sqrt{c_j / (1 - \beta_2^t)}`,
+  weighted root mean squares of the gradients, which stay in their range)
+  and updated with ``hypot``, the weights
+  :math:`\sqrt{a_t}, \sqrt{1 - a_t}` of
+  :func:`madam_optax.scale_by_second_moment` applied after its scaling; each row's (column's) mean square is taken after
   scaling it by the power of two that brings its largest entry near 1, and
   the update is formed from mantissas and exponents: gradients of 1e-20 or
   1e30 in float32, or rows of both in one matrix, neither underflow nor
@@ -338,8 +350,8 @@ def scale_by_factored_second_moment(
   code for unfactored tensors.
 
   Under sharding each statistic is sharded like the dimension it keeps (a
-  matrix sharded over rows and columns has ``row_rms`` sharded over rows and
-  ``col_rms`` over columns). The means over a sharded dimension are
+  matrix sharded over rows and columns has ``row_rms_hat`` sharded over rows and
+  ``col_rms_hat`` over columns). The means over a sharded dimension are
   reductions across devices: a factored tensor's update all-reduces its row
   and column sums (and the maxima used for scaling), which the full second
   moment never needs.
@@ -352,8 +364,8 @@ def scale_by_factored_second_moment(
       default). A positive integer, used by ``init``: which tensors are
       factored is then fixed by the state's shapes (so a value injected by
       ``optax.inject_hyperparams`` only matters at ``init``).
-    state_dtype: dtype of the statistics (``row_rms``, ``col_rms`` and
-      ``rms``). ``None`` (default) uses each parameter's dtype;
+    state_dtype: dtype of the statistics (``row_rms_hat``, ``col_rms_hat`` and
+      ``rms_hat``). ``None`` (default) uses each parameter's dtype;
       ``jnp.bfloat16`` halves them. The maths always runs in at least float32.
       A dtype with a narrower range than a parameter's is refused, as in
       :func:`madam_optax.scale_by_second_moment`.
@@ -368,7 +380,7 @@ def scale_by_factored_second_moment(
     >>> g = {'w': jnp.array([[1.0, -2.0, 4.0], [-0.5, 1.0, -2.0]]),
     ...      'b': jnp.array([0.5, -3.0])}
     >>> state = tx.init(g)
-    >>> state.row_rms['w'].shape, state.col_rms['w'].shape, state.rms['b'].shape
+    >>> state.row_rms_hat['w'].shape, state.col_rms_hat['w'].shape, state.rms_hat['b'].shape
     ((2,), (3,), (2,))
     >>> u, state = tx.update(g, state)   # |g| is rank one: sign(g)
     >>> u['w'].round(5), u['b']
@@ -413,11 +425,14 @@ def scale_by_factored_second_moment(
 
     leaves, treedef = jax.tree.flatten(params, is_leaf=tree_utils.is_variable)
     outs = [leaf(p) for p in leaves]
-    row_rms, col_rms, rms = (
+    row_rms_hat, col_rms_hat, rms_hat = (
       treedef.unflatten([out[i] for out in outs]) for i in range(3)
     )
     return ScaleByFactoredSecondMomentState(
-      count=jnp.zeros([], jnp.int32), row_rms=row_rms, col_rms=col_rms, rms=rms
+      count=jnp.zeros([], jnp.int32),
+      row_rms_hat=row_rms_hat,
+      col_rms_hat=col_rms_hat,
+      rms_hat=rms_hat,
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -455,20 +470,20 @@ def scale_by_factored_second_moment(
     # Each tree is rebuilt with its own structure: where the parameters are
     # Flax NNX Variables, the updates and the full statistics keep them and
     # the factored statistics are plain arrays (see init).
-    trees = (updates, state.row_rms, state.col_rms, state.rms)
+    trees = (updates, state.row_rms_hat, state.col_rms_hat, state.rms_hat)
     flat = [jax.tree.flatten(tree) for tree in trees]
     outs = [
       leaf(*args) for args in zip(*(leaves for leaves, _ in flat), all_axes)
     ]
-    new_updates, row_rms, col_rms, rms = (
+    new_updates, row_rms_hat, col_rms_hat, rms_hat = (
       treedef.unflatten([out[i] for out in outs])
       for i, (_, treedef) in enumerate(flat)
     )
     return new_updates, ScaleByFactoredSecondMomentState(
       count=optax.safe_increment(state.count),
-      row_rms=row_rms,
-      col_rms=col_rms,
-      rms=rms,
+      row_rms_hat=row_rms_hat,
+      col_rms_hat=col_rms_hat,
+      rms_hat=rms_hat,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -504,13 +519,13 @@ def _axes_from_state(
 ) -> list[tuple[int, int] | None]:
   """Each update leaf's factored axes (None: full), read from the state.
 
-  A leaf whose ``rms`` has its shape is unfactored; otherwise its ``row_rms``
-  and ``col_rms`` must have the shapes :func:`factored_axes` gives. Anything
+  A leaf whose ``rms_hat`` has its shape is unfactored; otherwise its ``row_rms_hat``
+  and ``col_rms_hat`` must have the shapes :func:`factored_axes` gives. Anything
   else is a ``ValueError``: the state was built for other parameters.
   """
   # A Flax NNX Variable counts as one leaf, whether or not it is unwrapped.
   structure = jax.tree.structure(updates, is_leaf=tree_utils.is_variable)
-  for what in ("row_rms", "col_rms", "rms"):
+  for what in ("row_rms_hat", "col_rms_hat", "rms_hat"):
     tree = getattr(state, what)
     if structure != jax.tree.structure(tree, is_leaf=tree_utils.is_variable):  # type: ignore[operator]
       raise ValueError(
@@ -524,9 +539,9 @@ def _axes_from_state(
   all_axes: list[tuple[int, int] | None] = []
   for (path, g), row, col, r in zip(
     tree_utils.leaves_with_path(updates),
-    jax.tree.leaves(state.row_rms),
-    jax.tree.leaves(state.col_rms),
-    jax.tree.leaves(state.rms),
+    jax.tree.leaves(state.row_rms_hat),
+    jax.tree.leaves(state.col_rms_hat),
+    jax.tree.leaves(state.rms_hat),
   ):
     shape = tuple(jnp.shape(g))
     found = (tuple(jnp.shape(row)), tuple(jnp.shape(col)), tuple(jnp.shape(r)))
@@ -543,7 +558,7 @@ def _axes_from_state(
       continue
     raise ValueError(
       f"{_NAME}: leaf {tree_utils.leaf_name(path)} has update shape "
-      f"{shape}, but the state holds (row_rms, col_rms, rms) of shapes "
+      f"{shape}, but the state holds (row_rms_hat, col_rms_hat, rms_hat) of shapes "
       f"{found}, the statistics of a parameter of shape "
       f"{_parameter_shape(*found)}. Initialise the state with "
       "`tx.init(params)` on the same parameters."

@@ -54,7 +54,7 @@ def _leaf(
 ):
   """One tensor's step: the four parts' per-tensor functions in turn.
 
-  Returns ``(update, new_rms)``, or ``(update, new_rms, new_mu)`` with a
+  Returns ``(update, new_rms_hat)``, or ``(update, new_rms_hat, new_mu)`` with a
   first moment ``mu``; ``moment`` is :func:`second_moment.moment_scalars`
   and ``first`` :func:`moments.first_moment_scalars` in ``g``'s compute
   dtype.
@@ -216,7 +216,7 @@ def fused_madam(
     updates = validation.as_arrays(updates)
     validation.check_float_leaves(updates, _NAME, "updates")
     validation.check_same_structure(
-      updates, moment_state.rms, _NAME, "optimizer-state"
+      updates, moment_state.rms_hat, _NAME, "optimizer-state"
     )
     validation.require_params(params, _NAME)
     params = validation.as_arrays(params)
@@ -279,7 +279,7 @@ def fused_madam(
 
     rows = [
       treedef.flatten_up_to(updates),
-      treedef.flatten_up_to(moment_state.rms),
+      treedef.flatten_up_to(moment_state.rms_hat),
       params_leaves,
       bounds,
     ]
@@ -287,8 +287,8 @@ def fused_madam(
       rows.append(treedef.flatten_up_to(moment_state.mu))
     outs = [leaf(*row) for row in zip(*rows)]
     new_updates = treedef.unflatten([o[0] for o in outs])
-    new_rms = treedef.unflatten([o[1] for o in outs])
-    new_moments = {"count": count, "rms": new_rms}
+    new_rms_hat = treedef.unflatten([o[1] for o in outs])
+    new_moments = {"count": count, "rms_hat": new_rms_hat}
     if with_mu:
       new_moments["mu"] = treedef.unflatten([o[2] for o in outs])
     new_state = (

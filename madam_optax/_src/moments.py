@@ -28,12 +28,13 @@ class ScaleByMomentsState(NamedTuple):
       \\beta_1^t)`, one entry per parameter (Optax's ``scale_by_adam`` keeps
       :math:`m_t` itself; keeping :math:`\\hat m_t` makes :math:`\\hat m_1 =
       g_1` exactly, see :func:`first_moment_scalars`).
-    rms: ``sqrt(v)``, as in :class:`madam_optax.ScaleBySecondMomentState`.
+    rms_hat: ``sqrt(v_hat)``, as in
+      :class:`madam_optax.ScaleBySecondMomentState`.
   """
 
   count: jax.Array  # type: ignore[assignment]
   mu: Any
-  rms: Any
+  rms_hat: Any
 
 
 def first_moment_scalars(
@@ -77,9 +78,16 @@ def updated_mean(
   :func:`first_moment_scalars` in that dtype.
   """
   ct = g.dtype
-  mean = lax.add(
-    lax.mul(lax.convert_element_type(a, ct), mu),
-    lax.mul(lax.convert_element_type(one_minus_a, ct), g),
+  # Formed at the scale that brings the larger of |mu|, |g| near 1 (exact
+  # powers of two), so that tiny means (1e-38 in float32) do not flush to 0
+  # in the products.
+  scale, unscale = numerics.unit_scale(mu, g)
+  mean = lax.mul(
+    lax.add(
+      lax.mul(lax.convert_element_type(a, ct), lax.mul(mu, scale)),
+      lax.mul(lax.convert_element_type(one_minus_a, ct), lax.mul(g, scale)),
+    ),
+    unscale,
   )
   # A weighted mean of finite numbers is finite, but near the dtype's largest
   # value its two rounded products and their rounded sum can land beyond it
@@ -96,11 +104,11 @@ def updated_mean(
 def moments_leaf(
   g: jax.Array,
   mu: jax.Array,
-  rms: jax.Array,
+  rms_hat: jax.Array,
   first: tuple[jax.Array, jax.Array],
-  second: tuple[jax.Array, jax.Array, jax.Array],
+  second: tuple[jax.Array, jax.Array],
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """:func:`scale_by_moments` on one tensor: ``(u, new_mu, new_rms)``.
+  """:func:`scale_by_moments` on one tensor: ``(u, new_mu, new_rms_hat)``.
 
   ``first`` is :func:`first_moment_scalars` and ``second``
   :func:`second_moment.moment_scalars`, both in ``g``'s compute dtype
@@ -115,34 +123,34 @@ def moments_leaf(
   ct = numerics.compute_dtype(g.dtype)
   g_ = lax.convert_element_type(g, ct)
   finite = lax.is_finite(g_)
-  sqrt_b2, sqrt_1mb2, correction = second
+  sqrt_a, sqrt_1ma = second
 
   def new_mean(mu):
     m_ = lax.convert_element_type(mu, ct)
     return lax.select(finite, updated_mean(g_, m_, *first), m_)
 
-  def new_root(rms):
-    r_ = lax.convert_element_type(rms, ct)
-    new = second_moment.updated_root(g_, r_, sqrt_b2, sqrt_1mb2)
+  def new_root(rms_hat):
+    r_ = lax.convert_element_type(rms_hat, ct)
+    new = second_moment.updated_root(g_, r_, sqrt_a, sqrt_1ma)
     return lax.select(finite, new, r_)
 
-  new_m, new_r = new_mean(mu), new_root(rms)
-  u = second_moment.divided_by_root(new_m, new_r, correction)
+  new_m, new_r = new_mean(mu), new_root(rms_hat)
+  u = second_moment.divided_by_root(new_m, new_r)
   u = lax.select(finite, u, lax.full_like(u, np.nan))
   u = lax.convert_element_type(u, g.dtype)
   narrow_m = np.dtype(mu.dtype) != np.dtype(ct)
-  narrow_r = np.dtype(rms.dtype) != np.dtype(ct)
+  narrow_r = np.dtype(rms_hat.dtype) != np.dtype(ct)
   if narrow_m or narrow_r:
     # As in second_moment_leaf: the narrow buffers again, after u.
-    u, mu, rms = lax.optimization_barrier((u, mu, rms))
+    u, mu, rms_hat = lax.optimization_barrier((u, mu, rms_hat))
     if narrow_m:
       new_m = new_mean(mu)
     if narrow_r:
-      new_r = new_root(rms)
+      new_r = new_root(rms_hat)
   return (
     u,
-    lax.convert_element_type(new_m, mu.dtype),
-    lax.convert_element_type(new_r, rms.dtype),
+    numerics.to_state_dtype(new_m, mu.dtype),
+    numerics.to_state_dtype(new_r, rms_hat.dtype),
   )
 
 
@@ -247,7 +255,9 @@ def scale_by_moments(
       )
 
     return ScaleByMomentsState(
-      count=jnp.zeros([], jnp.int32), mu=zeros(mu_dtype), rms=zeros(state_dtype)
+      count=jnp.zeros([], jnp.int32),
+      mu=zeros(mu_dtype),
+      rms_hat=zeros(state_dtype),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -256,7 +266,7 @@ def scale_by_moments(
     updates = validation.as_arrays(updates)
     validation.check_float_leaves(updates, _NAME, "updates")
     validation.check_same_structure(
-      updates, state.rms, _NAME, "optimizer-state"
+      updates, state.rms_hat, _NAME, "optimizer-state"
     )
     count = optax.safe_increment(state.count)
     scalars = {}  # the moments' scalars per compute dtype, traced once each
@@ -270,9 +280,11 @@ def scale_by_moments(
         )
       return moments_leaf(g, m, r, *scalars[ct])
 
-    new_updates, new_mu, new_rms = tree_utils.tree_map_unzip(
-      leaf, updates, state.mu, state.rms, n_out=3
+    new_updates, new_mu, new_rms_hat = tree_utils.tree_map_unzip(
+      leaf, updates, state.mu, state.rms_hat, n_out=3
     )
-    return new_updates, ScaleByMomentsState(count=count, mu=new_mu, rms=new_rms)
+    return new_updates, ScaleByMomentsState(
+      count=count, mu=new_mu, rms_hat=new_rms_hat
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

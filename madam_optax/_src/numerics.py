@@ -21,33 +21,28 @@ def compute_dtype(dtype: Any) -> np.dtype:
   return np.dtype(jnp.promote_types(dtype, jnp.float32))
 
 
-def hypot(x: jax.Array, y: jax.Array) -> jax.Array:
-  """``sqrt(x**2 + y**2)`` of same-shape float32/float64 arrays, never overflowing.
+def unit_scale(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(2**-e, 2**e)``, taking ``max(|x|, |y|)`` into ``[1, 2)`` and back.
 
-  Both are scaled by the power of two ``2**-e`` that brings the larger
-  magnitude into ``[1, 2)`` (exact: it only changes the exponent), squared and
-  summed there, and the root is scaled back by ``2**e``. The power is built
-  from the exponent bits of ``max(|x|, |y|)`` (a few integer operations), so
-  this costs one square root and no division, unlike ``jnp.hypot``'s
-  ``m * sqrt(1 + (n / m)**2)``. With ``y == 0`` it returns ``|x|`` exactly
-  (``sqrt(fl(a * a)) == |a|`` in binary floating point); 0 at 0, ``inf`` at
-  ``inf``, NaN at NaN. A smaller square that underflows in the scaled range
-  is below the larger one's rounding error.
+  Element-wise, for same-shape float32/float64 arrays, built from the
+  exponent bits of the larger magnitude (a few integer operations, no
+  division). Multiplying by either only changes exponents, so it is exact
+  unless the product leaves the normal range. The exponent is capped so
+  that ``2**-e`` stays normal: magnitudes in the top binade land in
+  ``[2, 4)``. Where both are 0 (or subnormal), ``2**e`` is 0.
   """
   dtype = np.dtype(x.dtype)
   info = np.finfo(dtype)
   int_dtype = np.dtype(f"int{8 * dtype.itemsize}")
   mant = info.nmant  # 23 (float32) or 52 (float64)
   bias = info.maxexp - 1  # 127 or 1023
-  x, y = lax.abs(x), lax.abs(y)
   # The bits of a non-negative float order like the float (NaN above inf).
   top = lax.max(
-    lax.bitcast_convert_type(x, int_dtype),
-    lax.bitcast_convert_type(y, int_dtype),
+    lax.bitcast_convert_type(lax.abs(x), int_dtype),
+    lax.bitcast_convert_type(lax.abs(y), int_dtype),
   )
   # Biased exponent field of max(|x|, |y|), at most 2 * bias - 1 so that the
-  # scale 2**(bias - field) stays a normal number (larger values land in
-  # [2, 4), still far from overflow when squared).
+  # scale 2**(bias - field) stays a normal number.
   field = lax.min(
     lax.bitwise_and(
       top, np.asarray(((1 << (info.nexp)) - 1) << mant, int_dtype)
@@ -57,9 +52,64 @@ def hypot(x: jax.Array, y: jax.Array) -> jax.Array:
   scale = lax.bitcast_convert_type(
     lax.sub(np.asarray((2 * bias) << mant, int_dtype), field), dtype
   )
-  unscale = lax.bitcast_convert_type(field, dtype)  # 0 when both are 0
+  return scale, lax.bitcast_convert_type(field, dtype)
+
+
+def hypot(
+  x: jax.Array, y: jax.Array, a: Any = None, b: Any = None
+) -> jax.Array:
+  """``sqrt((a x)**2 + (b y)**2)`` of same-shape float32/float64 arrays.
+
+  ``a`` and ``b`` are optional weights with ``a**2 + b**2 <= 1`` (scalars
+  of the arrays' dtype; omitted, 1), applied *after* the scaling below, so
+  that a weighted term neither overflows nor underflows before it is
+  squared: with ``|x|, |y|`` ~ 1e-37 and ``b = sqrt(1 - 0.999)``, ``b y``
+  alone is a float32 subnormal, which XLA flushes to zero, but the weighted
+  root is normal and is returned as such. With weights the result is a
+  weighted root mean square, at most ``max(|x|, |y|)``, and is held there
+  when its rounding would exceed it (at float32's largest value it would be
+  ``inf``).
+
+  Both are scaled by the power of two ``2**-e`` that brings the larger
+  magnitude into ``[1, 2)`` (:func:`unit_scale`, exact), squared and
+  summed there, and the root is scaled back by ``2**e``. This costs one
+  square root and no division, unlike ``jnp.hypot``'s
+  ``m * sqrt(1 + (n / m)**2)``. With ``y == 0`` it returns ``|x|`` exactly
+  (``sqrt(fl(a * a)) == |a|`` in binary floating point); 0 at 0, ``inf`` at
+  ``inf``, NaN at NaN. A smaller square that underflows in the scaled range
+  is below the larger one's rounding error.
+  """
+  x, y = lax.abs(x), lax.abs(y)
+  scale, unscale = unit_scale(x, y)
   xs, ys = lax.mul(x, scale), lax.mul(y, scale)
-  return lax.mul(lax.sqrt(lax.add(lax.mul(xs, xs), lax.mul(ys, ys))), unscale)
+  if a is None and b is None:
+    return lax.mul(lax.sqrt(lax.add(lax.mul(xs, xs), lax.mul(ys, ys))), unscale)
+  if a is not None:
+    xs = lax.mul(xs, lax.convert_element_type(a, x.dtype))
+  if b is not None:
+    ys = lax.mul(ys, lax.convert_element_type(b, x.dtype))
+  root = lax.mul(lax.sqrt(lax.add(lax.mul(xs, xs), lax.mul(ys, ys))), unscale)
+  # A weighted root mean square is at most the larger magnitude; rounded, it
+  # can exceed it (to inf at the top of the range): held there. One select,
+  # so a NaN stays NaN, and an inf input gives inf.
+  top = lax.max(x, y)
+  return lax.select(lax.gt(root, top), top, root)
+
+
+def to_state_dtype(x: jax.Array, dtype: Any) -> jax.Array:
+  """``x`` converted to a state's ``dtype``, saturating at its largest value.
+
+  A narrower state (bfloat16, whose largest value, 3.39e38, is below
+  float32's 3.40e38) would otherwise hold ``inf`` for a statistic of
+  float32's largest gradients, and every later update would be 0. Two
+  selects, so a NaN stays NaN; nothing changes when ``dtype`` is ``x``'s.
+  """
+  if np.dtype(dtype) == np.dtype(x.dtype):
+    return x
+  top = np.asarray(np.finfo(dtype).max, x.dtype)
+  x = lax.select(lax.gt(x, top), lax.full_like(x, top), x)
+  x = lax.select(lax.lt(x, -top), lax.full_like(x, -top), x)
+  return lax.convert_element_type(x, dtype)
 
 
 def step_away_from(x: jax.Array, reference: jax.Array) -> jax.Array:

@@ -20,81 +20,97 @@ class ScaleBySecondMomentState(NamedTuple):
 
   Attributes:
     count: number of updates applied so far (int32 scalar).
-    rms: ``sqrt(v)``, the root of the un-bias-corrected EMA of squared
-      gradients, one entry per parameter. Storing the root keeps the buffer in
-      the gradients' own range, so gradients as small as 1e-20 do not underflow
-      to zero when squared in float32 or bfloat16.
+    rms_hat: ``sqrt(v_hat)``, the root of the *bias-corrected* EMA of squared
+      gradients, one entry per parameter: a weighted root mean square of the
+      gradients seen so far, so it lies between their smallest and largest
+      magnitude and is representable wherever they are (gradients of 1e-37
+      in float32 included, and 3e38). Earlier versions held ``sqrt(v)``
+      itself, under the name ``rms``; the new name makes such a state or
+      checkpoint fail loudly rather than be read as the other quantity
+      (``docs/checkpointing.md`` converts one).
   """
 
   count: jax.Array  # type: ignore[assignment]
-  rms: Any
+  rms_hat: Any
 
 
 def moment_scalars(
   b2: Any, count: jax.Array, dtype: Any
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  r"""``(sqrt(b2), sqrt(1 - b2), sqrt(1 - b2**t))`` in ``dtype``, at step ``t``.
+) -> tuple[jax.Array, jax.Array]:
+  r"""``(sqrt(a_t), sqrt(1 - a_t))`` in ``dtype``: the weights of the root's EMA.
 
-  The last is the bias correction applied to the root. At :math:`t = 1` it is
-  the very same float as ``sqrt(1 - b2)``, which makes the first update
-  exactly ``sign(g)`` (numerator and denominator then round alike). Computed
-  in the parameters' compute dtype, so that float64 parameters get a float64
-  correction.
+  With :math:`v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2` and
+  :math:`\hat v_t = v_t / (1 - \beta_2^t)`,
+
+  .. math::
+
+    \hat v_t = a_t \hat v_{t-1} + (1 - a_t)\, g_t^2, \qquad
+    a_t = \beta_2 \frac{1 - \beta_2^{t-1}}{1 - \beta_2^t}, \qquad
+    1 - a_t = \frac{1 - \beta_2}{1 - \beta_2^t}.
+
+  At :math:`t = 1`, :math:`a_1 = 0` and :math:`1 - a_1 = 1` exactly, so
+  :math:`\sqrt{\hat v_1} = |g_1|` bit for bit and the first update is exactly
+  ``sign(g)``. Computed in the parameters' compute dtype, so that float64
+  parameters get float64 weights.
   """
   b2_ = jnp.asarray(b2, dtype)
-  sqrt_b2 = jnp.sqrt(b2_)
-  sqrt_1mb2 = jnp.sqrt(1.0 - b2_)
-  correction = jnp.where(
-    count == 1, sqrt_1mb2, jnp.sqrt(1.0 - b2_ ** count.astype(dtype))
+  t = count.astype(dtype)
+  # 1 - b2**k as -expm1(k log(b2)), log(b2) = log1p(b2 - 1) (b2 - 1 exact):
+  # accurate to a few ulps where 1 - b2**k cancels (k b2-steps near 1), so
+  # that a_t + (1 - a_t) is 1 to rounding and the state drifts from no
+  # systematic error in its weights.
+  log_b2 = jnp.log1p(b2_ - 1.0)
+  one_minus_b2t = -jnp.expm1(t * log_b2)
+  a = lax.div(b2_ * -jnp.expm1((t - 1.0) * log_b2), one_minus_b2t)
+  one_minus_a = lax.div(1.0 - b2_, one_minus_b2t)
+  # Step 1 set exactly, whatever the backend's pow rounds b2**1 to.
+  first = count == 1
+  return (
+    jnp.where(first, jnp.zeros_like(a), jnp.sqrt(a)),
+    jnp.where(first, jnp.ones_like(one_minus_a), jnp.sqrt(one_minus_a)),
   )
-  return sqrt_b2, sqrt_1mb2, correction
 
 
 def updated_root(
-  g: jax.Array, rms: jax.Array, sqrt_b2: jax.Array, sqrt_1mb2: jax.Array
+  g: jax.Array, rms_hat: jax.Array, sqrt_a: jax.Array, sqrt_1ma: jax.Array
 ) -> jax.Array:
-  r""":math:`rms_t = \sqrt{\beta_2 rms^2 + (1 - \beta_2) g^2}`, element-wise.
+  r""":math:`\sqrt{\hat v_t} = \sqrt{a_t \hat v_{t-1} + (1 - a_t) g^2}`, element-wise.
 
-  By a power-of-two-scaled root of squares (:func:`numerics.hypot`), so that
-  tiny and huge gradients neither underflow nor overflow. ``g`` and ``rms``
-  share one float32/float64 dtype; the scalars come from
-  :func:`moment_scalars` in that dtype.
+  By a power-of-two-scaled root of squares with the weights applied after
+  the scaling (:func:`numerics.hypot`), so that tiny and huge gradients
+  neither underflow nor overflow. ``g`` and ``rms_hat`` share one
+  float32/float64 dtype; the weights come from :func:`moment_scalars` in
+  that dtype. The root is at most ``max(rms_hat, |g|)``, also where its
+  rounding would exceed it (at float32's largest value: inf, which would
+  make every later update 0).
   """
-  ct = g.dtype
-  return numerics.hypot(
-    lax.mul(lax.convert_element_type(sqrt_b2, ct), rms),
-    lax.mul(lax.convert_element_type(sqrt_1mb2, ct), g),
-  )
+  return numerics.hypot(rms_hat, g, sqrt_a, sqrt_1ma)
 
 
-def divided_by_root(
-  g: jax.Array, root: jax.Array, correction: jax.Array
-) -> jax.Array:
-  r""":math:`g \sqrt{1 - \beta_2^t} / rms_t` with :math:`0/0 := 0`.
+def divided_by_root(g: jax.Array, root: jax.Array) -> jax.Array:
+  r""":math:`g / \sqrt{\hat v_t}` with :math:`0/0 := 0`.
 
-  ``g / sqrt(v_hat)``: ``root`` is :math:`rms_t` from :func:`updated_root`
-  and ``correction`` the last of :func:`moment_scalars`, in ``g``'s dtype.
+  ``root`` is :math:`\sqrt{\hat v_t}` from :func:`updated_root`, in
+  ``g``'s dtype.
   """
-  ct = g.dtype
-  u = lax.div(lax.mul(g, lax.convert_element_type(correction, ct)), root)
-  zero = np.asarray(0, ct)
+  u = lax.div(g, root)
+  zero = np.asarray(0, g.dtype)
   return lax.select(lax.gt(root, zero), u, lax.full_like(u, zero))
 
 
 def second_moment_leaf(
   g: jax.Array,
-  rms: jax.Array,
-  sqrt_b2: jax.Array,
-  sqrt_1mb2: jax.Array,
-  correction: jax.Array,
+  rms_hat: jax.Array,
+  sqrt_a: jax.Array,
+  sqrt_1ma: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-  """:func:`scale_by_second_moment` on one tensor: ``(u, new_rms)``.
+  """:func:`scale_by_second_moment` on one tensor: ``(u, new_rms_hat)``.
 
-  ``u`` in ``g``'s dtype and ``new_rms`` in ``rms``'s; the maths runs in
+  ``u`` in ``g``'s dtype and ``new_rms_hat`` in ``rms_hat``'s; the maths runs in
   their compute dtype (:func:`numerics.compute_dtype` of ``g``), with the
   scalars of :func:`moment_scalars` in that dtype. A non-finite gradient
   entry gives a NaN ``u`` (under jit XLA's max/min may drop a NaN, so it is
-  set here) and keeps its ``rms`` entry, so that later finite steps are
+  set here) and keeps its ``rms_hat`` entry, so that later finite steps are
   normalised as before. ``u`` is divided by the kept root: for a finite
   gradient that is the new root itself, and a non-finite one gives NaN
   either way; so the compiled step reads the new root it has written
@@ -108,23 +124,23 @@ def second_moment_leaf(
   g_ = lax.convert_element_type(g, ct)
   finite = lax.is_finite(g_)
 
-  def new_root(rms):
-    r_ = lax.convert_element_type(rms, ct)
-    return lax.select(finite, updated_root(g_, r_, sqrt_b2, sqrt_1mb2), r_)
+  def new_root(rms_hat):
+    r_ = lax.convert_element_type(rms_hat, ct)
+    return lax.select(finite, updated_root(g_, r_, sqrt_a, sqrt_1ma), r_)
 
-  new_r = new_root(rms)
-  u = divided_by_root(g_, new_r, correction)
+  new_r = new_root(rms_hat)
+  u = divided_by_root(g_, new_r)
   u = lax.select(finite, u, lax.full_like(u, np.nan))
   u = lax.convert_element_type(u, g.dtype)
-  if np.dtype(rms.dtype) != np.dtype(ct):
+  if np.dtype(rms_hat.dtype) != np.dtype(ct):
     # A narrower state (bfloat16): u needs the root in ct, the state only
     # its rounding. Computed together, XLA:CPU writes the ct root to memory
     # and reads it back in two more loops. Computing the new state again
     # from the old one, after u (the barrier orders the two), gives the same
     # numbers in two loops, each reading the old state and the gradient.
-    u, rms = lax.optimization_barrier((u, rms))
-    new_r = new_root(rms)
-  return u, lax.convert_element_type(new_r, rms.dtype)
+    u, rms_hat = lax.optimization_barrier((u, rms_hat))
+    new_r = new_root(rms_hat)
+  return u, numerics.to_state_dtype(new_r, rms_hat.dtype)
 
 
 def scale_by_second_moment(
@@ -151,6 +167,14 @@ def scale_by_second_moment(
   update and leaves that entry's second moment unchanged, so one bad step
   does not poison the later ones (to skip such steps altogether, wrap the
   optimizer in :func:`madam_optax.apply_if_finite`).
+
+  The state keeps :math:`\sqrt{\hat v_t}` itself (``rms_hat``), updated as
+  :math:`\sqrt{a_t \hat v_{t-1} + (1 - a_t) g_t^2}` (:func:`moment_scalars`):
+  a weighted root mean square of the gradients, so every normal gradient,
+  from float32's smallest (1e-38) to its largest (3e38), gives a normal
+  statistic and a step, where :math:`\sqrt{v_t}` itself would be
+  :math:`\sqrt{1 - \beta_2}\,|g|`, below float32's normal range for
+  gradients under 4e-37.
 
   Args:
     b2: decay rate of the exponential moving average of squared gradients, in
@@ -185,13 +209,15 @@ def scale_by_second_moment(
     validation.check_state_dtype_range(
       params, state_dtype, "scale_by_second_moment"
     )
-    rms = jax.tree.map(
+    rms_hat = jax.tree.map(
       lambda p: jnp.zeros_like(
         p, dtype=state_dtype or validation.leaf_dtype(p)
       ),
       params,
     )
-    return ScaleBySecondMomentState(count=jnp.zeros([], jnp.int32), rms=rms)
+    return ScaleBySecondMomentState(
+      count=jnp.zeros([], jnp.int32), rms_hat=rms_hat
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args  # accepted and ignored, as optax.chain passes them on
@@ -199,7 +225,7 @@ def scale_by_second_moment(
     updates = validation.as_arrays(updates)
     validation.check_float_leaves(updates, "scale_by_second_moment", "updates")
     validation.check_same_structure(
-      updates, state.rms, "scale_by_second_moment", "optimizer-state"
+      updates, state.rms_hat, "scale_by_second_moment", "optimizer-state"
     )
     count = optax.safe_increment(state.count)
     scalars = {}  # moment_scalars per compute dtype, traced once each
@@ -210,7 +236,11 @@ def scale_by_second_moment(
         scalars[ct] = moment_scalars(b2, count, ct)
       return second_moment_leaf(g, r, *scalars[ct])
 
-    new_updates, new_rms = tree_utils.tree_map_unzip(leaf, updates, state.rms)
-    return new_updates, ScaleBySecondMomentState(count=count, rms=new_rms)
+    new_updates, new_rms_hat = tree_utils.tree_map_unzip(
+      leaf, updates, state.rms_hat
+    )
+    return new_updates, ScaleBySecondMomentState(
+      count=count, rms_hat=new_rms_hat
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

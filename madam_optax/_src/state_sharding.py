@@ -13,7 +13,7 @@ from madam_optax._src import factored_second_moment
 from madam_optax._src import tree_utils
 
 # statistic: the index, in factored_axes, of the axis it averages over
-_FACTORED = {"row_rms": 1, "col_rms": 0}
+_FACTORED = {"row_rms_hat": 1, "col_rms_hat": 0}
 
 
 class _Owner:
@@ -108,7 +108,7 @@ def state_shardings(tx: optax.GradientTransformation, params: Any) -> Any:
     >>> tx = madam_optax.madam()
     >>> shardings = madam_optax.state_shardings(tx, params)
     >>> state = jax.jit(tx.init, out_shardings=shardings)(params)
-    >>> rms = state[0].rms['w']   # the second moment: sharded like 'w'
+    >>> rms = state[0].rms_hat['w']   # the second moment: sharded like 'w'
     >>> bound = state[3].max_magnitude['w']   # the bound: replicated
     >>> print(tuple(rms.sharding.spec), tuple(bound.sharding.spec))
     (None, 'model') ()

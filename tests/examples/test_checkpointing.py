@@ -404,7 +404,7 @@ def test_every_part_and_alias_state_round_trips(tmp_path):
       restored["opt_states"][name], updated[name]
     )
   assert restored["codes"]["w"].dtype == jnp.int8
-  assert restored["opt_states"]["lns_madam_bf16"][0].rms["w"].dtype == (
+  assert restored["opt_states"]["lns_madam_bf16"][0].rms_hat["w"].dtype == (
     jnp.bfloat16
   )
 

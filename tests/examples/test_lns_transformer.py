@@ -36,8 +36,12 @@ def test_main_trains_int8_codes_with_factored_statistics(capsys):
   # A statistic per row and per column of a hidden matrix (32 x 128).
   inner = state.opt_state["model"].inner_states["multiplicative"].inner_state[0]
   kernel = block["up"]["kernel"]
-  assert inner.row_rms["blocks"][0]["up"]["kernel"].shape == (kernel.shape[0],)
-  assert inner.col_rms["blocks"][0]["up"]["kernel"].shape == (kernel.shape[1],)
+  assert inner.row_rms_hat["blocks"][0]["up"]["kernel"].shape == (
+    kernel.shape[0],
+  )
+  assert inner.col_rms_hat["blocks"][0]["up"]["kernel"].shape == (
+    kernel.shape[1],
+  )
   # The bytes are counted from those arrays: codes and float leaves plus one
   # float32 scale per encoded tensor.
   held = out["bytes_per_parameter"]

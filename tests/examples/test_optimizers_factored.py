@@ -30,14 +30,16 @@ def test_factored_options_reach_the_core_transform(name):
   state = factored.init(params)
   inner = state.inner_states["multiplicative"].inner_state[0]
   assert isinstance(inner, madam_optax.ScaleByFactoredSecondMomentState)
-  assert inner.row_rms["w"].shape == (2,) and inner.col_rms["w"].shape == (3,)
+  assert inner.row_rms_hat["w"].shape == (2,) and inner.col_rms_hat[
+    "w"
+  ].shape == (3,)
   # Not factored below the threshold, and not at all by default.
   for options in ({"factored": True}, {}):
     state = optimizers.make_optimizer(
       name, 0.1, params, lns_format=fmt, **options
     ).init(params)
     inner = state.inner_states["multiplicative"].inner_state[0]
-    assert inner.rms["w"].shape == (2, 3)  # one statistic per weight
+    assert inner.rms_hat["w"].shape == (2, 3)  # one statistic per weight
   # The factored step moves the weights and keeps their signs.
   updates, _ = factored.update(GRADS, factored.init(params), params)
   new = optax.apply_updates(params, updates)
