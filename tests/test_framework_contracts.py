@@ -91,6 +91,38 @@ def test_init_from_shapes(case):
     )
 
 
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda: madam_optax.madam(max_magnitude=1.5),
+    lambda: madam_optax.madam(max_magnitude=1.5, b1=0.9),
+    lambda: madam_optax.madam(
+      max_magnitude=1.5, factored=True, min_dim_size_to_factor=2
+    ),
+    lambda: optax.chain(
+      madam_optax.scale_by_second_moment(),
+      madam_optax.multiplicative_step(0.01),
+      madam_optax.clip_weight_magnitude(max_magnitude=1.5),
+    ),
+  ],
+  ids=["madam", "madam_b1", "madam_factored", "chain"],
+)
+def test_a_fixed_bound_makes_init_from_shapes_complete(make):
+  """With the bound given (``max_magnitude``) nothing in the state depends
+  on the weights' values: ``init`` from shapes alone is the state from
+  arrays, and steps the same (``docs/distributed.md``)."""
+  params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(4, 3), "b": jnp.ones(3)}
+  grads = jax.tree.map(lambda p: jnp.cos(3 * p), params)
+  tx = make()
+  from_shapes = tx.init(abstract(params))
+  assert not any(is_abstract(x) for x in jax.tree.leaves(from_shapes))
+  chex.assert_trees_all_equal(from_shapes, tx.init(params))
+  chex.assert_trees_all_equal(
+    step(tx)(params, grads, from_shapes),
+    step(tx)(params, grads, tx.init(params)),
+  )
+
+
 @pytest.mark.parametrize("name", ["madam", "madam_factored", "madam_b1"])
 def test_eval_shape_of_init_and_inject_hyperparams(name):
   """``jax.eval_shape(tx.init, ...)``, as frameworks build restore targets,

@@ -210,6 +210,11 @@ def factored_leaf(
   def ema(old, now):
     old = lax.convert_element_type(old, ct)
     new = numerics.hypot(old, now, sqrt_a, sqrt_1ma)
+    # At most the larger input, also where rounding would exceed it (inf at
+    # float32's largest value); an inf or NaN input still gives a non-finite
+    # statistic, caught below.
+    top = lax.max(old, now)
+    new = lax.select(lax.gt(new, top), top, new)
     # Non-finite only where its row (column) holds a NaN or inf gradient,
     # since the root mean square of finite entries never overflows: that
     # statistic stays as it was.

@@ -66,9 +66,9 @@ def hypot(
   squared: with ``|x|, |y|`` ~ 1e-37 and ``b = sqrt(1 - 0.999)``, ``b y``
   alone is a float32 subnormal, which XLA flushes to zero, but the weighted
   root is normal and is returned as such. With weights the result is a
-  weighted root mean square, at most ``max(|x|, |y|)``, and is held there
-  when its rounding would exceed it (at float32's largest value it would be
-  ``inf``).
+  weighted root mean square, at most ``max(|x|, |y|)`` in exact arithmetic;
+  rounded, it can exceed it by an ulp, which at float32's largest value is
+  ``inf``: callers that store it hold it within range.
 
   Both are scaled by the power of two ``2**-e`` that brings the larger
   magnitude into ``[1, 2)`` (:func:`unit_scale`, exact), squared and
@@ -82,18 +82,11 @@ def hypot(
   x, y = lax.abs(x), lax.abs(y)
   scale, unscale = unit_scale(x, y)
   xs, ys = lax.mul(x, scale), lax.mul(y, scale)
-  if a is None and b is None:
-    return lax.mul(lax.sqrt(lax.add(lax.mul(xs, xs), lax.mul(ys, ys))), unscale)
   if a is not None:
     xs = lax.mul(xs, lax.convert_element_type(a, x.dtype))
   if b is not None:
     ys = lax.mul(ys, lax.convert_element_type(b, x.dtype))
-  root = lax.mul(lax.sqrt(lax.add(lax.mul(xs, xs), lax.mul(ys, ys))), unscale)
-  # A weighted root mean square is at most the larger magnitude; rounded, it
-  # can exceed it (to inf at the top of the range): held there. One select,
-  # so a NaN stays NaN, and an inf input gives inf.
-  top = lax.max(x, y)
-  return lax.select(lax.gt(root, top), top, root)
+  return lax.mul(lax.sqrt(lax.add(lax.mul(xs, xs), lax.mul(ys, ys))), unscale)
 
 
 def to_state_dtype(x: jax.Array, dtype: Any) -> jax.Array:

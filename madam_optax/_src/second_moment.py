@@ -80,11 +80,13 @@ def updated_root(
   the scaling (:func:`numerics.hypot`), so that tiny and huge gradients
   neither underflow nor overflow. ``g`` and ``rms_hat`` share one
   float32/float64 dtype; the weights come from :func:`moment_scalars` in
-  that dtype. The root is at most ``max(rms_hat, |g|)``, also where its
-  rounding would exceed it (at float32's largest value: inf, which would
-  make every later update 0).
+  that dtype. The root of finite inputs is finite: at float32's largest
+  value its rounding could make it inf (and every later update 0), so it
+  is held at the dtype's largest value (one ``min``; a non-finite ``g`` is
+  the caller's to handle).
   """
-  return numerics.hypot(rms_hat, g, sqrt_a, sqrt_1ma)
+  root = numerics.hypot(rms_hat, g, sqrt_a, sqrt_1ma)
+  return lax.min(root, np.asarray(np.finfo(g.dtype).max, g.dtype))
 
 
 def divided_by_root(g: jax.Array, root: jax.Array) -> jax.Array:
