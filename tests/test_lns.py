@@ -399,3 +399,23 @@ def test_nearest_level_step_steps_and_clamps():
     optax.apply_updates(codes, u),
     {"w": jnp.array([47, -53, 100, 1, 0], jnp.int8)},
   )
+
+
+@pytest.mark.parametrize("magnitude", [1e-37, 3e-37, 1e30])
+def test_tiny_and_huge_gradients_step_the_codes_as_gradients_of_one(magnitude):
+  """The integer rule sees only g / sqrt(v_hat): constant float32 gradients
+  of 1e-37 (whose sqrt(v) would be subnormal) step the codes as 1.0 does."""
+  tx = jax.jit(madam_optax.lns_madam_reference().update)
+  paths = {}
+  for scale in (1.0, magnitude):
+    codes = {"w": jnp.full((6,), 60, jnp.int16)}
+    state = madam_optax.lns_madam_reference().init(codes)
+    path = []
+    for _ in range(4):
+      grads = {"w": jnp.full((6,), scale, jnp.float32)}
+      updates, state = tx(grads, state, codes)
+      codes = optax.apply_updates(codes, updates)
+      path.append(np.asarray(codes["w"]))
+    paths[scale] = np.stack(path)
+  np.testing.assert_array_equal(paths[magnitude], paths[1.0])
+  assert paths[1.0][-1, 0] < 60  # the codes moved
