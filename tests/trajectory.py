@@ -17,9 +17,7 @@ entries of each full or factored variant moved, by at most 8 ulps (``b1``:
 relative error of a float32 weight from 5.6e-7 to 1.2e-7,
 ``test_the_saved_trajectory_follows_the_float64_reference``); the bfloat16
 state, rounded from another quantity, moved 108 entries (by at most 3.7e-4
-relative, within that state's own precision). Then the ``b1`` first moment
-once more, when its mean learnt to ignore an input of weight 0 (``b1 = 0``):
-one entry of the first moment at steps 3 and 4 by one ulp; no parameter.
+relative, within that state's own precision).
 """
 
 from __future__ import annotations

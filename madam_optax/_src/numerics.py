@@ -61,17 +61,19 @@ def zero_where_weight_is_zero(x: jax.Array, weight: Any) -> jax.Array:
   For a weighted sum formed at the scale of its larger input: an input
   whose weight is 0 must take no part in the choice, or a large one would
   push the other's scaled value below the normal range (and ``inf * 0``
-  would be NaN). One select on a scalar predicate per entry (a select, not
-  a bit mask, so that derivatives pass through). A non-zero weight keeps its
-  input: it is a normal float (at least 1e-38 in float32), whose root
-  already dominates any term that scaling could flush.
+  would be NaN). One ``and`` of the bits with a scalar mask per entry. A
+  non-zero weight keeps its input: it is a normal float (at least 1e-38 in
+  float32), whose root already dominates any term that scaling could flush.
   """
   dtype = np.dtype(x.dtype)
-  nonzero = lax.ne(
-    lax.convert_element_type(weight, dtype), np.asarray(0, dtype)
+  int_dtype = np.dtype(f"int{8 * dtype.itemsize}")
+  keep = lax.select(
+    lax.ne(lax.convert_element_type(weight, dtype), np.asarray(0, dtype)),
+    np.asarray(-1, int_dtype),  # every bit
+    np.asarray(0, int_dtype),
   )
-  return lax.select(
-    lax.broadcast(nonzero, x.shape), x, lax.full_like(x, np.asarray(0, dtype))
+  return lax.bitcast_convert_type(
+    lax.bitwise_and(lax.bitcast_convert_type(x, int_dtype), keep), dtype
   )
 
 
