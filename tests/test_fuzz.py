@@ -520,16 +520,17 @@ def _u_error(dtype, hyper, count):
   """Relative error of the library's normalised gradient at step ``count``.
 
   It is rounded to the gradients' dtype, its second moment is stored in
-  ``state_dtype``, and b2's weights ``sqrt(a_t)``, ``sqrt(1 - a_t)`` are
-  float32, computed without cancellation (``1 - b2**t`` as an ``expm1``), so
-  a few float32 ulps whatever ``t``.
+  ``state_dtype``, and b2's constants and the bias correction
+  ``sqrt(1 - b2**t)`` are float32 (which loses ``eps / (1 - b2**t)``).
   """
   eps32 = float(_finfo(jnp.float32).eps)
   state_dtype = hyper.get("state_dtype") or dtype
+  correction = 0.0 if count == 1 else 2 * eps32 / (1 - hyper["b2"] ** count)
   return (
     2 * float(_finfo(dtype).eps)
     + 8 * eps32
     + 4 * float(_finfo(state_dtype).eps)
+    + correction
   )
 
 

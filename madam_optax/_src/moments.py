@@ -81,7 +81,6 @@ def updated_mean(
   # Formed at the scale that brings the larger of |mu|, |g| near 1 (exact
   # powers of two), so that tiny means (1e-38 in float32) do not flush to 0
   # in the products.
-  mu = numerics.zero_where_weight_is_zero(mu, a)  # b1 = 0: m_hat = g
   scale, unscale = numerics.unit_scale(mu, g)
   mean = lax.mul(
     lax.add(

@@ -55,28 +55,6 @@ def unit_scale(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
   return scale, lax.bitcast_convert_type(field, dtype)
 
 
-def zero_where_weight_is_zero(x: jax.Array, weight: Any) -> jax.Array:
-  """``x``, or zeros where the scalar ``weight`` is 0 (``b2 = 0``, ``b1 = 0``).
-
-  For a weighted sum formed at the scale of its larger input: an input
-  whose weight is 0 must take no part in the choice, or a large one would
-  push the other's scaled value below the normal range (and ``inf * 0``
-  would be NaN). One ``and`` of the bits with a scalar mask per entry. A
-  non-zero weight keeps its input: it is a normal float (at least 1e-38 in
-  float32), whose root already dominates any term that scaling could flush.
-  """
-  dtype = np.dtype(x.dtype)
-  int_dtype = np.dtype(f"int{8 * dtype.itemsize}")
-  keep = lax.select(
-    lax.ne(lax.convert_element_type(weight, dtype), np.asarray(0, dtype)),
-    np.asarray(-1, int_dtype),  # every bit
-    np.asarray(0, int_dtype),
-  )
-  return lax.bitcast_convert_type(
-    lax.bitwise_and(lax.bitcast_convert_type(x, int_dtype), keep), dtype
-  )
-
-
 def hypot(
   x: jax.Array, y: jax.Array, a: Any = None, b: Any = None
 ) -> jax.Array:
@@ -102,10 +80,6 @@ def hypot(
   is below the larger one's rounding error.
   """
   x, y = lax.abs(x), lax.abs(y)
-  if a is not None:
-    x = zero_where_weight_is_zero(x, a)
-  if b is not None:
-    y = zero_where_weight_is_zero(y, b)
   scale, unscale = unit_scale(x, y)
   xs, ys = lax.mul(x, scale), lax.mul(y, scale)
   if a is not None:
